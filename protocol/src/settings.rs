@@ -133,6 +133,122 @@ pub fn expand_home(path: &str, home: Option<&str>) -> String {
     }
 }
 
+/// A configuration file that cannot be used. Every variant names what is wrong and where.
+#[cfg(feature = "config")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `${…}` expansion failed.
+    #[error(transparent)]
+    Expand(#[from] SettingError),
+    /// The text is not YAML.
+    #[error("configuration is not valid YAML: {0}")]
+    Yaml(String),
+    /// A key is unknown or its value has the wrong type.
+    #[error("key `{key}`{origin}: {message}")]
+    Key {
+        /// Dotted path of the key.
+        key: String,
+        /// What is wrong.
+        message: String,
+        /// ` (set by AKOSHA_…)` when the value came from the environment.
+        origin: String,
+    },
+    /// A value has the right type but is out of range or inconsistent.
+    #[error("key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the key.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+#[cfg(feature = "config")]
+impl ConfigError {
+    /// A value out of range, naming the key.
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), message: message.into() }
+    }
+}
+
+/// How environment variables override a configuration file.
+#[cfg(feature = "config")]
+#[derive(Debug, Clone, Copy)]
+pub struct EnvOverrides<'a> {
+    /// Variables `<prefix>SECTION__KEY` set `section.key` (e.g. `AKOSHA_AGENT__BUFFER__MAX_BYTES`).
+    pub prefix: &'a str,
+    /// Documented short names, e.g. `("AKOSHA_WARM_PATH", "warm.path")`.
+    pub aliases: &'a [(&'a str, &'a str)],
+}
+
+/// Parses a YAML configuration: expands `${VAR:default}` with `lookup`, applies environment overrides from
+/// `env` (precedence: environment > file > defaults of `T`), then deserialises into `T`, whose unknown keys and
+/// bad values come back as [`ConfigError::Key`] naming the dotted key (and the variable, if one set it).
+#[cfg(feature = "config")]
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+    env: &[(String, String)],
+    overrides: EnvOverrides<'_>,
+) -> Result<T, ConfigError> {
+    use serde_norway::{Mapping, Value};
+
+    let expanded = expand_env(text, lookup)?;
+    let mut root: Value = serde_norway::from_str(&expanded).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+    if root.is_null() {
+        root = Value::Mapping(Mapping::new());
+    }
+    let mut origins: Vec<(String, String)> = Vec::new();
+    for (name, raw) in env {
+        let path = match overrides.aliases.iter().find(|(alias, _)| alias == name) {
+            Some((_, path)) => (*path).to_owned(),
+            None => match name.strip_prefix(overrides.prefix) {
+                Some(rest) if !rest.is_empty() => rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join("."),
+                _ => continue,
+            },
+        };
+        let value: Value = serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.clone()));
+        let value = if value.is_null() { Value::String(raw.clone()) } else { value };
+        set_path(&mut root, &path, value).map_err(|message| ConfigError::Key {
+            key: path.clone(),
+            message,
+            origin: format!(" (set by {name})"),
+        })?;
+        origins.push((path, name.clone()));
+    }
+    serde_path_to_error::deserialize(root).map_err(|e| {
+        let key = e.path().to_string();
+        let origin = origins
+            .iter()
+            .find(|(path, _)| key == *path || key.starts_with(&format!("{path}.")) || path.starts_with(&format!("{key}.")))
+            .map(|(_, name)| format!(" (set by {name})"))
+            .unwrap_or_default();
+        ConfigError::Key { key, message: e.into_inner().to_string(), origin }
+    })
+}
+
+#[cfg(feature = "config")]
+fn set_path(root: &mut serde_norway::Value, path: &str, value: serde_norway::Value) -> Result<(), String> {
+    use serde_norway::{Mapping, Value};
+    let mut node = root;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let Value::Mapping(map) = node else {
+            return Err(format!("cannot set `{part}` inside a value that is not a mapping"));
+        };
+        let key = Value::String(part.to_owned());
+        if parts.peek().is_none() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map.entry(key).or_insert_with(|| Value::Mapping(Mapping::new()));
+        if node.is_null() {
+            *node = Value::Mapping(Mapping::new());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +294,52 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert_eq!(expand_home("~/.akosha", Some("/root")), "/root/.akosha");
         assert_eq!(expand_home("/abs", Some("/root")), "/abs");
+    }
+
+    #[cfg(feature = "config")]
+    mod loading {
+        use super::super::*;
+
+        #[derive(Debug, serde::Deserialize, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct Conf {
+            name: String,
+            #[serde(default)]
+            inner: Inner,
+        }
+
+        #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        struct Inner {
+            #[serde(default)]
+            size: u32,
+            #[serde(default)]
+            path: String,
+        }
+
+        const OVERRIDES: EnvOverrides<'static> =
+            EnvOverrides { prefix: "APP__", aliases: &[("APP_PATH", "inner.path")] };
+
+        fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+            pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        }
+
+        #[test]
+        fn environment_beats_file_beats_default() {
+            let c: Conf =
+                parse_config("name: a\ninner: {size: 1}", |_| None, &env(&[("APP__INNER__SIZE", "7"), ("APP_PATH", "/p")]), OVERRIDES)
+                    .unwrap();
+            assert_eq!(c, Conf { name: "a".into(), inner: Inner { size: 7, path: "/p".into() } });
+        }
+
+        #[test]
+        fn errors_name_the_key_and_the_variable() {
+            let e = parse_config::<Conf>("name: a\ninner: {sise: 1}", |_| None, &[], OVERRIDES).unwrap_err();
+            assert!(e.to_string().starts_with("key `inner.sise`: unknown field `sise`"), "{e}");
+            let e = parse_config::<Conf>("name: a", |_| None, &env(&[("APP__INNER__SIZE", "big")]), OVERRIDES).unwrap_err();
+            assert!(e.to_string().contains("key `inner.size` (set by APP__INNER__SIZE)"), "{e}");
+            let e = parse_config::<Conf>("name: [", |_| None, &[], OVERRIDES).unwrap_err();
+            assert!(matches!(e, ConfigError::Yaml(_)));
+        }
     }
 }

@@ -669,9 +669,10 @@ impl Buffer {
     async fn make_durable(&self) -> Result<(), BufferError> {
         let Some(committer) = &self.inner.committer else { return Ok(()) };
         let (tx, rx) = oneshot::channel();
-        let waiters = committer.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        waiters.as_ref().ok_or(BufferError::Closed)?.send(tx).map_err(|_| BufferError::Closed)?;
-        drop(waiters);
+        {
+            let waiters = committer.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            waiters.as_ref().ok_or(BufferError::Closed)?.send(tx).map_err(|_| BufferError::Closed)?;
+        }
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.storage(e)),
