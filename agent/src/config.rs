@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use akosha_protocol::settings::{ConfigError, EnvOverrides, expand_home, parse_byte_size, parse_config, parse_duration};
+use akosha_protocol::settings::{
+    ConfigError, EnvOverrides, expand_home, parse_byte_size, parse_config, parse_duration,
+};
 use akosha_protocol::{Codec, Record, RecordKind};
 use serde::Deserialize;
 
@@ -261,12 +263,18 @@ impl AgentConfig {
         env: &[(String, String)],
     ) -> Result<AgentConfig, ConfigError> {
         let home = lookup("HOME");
-        let raw: RawConfig = parse_config(text, lookup, env, EnvOverrides { prefix: ENV_PREFIX, aliases: ENV_ALIASES })?;
+        let raw: RawConfig =
+            parse_config(text, lookup, env, EnvOverrides { prefix: ENV_PREFIX, aliases: ENV_ALIASES })?;
         Self::validate(raw, home.as_deref())
     }
 
     fn validate(raw: RawConfig, home: Option<&str>) -> Result<AgentConfig, ConfigError> {
-        let probe = Record { system_id: raw.system_id.clone(), id: "x".into(), kind: RecordKind::Conversation, ..Record::default() };
+        let probe = Record {
+            system_id: raw.system_id.clone(),
+            id: "x".into(),
+            kind: RecordKind::Conversation,
+            ..Record::default()
+        };
         probe.validate().map_err(|e| ConfigError::invalid("system_id", e.to_string()))?;
         let path = |s: &str| PathBuf::from(expand_home(s, home));
         let size = |key: &str, s: &str| parse_byte_size(s).map_err(|e| ConfigError::invalid(key, e.to_string()));
@@ -282,7 +290,10 @@ impl AgentConfig {
         };
 
         let listen = raw.ingest.listen.parse::<SocketAddr>().map_err(|_| {
-            ConfigError::invalid("ingest.listen", format!("`{}` is not an address like 127.0.0.1:8682", raw.ingest.listen))
+            ConfigError::invalid(
+                "ingest.listen",
+                format!("`{}` is not an address like 127.0.0.1:8682", raw.ingest.listen),
+            )
         })?;
         let max_body_bytes = size("ingest.max_body_bytes", &raw.ingest.max_body_bytes)?;
         if !(1024..=1 << 30).contains(&max_body_bytes) {
@@ -303,7 +314,10 @@ impl AgentConfig {
             "block" => WhenFull::Block,
             "drop_oldest" => WhenFull::DropOldest,
             other => {
-                return Err(ConfigError::invalid("buffer.when_full", format!("`{other}` is not one of block, drop_oldest")));
+                return Err(ConfigError::invalid(
+                    "buffer.when_full",
+                    format!("`{other}` is not one of block, drop_oldest"),
+                ));
             }
         };
         let fsync = match b.fsync.as_str() {
@@ -311,7 +325,10 @@ impl AgentConfig {
             "batch" => FsyncPolicy::Batch { window: duration("buffer.fsync_window", &b.fsync_window)? },
             "interval" => FsyncPolicy::Interval(duration("buffer.fsync_interval", &b.fsync_interval)?),
             other => {
-                return Err(ConfigError::invalid("buffer.fsync", format!("`{other}` is not one of always, batch, interval")));
+                return Err(ConfigError::invalid(
+                    "buffer.fsync",
+                    format!("`{other}` is not one of always, batch, interval"),
+                ));
             }
         };
         if let FsyncPolicy::Batch { window } = fsync
@@ -321,9 +338,18 @@ impl AgentConfig {
         }
         let max_chunk_bytes = size("buffer.max_chunk_bytes", &b.max_chunk_bytes)?;
         if !(4096..=64 << 20).contains(&max_chunk_bytes) || max_chunk_bytes > max_bytes {
-            return Err(ConfigError::invalid("buffer.max_chunk_bytes", "must be between 4KiB and 64MiB and below buffer.max_bytes"));
+            return Err(ConfigError::invalid(
+                "buffer.max_chunk_bytes",
+                "must be between 4KiB and 64MiB and below buffer.max_bytes",
+            ));
         }
-        let buffer = BufferConfig { max_bytes, when_full, fsync, max_chunk_bytes: max_chunk_bytes as usize, cache_bytes: 8 << 20 };
+        let buffer = BufferConfig {
+            max_bytes,
+            when_full,
+            fsync,
+            max_chunk_bytes: max_chunk_bytes as usize,
+            cache_bytes: 8 << 20,
+        };
 
         if raw.destinations.is_empty() {
             return Err(ConfigError::invalid("destinations", "at least one destination is required"));
@@ -332,12 +358,16 @@ impl AgentConfig {
         for (name, d) in raw.destinations {
             let key = |k: &str| format!("destinations.{name}.{k}");
             if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-') {
-                return Err(ConfigError::invalid(format!("destinations.{name}"), "names may only use letters, digits, '_' and '-'"));
+                return Err(ConfigError::invalid(
+                    format!("destinations.{name}"),
+                    "names may only use letters, digits, '_' and '-'",
+                ));
             }
             if d.address.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
                 return Err(ConfigError::invalid(key("address"), format!("`{}` is not host:port", d.address)));
             }
-            let codec = d.compression.parse::<Codec>().map_err(|e| ConfigError::invalid(key("compression"), e.to_string()))?;
+            let codec =
+                d.compression.parse::<Codec>().map_err(|e| ConfigError::invalid(key("compression"), e.to_string()))?;
             if !(1..=100_000).contains(&d.batch_max_records) {
                 return Err(ConfigError::invalid(key("batch_max_records"), "must be between 1 and 100000"));
             }
@@ -379,11 +409,17 @@ impl AgentConfig {
         let default_destination = match raw.routing.default_destination {
             Some(name) if destinations.contains_key(&name) => name,
             Some(name) => {
-                return Err(ConfigError::invalid("routing.default_destination", format!("`{name}` is not a configured destination")));
+                return Err(ConfigError::invalid(
+                    "routing.default_destination",
+                    format!("`{name}` is not a configured destination"),
+                ));
             }
             None if destinations.len() == 1 => destinations.keys().next().cloned().unwrap_or_default(),
             None => {
-                return Err(ConfigError::invalid("routing.default_destination", "required when there are several destinations"));
+                return Err(ConfigError::invalid(
+                    "routing.default_destination",
+                    "required when there are several destinations",
+                ));
             }
         };
 
@@ -408,7 +444,8 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "system_id: host-1\ndestinations:\n  main: {address: '127.0.0.1:8684', ca: /c, cert: /a, key: /k}\n";
+    const MINIMAL: &str =
+        "system_id: host-1\ndestinations:\n  main: {address: '127.0.0.1:8684', ca: /c, cert: /a, key: /k}\n";
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
         let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
@@ -428,8 +465,11 @@ mod tests {
 
     #[test]
     fn environment_overrides_the_file() {
-        let c = parse(MINIMAL, &[("AKOSHA_AGENT__BUFFER__WHEN_FULL", "drop_oldest"), ("AKOSHA_AGENT_LISTEN", "127.0.0.1:9999")])
-            .unwrap();
+        let c = parse(
+            MINIMAL,
+            &[("AKOSHA_AGENT__BUFFER__WHEN_FULL", "drop_oldest"), ("AKOSHA_AGENT_LISTEN", "127.0.0.1:9999")],
+        )
+        .unwrap();
         assert_eq!(c.buffer.when_full, WhenFull::DropOldest);
         assert_eq!(c.ingest.listen.port(), 9999);
     }

@@ -43,7 +43,8 @@ async fn post_records(State(agent): State<Arc<Agent>>, body: Bytes) -> Response 
         Err(errors) => {
             agent.counters.rejected_requests.inc();
             agent.counters.rejected_lines.add(errors.len() as u64);
-            let shown: Vec<_> = errors.iter().take(MAX_REPORTED_ERRORS).map(|e| json!({"line": e.line, "error": e.message})).collect();
+            let shown: Vec<_> =
+                errors.iter().take(MAX_REPORTED_ERRORS).map(|e| json!({"line": e.line, "error": e.message})).collect();
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "invalid_records",
@@ -62,7 +63,8 @@ async fn post_records(State(agent): State<Arc<Agent>>, body: Bytes) -> Response 
         }
         Err(error @ BufferError::Full { .. }) => {
             agent.counters.full_rejections.inc();
-            let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, "buffer_full", &error.to_string(), json!({}));
+            let mut response =
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "buffer_full", &error.to_string(), json!({}));
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             response
         }

@@ -165,9 +165,24 @@ impl Agent {
     pub fn metrics_text(&self) -> String {
         let mut m = Exposition::new();
         let c = &self.counters;
-        m.metric("akosha_agent_ingest_records_total", "counter", "Records accepted into a buffer.", [(&[][..], c.accepted_records.get() as f64)]);
-        m.metric("akosha_agent_ingest_rejected_requests_total", "counter", "Requests refused for invalid lines.", [(&[][..], c.rejected_requests.get() as f64)]);
-        m.metric("akosha_agent_ingest_buffer_full_total", "counter", "Requests refused because the buffer was full.", [(&[][..], c.full_rejections.get() as f64)]);
+        m.metric(
+            "akosha_agent_ingest_records_total",
+            "counter",
+            "Records accepted into a buffer.",
+            [(&[][..], c.accepted_records.get() as f64)],
+        );
+        m.metric(
+            "akosha_agent_ingest_rejected_requests_total",
+            "counter",
+            "Requests refused for invalid lines.",
+            [(&[][..], c.rejected_requests.get() as f64)],
+        );
+        m.metric(
+            "akosha_agent_ingest_buffer_full_total",
+            "counter",
+            "Requests refused because the buffer was full.",
+            [(&[][..], c.full_rejections.get() as f64)],
+        );
         let now = jiff::Timestamp::now().as_microsecond();
         let per_dest: Vec<(&String, &DestinationHandle, buffer::BufferStats)> =
             self.destinations.iter().map(|(n, d)| (n, d, d.buffer.stats())).collect();
@@ -176,25 +191,90 @@ impl Agent {
             per_dest.iter().zip(&labels).map(|((_, d, s), l)| (&l[..], f(d, s))).collect()
         };
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
-        m.metric("akosha_agent_buffer_records", "gauge", "Records waiting for an ack.", series(&|_, s| s.records as f64));
-        m.metric("akosha_agent_buffer_bytes", "gauge", "Stored bytes waiting for an ack.", series(&|_, s| s.bytes as f64));
-        m.metric("akosha_agent_buffer_disk_bytes", "gauge", "Disk used by the buffer store.", series(&|_, s| s.disk_bytes as f64));
+        m.metric(
+            "akosha_agent_buffer_records",
+            "gauge",
+            "Records waiting for an ack.",
+            series(&|_, s| s.records as f64),
+        );
+        m.metric(
+            "akosha_agent_buffer_bytes",
+            "gauge",
+            "Stored bytes waiting for an ack.",
+            series(&|_, s| s.bytes as f64),
+        );
+        m.metric(
+            "akosha_agent_buffer_disk_bytes",
+            "gauge",
+            "Disk used by the buffer store.",
+            series(&|_, s| s.disk_bytes as f64),
+        );
         m.metric(
             "akosha_agent_buffer_oldest_age_seconds",
             "gauge",
             "Age of the oldest record waiting for an ack.",
             series(&|_, s| s.oldest_accepted_at_us.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6)),
         );
-        m.metric("akosha_agent_buffer_dropped_records_total", "counter", "Records evicted by drop_oldest.", series(&|_, s| s.dropped_records as f64));
-        m.metric("akosha_agent_buffer_corrupted_chunks_total", "counter", "Corrupted chunks removed.", series(&|_, s| s.corrupted_chunks as f64));
-        m.metric("akosha_agent_buffer_dead_letter_records", "gauge", "Records rejected for good by the aggregator.", series(&|_, s| s.dead_letter_records as f64));
-        m.metric("akosha_agent_connected", "gauge", "1 while a session with the aggregator is up.", series(&|d, _| f64::from(u8::from(d.status.connected.load(std::sync::atomic::Ordering::Relaxed)))));
-        m.metric("akosha_agent_batches_sent_total", "counter", "Batches sent, resends included.", series(&|d, _| ld(&d.status.batches_sent)));
-        m.metric("akosha_agent_batches_acked_total", "counter", "Batches acknowledged.", series(&|d, _| ld(&d.status.batches_acked)));
-        m.metric("akosha_agent_records_acked_total", "counter", "Records acknowledged.", series(&|d, _| ld(&d.status.records_acked)));
-        m.metric("akosha_agent_batches_rejected_total", "counter", "Batches rejected for good.", series(&|d, _| ld(&d.status.batches_rejected)));
-        m.metric("akosha_agent_sent_bytes_total", "counter", "Bytes sent after compression.", series(&|d, _| ld(&d.status.bytes_sent)));
-        m.metric("akosha_agent_reconnects_total", "counter", "Sessions that ended with an error.", series(&|d, _| ld(&d.status.failed_attempts)));
+        m.metric(
+            "akosha_agent_buffer_dropped_records_total",
+            "counter",
+            "Records evicted by drop_oldest.",
+            series(&|_, s| s.dropped_records as f64),
+        );
+        m.metric(
+            "akosha_agent_buffer_corrupted_chunks_total",
+            "counter",
+            "Corrupted chunks removed.",
+            series(&|_, s| s.corrupted_chunks as f64),
+        );
+        m.metric(
+            "akosha_agent_buffer_dead_letter_records",
+            "gauge",
+            "Records rejected for good by the aggregator.",
+            series(&|_, s| s.dead_letter_records as f64),
+        );
+        m.metric(
+            "akosha_agent_connected",
+            "gauge",
+            "1 while a session with the aggregator is up.",
+            series(&|d, _| f64::from(u8::from(d.status.connected.load(std::sync::atomic::Ordering::Relaxed)))),
+        );
+        m.metric(
+            "akosha_agent_batches_sent_total",
+            "counter",
+            "Batches sent, resends included.",
+            series(&|d, _| ld(&d.status.batches_sent)),
+        );
+        m.metric(
+            "akosha_agent_batches_acked_total",
+            "counter",
+            "Batches acknowledged.",
+            series(&|d, _| ld(&d.status.batches_acked)),
+        );
+        m.metric(
+            "akosha_agent_records_acked_total",
+            "counter",
+            "Records acknowledged.",
+            series(&|d, _| ld(&d.status.records_acked)),
+        );
+        m.metric(
+            "akosha_agent_batches_rejected_total",
+            "counter",
+            "Batches rejected for good.",
+            series(&|d, _| ld(&d.status.batches_rejected)),
+        );
+        m.metric(
+            "akosha_agent_sent_bytes_total",
+            "counter",
+            "Bytes sent after compression.",
+            series(&|d, _| ld(&d.status.bytes_sent)),
+        );
+        m.metric(
+            "akosha_agent_reconnects_total",
+            "counter",
+            "Sessions that ended with an error.",
+            series(&|d, _| ld(&d.status.failed_attempts)),
+        );
         m.finish()
     }
 }

@@ -8,7 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "akosha-agent", version, about = "Edge agent: buffers local memories and streams them to an akosha aggregator")]
+#[command(
+    name = "akosha-agent",
+    version,
+    about = "Edge agent: buffers local memories and streams them to an akosha aggregator"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, env = "AKOSHA_AGENT_CONFIG", default_value = "~/.akosha/agent.yaml")]
@@ -35,8 +39,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let home = std::env::var("HOME").ok();
     let config_path = PathBuf::from(akosha_protocol::settings::expand_home(&cli.config, home.as_deref()));
-    let config = AgentConfig::load(&config_path).with_context(|| format!("invalid configuration {}", config_path.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let config =
+        AgentConfig::load(&config_path).with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     match cli.command {
         Command::Run => {
             init_logging(&config);
@@ -52,7 +58,12 @@ fn main() -> anyhow::Result<()> {
                 akosha_agent::tls::client_config(dest, &config.system_id)
                     .with_context(|| format!("destination `{name}`"))?;
             }
-            println!("{}: configuration is valid ({} destination(s), system id `{}`)", config_path.display(), config.destinations.len(), config.system_id);
+            println!(
+                "{}: configuration is valid ({} destination(s), system id `{}`)",
+                config_path.display(),
+                config.destinations.len(),
+                config.system_id
+            );
             Ok(())
         }
         Command::Status { json } => runtime.block_on(async {
@@ -74,9 +85,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn print_status(status: &serde_json::Value) {
-    println!("system id: {}   version: {}", status["system_id"].as_str().unwrap_or("?"), status["version"].as_str().unwrap_or("?"));
+    println!(
+        "system id: {}   version: {}",
+        status["system_id"].as_str().unwrap_or("?"),
+        status["version"].as_str().unwrap_or("?")
+    );
     let ingest = &status["ingest"];
-    println!("ingest: {} accepted, {} requests rejected, {} refused (buffer full)", ingest["accepted_records"], ingest["rejected_requests"], ingest["full_rejections"]);
+    println!(
+        "ingest: {} accepted, {} requests rejected, {} refused (buffer full)",
+        ingest["accepted_records"], ingest["rejected_requests"], ingest["full_rejections"]
+    );
     if let Some(destinations) = status["destinations"].as_object() {
         for (name, d) in destinations {
             let b = &d["buffer"];
@@ -94,7 +112,8 @@ fn print_status(status: &serde_json::Value) {
 }
 
 fn init_logging(config: &AgentConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if config.log.json {
         builder.json().init();

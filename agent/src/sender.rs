@@ -65,7 +65,8 @@ pub async fn run(
     };
     let mut backoff = Backoff::new(dest.backoff_initial, dest.backoff_max);
     while !*shutdown.borrow() {
-        let mut session = Session { dest: &dest, system_id: &system_id, buffer: &buffer, status: &status, progressed: false };
+        let mut session =
+            Session { dest: &dest, system_id: &system_id, buffer: &buffer, status: &status, progressed: false };
         let mut window = SendWindow::new(0);
         let result = session.run(&endpoint, &mut window, &mut shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
@@ -163,7 +164,9 @@ impl Session<'_> {
             Ok(Some(Ok(other))) => return Err(format!("expected Welcome, got {:?}", other.frame_type()).into()),
         };
         if welcome.system_id != self.system_id {
-            return Err(format!("aggregator sees this agent as `{}`, not `{}`", welcome.system_id, self.system_id).into());
+            return Err(
+                format!("aggregator sees this agent as `{}`, not `{}`", welcome.system_id, self.system_id).into()
+            );
         }
         if let Some(through) = welcome.durable_through {
             let skipped = self.buffer.skip_through(through).map_err(|e| e.to_string())?;
@@ -183,7 +186,9 @@ impl Session<'_> {
 
         loop {
             while draining.is_none() && window.can_send() {
-                let Some(pending) = self.buffer.next_batch(self.dest.batch_max_records, max_batch_bytes).map_err(buffer_err)? else {
+                let Some(pending) =
+                    self.buffer.next_batch(self.dest.batch_max_records, max_batch_bytes).map_err(buffer_err)?
+                else {
                     break;
                 };
                 let payload = self.dest.codec.compress(&pending.payload);
@@ -261,13 +266,17 @@ impl Session<'_> {
             Message::Error(e) => {
                 return Err(SessionEnd {
                     error: format!("aggregator error {}: {}", e.code.as_str(), e.message),
-                    retry_after: e.retry_after_ms.map(|ms| Duration::from_millis(ms.into())).or_else(|| {
-                        (e.code == ErrorCode::ShuttingDown).then_some(Duration::from_millis(500))
-                    }),
+                    retry_after: e
+                        .retry_after_ms
+                        .map(|ms| Duration::from_millis(ms.into()))
+                        .or_else(|| (e.code == ErrorCode::ShuttingDown).then_some(Duration::from_millis(500))),
                 });
             }
             Message::Goodbye { reason } => {
-                return Err(SessionEnd { error: format!("aggregator ended the session: {reason}"), retry_after: Some(Duration::from_millis(500)) });
+                return Err(SessionEnd {
+                    error: format!("aggregator ended the session: {reason}"),
+                    retry_after: Some(Duration::from_millis(500)),
+                });
             }
             other => return Err(format!("unexpected {:?} frame from the aggregator", other.frame_type()).into()),
         }

@@ -64,7 +64,9 @@ pub fn client_config(dest: &DestinationConfig, system_id: &str) -> Result<quinn:
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(dest.keep_alive));
-    transport.max_idle_timeout(Some(dest.idle_timeout.try_into().map_err(|_| TlsError::Config("idle_timeout too large".into()))?));
+    transport.max_idle_timeout(Some(
+        dest.idle_timeout.try_into().map_err(|_| TlsError::Config("idle_timeout too large".into()))?,
+    ));
     // One bidirectional stream per session; the aggregator never opens streams towards agents.
     transport.max_concurrent_uni_streams(0u8.into());
     // Larger windows keep a high-latency link full with multi-megabyte batches in flight.
@@ -89,15 +91,14 @@ fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
 fn check_identity(cert: &CertificateDer<'_>, path: &Path, system_id: &str) -> Result<(), TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TlsError::Config(format!("agent certificate {}: {e}", path.display())))?;
-    let found = parsed
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let found =
+        parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or_default().to_owned();
     if found != system_id {
-        return Err(TlsError::WrongIdentity { path: path.display().to_string(), expected: system_id.to_owned(), found });
+        return Err(TlsError::WrongIdentity {
+            path: path.display().to_string(),
+            expected: system_id.to_owned(),
+            found,
+        });
     }
     Ok(())
 }

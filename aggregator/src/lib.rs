@@ -1,1 +1,140 @@
-//! placeholder
+//! The akosha aggregator: receives batches from agents over QUIC with mutual TLS, makes them durable in a
+//! write-ahead log before acknowledging them, keeps them queryable in a tiered store, and answers queries over
+//! HTTP.
+//!
+//! [`Aggregator::run`] takes already bound sockets and a shutdown future, so tests start a real aggregator
+//! in-process on port 0; `main` only parses arguments.
+
+pub mod certs;
+pub mod config;
+pub mod hot;
+pub mod http;
+pub mod metrics;
+pub mod receiver;
+pub mod wal;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::AggregatorConfig;
+use crate::hot::HotTier;
+use crate::metrics::ReceiverMetrics;
+use crate::receiver::Receiver;
+use crate::wal::Wal;
+
+/// Why the aggregator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// TLS material is missing or invalid.
+    #[error("TLS setup failed (run `akosha-aggregator certs init` first?): {0}")]
+    Certs(#[from] certs::CertError),
+    /// The write-ahead log cannot be opened.
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+    /// The hot tier cannot be created.
+    #[error(transparent)]
+    Hot(#[from] hot::HotError),
+    /// A socket or thread failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running aggregator's shared state.
+pub struct Aggregator {
+    /// The receive path (log, hot tier, counters).
+    pub receiver: Arc<Receiver>,
+}
+
+impl Aggregator {
+    /// Replays the log into the hot tier, then serves QUIC on `udp` and HTTP on `http` until `shutdown`
+    /// resolves; then drains sessions and stops.
+    pub async fn run(
+        config: AggregatorConfig,
+        udp: std::net::UdpSocket,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let transport = Receiver::transport_config(&config.quic);
+        let server_config = certs::server_config(&config.ca_cert, &config.server_cert, &config.server_key, transport)?;
+
+        let hot = Arc::new(HotTier::open(&config.hot_memory_limit, config.hot_threads)?);
+        let (durable_tx, durable_rx) = std::sync::mpsc::sync_channel(1024);
+        let mut replay_batch = Vec::new();
+        let mut replay_error = None;
+        let (wal, report) = Wal::open(
+            config.wal.clone(),
+            |entry| {
+                match entry.records() {
+                    Ok(records) => replay_batch.extend(records),
+                    Err(e) => {
+                        warn!(message = "Skipping a logged batch that does not decode.", error = %e, system_id = %entry.system_id)
+                    }
+                }
+                if replay_batch.len() >= 50_000 && replay_error.is_none() {
+                    replay_error = hot.insert(&std::mem::take(&mut replay_batch)).err();
+                }
+            },
+            durable_tx,
+        )?;
+        if let Some(e) = replay_error {
+            return Err(e.into());
+        }
+        hot.insert(&replay_batch)?;
+        drop(replay_batch);
+        info!(
+            message = "Hot tier rebuilt from the write-ahead log.",
+            entries = report.entries,
+            records = hot.inserted()
+        );
+        hot.spawn_writer(durable_rx)
+            .map_err(|source| RunError::Io { context: "cannot start the hot-tier writer", source })?;
+
+        let metrics = Arc::new(ReceiverMetrics::default());
+        let receiver = Arc::new(Receiver::new(config.quic.clone(), wal, hot, metrics));
+        let aggregator = Arc::new(Aggregator { receiver: receiver.clone() });
+
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            udp,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| RunError::Io { context: "cannot start the QUIC endpoint", source })?;
+        info!(
+            message = "Aggregator started.",
+            quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            http = %http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let quic_task = tokio::spawn(receiver.clone().serve(endpoint, stop_rx.clone()));
+        let mut http_stop = stop_rx.clone();
+        let http_task = tokio::spawn(async move {
+            axum::serve(http, http::router(aggregator))
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        shutdown.await;
+        info!(message = "Shutting down: draining agent sessions.");
+        let _ = stop_tx.send(true);
+        let _ = quic_task.await;
+        match http_task.await {
+            Ok(Err(source)) => return Err(RunError::Io { context: "HTTP server failed", source }),
+            Err(e) => warn!(message = "HTTP task ended abnormally.", error = %e),
+            Ok(Ok(())) => {}
+        }
+        info!(message = "Aggregator stopped.");
+        Ok(())
+    }
+}

@@ -47,7 +47,9 @@ pub enum FrameType {
 impl FrameType {
     fn from_u8(v: u8) -> Option<Self> {
         use FrameType::*;
-        [Hello, Welcome, Batch, Ack, Credit, Heartbeat, HeartbeatAck, Error, Goodbye].into_iter().find(|t| *t as u8 == v)
+        [Hello, Welcome, Batch, Ack, Credit, Heartbeat, HeartbeatAck, Error, Goodbye]
+            .into_iter()
+            .find(|t| *t as u8 == v)
     }
 }
 

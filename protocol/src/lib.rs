@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod compression;
+pub mod exposition;
 mod flow;
 mod frame;
 mod message;
@@ -30,10 +31,11 @@ mod wire;
 pub use compression::{Codec, CompressionError};
 pub use flow::{FlowError, ReceiveWindow, SendWindow};
 pub use frame::{
-    DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, FRAME_MAGIC, FrameDecoder, FrameError, FrameHeader, FrameType, encode_frame,
+    DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, FRAME_MAGIC, FrameDecoder, FrameError, FrameHeader, FrameType,
+    encode_frame,
 };
 pub use message::{Batch, ErrorCode, ErrorFrame, Hello, Message, Welcome, negotiate_version};
-pub use record::{EMBEDDING_DIM, Record, RecordKind, RecordError, Residency};
+pub use record::{EMBEDDING_DIM, Record, RecordError, RecordKind, Residency};
 pub use record_codec::{RecordDecodeError, decode_records, encode_record, encode_records};
 
 /// The protocol version this build speaks. Every frame header carries it.

@@ -411,18 +411,36 @@ mod tests {
                     })
                 }
             ),
-            (any::<u64>(), 0u64..1000, 0u64..1000, any::<u32>(), 0usize..4, any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300))
+            (
+                any::<u64>(),
+                0u64..1000,
+                0u64..1000,
+                any::<u32>(),
+                0usize..4,
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
                 .prop_map(|(seq, a, n, record_count, codec, uncompressed_len, payload)| {
                     let codec = [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Zstd(19)][codec];
-                    Message::Batch(Batch { seq, first_record: a, last_record: a + n, record_count, codec, uncompressed_len, payload })
+                    Message::Batch(Batch {
+                        seq,
+                        first_record: a,
+                        last_record: a + n,
+                        record_count,
+                        codec,
+                        uncompressed_len,
+                        payload,
+                    })
                 }),
             any::<u64>().prop_map(|through| Message::Ack { through }),
             any::<u32>().prop_map(|batches| Message::Credit { batches }),
             any::<u64>().prop_map(|nonce| Message::Heartbeat { nonce }),
             any::<u64>().prop_map(|nonce| Message::HeartbeatAck { nonce }),
-            (1u16..12, any::<Option<u64>>(), proptest::option::of(1u32..), s()).prop_map(|(code, batch_seq, retry_after_ms, message)| {
-                Message::Error(ErrorFrame { code: ErrorCode::from_u16(code), batch_seq, retry_after_ms, message })
-            }),
+            (1u16..12, any::<Option<u64>>(), proptest::option::of(1u32..), s()).prop_map(
+                |(code, batch_seq, retry_after_ms, message)| {
+                    Message::Error(ErrorFrame { code: ErrorCode::from_u16(code), batch_seq, retry_after_ms, message })
+                }
+            ),
             s().prop_map(|reason| Message::Goodbye { reason }),
         ]
     }

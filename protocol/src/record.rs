@@ -68,10 +68,7 @@ impl FromStr for RecordKind {
     type Err = RecordError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| RecordError::UnknownKind(s.to_owned()))
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| RecordError::UnknownKind(s.to_owned()))
     }
 }
 

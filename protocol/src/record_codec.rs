@@ -272,40 +272,50 @@ pub(crate) mod tests {
             (proptest::option::of(-1e9f64..1e9), proptest::option::of(0u8..3)),
             ("[a-z]{1,8}", "[a-z]{1,8}", "[a-z_]{1,8}", -1e3f64..1e3),
         )
-            .prop_map(|((kind, system_id, id, ts), (project, namespace, category, text, name), embedding, tags, metadata, (importance, residency), (from, to, rel, num))| {
-                let kind = RecordKind::ALL[kind];
-                let mut r = Record {
-                    system_id,
-                    kind,
-                    id,
-                    ts,
-                    project,
-                    namespace,
-                    category,
-                    text,
-                    name,
+            .prop_map(
+                |(
+                    (kind, system_id, id, ts),
+                    (project, namespace, category, text, name),
                     embedding,
                     tags,
                     metadata,
-                    importance,
-                    residency: residency.and_then(Residency::from_tag),
-                    ..Record::default()
-                };
-                match kind {
-                    RecordKind::Relation => {
-                        r.from = Some(from);
-                        r.to = Some(to);
-                        r.relation_type = Some(rel);
-                        r.weight = Some(num);
+                    (importance, residency),
+                    (from, to, rel, num),
+                )| {
+                    let kind = RecordKind::ALL[kind];
+                    let mut r = Record {
+                        system_id,
+                        kind,
+                        id,
+                        ts,
+                        project,
+                        namespace,
+                        category,
+                        text,
+                        name,
+                        embedding,
+                        tags,
+                        metadata,
+                        importance,
+                        residency: residency.and_then(Residency::from_tag),
+                        ..Record::default()
+                    };
+                    match kind {
+                        RecordKind::Relation => {
+                            r.from = Some(from);
+                            r.to = Some(to);
+                            r.relation_type = Some(rel);
+                            r.weight = Some(num);
+                        }
+                        RecordKind::Metric => {
+                            r.name = Some(from);
+                            r.value = Some(num);
+                        }
+                        _ => {}
                     }
-                    RecordKind::Metric => {
-                        r.name = Some(from);
-                        r.value = Some(num);
-                    }
-                    _ => {}
-                }
-                r
-            })
+                    r
+                },
+            )
     }
 
     proptest! {
@@ -333,8 +343,14 @@ pub(crate) mod tests {
     fn count_mismatch_is_reported() {
         let r = Record { system_id: "s".into(), id: "1".into(), ..Record::default() };
         let payload = encode_records([&r, &r]);
-        assert!(matches!(decode_records(&payload, 3), Err(RecordDecodeError::CountMismatch { declared: 3, actual: 2 })));
-        assert!(matches!(decode_records(&payload, 1), Err(RecordDecodeError::CountMismatch { declared: 1, actual: 2 })));
+        assert!(matches!(
+            decode_records(&payload, 3),
+            Err(RecordDecodeError::CountMismatch { declared: 3, actual: 2 })
+        ));
+        assert!(matches!(
+            decode_records(&payload, 1),
+            Err(RecordDecodeError::CountMismatch { declared: 1, actual: 2 })
+        ));
     }
 
     #[test]

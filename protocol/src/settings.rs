@@ -203,7 +203,9 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(
         let path = match overrides.aliases.iter().find(|(alias, _)| alias == name) {
             Some((_, path)) => (*path).to_owned(),
             None => match name.strip_prefix(overrides.prefix) {
-                Some(rest) if !rest.is_empty() => rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join("."),
+                Some(rest) if !rest.is_empty() => {
+                    rest.split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join(".")
+                }
                 _ => continue,
             },
         };
@@ -220,7 +222,9 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(
         let key = e.path().to_string();
         let origin = origins
             .iter()
-            .find(|(path, _)| key == *path || key.starts_with(&format!("{path}.")) || path.starts_with(&format!("{key}.")))
+            .find(|(path, _)| {
+                key == *path || key.starts_with(&format!("{path}.")) || path.starts_with(&format!("{key}."))
+            })
             .map(|(_, name)| format!(" (set by {name})"))
             .unwrap_or_default();
         ConfigError::Key { key, message: e.into_inner().to_string(), origin }
@@ -326,9 +330,13 @@ mod tests {
 
         #[test]
         fn environment_beats_file_beats_default() {
-            let c: Conf =
-                parse_config("name: a\ninner: {size: 1}", |_| None, &env(&[("APP__INNER__SIZE", "7"), ("APP_PATH", "/p")]), OVERRIDES)
-                    .unwrap();
+            let c: Conf = parse_config(
+                "name: a\ninner: {size: 1}",
+                |_| None,
+                &env(&[("APP__INNER__SIZE", "7"), ("APP_PATH", "/p")]),
+                OVERRIDES,
+            )
+            .unwrap();
             assert_eq!(c, Conf { name: "a".into(), inner: Inner { size: 7, path: "/p".into() } });
         }
 
@@ -336,7 +344,8 @@ mod tests {
         fn errors_name_the_key_and_the_variable() {
             let e = parse_config::<Conf>("name: a\ninner: {sise: 1}", |_| None, &[], OVERRIDES).unwrap_err();
             assert!(e.to_string().starts_with("key `inner.sise`: unknown field `sise`"), "{e}");
-            let e = parse_config::<Conf>("name: a", |_| None, &env(&[("APP__INNER__SIZE", "big")]), OVERRIDES).unwrap_err();
+            let e =
+                parse_config::<Conf>("name: a", |_| None, &env(&[("APP__INNER__SIZE", "big")]), OVERRIDES).unwrap_err();
             assert!(e.to_string().contains("key `inner.size` (set by APP__INNER__SIZE)"), "{e}");
             let e = parse_config::<Conf>("name: [", |_| None, &[], OVERRIDES).unwrap_err();
             assert!(matches!(e, ConfigError::Yaml(_)));

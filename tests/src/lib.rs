@@ -1,1 +1,390 @@
-//! placeholder
+//! Harness for end-to-end tests: starts the real `akosha-aggregator` and `akosha-agent` binaries on free
+//! loopback ports in a temporary directory, and stops (or `kill -9`s) them.
+//!
+//! The binaries are taken from the same target directory as the test executable; `scripts/test.sh` builds
+//! them first (`cargo build --release --bins`).
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub mod raw_client;
+
+/// Locates a workspace binary next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not found: build the binaries first (cargo build --release --bins)", path.display());
+    path
+}
+
+/// A free loopback TCP port.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
+}
+
+/// A free loopback UDP port.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+}
+
+/// A temporary site: certificates, one aggregator, agents.
+pub struct Site {
+    /// Root of everything the test writes.
+    pub dir: tempfile::TempDir,
+    /// Certificates (`ca.pem`, `server.pem`, `agents/<id>.pem`).
+    pub certs: PathBuf,
+}
+
+impl Site {
+    /// Creates the CA and the server certificate with `akosha-aggregator certs init`.
+    pub fn new() -> Result<Site> {
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        run_ok(Command::new(binary("akosha-aggregator")).args(["certs", "init", "--dir"]).arg(&certs))?;
+        Ok(Site { dir, certs })
+    }
+
+    /// Issues an agent certificate with `akosha-aggregator certs issue`.
+    pub fn issue(&self, system_id: &str) -> Result<()> {
+        run_ok(Command::new(binary("akosha-aggregator")).args(["certs", "issue", system_id, "--dir"]).arg(&self.certs))
+    }
+
+    /// A path inside the site.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A process that is killed when dropped.
+pub struct Proc {
+    name: String,
+    binary: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    envs: Vec<(String, String)>,
+}
+
+impl Proc {
+    fn spawn(
+        name: &str,
+        binary: PathBuf,
+        args: Vec<String>,
+        log: PathBuf,
+        envs: Vec<(String, String)>,
+    ) -> Result<Proc> {
+        let mut p = Proc { name: name.into(), binary, args, log, child: None, envs };
+        p.start()?;
+        Ok(p)
+    }
+
+    /// (Re)starts the process, appending to its log.
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (graceful shutdown).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    if !status.success() {
+                        bail!("{} exited with {status}; log:\n{}", self.name, self.log_tail());
+                    }
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    bail!("{} did not stop within {timeout:?}", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last lines of the process log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running aggregator process.
+pub struct Aggregator {
+    /// The process.
+    pub proc: Proc,
+    /// UDP port of the QUIC endpoint.
+    pub quic_port: u16,
+    /// Base URL of the HTTP API.
+    pub url: String,
+}
+
+impl Aggregator {
+    /// Writes a config under `site/<name>` and starts the aggregator; waits until `/ready`.
+    pub async fn start(site: &Site, name: &str) -> Result<Aggregator> {
+        let quic_port = free_udp_port();
+        let http_port = free_tcp_port();
+        let data = site.path(name);
+        std::fs::create_dir_all(&data)?;
+        let config = data.join("aggregator.yaml");
+        let certs = site.certs.display();
+        std::fs::write(
+            &config,
+            format!(
+                "mode: lite\ndata_dir: {}\ntls: {{ca_cert: {certs}/ca.pem, server_cert: {certs}/server.pem, server_key: {certs}/server.key}}\n\
+                 quic: {{listen: 127.0.0.1:{quic_port}, drain_timeout: 3s}}\nhttp: {{listen: 127.0.0.1:{http_port}}}\n\
+                 hot: {{memory_limit: 1GB, threads: 1}}\n",
+                data.display()
+            ),
+        )?;
+        let proc = Proc::spawn(
+            name,
+            binary("akosha-aggregator"),
+            vec!["--config".into(), config.display().to_string(), "run".into()],
+            data.join("aggregator.log"),
+            vec![],
+        )?;
+        let agg = Aggregator { proc, quic_port, url: format!("http://127.0.0.1:{http_port}") };
+        agg.wait_ready(Duration::from_secs(60)).await?;
+        Ok(agg)
+    }
+
+    /// Restarts after a kill and waits until ready.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.start()?;
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
+    /// Waits for `/ready`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        wait_http(&format!("{}/ready", self.url), timeout).await.with_context(|| self.proc.log_tail())
+    }
+
+    /// `GET /v1/stats`.
+    pub async fn stats(&self) -> Result<Value> {
+        get_json(&format!("{}/v1/stats", self.url)).await
+    }
+
+    /// Total records in storage.
+    pub async fn total(&self) -> Result<u64> {
+        Ok(self.stats().await?["total_records"].as_u64().unwrap_or(0))
+    }
+
+    /// Waits until the stored total reaches `expected` (and stays there briefly); returns the final total.
+    pub async fn wait_total(&self, expected: u64, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let total = self.total().await.unwrap_or(0);
+            if total >= expected {
+                // Anything extra would arrive right behind: look once more.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return self.total().await;
+            }
+            if Instant::now() > deadline {
+                bail!("timed out with {total} of {expected} records stored; aggregator log:\n{}", self.proc.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `GET /v1/records/{system}/{kind}/{id}`; `None` on 404.
+    pub async fn record(&self, system: &str, kind: &str, id: &str) -> Result<Option<Value>> {
+        let response = reqwest::get(format!("{}/v1/records/{system}/{kind}/{id}", self.url)).await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Ok(Some(response.error_for_status()?.json().await?))
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.url)).await?.text().await?)
+    }
+}
+
+/// Agent settings a test may change.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Buffer limit.
+    pub buffer_max: String,
+    /// `block` or `drop_oldest`.
+    pub when_full: String,
+    /// Extra YAML appended to the destination block.
+    pub destination_extra: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self { buffer_max: "256MiB".into(), when_full: "block".into(), destination_extra: String::new() }
+    }
+}
+
+/// A running agent process.
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Base URL of the ingest API.
+    pub url: String,
+    /// The agent's system id.
+    pub system_id: String,
+}
+
+impl Agent {
+    /// Writes a config under `site/<name>` and starts the agent against `quic_port`; waits for `/health`.
+    pub async fn start(
+        site: &Site,
+        name: &str,
+        system_id: &str,
+        quic_port: u16,
+        options: &AgentOptions,
+    ) -> Result<Agent> {
+        site.issue(system_id)?;
+        let port = free_tcp_port();
+        let data = site.path(name);
+        std::fs::create_dir_all(&data)?;
+        let config = data.join("agent.yaml");
+        let certs = site.certs.display();
+        std::fs::write(
+            &config,
+            format!(
+                "system_id: {system_id}\ndata_dir: {data}\ningest: {{listen: 127.0.0.1:{port}, full_wait: 0s}}\n\
+                 buffer: {{max_bytes: {max}, when_full: {when_full}}}\n\
+                 destinations:\n  primary:\n    address: 127.0.0.1:{quic_port}\n    ca: {certs}/ca.pem\n    \
+                 cert: {certs}/agents/{system_id}.pem\n    key: {certs}/agents/{system_id}.key\n    \
+                 backoff_initial: 50ms\n    backoff_max: 500ms\n    drain_timeout: 3s\n{extra}",
+                data = data.display(),
+                max = options.buffer_max,
+                when_full = options.when_full,
+                extra = options.destination_extra,
+            ),
+        )?;
+        let proc = Proc::spawn(
+            name,
+            binary("akosha-agent"),
+            vec!["--config".into(), config.display().to_string(), "run".into()],
+            data.join("agent.log"),
+            vec![],
+        )?;
+        let agent = Agent { proc, url: format!("http://127.0.0.1:{port}"), system_id: system_id.into() };
+        agent.wait_healthy().await?;
+        Ok(agent)
+    }
+
+    /// Restarts after a kill and waits for `/health`.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.start()?;
+        self.wait_healthy().await
+    }
+
+    async fn wait_healthy(&self) -> Result<()> {
+        wait_http(&format!("{}/health", self.url), Duration::from_secs(30)).await.with_context(|| self.proc.log_tail())
+    }
+
+    /// Posts NDJSON; returns the status code and the JSON body.
+    pub async fn post(&self, body: String) -> Result<(u16, Value, Option<String>)> {
+        let response = http_client().post(format!("{}/v1/records", self.url)).body(body).send().await?;
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, body, retry_after))
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<Value> {
+        get_json(&format!("{}/v1/status", self.url)).await
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client")
+}
+
+async fn get_json(url: &str) -> Result<Value> {
+    Ok(http_client().get(url).send().await?.error_for_status()?.json().await?)
+}
+
+async fn wait_http(url: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(response) = http_client().get(url).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{url} did not answer within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// NDJSON for records `ids` of `kind`, each with a ~1 KB text and, every other one, a 384-float embedding.
+pub fn ndjson(ids: impl IntoIterator<Item = u64>, kind: &str) -> String {
+    let mut out = String::new();
+    for i in ids {
+        let text = format!("memory {i}: ").repeat(80);
+        let embedding = if i % 2 == 0 {
+            let values: Vec<String> =
+                (0..384).map(|d| format!("{}", ((i as f32) * 0.001 + d as f32 * 0.0001).sin())).collect();
+            format!(",\"embedding\":[{}]", values.join(","))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{{\"id\":\"r{i}\",\"kind\":\"{kind}\",\"ts\":{},\"project\":\"p{}\",\"text\":\"{text}\",\"tags\":[\"t{}\"]{embedding}}}\n",
+            1_700_000_000_000_000i64 + i as i64,
+            i % 7,
+            i % 3
+        ));
+    }
+    out
+}

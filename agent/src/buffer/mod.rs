@@ -416,7 +416,8 @@ impl Buffer {
                 let mut taken = Vec::new();
                 let (mut records, mut bytes) = (0u64, 0u64);
                 for (seq, meta) in state.index.iter_mut().filter(|(_, m)| !m.in_flight) {
-                    let fits = records + u64::from(meta.count) <= u64::from(max_records) && bytes + meta.bytes <= max_bytes;
+                    let fits =
+                        records + u64::from(meta.count) <= u64::from(max_records) && bytes + meta.bytes <= max_bytes;
                     if !taken.is_empty() && !fits {
                         break;
                     }
@@ -622,7 +623,10 @@ impl Buffer {
         let mut metas = Vec::with_capacity(encoded.len());
         for (count, value) in encoded {
             batch.insert(&seq.to_be_bytes(), value.as_slice());
-            metas.push((seq, ChunkMeta { count: *count as u32, bytes: value.len() as u64, accepted_at, in_flight: false }));
+            metas.push((
+                seq,
+                ChunkMeta { count: *count as u32, bytes: value.len() as u64, accepted_at, in_flight: false },
+            ));
             seq += *count as u64;
         }
         self.inner.chunks.apply_batch(batch).map_err(|e| self.storage(e))?;
@@ -718,30 +722,26 @@ impl Buffer {
 /// who arrived meanwhile. Without a window every waiter gets its own fsync (`always`).
 fn spawn_committer(db: sled::Db, window: Option<Duration>) -> std::io::Result<Committer> {
     let (tx, rx) = mpsc::channel::<CommitWaiter>();
-    let thread = std::thread::Builder::new()
-        .name("buffer-commit".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut waiters = vec![first];
-                if let Some(window) = window {
-                    if !window.is_zero() {
-                        std::thread::sleep(window);
-                    }
-                    waiters.extend(rx.try_iter());
+    let thread = std::thread::Builder::new().name("buffer-commit".into()).spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut waiters = vec![first];
+            if let Some(window) = window {
+                if !window.is_zero() {
+                    std::thread::sleep(window);
                 }
-                let result = db.flush().map(drop);
-                for waiter in waiters {
-                    let _ = waiter.send(result.clone());
-                }
+                waiters.extend(rx.try_iter());
             }
-        })?;
+            let result = db.flush().map(drop);
+            for waiter in waiters {
+                let _ = waiter.send(result.clone());
+            }
+        }
+    })?;
     Ok(Committer { waiters: Mutex::new(Some(tx)), thread: Some(thread) })
 }
 
 fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 #[cfg(test)]

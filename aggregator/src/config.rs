@@ -1,0 +1,339 @@
+//! Aggregator configuration: YAML as users write it, and the validated form the aggregator runs on.
+//!
+//! `mode` picks the defaults: `lite` (everything under `~/.akosha/dev`, loopback only, no external service),
+//! `standard` (listens on all interfaces, data under `~/.akosha/data`), `production` (data under
+//! `/data/akosha`, JSON logs). Precedence: environment (`AKOSHA_AGGREGATOR__SECTION__KEY` or the aliases in
+//! [`ENV_ALIASES`]) > file > mode defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use akosha_protocol::settings::{
+    ConfigError, EnvOverrides, expand_home, parse_byte_size, parse_config, parse_duration,
+};
+use serde::Deserialize;
+
+use crate::wal::WalConfig;
+
+/// Short environment variable names and the keys they set.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("AKOSHA_MODE", "mode"),
+    ("AKOSHA_DATA_DIR", "data_dir"),
+    ("AKOSHA_QUIC_LISTEN", "quic.listen"),
+    ("AKOSHA_HTTP_LISTEN", "http.listen"),
+    ("AKOSHA_WAL_DIR", "wal.dir"),
+    ("AKOSHA_LOG_LEVEL", "log.level"),
+    ("AKOSHA_LOG_FORMAT", "log.format"),
+];
+
+const ENV_PREFIX: &str = "AKOSHA_AGGREGATOR__";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mode: Option<String>,
+    data_dir: Option<String>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    quic: RawQuic,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    wal: RawWal,
+    #[serde(default)]
+    hot: RawHot,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<String>,
+    server_cert: Option<String>,
+    server_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuic {
+    listen: Option<String>,
+    credit_window: Option<u32>,
+    max_sessions: Option<usize>,
+    max_batch_bytes: Option<String>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    heartbeat_interval: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWal {
+    dir: Option<String>,
+    segment_bytes: Option<String>,
+    group_commit_window: Option<String>,
+    queue_depth: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHot {
+    memory_limit: Option<String>,
+    threads: Option<usize>,
+}
+
+/// Deployment mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One machine, no external services.
+    Lite,
+    /// A shared server.
+    Standard,
+    /// A production deployment.
+    Production,
+}
+
+/// Validated aggregator configuration.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Deployment mode.
+    pub mode: Mode,
+    /// Root of the aggregator's data.
+    pub data_dir: PathBuf,
+    /// `tracing` filter.
+    pub log_level: String,
+    /// JSON logs.
+    pub log_json: bool,
+    /// Site CA certificate (trusted for agent certificates).
+    pub ca_cert: PathBuf,
+    /// Server certificate.
+    pub server_cert: PathBuf,
+    /// Server private key.
+    pub server_key: PathBuf,
+    /// QUIC receiver.
+    pub quic: QuicConfig,
+    /// HTTP API listen address.
+    pub http_listen: SocketAddr,
+    /// Write-ahead log.
+    pub wal: WalConfig,
+    /// DuckDB memory limit of the hot tier, e.g. `2GB`.
+    pub hot_memory_limit: String,
+    /// DuckDB threads of the hot tier.
+    pub hot_threads: usize,
+}
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// Batches an agent may have in flight.
+    pub credit_window: u32,
+    /// Concurrent agent sessions; more are told to back off.
+    pub max_sessions: usize,
+    /// Largest uncompressed batch accepted.
+    pub max_batch_bytes: u32,
+    /// Time for an agent to complete TLS and send its Hello.
+    pub handshake_timeout: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Heartbeat interval announced to agents.
+    pub heartbeat_interval: Duration,
+    /// How long shutdown waits for in-flight batches.
+    pub drain_timeout: Duration,
+}
+
+impl AggregatorConfig {
+    /// Reads and validates the configuration file with the process environment; `None` uses defaults only.
+    pub fn load(path: Option<&Path>) -> Result<AggregatorConfig, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::invalid("(file)", format!("cannot read {}: {e}", path.display())))?,
+            None => String::new(),
+        };
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::parse(&text, |name| std::env::var(name).ok(), &env)
+    }
+
+    /// Parses and validates configuration text with an explicit environment.
+    pub fn parse(
+        text: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+        env: &[(String, String)],
+    ) -> Result<AggregatorConfig, ConfigError> {
+        let home = lookup("HOME");
+        let raw: RawConfig =
+            parse_config(text, lookup, env, EnvOverrides { prefix: ENV_PREFIX, aliases: ENV_ALIASES })?;
+        validate(raw, home.as_deref())
+    }
+}
+
+fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, ConfigError> {
+    let mode = match raw.mode.as_deref().unwrap_or("lite") {
+        "lite" => Mode::Lite,
+        "standard" => Mode::Standard,
+        "production" => Mode::Production,
+        other => {
+            return Err(ConfigError::invalid("mode", format!("`{other}` is not one of lite, standard, production")));
+        }
+    };
+    let (default_dir, default_host, default_format) = match mode {
+        Mode::Lite => ("~/.akosha/dev", "127.0.0.1", "text"),
+        Mode::Standard => ("~/.akosha/data", "0.0.0.0", "text"),
+        Mode::Production => ("/data/akosha", "0.0.0.0", "json"),
+    };
+    let path = |s: &str| PathBuf::from(expand_home(s, home));
+    let data_dir = path(raw.data_dir.as_deref().unwrap_or(default_dir));
+    let under = |opt: Option<&String>, rel: &str| opt.map_or_else(|| data_dir.join(rel), |s| path(s));
+    let size = |key: &str, v: Option<&String>, default: &str| {
+        parse_byte_size(v.map_or(default, String::as_str)).map_err(|e| ConfigError::invalid(key, e.to_string()))
+    };
+    let duration = |key: &str, v: Option<&String>, default: &str| {
+        parse_duration(v.map_or(default, String::as_str)).map_err(|e| ConfigError::invalid(key, e.to_string()))
+    };
+    let addr = |key: &str, v: Option<&String>, port: u16| -> Result<SocketAddr, ConfigError> {
+        let text = v.cloned().unwrap_or_else(|| format!("{default_host}:{port}"));
+        text.parse().map_err(|_| ConfigError::invalid(key, format!("`{text}` is not an address like 127.0.0.1:{port}")))
+    };
+
+    let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
+    tracing_subscriber::EnvFilter::try_new(&log_level)
+        .map_err(|e| ConfigError::invalid("log.level", format!("`{log_level}` is not a log filter: {e}")))?;
+    let log_json = match raw.log.format.as_deref().unwrap_or(default_format) {
+        "text" => false,
+        "json" => true,
+        other => return Err(ConfigError::invalid("log.format", format!("`{other}` is not one of text, json"))),
+    };
+
+    let q = &raw.quic;
+    let credit_window = q.credit_window.unwrap_or(16);
+    if !(1..=1024).contains(&credit_window) {
+        return Err(ConfigError::invalid("quic.credit_window", "must be between 1 and 1024"));
+    }
+    let max_sessions = q.max_sessions.unwrap_or(20_000);
+    if max_sessions == 0 {
+        return Err(ConfigError::invalid("quic.max_sessions", "must be at least 1"));
+    }
+    let max_batch_bytes = size("quic.max_batch_bytes", q.max_batch_bytes.as_ref(), "8MiB")?;
+    if !(64 * 1024..=akosha_protocol::MAX_BATCH_UNCOMPRESSED_LEN as u64).contains(&max_batch_bytes) {
+        return Err(ConfigError::invalid("quic.max_batch_bytes", "must be between 64KiB and 64MiB"));
+    }
+    let quic = QuicConfig {
+        listen: addr("quic.listen", q.listen.as_ref(), 8684)?,
+        credit_window,
+        max_sessions,
+        max_batch_bytes: max_batch_bytes as u32,
+        handshake_timeout: duration("quic.handshake_timeout", q.handshake_timeout.as_ref(), "10s")?,
+        idle_timeout: duration("quic.idle_timeout", q.idle_timeout.as_ref(), "30s")?,
+        heartbeat_interval: duration("quic.heartbeat_interval", q.heartbeat_interval.as_ref(), "5s")?,
+        drain_timeout: duration("quic.drain_timeout", q.drain_timeout.as_ref(), "10s")?,
+    };
+    if quic.heartbeat_interval >= quic.idle_timeout {
+        return Err(ConfigError::invalid("quic.heartbeat_interval", "must be shorter than quic.idle_timeout"));
+    }
+
+    let w = &raw.wal;
+    let segment_bytes = size("wal.segment_bytes", w.segment_bytes.as_ref(), "64MiB")?;
+    if !(1 << 20..=1 << 32).contains(&segment_bytes) {
+        return Err(ConfigError::invalid("wal.segment_bytes", "must be between 1MiB and 4GiB"));
+    }
+    let group_commit_window = duration("wal.group_commit_window", w.group_commit_window.as_ref(), "0ms")?;
+    if group_commit_window > Duration::from_millis(100) {
+        return Err(ConfigError::invalid("wal.group_commit_window", "must be at most 100ms (it delays every ack)"));
+    }
+    let wal = WalConfig {
+        dir: under(w.dir.as_ref(), "wal"),
+        segment_bytes,
+        group_commit_window,
+        queue_depth: w.queue_depth.unwrap_or(256).clamp(1, 65_536),
+    };
+
+    let hot_memory_limit = raw.hot.memory_limit.clone().unwrap_or_else(|| "2GB".into());
+    parse_byte_size(&hot_memory_limit).map_err(|e| ConfigError::invalid("hot.memory_limit", e.to_string()))?;
+    let hot_threads = raw.hot.threads.unwrap_or(2);
+    if !(1..=256).contains(&hot_threads) {
+        return Err(ConfigError::invalid("hot.threads", "must be between 1 and 256"));
+    }
+
+    Ok(AggregatorConfig {
+        mode,
+        ca_cert: under(raw.tls.ca_cert.as_ref(), "certs/ca.pem"),
+        server_cert: under(raw.tls.server_cert.as_ref(), "certs/server.pem"),
+        server_key: under(raw.tls.server_key.as_ref(), "certs/server.key"),
+        http_listen: addr("http.listen", raw.http.listen.as_ref(), 8683)?,
+        quic,
+        wal,
+        hot_memory_limit,
+        hot_threads,
+        log_level,
+        log_json,
+        data_dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<AggregatorConfig, ConfigError> {
+        let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let e2 = env.clone();
+        AggregatorConfig::parse(text, move |n| e2.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()), &env)
+    }
+
+    #[test]
+    fn lite_defaults_need_nothing() {
+        let c = parse("", &[("HOME", "/home/u")]).unwrap();
+        assert_eq!(c.mode, Mode::Lite);
+        assert_eq!(c.data_dir, PathBuf::from("/home/u/.akosha/dev"));
+        assert_eq!(c.wal.dir, PathBuf::from("/home/u/.akosha/dev/wal"));
+        assert_eq!(c.quic.listen, "127.0.0.1:8684".parse().unwrap());
+        assert_eq!(c.http_listen, "127.0.0.1:8683".parse().unwrap());
+    }
+
+    #[test]
+    fn production_mode_and_environment() {
+        let c = parse(
+            "mode: production",
+            &[("AKOSHA_WAL_DIR", "/fast/wal"), ("AKOSHA_AGGREGATOR__QUIC__CREDIT_WINDOW", "32")],
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/data/akosha"));
+        assert!(c.log_json);
+        assert_eq!(c.wal.dir, PathBuf::from("/fast/wal"));
+        assert_eq!(c.quic.credit_window, 32);
+        let c = parse("mode: lite", &[("AKOSHA_MODE", "standard")]).unwrap();
+        assert_eq!(c.mode, Mode::Standard);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("mode: huge", "mode"),
+            ("quic: {credit_window: 0}", "quic.credit_window"),
+            ("quic: {listen: nowhere}", "quic.listen"),
+            ("wal: {segment_bytes: 10}", "wal.segment_bytes"),
+            ("wal: {sync: maybe}", "wal.sync"),
+            ("colour: red", "colour"),
+        ] {
+            let err = parse(text, &[]).unwrap_err().to_string();
+            assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");
+        }
+    }
+}

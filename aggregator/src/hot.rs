@@ -1,0 +1,397 @@
+//! Hot tier: an in-memory DuckDB database with one table per record kind.
+//!
+//! The hot tier is a replica of the write-ahead log (rebuilt from it at start), so it needs no durability of its
+//! own. One writer thread applies durable batches in arrival order; queries use their own connection, which
+//! DuckDB's MVCC keeps consistent while the writer works.
+//!
+//! Upserts follow the data model: the key is `(system_id, kind, id)` (the kind is the table), re-delivery of the
+//! same record changes nothing, and of two versions the one with the later `ts` wins (on a tie, the later
+//! arrival). A batch goes through a staging table filled with DuckDB's Arrow appender, then two set-based
+//! statements replace superseded rows and insert the winners, in one transaction.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use akosha_protocol::{EMBEDDING_DIM, Record, RecordKind};
+use arrow::array::{
+    ArrayRef, FixedSizeListArray, Float32Array, Float64Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
+};
+use arrow::buffer::NullBuffer;
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use duckdb::Connection;
+use tracing::error;
+
+use crate::wal::DurableBatch;
+
+/// Hot tier failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HotError {
+    /// DuckDB refused a statement.
+    #[error("hot tier (DuckDB): {0}")]
+    Db(#[from] duckdb::Error),
+    /// Building the Arrow batch failed.
+    #[error("hot tier (Arrow): {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// Columns shared by every kind's table, in staging order.
+const COLUMNS: &[(&str, &str)] = &[
+    ("system_id", "VARCHAR NOT NULL"),
+    ("id", "VARCHAR NOT NULL"),
+    ("ts", "TIMESTAMP NOT NULL"),
+    ("project", "VARCHAR"),
+    ("namespace", "VARCHAR"),
+    ("category", "VARCHAR"),
+    ("text", "VARCHAR"),
+    ("name", "VARCHAR"),
+    ("embedding", "FLOAT[384]"),
+    ("tags", "VARCHAR[]"),
+    ("metadata", "VARCHAR"),
+    ("importance", "DOUBLE"),
+    ("residency", "VARCHAR"),
+    ("from_id", "VARCHAR"),
+    ("to_id", "VARCHAR"),
+    ("relation_type", "VARCHAR"),
+    ("weight", "DOUBLE"),
+    ("value", "DOUBLE"),
+];
+
+/// The hot tier.
+pub struct HotTier {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    inserted: AtomicU64,
+    batches: AtomicU64,
+    failed_batches: AtomicU64,
+    pending: AtomicU64,
+}
+
+/// Rows per system and kind.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KindCount {
+    /// System id.
+    pub system_id: String,
+    /// Record kind.
+    pub kind: &'static str,
+    /// Rows.
+    pub records: u64,
+}
+
+impl HotTier {
+    /// Creates the in-memory database and its tables.
+    pub fn open(memory_limit: &str, threads: usize) -> Result<HotTier, HotError> {
+        let config = duckdb::Config::default().max_memory(memory_limit)?.threads(threads.max(1) as i64)?;
+        let writer = Connection::open_in_memory_with_flags(config)?;
+        let mut ddl = String::new();
+        let columns: Vec<String> = COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect();
+        for kind in RecordKind::ALL {
+            let table = kind.as_str();
+            ddl.push_str(&format!("CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL);\n", columns.join(", ")));
+            let staging: Vec<String> =
+                COLUMNS.iter().map(|(name, ty)| format!("{name} {}", ty.replace(" NOT NULL", ""))).collect();
+            ddl.push_str(&format!("CREATE TEMP TABLE staging_{table} ({}, seq BIGINT);\n", staging.join(", ")));
+        }
+        writer.execute_batch(&ddl)?;
+        let reader = writer.try_clone()?;
+        Ok(HotTier {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            inserted: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+        })
+    }
+
+    /// Upserts records (any mix of kinds) in one transaction per kind.
+    pub fn insert(&self, records: &[Record]) -> Result<(), HotError> {
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        for kind in RecordKind::ALL {
+            let of_kind: Vec<&Record> = records.iter().filter(|r| r.kind == kind).collect();
+            if of_kind.is_empty() {
+                continue;
+            }
+            let batch = to_arrow(&of_kind)?;
+            let table = kind.as_str();
+            conn.execute_batch("BEGIN TRANSACTION")?;
+            let result = (|| -> Result<(), HotError> {
+                {
+                    let mut appender = conn.appender(&format!("staging_{table}"))?;
+                    appender.append_record_batch(batch)?;
+                    appender.flush()?;
+                }
+                conn.execute_batch(&merge_sql(table))?;
+                Ok(())
+            })();
+            match result {
+                Ok(()) => conn.execute_batch("COMMIT")?,
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    let _ = conn.execute_batch(&format!("DELETE FROM staging_{table}"));
+                    return Err(e);
+                }
+            }
+        }
+        self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies durable batches until the channel closes. Batches that queued up meanwhile are merged into one
+    /// insert, so the tier keeps up with bursts by doing fewer, larger transactions.
+    pub fn spawn_writer(self: &Arc<Self>, rx: std::sync::mpsc::Receiver<DurableBatch>) -> std::io::Result<()> {
+        let hot = self.clone();
+        std::thread::Builder::new().name("hot-writer".into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut records = first;
+                while records.len() < 50_000 {
+                    match rx.try_recv() {
+                        Ok(more) => records.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                let n = records.len() as u64;
+                if let Err(e) = hot.insert(&records) {
+                    hot.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    error!(message = "Hot tier insert failed; the records stay in the write-ahead log and return on restart.", error = %e, records = n);
+                }
+                hot.pending.fetch_sub(n.min(hot.pending.load(Ordering::Relaxed)), Ordering::Relaxed);
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Counts records handed to the writer and not yet applied (for metrics and readiness).
+    pub fn note_pending(&self, records: u64) {
+        self.pending.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// Records waiting to be applied.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Records applied since start.
+    pub fn inserted(&self) -> u64 {
+        self.inserted.load(Ordering::Relaxed)
+    }
+
+    /// Batches that failed to apply.
+    pub fn failed_batches(&self) -> u64 {
+        self.failed_batches.load(Ordering::Relaxed)
+    }
+
+    /// One record as JSON, or `None`.
+    pub fn get(&self, system_id: &str, kind: RecordKind, id: &str) -> Result<Option<serde_json::Value>, HotError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let sql = format!(
+            "SELECT system_id, id, epoch_us(ts), project, namespace, category, text, name, embedding, tags, metadata, \
+             importance, residency, from_id, to_id, relation_type, weight, value, epoch_us(ingested_at) \
+             FROM {} WHERE system_id = ? AND id = ?",
+            kind.as_str()
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(duckdb::params![system_id, id])?;
+        let Some(row) = rows.next()? else { return Ok(None) };
+        let text = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
+            Ok(row.get::<_, Option<String>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::String))
+        };
+        let float = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
+            Ok(row.get::<_, Option<f64>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::from))
+        };
+        let embedding = match row.get::<_, duckdb::types::Value>(8)? {
+            duckdb::types::Value::Array(values) | duckdb::types::Value::List(values) => serde_json::Value::Array(
+                values
+                    .into_iter()
+                    .map(|v| match v {
+                        duckdb::types::Value::Float(f) => serde_json::Value::from(f),
+                        _ => serde_json::Value::Null,
+                    })
+                    .collect(),
+            ),
+            _ => serde_json::Value::Null,
+        };
+        let tags = match row.get::<_, duckdb::types::Value>(9)? {
+            duckdb::types::Value::List(values) => values
+                .into_iter()
+                .filter_map(|v| match v {
+                    duckdb::types::Value::Text(s) => Some(serde_json::Value::String(s)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let metadata = row
+            .get::<_, Option<String>>(10)?
+            .and_then(|m| serde_json::from_str(&m).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let mut out = serde_json::json!({
+            "system_id": text(0)?,
+            "id": text(1)?,
+            "kind": kind.as_str(),
+            "ts": row.get::<_, i64>(2)?,
+            "project": text(3)?,
+            "namespace": text(4)?,
+            "category": text(5)?,
+            "text": text(6)?,
+            "name": text(7)?,
+            "embedding": embedding,
+            "tags": tags,
+            "metadata": metadata,
+            "importance": float(11)?,
+            "residency": text(12)?,
+            "from": text(13)?,
+            "to": text(14)?,
+            "relation_type": text(15)?,
+            "weight": float(16)?,
+            "value": float(17)?,
+            "ingested_at": row.get::<_, i64>(18)?,
+            "tier": "hot",
+        });
+        if let Some(map) = out.as_object_mut() {
+            map.retain(|_, v| !v.is_null());
+        }
+        Ok(Some(out))
+    }
+
+    /// Rows per system and kind.
+    pub fn counts(&self) -> Result<Vec<KindCount>, HotError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for kind in RecordKind::ALL {
+            let sql =
+                format!("SELECT system_id, count(*) FROM {} GROUP BY system_id ORDER BY system_id", kind.as_str());
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (system_id, records) = row?;
+                out.push(KindCount { system_id, kind: kind.as_str(), records: records as u64 });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn merge_sql(table: &str) -> String {
+    let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    let list = columns.join(", ");
+    let s_list = columns.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "DELETE FROM {table} t USING staging_{table} s \
+           WHERE t.system_id = s.system_id AND t.id = s.id AND s.ts >= t.ts;\n\
+         INSERT INTO {table} ({list}, ingested_at) \
+           SELECT {s_list}, now()::TIMESTAMP FROM ( \
+             SELECT * FROM staging_{table} \
+             QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC, seq DESC) = 1) s \
+           WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.system_id = s.system_id AND t.id = s.id);\n\
+         DELETE FROM staging_{table};"
+    )
+}
+
+fn to_arrow(records: &[&Record]) -> Result<RecordBatch, HotError> {
+    let strings = |f: &dyn Fn(&Record) -> Option<&str>| -> ArrayRef {
+        Arc::new(records.iter().map(|r| f(r)).collect::<StringArray>())
+    };
+    let floats = |f: &dyn Fn(&Record) -> Option<f64>| -> ArrayRef {
+        Arc::new(records.iter().map(|r| f(r)).collect::<Float64Array>())
+    };
+    let mut values = Vec::with_capacity(records.len() * EMBEDDING_DIM);
+    let mut valid = Vec::with_capacity(records.len());
+    for r in records {
+        match &r.embedding {
+            Some(e) if e.len() == EMBEDDING_DIM => {
+                values.extend_from_slice(e);
+                valid.push(true);
+            }
+            _ => {
+                values.extend(std::iter::repeat_n(0.0f32, EMBEDDING_DIM));
+                valid.push(false);
+            }
+        }
+    }
+    let item = Arc::new(Field::new("item", DataType::Float32, true));
+    let embedding = FixedSizeListArray::try_new(
+        item.clone(),
+        EMBEDDING_DIM as i32,
+        Arc::new(Float32Array::from(values)),
+        Some(NullBuffer::from(valid)),
+    )?;
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    for r in records {
+        for tag in &r.tags {
+            tags.values().append_value(tag);
+        }
+        tags.append(true);
+    }
+    let tags = tags.finish();
+    let columns: Vec<ArrayRef> = vec![
+        strings(&|r| Some(r.system_id.as_str())),
+        strings(&|r| Some(r.id.as_str())),
+        Arc::new(records.iter().map(|r| r.ts).collect::<TimestampMicrosecondArray>()),
+        strings(&|r| r.project.as_deref()),
+        strings(&|r| r.namespace.as_deref()),
+        strings(&|r| r.category.as_deref()),
+        strings(&|r| r.text.as_deref()),
+        strings(&|r| r.name.as_deref()),
+        Arc::new(embedding),
+        Arc::new(tags),
+        strings(&|r| r.metadata.as_deref()),
+        floats(&|r| r.importance),
+        strings(&|r| r.residency.map(|x| x.as_str())),
+        strings(&|r| r.from.as_deref()),
+        strings(&|r| r.to.as_deref()),
+        strings(&|r| r.relation_type.as_deref()),
+        floats(&|r| r.weight),
+        floats(&|r| r.value),
+        Arc::new((0..records.len() as i64).collect::<Int64Array>()),
+    ];
+    let schema = Schema::new(
+        columns
+            .iter()
+            .zip(COLUMNS.iter().map(|(n, _)| *n).chain(["seq"]))
+            .map(|(array, name)| Field::new(name, array.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    );
+    debug_assert_eq!(schema.fields()[2].data_type(), &DataType::Timestamp(TimeUnit::Microsecond, None));
+    Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, ts: i64, text: &str) -> Record {
+        Record {
+            system_id: "host-1".into(),
+            id: id.into(),
+            ts,
+            text: Some(text.into()),
+            embedding: Some((0..EMBEDDING_DIM).map(|i| i as f32 / 7.0).collect()),
+            tags: vec!["a".into(), "b".into()],
+            metadata: Some(r#"{"k":1}"#.into()),
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn upsert_is_idempotent_and_last_writer_by_ts_wins() {
+        let hot = HotTier::open("1GB", 1).unwrap();
+        hot.insert(&[rec("a", 10, "first"), rec("b", 10, "b")]).unwrap();
+        hot.insert(&[rec("a", 10, "first"), rec("b", 10, "b")]).unwrap();
+        hot.insert(&[rec("a", 5, "older loses")]).unwrap();
+        hot.insert(&[rec("a", 20, "newer"), rec("a", 30, "newest in same batch"), rec("a", 25, "middle")]).unwrap();
+        let counts = hot.counts().unwrap();
+        assert_eq!(counts, vec![KindCount { system_id: "host-1".into(), kind: "conversation", records: 2 }]);
+        let a = hot.get("host-1", RecordKind::Conversation, "a").unwrap().unwrap();
+        assert_eq!(a["text"], "newest in same batch");
+        assert_eq!(a["ts"], 30);
+        assert_eq!(a["tags"], serde_json::json!(["a", "b"]));
+        assert_eq!(a["metadata"]["k"], 1);
+        let e = a["embedding"].as_array().unwrap();
+        assert_eq!(e.len(), EMBEDDING_DIM);
+        assert_eq!(e[3].as_f64().unwrap() as f32, 3.0f32 / 7.0);
+        assert!(hot.get("host-1", RecordKind::Entity, "a").unwrap().is_none());
+    }
+}

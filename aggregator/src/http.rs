@@ -1,0 +1,156 @@
+//! The HTTP API: health, readiness, metrics, stats and point lookups. Every error is a JSON body with a stable
+//! `error` code.
+
+use std::sync::Arc;
+
+use akosha_protocol::RecordKind;
+use akosha_protocol::exposition::Exposition;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::Aggregator;
+
+/// The router of the query API.
+pub fn router(aggregator: Arc<Aggregator>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats))
+        .route("/v1/records/{system}/{kind}/{id}", get(get_record))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(aggregator)
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, axum::Json(json!({"error": code, "message": message}))).into_response()
+}
+
+async fn ready(State(agg): State<Arc<Aggregator>>) -> Response {
+    if agg.receiver.wal.failed() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "wal_failed",
+            "the write-ahead log refuses writes after an I/O error",
+        );
+    }
+    axum::Json(json!({"status": "ready"})).into_response()
+}
+
+async fn get_record(
+    State(agg): State<Arc<Aggregator>>,
+    Path((system, kind, id)): Path<(String, String, String)>,
+) -> Response {
+    let kind = match kind.parse::<RecordKind>() {
+        Ok(kind) => kind,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_kind", &e.to_string()),
+    };
+    let hot = agg.receiver.hot.clone();
+    match tokio::task::spawn_blocking(move || hot.get(&system, kind, &id)).await {
+        Ok(Ok(Some(record))) => axum::Json(record).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no record with that system, kind and id"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
+async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
+    let hot = agg.receiver.hot.clone();
+    let counts = match tokio::task::spawn_blocking(move || hot.counts()).await {
+        Ok(Ok(counts)) => counts,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    };
+    let mut systems = serde_json::Map::new();
+    let mut total = 0;
+    for c in &counts {
+        total += c.records;
+        let entry = systems.entry(c.system_id.clone()).or_insert_with(|| json!({}));
+        entry[c.kind] = json!(c.records);
+    }
+    let r = &agg.receiver;
+    axum::Json(json!({
+        "total_records": total,
+        "systems": systems,
+        "hot": {"records": total, "pending": r.hot.pending(), "failed_batches": r.hot.failed_batches()},
+        "wal": {"bytes": r.wal.size_bytes(), "segments": r.wal.segments(), "queued": r.wal.queued(), "failed": r.wal.failed()},
+        "sessions": r.metrics.active(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
+    let r = &agg.receiver;
+    let m = &r.metrics;
+    let mut e = Exposition::new();
+    let none: &[(&str, &str)] = &[];
+    let counter =
+        |e: &mut Exposition, name: &str, help: &str, v: u64| e.metric(name, "counter", help, [(none, v as f64)]);
+    let gauge = |e: &mut Exposition, name: &str, help: &str, v: u64| e.metric(name, "gauge", help, [(none, v as f64)]);
+    counter(
+        &mut e,
+        "akosha_ingest_records_total",
+        "Records acknowledged as durable (rate() of this is the ingest rate).",
+        m.records_acked.get(),
+    );
+    counter(&mut e, "akosha_ingest_batches_total", "Batches acknowledged as durable.", m.batches_acked.get());
+    counter(&mut e, "akosha_ingest_bytes_total", "Batch payload bytes received.", m.bytes_received.get());
+    e.metric(
+        "akosha_ingest_rejected_batches_total",
+        "counter",
+        "Batches rejected, by reason.",
+        [
+            (&[("reason", "system_mismatch")][..], m.rejected_system_mismatch.get() as f64),
+            (&[("reason", "invalid_batch")][..], m.rejected_invalid.get() as f64),
+            (&[("reason", "storage_failure")][..], m.storage_failures.get() as f64),
+        ],
+    );
+    counter(
+        &mut e,
+        "akosha_receiver_tls_failures_total",
+        "Connections refused during the TLS handshake.",
+        m.tls_failures.get(),
+    );
+    counter(
+        &mut e,
+        "akosha_receiver_malformed_frames_total",
+        "Sessions closed after a bad frame.",
+        m.malformed_frames.get(),
+    );
+    counter(
+        &mut e,
+        "akosha_receiver_protocol_violations_total",
+        "Sessions closed for breaking the protocol.",
+        m.protocol_violations.get(),
+    );
+    counter(
+        &mut e,
+        "akosha_receiver_sessions_refused_total",
+        "Sessions refused by admission control.",
+        m.sessions_refused.get(),
+    );
+    gauge(&mut e, "akosha_receiver_sessions", "Open agent sessions.", m.active());
+    gauge(&mut e, "akosha_wal_bytes", "Size of the write-ahead log.", r.wal.size_bytes());
+    gauge(&mut e, "akosha_wal_segments", "Segments of the write-ahead log.", r.wal.segments());
+    gauge(&mut e, "akosha_wal_queued_batches", "Batches waiting for the log writer.", r.wal.queued() as u64);
+    counter(&mut e, "akosha_wal_group_commits_total", "fsyncs of the write-ahead log.", r.wal.group_commits());
+    gauge(&mut e, "akosha_hot_pending_records", "Durable records not yet queryable.", r.hot.pending());
+    counter(&mut e, "akosha_hot_inserted_records_total", "Records applied to the hot tier.", r.hot.inserted());
+    counter(&mut e, "akosha_hot_failed_batches_total", "Batches the hot tier failed to apply.", r.hot.failed_batches());
+    let seen: Vec<(String, i64)> = {
+        let map = m.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    };
+    let labels: Vec<[(&str, &str); 1]> = seen.iter().map(|(s, _)| [("system_id", s.as_str())]).collect();
+    e.metric(
+        "akosha_agent_last_seen_seconds",
+        "gauge",
+        "Unix time an agent was last heard from.",
+        seen.iter().zip(&labels).map(|((_, t), l)| (&l[..], *t as f64 / 1e6)),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], e.finish()).into_response()
+}

@@ -1,0 +1,495 @@
+//! # Aggregator write-ahead log
+//!
+//! Every accepted batch is appended here and fsynced **before** the agent gets its ack; the hot tier is a
+//! replica of the log that is rebuilt from it on restart. One writer thread owns the active segment and commits
+//! in groups: it takes every request queued while the previous fsync ran (optionally waiting a short window for
+//! more), writes them with one `write`, makes them durable with one `fdatasync`, and only then answers each
+//! request and hands its records to the hot tier.
+//!
+//! ```text
+//!  <dir>/00000000000000000001.wal, 00000000000000000002.wal, …   (rolled at `segment_bytes`)
+//!
+//!  segment := "AKWAL001" entry*
+//!  entry   := u32 body_len │ u32 crc32c(body) │ body
+//!  body    := u8 kind=1 │ str system_id │ u64 buffer_epoch │ u64 first_record │ u64 last_record
+//!             │ u32 record_count │ u8 codec │ i8 level │ u32 uncompressed_len │ payload (as received)
+//! ```
+//!
+//! The payload is stored exactly as the agent compressed it: the log never re-encodes records.
+//!
+//! ## Recovery
+//! Segments are read in order. A torn tail (a crash in the middle of a group write) ends the last segment: it is
+//! truncated back to the last complete entry; nothing in it was acknowledged, because acks follow the fsync. An
+//! entry whose checksum fails in the middle of the log is skipped, counted and logged; a length that cannot be
+//! right ends that segment, and the remainder is counted as lost. Start-up never fails because of a bad entry.
+//!
+//! ## Retention
+//! While the hot tier lives only in memory the log is its only durable copy, so segments are kept. Moving data
+//! to the warm tier will checkpoint it and allow [`Wal`] to drop the segments the checkpoint covers.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use akosha_protocol::{Codec, MAX_BATCH_UNCOMPRESSED_LEN, Record, decode_records};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+const SEGMENT_MAGIC: &[u8; 8] = b"AKWAL001";
+const ENTRY_HEADER_LEN: usize = 8;
+const ENTRY_KIND_BATCH: u8 = 1;
+/// No single entry can be larger than a frame; anything bigger is a corrupt length.
+const MAX_ENTRY_LEN: usize = akosha_protocol::DEFAULT_MAX_FRAME_LEN + 4096;
+
+/// WAL settings.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// Directory of the segments.
+    pub dir: PathBuf,
+    /// Roll to a new segment past this size.
+    pub segment_bytes: u64,
+    /// Extra wait for more requests before each group commit (0 = commit as soon as the previous one is done).
+    pub group_commit_window: Duration,
+    /// Requests that may queue for the writer (backpressure on the receivers beyond that).
+    pub queue_depth: usize,
+}
+
+/// One batch as logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalEntry {
+    /// The agent's authenticated identity.
+    pub system_id: String,
+    /// The agent's buffer identity.
+    pub buffer_epoch: u64,
+    /// First buffer sequence number in the batch.
+    pub first_record: u64,
+    /// Last buffer sequence number in the batch.
+    pub last_record: u64,
+    /// Records in the payload.
+    pub record_count: u32,
+    /// Payload compression.
+    pub codec: Codec,
+    /// Payload size once decompressed.
+    pub uncompressed_len: u32,
+    /// Payload as received.
+    pub payload: Vec<u8>,
+}
+
+impl WalEntry {
+    /// Decompresses and decodes the records.
+    pub fn records(&self) -> Result<Vec<Record>, String> {
+        let raw = self
+            .codec
+            .decompress(&self.payload, self.uncompressed_len as usize, MAX_BATCH_UNCOMPRESSED_LEN)
+            .map_err(|e| e.to_string())?;
+        decode_records(&raw, self.record_count as usize).map_err(|e| e.to_string())
+    }
+}
+
+/// WAL failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    /// Disk I/O failed; the batch is not durable. Retryable after the operator fixes the disk; the log stops
+    /// accepting writes so that nothing is acknowledged out of order.
+    #[error("write-ahead log I/O failed at {path}: {message}")]
+    Io {
+        /// File involved.
+        path: PathBuf,
+        /// OS error.
+        message: String,
+    },
+    /// The writer has stopped (shutdown or an earlier I/O failure).
+    #[error("write-ahead log is closed")]
+    Closed,
+}
+
+impl WalError {
+    fn io(path: &Path, e: std::io::Error) -> Self {
+        WalError::Io { path: path.to_owned(), message: e.to_string() }
+    }
+}
+
+/// What recovery found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Entries replayed.
+    pub entries: u64,
+    /// Entries skipped because their checksum failed.
+    pub corrupt_entries: u64,
+    /// Bytes cut from the end of the last segment (torn tail) or lost after an impossible length.
+    pub truncated_bytes: u64,
+    /// Segments read.
+    pub segments: u64,
+}
+
+/// Durable, ordered storage of batches. Cheap to clone.
+#[derive(Clone)]
+pub struct Wal {
+    requests: mpsc::Sender<WalRequest>,
+    shared: Arc<WalShared>,
+}
+
+struct WalShared {
+    high_water: Mutex<HashMap<(String, u64), u64>>,
+    bytes: AtomicU64,
+    segments: AtomicU64,
+    group_commits: AtomicU64,
+    failed: AtomicBool,
+}
+
+struct WalRequest {
+    entry: WalEntry,
+    records: Vec<Record>,
+    done: oneshot::Sender<Result<(), WalError>>,
+}
+
+/// Records that became durable, for the hot tier.
+pub type DurableBatch = Vec<Record>;
+
+/// Resolves when a submitted batch is durable (or failed).
+pub type Durability = oneshot::Receiver<Result<(), WalError>>;
+
+impl Wal {
+    /// Opens the log, replays every entry through `replay` (in log order), then starts the writer, which sends
+    /// the records of each durable batch to `durable`.
+    pub fn open(
+        config: WalConfig,
+        mut replay: impl FnMut(&WalEntry),
+        durable: std::sync::mpsc::SyncSender<DurableBatch>,
+    ) -> Result<(Wal, RecoveryReport), WalError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| WalError::io(&config.dir, e))?;
+        let mut segments = list_segments(&config.dir)?;
+        let mut report = RecoveryReport::default();
+        let mut high_water = HashMap::new();
+        let mut total_bytes = 0;
+        let last_index = segments.len().saturating_sub(1);
+        for (i, (_, path)) in segments.iter().enumerate() {
+            let len = replay_segment(path, i == last_index, &mut report, &mut |entry| {
+                let key = (entry.system_id.clone(), entry.buffer_epoch);
+                let hw = high_water.entry(key).or_insert(0);
+                *hw = (*hw).max(entry.last_record);
+                replay(entry);
+            })?;
+            total_bytes += len;
+        }
+        report.segments = segments.len() as u64;
+        if report.corrupt_entries > 0 || report.truncated_bytes > 0 {
+            warn!(message = "Write-ahead log recovered with losses.", corrupt_entries = report.corrupt_entries, truncated_bytes = report.truncated_bytes, dir = %config.dir.display());
+        }
+        info!(
+            message = "Write-ahead log replayed.",
+            entries = report.entries,
+            segments = report.segments,
+            bytes = total_bytes
+        );
+
+        let (id, path) = match segments.pop() {
+            Some((id, path)) => (id, path),
+            None => (1, segment_path(&config.dir, 1)),
+        };
+        let file = open_segment(&path)?;
+        let shared = Arc::new(WalShared {
+            high_water: Mutex::new(high_water),
+            bytes: AtomicU64::new(total_bytes),
+            segments: AtomicU64::new(report.segments.max(1)),
+            group_commits: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        let writer = Writer { config: config.clone(), segment_id: id, path, file, shared: shared.clone(), durable };
+        std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| WalError::io(&config.dir, e))?;
+        Ok((Wal { requests: tx, shared }, report))
+    }
+
+    /// Appends a batch; resolves once it is durable. `records` are the decoded records, handed to the hot tier
+    /// after the fsync.
+    pub async fn append(&self, entry: WalEntry, records: Vec<Record>) -> Result<(), WalError> {
+        self.submit(entry, records).await?.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Queues a batch (waiting only for queue space) and returns a receiver that resolves once it is durable, so
+    /// that one session can pipeline several batches into the same group commit.
+    pub async fn submit(&self, entry: WalEntry, records: Vec<Record>) -> Result<Durability, WalError> {
+        let (done, result) = oneshot::channel();
+        self.requests.send(WalRequest { entry, records, done }).await.map_err(|_| WalError::Closed)?;
+        Ok(result)
+    }
+
+    /// Highest durable record sequence number for an agent buffer.
+    pub fn high_water(&self, system_id: &str, buffer_epoch: u64) -> Option<u64> {
+        let map = self.shared.high_water.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(system_id.to_owned(), buffer_epoch)).copied()
+    }
+
+    /// Bytes in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Number of segments.
+    pub fn segments(&self) -> u64 {
+        self.shared.segments.load(Ordering::Relaxed)
+    }
+
+    /// Group commits (fsyncs) since start.
+    pub fn group_commits(&self) -> u64 {
+        self.shared.group_commits.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.requests.max_capacity() - self.requests.capacity()
+    }
+
+    /// Most requests that can wait for the writer.
+    pub fn capacity(&self) -> usize {
+        self.requests.max_capacity()
+    }
+
+    /// Whether the log refuses writes after an I/O failure.
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+}
+
+struct Writer {
+    config: WalConfig,
+    segment_id: u64,
+    path: PathBuf,
+    file: File,
+    shared: Arc<WalShared>,
+    durable: std::sync::mpsc::SyncSender<DurableBatch>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<WalRequest>) {
+        let mut buf = Vec::with_capacity(1 << 20);
+        while let Some(first) = rx.blocking_recv() {
+            if !self.config.group_commit_window.is_zero() {
+                std::thread::sleep(self.config.group_commit_window);
+            }
+            let mut group = vec![first];
+            let mut group_bytes = group[0].entry.payload.len();
+            while group_bytes < 32 << 20 {
+                match rx.try_recv() {
+                    Ok(request) => {
+                        group_bytes += request.entry.payload.len();
+                        group.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.shared.failed.load(Ordering::Relaxed) {
+                for request in group {
+                    let _ = request.done.send(Err(WalError::Closed));
+                }
+                continue;
+            }
+            buf.clear();
+            for request in &group {
+                encode_entry(&request.entry, &mut buf);
+            }
+            match self.commit(&buf) {
+                Ok(()) => {
+                    self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+                    {
+                        let mut hw = self.shared.high_water.lock().unwrap_or_else(|p| p.into_inner());
+                        for request in &group {
+                            let e = &request.entry;
+                            let slot = hw.entry((e.system_id.clone(), e.buffer_epoch)).or_insert(0);
+                            *slot = (*slot).max(e.last_record);
+                        }
+                    }
+                    for request in group {
+                        let _ = request.done.send(Ok(()));
+                        // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
+                        let _ = self.durable.send(request.records);
+                    }
+                }
+                Err(e) => {
+                    error!(message = "Write-ahead log write failed; refusing further writes until restart.", error = %e, path = %self.path.display());
+                    self.shared.failed.store(true, Ordering::Relaxed);
+                    for request in group {
+                        let _ = request.done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        let _ = self.file.sync_all();
+    }
+
+    fn commit(&mut self, buf: &[u8]) -> Result<(), WalError> {
+        self.file.write_all(buf).map_err(|e| WalError::io(&self.path, e))?;
+        self.file.sync_data().map_err(|e| WalError::io(&self.path, e))?;
+        self.shared.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let len = self.file.stream_position().map_err(|e| WalError::io(&self.path, e))?;
+        if len >= self.config.segment_bytes {
+            self.segment_id += 1;
+            self.path = segment_path(&self.config.dir, self.segment_id);
+            self.file = open_segment(&self.path)?;
+            // The new segment's directory entry must be durable too, or a crash could lose the file itself.
+            File::open(&self.config.dir).and_then(|d| d.sync_all()).map_err(|e| WalError::io(&self.config.dir, e))?;
+            self.shared.segments.fetch_add(1, Ordering::Relaxed);
+            self.shared.bytes.fetch_add(SEGMENT_MAGIC.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.wal"))
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| WalError::io(dir, e))? {
+        let entry = entry.map_err(|e| WalError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".wal")).and_then(|n| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        segments.push((id, entry.path()));
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Opens a segment for appending, writing the magic if it is new.
+fn open_segment(path: &Path) -> Result<File, WalError> {
+    let mut file =
+        OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| WalError::io(path, e))?;
+    if file.metadata().map_err(|e| WalError::io(path, e))?.len() == 0 {
+        file.write_all(SEGMENT_MAGIC).map_err(|e| WalError::io(path, e))?;
+        file.sync_all().map_err(|e| WalError::io(path, e))?;
+    }
+    Ok(file)
+}
+
+/// Replays one segment; returns its length after any truncation.
+fn replay_segment(
+    path: &Path,
+    is_last: bool,
+    report: &mut RecoveryReport,
+    on_entry: &mut dyn FnMut(&WalEntry),
+) -> Result<u64, WalError> {
+    let mut data = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| WalError::io(path, e))?;
+    if data.len() < SEGMENT_MAGIC.len() || &data[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+        if is_last && data.len() < SEGMENT_MAGIC.len() {
+            // Created but the magic never reached the disk: an empty segment.
+            let file = OpenOptions::new().write(true).open(path).map_err(|e| WalError::io(path, e))?;
+            file.set_len(0).map_err(|e| WalError::io(path, e))?;
+            report.truncated_bytes += data.len() as u64;
+            return Ok(0);
+        }
+        error!(message = "Write-ahead log segment has no valid header; skipping it.", path = %path.display(), bytes = data.len());
+        report.truncated_bytes += data.len() as u64;
+        return Ok(data.len() as u64);
+    }
+    let mut pos = SEGMENT_MAGIC.len();
+    while pos < data.len() {
+        let rest = &data[pos..];
+        let Some(header) = rest.first_chunk::<ENTRY_HEADER_LEN>() else { break };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 || len > MAX_ENTRY_LEN {
+            error!(message = "Write-ahead log entry has an impossible length; the rest of the segment is lost.", path = %path.display(), offset = pos, len);
+            break;
+        }
+        let Some(body) = rest.get(ENTRY_HEADER_LEN..ENTRY_HEADER_LEN + len) else { break };
+        if crc32c::crc32c(body) != crc {
+            error!(message = "Skipping write-ahead log entry with a bad checksum.", path = %path.display(), offset = pos);
+            report.corrupt_entries += 1;
+        } else {
+            match decode_entry(body) {
+                Some(entry) => {
+                    report.entries += 1;
+                    on_entry(&entry);
+                }
+                None => {
+                    error!(message = "Skipping write-ahead log entry that does not decode.", path = %path.display(), offset = pos);
+                    report.corrupt_entries += 1;
+                }
+            }
+        }
+        pos += ENTRY_HEADER_LEN + len;
+    }
+    if pos < data.len() {
+        let lost = (data.len() - pos) as u64;
+        report.truncated_bytes += lost;
+        if is_last {
+            warn!(message = "Truncating torn tail of the write-ahead log (never acknowledged).", path = %path.display(), bytes = lost);
+            let file = OpenOptions::new().write(true).open(path).map_err(|e| WalError::io(path, e))?;
+            file.set_len(pos as u64).map_err(|e| WalError::io(path, e))?;
+            file.sync_all().map_err(|e| WalError::io(path, e))?;
+            return Ok(pos as u64);
+        }
+    }
+    Ok(data.len() as u64)
+}
+
+fn encode_entry(entry: &WalEntry, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; ENTRY_HEADER_LEN]);
+    out.push(ENTRY_KIND_BATCH);
+    out.extend_from_slice(&(entry.system_id.len() as u32).to_le_bytes());
+    out.extend_from_slice(entry.system_id.as_bytes());
+    out.extend_from_slice(&entry.buffer_epoch.to_le_bytes());
+    out.extend_from_slice(&entry.first_record.to_le_bytes());
+    out.extend_from_slice(&entry.last_record.to_le_bytes());
+    out.extend_from_slice(&entry.record_count.to_le_bytes());
+    let (tag, level) = entry.codec.to_wire();
+    out.push(tag);
+    out.push(level as u8);
+    out.extend_from_slice(&entry.uncompressed_len.to_le_bytes());
+    out.extend_from_slice(&entry.payload);
+    let body_len = (out.len() - start - ENTRY_HEADER_LEN) as u32;
+    let crc = crc32c::crc32c(&out[start + ENTRY_HEADER_LEN..]);
+    out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn decode_entry(body: &[u8]) -> Option<WalEntry> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = body.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    if take(1)?[0] != ENTRY_KIND_BATCH {
+        return None;
+    }
+    let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let id_len = u32_at(take(4)?) as usize;
+    let system_id = std::str::from_utf8(take(id_len)?).ok()?.to_owned();
+    let buffer_epoch = u64_at(take(8)?);
+    let first_record = u64_at(take(8)?);
+    let last_record = u64_at(take(8)?);
+    let record_count = u32_at(take(4)?);
+    let codec_bytes = take(2)?;
+    let codec = Codec::from_wire(codec_bytes[0], codec_bytes[1] as i8).ok()?;
+    let uncompressed_len = u32_at(take(4)?);
+    let payload = body[at..].to_vec();
+    Some(WalEntry {
+        system_id,
+        buffer_epoch,
+        first_record,
+        last_record,
+        record_count,
+        codec,
+        uncompressed_len,
+        payload,
+    })
+}
+
+#[cfg(test)]
+#[path = "wal_tests.rs"]
+mod tests;

@@ -1,0 +1,131 @@
+use super::*;
+use akosha_protocol::encode_records;
+
+fn entry(system: &str, first: u64, n: u64) -> (WalEntry, Vec<Record>) {
+    let records: Vec<Record> = (first..first + n)
+        .map(|i| Record { system_id: system.into(), id: i.to_string(), ts: i as i64, ..Record::default() })
+        .collect();
+    let raw = encode_records(&records);
+    let payload = Codec::Lz4.compress(&raw);
+    let entry = WalEntry {
+        system_id: system.into(),
+        buffer_epoch: 7,
+        first_record: first,
+        last_record: first + n - 1,
+        record_count: n as u32,
+        codec: Codec::Lz4,
+        uncompressed_len: raw.len() as u32,
+        payload,
+    };
+    (entry, records)
+}
+
+fn config(dir: &Path, segment_bytes: u64) -> WalConfig {
+    WalConfig { dir: dir.to_owned(), segment_bytes, group_commit_window: Duration::ZERO, queue_depth: 16 }
+}
+
+fn open(
+    dir: &Path,
+    segment_bytes: u64,
+) -> (Wal, RecoveryReport, Vec<WalEntry>, std::sync::mpsc::Receiver<DurableBatch>) {
+    let mut replayed = Vec::new();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+    let (wal, report) = Wal::open(config(dir, segment_bytes), |e| replayed.push(e.clone()), tx).unwrap();
+    (wal, report, replayed, rx)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn appended_entries_replay_in_order_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut written = Vec::new();
+    {
+        let (wal, report, replayed, durable) = open(dir.path(), 600);
+        assert_eq!(report, RecoveryReport::default());
+        assert!(replayed.is_empty());
+        for i in 0..10 {
+            let (e, records) = entry("host-1", i * 5 + 1, 5);
+            rt.block_on(wal.append(e.clone(), records.clone())).unwrap();
+            assert_eq!(durable.recv().unwrap(), records);
+            written.push(e);
+        }
+        assert!(wal.segments() > 1, "600-byte segments roll");
+        assert_eq!(wal.high_water("host-1", 7), Some(50));
+    }
+    let (wal, report, replayed, _) = open(dir.path(), 600);
+    assert_eq!(replayed, written);
+    assert_eq!(report.entries, 10);
+    assert_eq!(wal.high_water("host-1", 7), Some(50));
+    assert_eq!(wal.high_water("host-1", 8), None);
+    assert_eq!(replayed[3].records().unwrap()[0].id, "16");
+}
+
+#[test]
+fn torn_tail_is_truncated_and_the_log_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let (wal, _, _, _durable) = open(dir.path(), 1 << 20);
+        for i in 0..3 {
+            let (e, r) = entry("h", i * 2 + 1, 2);
+            rt.block_on(wal.append(e, r)).unwrap();
+        }
+    }
+    let segment = segment_path(dir.path(), 1);
+    let full = std::fs::metadata(&segment).unwrap().len();
+    // A crash in the middle of writing a fourth entry.
+    let (partial, _) = entry("h", 7, 2);
+    let mut bytes = Vec::new();
+    encode_entry(&partial, &mut bytes);
+    let mut f = OpenOptions::new().append(true).open(&segment).unwrap();
+    f.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    drop(f);
+    let (wal, report, replayed, _durable) = open(dir.path(), 1 << 20);
+    assert_eq!(replayed.len(), 3);
+    assert_eq!(report.truncated_bytes, (bytes.len() / 2) as u64);
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), full);
+    let (e, r) = entry("h", 7, 2);
+    rt.block_on(wal.append(e, r)).unwrap();
+    drop(wal);
+    std::thread::sleep(Duration::from_millis(50));
+    let (_, _, replayed, _) = open(dir.path(), 1 << 20);
+    assert_eq!(replayed.len(), 4);
+}
+
+#[test]
+fn corrupt_entry_in_the_middle_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let (wal, _, _, _durable) = open(dir.path(), 1 << 20);
+        for i in 0..3 {
+            let (e, r) = entry("h", i * 2 + 1, 2);
+            rt.block_on(wal.append(e, r)).unwrap();
+        }
+    }
+    let segment = segment_path(dir.path(), 1);
+    let mut data = std::fs::read(&segment).unwrap();
+    // Flip a payload byte of the second entry.
+    let first_len = u32::from_le_bytes(data[8..12].try_into().unwrap()) as usize;
+    let second = 8 + ENTRY_HEADER_LEN + first_len;
+    data[second + ENTRY_HEADER_LEN + 20] ^= 0xff;
+    std::fs::write(&segment, &data).unwrap();
+    let (_, report, replayed, _) = open(dir.path(), 1 << 20);
+    assert_eq!(report.corrupt_entries, 1);
+    assert_eq!(replayed.iter().map(|e| e.first_record).collect::<Vec<_>>(), vec![1, 5]);
+}
+
+#[test]
+fn garbage_segments_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = SEGMENT_MAGIC.to_vec();
+    data.extend((0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    std::fs::write(segment_path(dir.path(), 1), &data).unwrap();
+    std::fs::write(segment_path(dir.path(), 2), b"not a wal").unwrap();
+    let (_, report, _, _) = open(dir.path(), 1 << 20);
+    assert!(report.truncated_bytes > 0);
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything akosha's build, tests and demo need on a fresh Debian machine. Idempotent: run it again
+# at any time; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
+need_root() { if [ "$(id -u)" -ne 0 ]; then echo sudo; fi; }
+SUDO=$(need_root)
+
+# System packages: a C/C++ toolchain for DuckDB's bundled sources and zstd, curl for the demo.
+APT_PACKAGES=(build-essential pkg-config curl ca-certificates python3)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing apt packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  log "apt packages present"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+else
+  log "cargo-nextest present"
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/akosha-target}"
+log "building release binaries into $CARGO_TARGET_DIR (the first build compiles DuckDB and takes long)"
+cargo build --release --workspace --bins
+log "done"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run): formatting, lints, unit, property and end-to-end tests.
+# Everything builds with the release profile so DuckDB's C++ is compiled once for binaries, tests and benches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/akosha-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+cargo fmt --all --check
+# The end-to-end tests start the real binaries from the target directory.
+cargo build --release --workspace --bins
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo nextest run --release --workspace --no-fail-fast --failure-output final
