@@ -278,13 +278,12 @@ impl Buffer {
             FsyncPolicy::Interval(every) => Some(every.as_millis().max(1) as u64),
             FsyncPolicy::Always | FsyncPolicy::Batch { .. } => None,
         };
-        let db = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(path)
             .cache_capacity(config.cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(flush_every_ms)
-            .open()
-            .map_err(storage)?;
+            .flush_every_ms(flush_every_ms);
+        let db = open_waiting_for_lock(&sled_config).map_err(storage)?;
         let chunks = db.open_tree("chunks").map_err(storage)?;
         let dead = db.open_tree("dead").map_err(storage)?;
         let meta = db.open_tree("meta").map_err(storage)?;
@@ -739,6 +738,25 @@ fn spawn_committer(db: sled::Db, window: Option<Duration>) -> std::io::Result<Co
     })?;
     Ok(Committer { waiters: Mutex::new(Some(tx)), thread: Some(thread) })
 }
+
+/// Opens the database, waiting a moment if another handle (a previous instance that is still shutting down, or
+/// sled's background threads of a just-dropped handle) holds the file lock.
+fn open_waiting_for_lock(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How long [`Buffer::open`] waits for the buffer's file lock before reporting it as held.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 fn now_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
