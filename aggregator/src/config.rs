@@ -308,6 +308,17 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/lite.yaml")).unwrap();
+        let c = parse(&text, &[("HOME", "/home/dev")]).unwrap();
+        assert_eq!(c.mode, Mode::Lite);
+        assert_eq!(c.ca_cert, PathBuf::from("/home/dev/.akosha/dev/certs/ca.pem"));
+        assert_eq!(c.wal.dir, PathBuf::from("/home/dev/.akosha/dev/wal"));
+        let c = parse(&text, &[("HOME", "/home/dev"), ("AKOSHA_DATA_DIR", "/srv/a")]).unwrap();
+        assert_eq!(c.wal.dir, PathBuf::from("/srv/a/wal"));
+    }
+
+    #[test]
     fn production_mode_and_environment() {
         let c = parse(
             "mode: production",

@@ -1,0 +1,104 @@
+//! Durable ingest throughput of the agent buffer against the raw sequential write bandwidth of the same disk.
+//!
+//! Records are ~1 KB of text plus a 384-float embedding (the Session-Buddy shape). Four concurrent sources
+//! append 100 records per call, as HTTP requests would, with the default `batch` fsync policy: every append
+//! returns only once its chunk is fsynced. The baseline is `dd … conv=fdatasync` of the same volume in the same
+//! directory, run right before.
+//!
+//! `cargo bench --profile release -p akosha-agent --bench buffer_ingest [-- <seconds>]`
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use akosha_agent::buffer::{Buffer, BufferConfig, FsyncPolicy};
+use akosha_protocol::Record;
+
+const SOURCES: usize = 4;
+const PER_APPEND: usize = 100;
+
+fn main() {
+    let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(8);
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+            .expect("temp dir");
+    let raw = dd_bandwidth(dir.path(), 1024);
+    println!("raw sequential write (dd 1 GiB, conv=fdatasync): {raw:.1} MB/s");
+    for (name, fsync) in [
+        ("batch (default, 2ms window)", FsyncPolicy::Batch { window: Duration::from_millis(2) }),
+        ("batch (0ms window)", FsyncPolicy::Batch { window: Duration::ZERO }),
+        ("always", FsyncPolicy::Always),
+    ] {
+        let (records, bytes, elapsed) = run(dir.path(), name, fsync, Duration::from_secs(seconds));
+        let mbps = bytes as f64 / elapsed.as_secs_f64() / 1e6;
+        println!(
+            "buffer fsync={name}: {:.0} records/s, {mbps:.1} MB/s durable = {:.0}% of raw",
+            records as f64 / elapsed.as_secs_f64(),
+            100.0 * mbps / raw
+        );
+    }
+}
+
+fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, u64, Duration) {
+    let path = dir.join(name.replace(' ', "_"));
+    let config = BufferConfig { max_bytes: 64 << 30, fsync, ..BufferConfig::default() };
+    let buffer = Buffer::open(&path, config).expect("open buffer");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let records = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for source in 0..SOURCES {
+            let buffer = buffer.clone();
+            let records = records.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut next = 0u64;
+                while start.elapsed() < duration {
+                    let batch: Vec<Record> = (0..PER_APPEND).map(|i| record(source, next + i as u64)).collect();
+                    next += PER_APPEND as u64;
+                    buffer.append(&batch, Duration::from_secs(10)).await.expect("append");
+                    records.fetch_add(PER_APPEND as u64, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("source task");
+        }
+    });
+    let elapsed = start.elapsed();
+    let stats = buffer.stats();
+    drop(buffer);
+    let _ = std::fs::remove_dir_all(&path);
+    (records.load(Ordering::Relaxed), stats.bytes, elapsed)
+}
+
+fn record(source: usize, i: u64) -> Record {
+    Record {
+        system_id: "bench-host".into(),
+        id: format!("{source}-{i}"),
+        ts: 1_700_000_000_000_000 + i as i64,
+        project: Some("akosha".into()),
+        text: Some(format!("{i:08} the quick brown fox jumps over the lazy dog; ").repeat(20)[..1024].to_owned()),
+        embedding: Some((0..384).map(|d| ((i as f32) * 0.37 + d as f32).sin()).collect()),
+        tags: vec!["bench".into()],
+        ..Record::default()
+    }
+}
+
+/// MB/s of `dd` writing `mib` MiB with a final fdatasync, in `dir`.
+fn dd_bandwidth(dir: &Path, mib: u64) -> f64 {
+    let target = dir.join("dd.bin");
+    let start = Instant::now();
+    let status = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", target.display()))
+        .args(["bs=1M", &format!("count={mib}"), "conv=fdatasync", "status=none"])
+        .status()
+        .expect("run dd");
+    assert!(status.success(), "dd failed");
+    let elapsed = start.elapsed();
+    let _ = std::fs::remove_file(&target);
+    (mib << 20) as f64 / elapsed.as_secs_f64() / 1e6
+}
