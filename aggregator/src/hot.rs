@@ -91,7 +91,7 @@ impl HotTier {
             ddl.push_str(&format!("CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL);\n", columns.join(", ")));
             let staging: Vec<String> =
                 COLUMNS.iter().map(|(name, ty)| format!("{name} {}", ty.replace(" NOT NULL", ""))).collect();
-            ddl.push_str(&format!("CREATE TEMP TABLE staging_{table} ({}, seq BIGINT);\n", staging.join(", ")));
+            ddl.push_str(&format!("CREATE TABLE staging_{table} ({}, seq BIGINT);\n", staging.join(", ")));
         }
         writer.execute_batch(&ddl)?;
         let reader = writer.try_clone()?;

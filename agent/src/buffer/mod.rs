@@ -259,6 +259,16 @@ struct State {
     dead_records: u64,
 }
 
+impl State {
+    /// Removes a chunk from the index and its accounting; the caller removes it from the store.
+    fn forget(&mut self, seq: u64) -> Option<ChunkMeta> {
+        let meta = self.index.remove(&seq)?;
+        self.bytes -= meta.bytes;
+        self.records -= u64::from(meta.count);
+        Some(meta)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct ChunkMeta {
     count: u32,
@@ -469,9 +479,7 @@ impl Buffer {
         {
             let mut state = self.lock();
             for seq in chunks {
-                if let Some(meta) = state.index.remove(seq) {
-                    state.bytes -= meta.bytes;
-                    state.records -= u64::from(meta.count);
+                if let Some(meta) = state.forget(*seq) {
                     removed_records += u64::from(meta.count);
                     batch.remove(&seq.to_be_bytes());
                 }
@@ -502,9 +510,7 @@ impl Buffer {
         let mut state = self.lock();
         for seq in chunks {
             let key = seq.to_be_bytes();
-            let Some(meta) = state.index.remove(seq) else { continue };
-            state.bytes -= meta.bytes;
-            state.records -= u64::from(meta.count);
+            let Some(meta) = state.forget(*seq) else { continue };
             if let Some(value) = self.inner.chunks.get(key).map_err(|e| self.storage(e))? {
                 self.inner.dead.insert(key, value).map_err(|e| self.storage(e))?;
                 self.inner.chunks.remove(key).map_err(|e| self.storage(e))?;
@@ -656,9 +662,7 @@ impl Buffer {
                 .collect()
         };
         for seq in victims {
-            if let Some(meta) = state.index.remove(&seq) {
-                state.bytes -= meta.bytes;
-                state.records -= u64::from(meta.count);
+            if let Some(meta) = state.forget(seq) {
                 dropped += u64::from(meta.count);
                 batch.remove(&seq.to_be_bytes());
             }
@@ -685,11 +689,7 @@ impl Buffer {
 
     fn discard_corrupt(&self, seq: u64, error: &ChunkError) -> Result<(), BufferError> {
         error!(message = "Removing corrupted buffer chunk; its records are lost.", %error, seq, path = %self.inner.path.display());
-        let mut state = self.lock();
-        if let Some(meta) = state.index.remove(&seq) {
-            state.bytes -= meta.bytes;
-            state.records -= u64::from(meta.count);
-        }
+        self.lock().forget(seq);
         self.inner.chunks.remove(seq.to_be_bytes()).map_err(|e| self.storage(e))?;
         self.inner.counters.corrupted_chunks.fetch_add(1, Ordering::Relaxed);
         Ok(())
