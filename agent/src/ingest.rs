@@ -33,6 +33,10 @@ pub fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
         .route("/v1/status", get(status))
         .route("/health", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .route("/mcp", get(crate::mcp::status).post(crate::mcp::post))
+        .route("/mcp/v1", get(crate::mcp::status).post(crate::mcp::post))
+        .route("/mcp/mcp/v1", get(crate::mcp::status).post(crate::mcp::post))
+        .route("/mcp/status", get(crate::mcp::status))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(agent)
 }

@@ -8,8 +8,10 @@
 pub mod buffer;
 pub mod config;
 pub mod ingest;
+pub mod mcp;
 pub mod metrics;
 pub mod sender;
+pub mod sources;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -56,6 +58,8 @@ pub enum StartError {
 /// A running agent's shared state.
 pub struct Agent {
     system_id: String,
+    /// Zone of naive local timestamps written by Session-Buddy.
+    zone: jiff::tz::TimeZone,
     default_destination: String,
     full_wait: std::time::Duration,
     destinations: BTreeMap<String, DestinationHandle>,
@@ -97,6 +101,7 @@ impl Agent {
         }
         let agent = Arc::new(Agent {
             system_id: config.system_id.clone(),
+            zone: jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
             default_destination: config.default_destination.clone(),
             full_wait: config.ingest.full_wait,
             destinations,

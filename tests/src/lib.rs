@@ -171,6 +171,12 @@ pub struct Aggregator {
 impl Aggregator {
     /// Writes a config under `site/<name>` and starts the aggregator; waits until `/ready`.
     pub async fn start(site: &Site, name: &str) -> Result<Aggregator> {
+        Self::start_with(site, name, "").await
+    }
+
+    /// Like [`Aggregator::start`], with extra `quic:` settings (YAML flow-mapping entries, e.g.
+    /// `max_sessions: 1`).
+    pub async fn start_with(site: &Site, name: &str, quic_extra: &str) -> Result<Aggregator> {
         let quic_port = free_udp_port();
         let http_port = free_tcp_port();
         let data = site.path(name);
@@ -181,9 +187,10 @@ impl Aggregator {
             &config,
             format!(
                 "mode: lite\ndata_dir: {}\ntls: {{ca_cert: {certs}/ca.pem, server_cert: {certs}/server.pem, server_key: {certs}/server.key}}\n\
-                 quic: {{listen: 127.0.0.1:{quic_port}, drain_timeout: 3s}}\nhttp: {{listen: 127.0.0.1:{http_port}}}\n\
+                 quic: {{listen: 127.0.0.1:{quic_port}, drain_timeout: 3s{sep}{quic_extra}}}\nhttp: {{listen: 127.0.0.1:{http_port}}}\n\
                  hot: {{memory_limit: 1GB, threads: 1}}\n",
-                data.display()
+                data.display(),
+                sep = if quic_extra.is_empty() { "" } else { ", " },
             ),
         )?;
         let proc = Proc::spawn(

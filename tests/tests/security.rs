@@ -216,3 +216,33 @@ async fn garbage_oversized_and_wrong_version_frames_close_with_typed_errors() ->
     assert_eq!(aggregator.total().await?, 0, "nothing from hostile streams was stored");
     still_serving(&site, &aggregator, 0).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_control_tells_extra_agents_to_back_off() -> anyhow::Result<()> {
+    let site = Site::new()?;
+    let aggregator = Aggregator::start_with(&site, "aggregator", "max_sessions: 1").await?;
+    let mut first = raw(&site, &aggregator, "host-1").await?;
+    first.hello("host-1").await?;
+    let mut second = raw(&site, &aggregator, "host-2").await?;
+    second
+        .send(&Message::Hello(akosha_protocol::Hello {
+            min_version: 1,
+            max_version: PROTOCOL_VERSION,
+            agent_version: "t".into(),
+            system_id: "host-2".into(),
+            buffer_epoch: 1,
+            resume_from: 1,
+        }))
+        .await?;
+    match second.recv(Duration::from_secs(10)).await? {
+        Some(Message::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Overloaded);
+            assert!(e.retry_after_ms.is_some_and(|ms| (1000..5000).contains(&ms)), "{e:?}");
+        }
+        other => panic!("expected Overloaded, got {other:?}"),
+    }
+    // The admitted session keeps working.
+    first.send(&batch_for("host-1", 1)).await?;
+    aggregator.wait_total(3, Duration::from_secs(30)).await?;
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Sources: the ways records reach the agent besides the generic NDJSON endpoint.
+
+pub mod session_buddy_push;
