@@ -33,6 +33,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect the buffers on disk (counts, sizes, oldest/newest, corrupted entries, dead letters).
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Read every destination's buffer; asks the running agent, or reads the files when it is stopped.
+    Inspect {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Buffer { command: BufferCommand::Inspect { json } } => inspect_buffers(&config, &runtime, json),
         Command::Status { json } => runtime.block_on(async {
             let url = format!("http://{}/v1/status", config.ingest.listen);
             let status: serde_json::Value = reqwest::get(&url)
@@ -82,6 +98,59 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+fn inspect_buffers(config: &AgentConfig, runtime: &tokio::runtime::Runtime, json: bool) -> anyhow::Result<()> {
+    // A running agent holds the buffer lock: ask it. Otherwise read the files.
+    let url = format!("http://{}/v1/status", config.ingest.listen);
+    let live: Option<serde_json::Value> = runtime.block_on(async {
+        let response = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(2)).send().await.ok()?;
+        response.json().await.ok()
+    });
+    let mut out = serde_json::Map::new();
+    for name in config.destinations.keys() {
+        let value = match &live {
+            Some(status) => {
+                serde_json::json!({"source": "running agent", "buffer": status["destinations"][name]["buffer"]})
+            }
+            None => {
+                let report = akosha_agent::buffer::inspect(&config.buffer_dir(name)).with_context(|| {
+                    format!("destination `{name}`: cannot read {}", config.buffer_dir(name).display())
+                })?;
+                serde_json::json!({"source": "files", "buffer": report})
+            }
+        };
+        out.insert(name.clone(), value);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (name, v) in &out {
+        let b = &v["buffer"];
+        println!(
+            "{name} (from the {}): {} records in {} chunks, {} bytes ({} on disk); corrupted chunks: {}; dead letters: {} records",
+            v["source"].as_str().unwrap_or("?"),
+            b["records"],
+            b["chunks"],
+            b["bytes"],
+            b["disk_bytes"],
+            b["corrupted_chunks"],
+            b["dead_letter_records"],
+        );
+        if let Some(range) = b["accepted_range_us"].as_array() {
+            let at = |v: &serde_json::Value| {
+                v.as_i64()
+                    .and_then(|us| jiff::Timestamp::from_microsecond(us).ok())
+                    .map_or("?".into(), |t| t.to_string())
+            };
+            println!("  oldest accepted {}, newest {}", at(&range[0]), at(&range[1]));
+        } else if let Some(oldest) = b["oldest_accepted_at_us"].as_i64() {
+            let t = jiff::Timestamp::from_microsecond(oldest).map_or("?".into(), |t| t.to_string());
+            println!("  oldest accepted {t}");
+        }
+    }
+    Ok(())
 }
 
 fn print_status(status: &serde_json::Value) {

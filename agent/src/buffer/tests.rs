@@ -138,6 +138,30 @@ fn dead_letter_and_skip_through() {
 }
 
 #[test]
+fn inspect_reads_without_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+        for i in 0..4 {
+            rt.block_on(buffer.append(&[record(i, 10)], Duration::ZERO)).unwrap();
+        }
+        let batch = buffer.next_batch(1, u64::MAX).unwrap().unwrap();
+        buffer.dead_letter(&batch.chunks, "test").unwrap();
+        buffer.corrupt_chunk_for_test(3);
+        buffer.flush().unwrap();
+    }
+    let report = inspect(dir.path()).unwrap();
+    assert_eq!((report.chunks, report.records, report.corrupted_chunks), (2, 2, 1));
+    assert_eq!(report.seq_range, Some((2, 4)));
+    assert_eq!((report.dead_letter_chunks, report.dead_letter_records), (1, 1));
+    assert_eq!(report.next_seq, 5);
+    // Inspecting twice sees the same: nothing was repaired or removed.
+    assert_eq!(inspect(dir.path()).unwrap().corrupted_chunks, 1);
+    assert!(inspect(&dir.path().join("missing")).is_err());
+}
+
+#[test]
 fn always_and_interval_policies_store_records() {
     for fsync in [FsyncPolicy::Always, FsyncPolicy::Interval(Duration::from_millis(10))] {
         let dir = tempfile::tempdir().unwrap();
