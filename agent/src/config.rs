@@ -43,6 +43,23 @@ struct RawConfig {
     #[serde(default)]
     routing: RawRouting,
     destinations: BTreeMap<String, RawDestination>,
+    #[serde(default)]
+    sources: RawSources,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSources {
+    #[serde(default)]
+    files: Vec<RawFileSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSource {
+    path: String,
+    #[serde(default = "default_poll")]
+    poll_interval: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +163,7 @@ defaults! {
     default_keep_alive: String = "5s";
     default_idle_timeout: String = "30s";
     default_drain_timeout: String = "10s";
+    default_poll: String = "250ms";
 }
 
 impl Default for RawLog {
@@ -190,6 +208,8 @@ pub struct AgentConfig {
     pub default_destination: String,
     /// Aggregators, by name.
     pub destinations: BTreeMap<String, DestinationConfig>,
+    /// NDJSON files to follow.
+    pub files: Vec<crate::sources::file_tail::FileTailConfig>,
 }
 
 /// Logging settings.
@@ -423,7 +443,21 @@ impl AgentConfig {
             }
         };
 
+        let mut files = Vec::new();
+        for (i, f) in raw.sources.files.iter().enumerate() {
+            let poll_interval = duration(&format!("sources.files[{i}].poll_interval"), &f.poll_interval)?;
+            if poll_interval < Duration::from_millis(10) {
+                return Err(ConfigError::invalid(format!("sources.files[{i}].poll_interval"), "must be at least 10ms"));
+            }
+            files.push(crate::sources::file_tail::FileTailConfig {
+                path: path(&f.path),
+                poll_interval,
+                max_read_bytes: 4 << 20,
+            });
+        }
+
         Ok(AgentConfig {
+            files,
             system_id: raw.system_id,
             data_dir: path(&raw.data_dir),
             log: LogConfig { level, json },
@@ -432,6 +466,11 @@ impl AgentConfig {
             default_destination,
             destinations,
         })
+    }
+
+    /// The agent's own state (source checkpoints).
+    pub fn state_dir(&self) -> PathBuf {
+        self.data_dir.join("state")
     }
 
     /// Directory of a destination's buffer.
@@ -493,6 +532,10 @@ mod tests {
             (MINIMAL.replace("host-1", "bad id"), "system_id"),
             (format!("{MINIMAL}routing: {{default_destination: other}}"), "routing.default_destination"),
             (format!("{MINIMAL}log: {{format: xml}}"), "log.format"),
+            (
+                format!("{MINIMAL}sources: {{files: [{{path: /x, poll_interval: 1ns}}]}}"),
+                "sources.files[0].poll_interval",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(&text, &[]).unwrap_err().to_string();

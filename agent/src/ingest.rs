@@ -154,7 +154,8 @@ pub fn parse_ndjson(body: &[u8], system_id: &str) -> Result<Vec<Record>, Vec<Lin
     if errors.is_empty() { Ok(records) } else { Err(errors) }
 }
 
-fn parse_line(line: &[u8], system_id: &str, now: i64) -> Result<Record, String> {
+/// Parses one NDJSON line into a validated record of `system_id`.
+pub(crate) fn parse_line(line: &[u8], system_id: &str, now: i64) -> Result<Record, String> {
     let raw: IngestRecord = serde_json::from_slice(line).map_err(|e| {
         // serde_json reports "line 1 column N" for the single line it saw; keep the column only.
         let msg = e.to_string();

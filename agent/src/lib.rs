@@ -50,9 +50,26 @@ pub enum StartError {
         #[source]
         source: tls::TlsError,
     },
+    /// The agent's state store cannot be opened.
+    #[error("state store {path}: {source}")]
+    State {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: sled::Error,
+    },
     /// The HTTP server failed.
     #[error("ingest server failed: {0}")]
     Serve(#[source] std::io::Error),
+}
+
+impl sources::file_tail::RecordSink for Agent {
+    async fn accept(&self, records: &[Record]) -> Result<u64, BufferError> {
+        let n = Agent::accept(self, records).await?;
+        self.counters.accepted_records.add(n);
+        Ok(n)
+    }
 }
 
 /// A running agent's shared state.
@@ -64,6 +81,7 @@ pub struct Agent {
     full_wait: std::time::Duration,
     destinations: BTreeMap<String, DestinationHandle>,
     counters: IngestCounters,
+    files: Vec<(std::path::PathBuf, Arc<sources::file_tail::FileTailStats>)>,
 }
 
 struct DestinationHandle {
@@ -99,7 +117,21 @@ impl Agent {
             )));
             destinations.insert(name.clone(), DestinationHandle { address: dest.address.clone(), buffer, status });
         }
+        let state_dir = config.state_dir();
+        let state = sled::Config::new()
+            .path(&state_dir)
+            .cache_capacity(1 << 20)
+            .flush_every_ms(Some(500))
+            .open()
+            .and_then(|db| db.open_tree("sources"))
+            .map_err(|source| StartError::State { path: state_dir.clone(), source })?;
+        let files: Vec<_> = config
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), Arc::new(sources::file_tail::FileTailStats::default())))
+            .collect();
         let agent = Arc::new(Agent {
+            files: files.clone(),
             system_id: config.system_id.clone(),
             zone: jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
             default_destination: config.default_destination.clone(),
@@ -108,10 +140,22 @@ impl Agent {
             counters: IngestCounters::default(),
         });
         info!(message = "Agent started.", system_id = %agent.system_id, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        let mut tails = Vec::new();
+        for (file, (_, stats)) in config.files.iter().zip(files) {
+            let (agent, state, stop) = (agent.clone(), state.clone(), stop_rx.clone());
+            let (file, system_id) = (file.clone(), config.system_id.clone());
+            tails.push(tokio::spawn(async move {
+                sources::file_tail::run(file, system_id, &*agent, state, &stats, stop).await;
+            }));
+        }
         let app = ingest::router(agent.clone(), config.ingest.max_body_bytes);
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve)?;
         info!(message = "Ingest stopped; draining senders.");
         let _ = stop_tx.send(true);
+        for tail in tails {
+            let _ = tail.await;
+        }
+        let _ = state.flush();
         for sender in senders {
             let _ = sender.await;
         }
@@ -157,6 +201,13 @@ impl Agent {
             "version": env!("CARGO_PKG_VERSION"),
             "default_destination": self.default_destination,
             "destinations": destinations,
+            "files": self.files.iter().map(|(path, s)| json!({
+                "path": path.display().to_string(),
+                "position": s.position.load(std::sync::atomic::Ordering::Relaxed),
+                "records": s.records.load(std::sync::atomic::Ordering::Relaxed),
+                "invalid_lines": s.invalid_lines.load(std::sync::atomic::Ordering::Relaxed),
+                "rotations": s.rotations.load(std::sync::atomic::Ordering::Relaxed),
+            })).collect::<Vec<_>>(),
             "ingest": {
                 "accepted_records": self.counters.accepted_records.get(),
                 "rejected_requests": self.counters.rejected_requests.get(),

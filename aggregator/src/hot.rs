@@ -329,7 +329,7 @@ fn to_arrow(records: &[&Record]) -> Result<RecordBatch, HotError> {
     let columns: Vec<ArrayRef> = vec![
         strings(&|r| Some(r.system_id.as_str())),
         strings(&|r| Some(r.id.as_str())),
-        Arc::new(records.iter().map(|r| r.ts).collect::<TimestampMicrosecondArray>()),
+        Arc::new(TimestampMicrosecondArray::from(records.iter().map(|r| r.ts).collect::<Vec<i64>>())),
         strings(&|r| r.project.as_deref()),
         strings(&|r| r.namespace.as_deref()),
         strings(&|r| r.category.as_deref()),
@@ -345,7 +345,7 @@ fn to_arrow(records: &[&Record]) -> Result<RecordBatch, HotError> {
         strings(&|r| r.relation_type.as_deref()),
         floats(&|r| r.weight),
         floats(&|r| r.value),
-        Arc::new((0..records.len() as i64).collect::<Int64Array>()),
+        Arc::new(Int64Array::from_iter_values(0..records.len() as i64)),
     ];
     let schema = Schema::new(
         columns

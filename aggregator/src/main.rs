@@ -43,7 +43,7 @@ enum CertsCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Names (DNS or IP) agents use to reach the aggregator.
-        #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        #[arg(long = "server-name", default_values = ["localhost", "127.0.0.1"])]
         server_names: Vec<String>,
         /// Replace an existing CA.
         #[arg(long)]
