@@ -200,10 +200,7 @@ impl Session {
             );
             // Spread the retries of many refused agents over a few seconds.
             error.retry_after_ms = Some(1000 + rand::random::<u32>() % 4000);
-            let mut send = send;
-            let _ = send.write_all(&Message::Error(error).encode()).await;
-            let _ = send.finish();
-            return;
+            return self.send_final_error(send, error).await;
         }
         r.metrics.sessions_opened.inc();
         let window = Arc::new(Mutex::new(ReceiveWindow::new(r.config.credit_window)));
@@ -343,15 +340,20 @@ impl Session {
     }
 
     /// Refuses the session before it started: one error frame, then close.
-    async fn refuse_raw(&self, mut send: quinn::SendStream, code: ErrorCode, message: &str) {
+    async fn refuse_raw(&self, send: quinn::SendStream, code: ErrorCode, message: &str) {
         let r = &self.receiver;
         if matches!(code, ErrorCode::ProtocolViolation | ErrorCode::SystemMismatch | ErrorCode::UnsupportedVersion) {
             r.metrics.protocol_violations.inc();
         }
         warn!(message = "Refused an agent session.", reason = code.as_str(), detail = message, system_id = %self.system_id);
-        let _ = send.write_all(&Message::Error(ErrorFrame::new(code, message)).encode()).await;
-        let _ = send.finish();
-        close_after_flush(&self.connection, close_code::PROTOCOL_ERROR).await;
+        self.send_final_error(send, ErrorFrame::new(code, message)).await;
+    }
+
+    /// Sends one error frame and closes once the peer has read it (or after a short grace period): dropping the
+    /// connection right away could discard the frame before it is delivered.
+    async fn send_final_error(&self, mut send: quinn::SendStream, error: ErrorFrame) {
+        let _ = send.write_all(&Message::Error(error).encode()).await;
+        finish_and_close(send, &self.connection, close_code::PROTOCOL_ERROR).await;
     }
 }
 
@@ -408,8 +410,7 @@ async fn write_loop(
         }
         if let Some(error) = close {
             let _ = send.write_all(&Message::Error(error).encode()).await;
-            let _ = send.finish();
-            close_after_flush(&connection, close_code::DONE).await;
+            finish_and_close(send, &connection, close_code::DONE).await;
             return;
         }
         // Admission control: while the log has a long queue, agents get credit back more slowly.
@@ -436,9 +437,11 @@ impl Receiver {
     }
 }
 
-/// Gives the peer a moment to read the last frames before the connection closes.
-async fn close_after_flush(connection: &quinn::Connection, code: u32) {
-    let _ = tokio::time::timeout(Duration::from_millis(500), connection.closed()).await;
+/// Ends the stream and closes the connection once the peer has read everything (or after a grace period):
+/// closing at once could discard the last frames before they are delivered.
+async fn finish_and_close(mut send: quinn::SendStream, connection: &quinn::Connection, code: u32) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     connection.close(code.into(), b"");
 }
 

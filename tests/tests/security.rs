@@ -152,7 +152,8 @@ async fn garbage_oversized_and_wrong_version_frames_close_with_typed_errors() ->
     // Garbage after a good handshake.
     let mut client = raw(&site, &aggregator, "host-1").await?;
     client.hello("host-1").await?;
-    client.send_raw(&[0x41, 0x4b, 1, 3, 0xff, 0xff, 0, 0, 1, 2, 3, 4, 9, 9, 9]).await?;
+    // A complete Batch frame whose checksum does not match its bytes.
+    client.send_raw(&[0x41, 0x4b, 1, 3, 3, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9]).await?;
     let mut saw = None;
     while let Some(m) = client.recv(Duration::from_secs(10)).await? {
         if let Message::Error(e) = m {
