@@ -22,7 +22,11 @@ use akosha_protocol::{Codec, Record};
 
 fn main() {
     let records: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
-    let dir = tempfile::tempdir().expect("temp dir");
+    // BENCH_DIR picks the disk (e.g. /dev/shm to see the ceiling without one).
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+            .expect("temp dir");
+    let codec: Codec = std::env::var("BENCH_CODEC").ok().and_then(|c| c.parse().ok()).unwrap_or(Codec::Lz4);
     let paths = CertPaths::in_dir(&dir.path().join("certs"));
     certs::init(&paths, &["localhost".into()], false).expect("certs");
     let (cert, key) = certs::issue(&paths, "bench-host", &dir.path().join("certs/agents")).expect("agent cert");
@@ -49,7 +53,7 @@ fn main() {
         ca: paths.ca_cert.clone(),
         cert,
         key,
-        codec: Codec::None,
+        codec,
         batch_max_records: 2000,
         batch_max_bytes: 4 << 20,
         connect_timeout: Duration::from_secs(5),
@@ -112,11 +116,12 @@ fn main() {
     });
     let akosha_mbps = payload_bytes as f64 / elapsed_akosha.as_secs_f64() / 1e6;
     println!(
-        "akosha agent→aggregator (acks after WAL fsync): {records} records, {:.1} MB in {:.2}s = {:.0} records/s, {akosha_mbps:.1} MB/s, {} group commits",
+        "akosha agent→aggregator (codec {codec}, acks after WAL fsync): {records} records, {:.1} MB in {:.2}s = {:.0} records/s, {akosha_mbps:.1} MB/s, {} group commits, WAL {:.1} MB",
         payload_bytes as f64 / 1e6,
         elapsed_akosha.as_secs_f64(),
         records as f64 / elapsed_akosha.as_secs_f64(),
-        wal.group_commits()
+        wal.group_commits(),
+        wal.size_bytes() as f64 / 1e6
     );
 
     // --- baseline: the same bytes on one plain quinn stream, same TLS, no framing, no fsync, no acks
