@@ -56,7 +56,8 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
             tasks.push(tokio::spawn(async move {
                 let mut next = 0u64;
                 while start.elapsed() < duration {
-                    let batch: Vec<Record> = (0..PER_APPEND).map(|i| record(source, next + i as u64)).collect();
+                    let batch: Vec<Record> =
+                        (0..PER_APPEND).map(|i| record(source * 1_000_000_000 + next as usize + i)).collect();
                     next += PER_APPEND as u64;
                     buffer.append(&batch, Duration::from_secs(10)).await.expect("append");
                     records.fetch_add(PER_APPEND as u64, Ordering::Relaxed);
@@ -74,14 +75,61 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
     (records.load(Ordering::Relaxed), stats.bytes, elapsed)
 }
 
-fn record(source: usize, i: u64) -> Record {
+/// A Session-Buddy-shaped record: ~1 KB of varied English-like text and a 384-float embedding of pseudo-random
+/// values (real embeddings are close to incompressible; a smooth function of `i` would flatter every codec).
+fn record(i: usize) -> Record {
+    const WORDS: &[&str] = &[
+        "the",
+        "agent",
+        "buffer",
+        "memory",
+        "aggregator",
+        "query",
+        "vector",
+        "index",
+        "session",
+        "reflection",
+        "tokio",
+        "duckdb",
+        "parquet",
+        "quic",
+        "latency",
+        "throughput",
+        "record",
+        "schema",
+        "project",
+        "claude",
+        "refactor",
+        "test",
+        "deploy",
+        "cache",
+        "redis",
+        "embedding",
+        "search",
+        "graph",
+        "entity",
+        "relation",
+    ];
+    let mut state = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut text = String::with_capacity(1100);
+    while text.len() < 1024 {
+        text.push_str(WORDS[(next() % WORDS.len() as u64) as usize]);
+        text.push(if next() % 9 == 0 { '.' } else { ' ' });
+    }
+    let embedding = (0..384).map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3).collect();
     Record {
         system_id: "bench-host".into(),
-        id: format!("{source}-{i}"),
+        id: format!("r{i}"),
         ts: 1_700_000_000_000_000 + i as i64,
         project: Some("akosha".into()),
-        text: Some(format!("{i:08} the quick brown fox jumps over the lazy dog; ").repeat(20)[..1024].to_owned()),
-        embedding: Some((0..384).map(|d| ((i as f32) * 0.37 + d as f32).sin()).collect()),
+        text: Some(text),
+        embedding: Some(embedding),
         tags: vec!["bench".into()],
         ..Record::default()
     }

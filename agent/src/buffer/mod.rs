@@ -815,7 +815,7 @@ fn spawn_committer(db: sled::Db, path: &Path, window: Option<Duration>) -> std::
                 }
                 waiters.extend(rx.try_iter());
             }
-            let result = db.flush().map(drop);
+            let result = db.flush().map(drop).and_then(|()| files.sync().map_err(sled::Error::Io));
             for waiter in waiters {
                 let _ = waiter.send(result.clone());
             }
