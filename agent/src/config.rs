@@ -150,7 +150,7 @@ defaults! {
     default_buffer_max: String = "1GiB";
     default_when_full: String = "block";
     default_fsync: String = "batch";
-    default_fsync_window: String = "2ms";
+    default_fsync_window: String = "0ms";
     default_fsync_interval: String = "1s";
     default_chunk: String = "1MiB";
     default_server_name: String = "localhost";
@@ -498,7 +498,7 @@ mod tests {
         assert_eq!(c.default_destination, "main");
         assert_eq!(c.data_dir, PathBuf::from("/home/u/.akosha/agent"));
         assert_eq!(c.ingest.listen, "127.0.0.1:8682".parse().unwrap());
-        assert_eq!(c.buffer.fsync, FsyncPolicy::Batch { window: Duration::from_millis(2) });
+        assert_eq!(c.buffer.fsync, FsyncPolicy::Batch { window: Duration::ZERO });
         assert_eq!(c.destinations["main"].codec, Codec::Lz4);
     }
 

@@ -97,7 +97,7 @@ impl Default for BufferConfig {
         Self {
             max_bytes: 1 << 30,
             when_full: WhenFull::Block,
-            fsync: FsyncPolicy::Batch { window: Duration::from_millis(2) },
+            fsync: FsyncPolicy::Batch { window: Duration::ZERO },
             max_chunk_bytes: 1 << 20,
             cache_bytes: 8 << 20,
         }
