@@ -6,15 +6,20 @@
 //!
 //! Upserts follow the data model: the key is `(system_id, kind, id)` (the kind is the table), re-delivery of the
 //! same record changes nothing, and of two versions the one with the later `ts` wins (on a tie, the later
-//! arrival). A batch goes through a staging table filled with DuckDB's Arrow appender, then two set-based
-//! statements replace superseded rows and insert the winners, in one transaction.
+//! arrival with different content). The decision is made in memory: a key index maps each key's hash to the
+//! stored version's `ts` and content hash. New keys are appended with DuckDB's Arrow appender (no index
+//! maintenance in DuckDB); an exact re-delivery is dropped before it reaches DuckDB at all; only a real update
+//! deletes the old row (one set-based delete per batch) before appending the new one. The index is rebuilt with
+//! the table when the log is replayed. Moving data out of the hot tier must remove its keys from the index.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use akosha_protocol::{EMBEDDING_DIM, Record, RecordKind};
 use arrow::array::{
-    ArrayRef, FixedSizeListArray, Float32Array, Float64Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    ArrayRef, FixedSizeListArray, Float32Array, Float64Array, ListBuilder, StringArray, StringBuilder,
     TimestampMicrosecondArray,
 };
 use arrow::buffer::NullBuffer;
@@ -60,12 +65,19 @@ const COLUMNS: &[(&str, &str)] = &[
 
 /// The hot tier.
 pub struct HotTier {
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
     reader: Mutex<Connection>,
     inserted: AtomicU64,
     batches: AtomicU64,
     failed_batches: AtomicU64,
     pending: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+struct Writer {
+    conn: Connection,
+    /// Hash of `(kind, system_id, id)` → (`ts`, content hash) of the stored version.
+    keys: HashMap<u64, (i64, u64)>,
 }
 
 /// Rows per system and kind.
@@ -88,60 +100,102 @@ impl HotTier {
         let columns: Vec<String> = COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect();
         for kind in RecordKind::ALL {
             let table = kind.as_str();
-            ddl.push_str(&format!(
-                "CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL, PRIMARY KEY (system_id, id));\n",
-                columns.join(", ")
-            ));
-            let staging: Vec<String> =
-                COLUMNS.iter().map(|(name, ty)| format!("{name} {}", ty.replace(" NOT NULL", ""))).collect();
-            ddl.push_str(&format!("CREATE TABLE staging_{table} ({}, seq BIGINT);\n", staging.join(", ")));
+            ddl.push_str(&format!("CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL);\n", columns.join(", ")));
+            ddl.push_str(&format!("CREATE TABLE replaced_{table} (system_id VARCHAR, id VARCHAR);\n"));
         }
         // An in-memory database needs no checkpoints; the automatic ones stall a commit now and then.
         writer.execute_batch("SET checkpoint_threshold = '1TB';")?;
         writer.execute_batch(&ddl)?;
         let reader = writer.try_clone()?;
         Ok(HotTier {
-            writer: Mutex::new(writer),
+            writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
             reader: Mutex::new(reader),
             inserted: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             failed_batches: AtomicU64::new(0),
             pending: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
         })
     }
 
     /// Upserts records (any mix of kinds) in one transaction per kind.
     pub fn insert(&self, records: &[Record]) -> Result<(), HotError> {
-        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Writer { conn, keys } = &mut *writer;
+        let ingested_at = jiff::Timestamp::now().as_microsecond();
+        let mut duplicates = 0;
         for kind in RecordKind::ALL {
-            let of_kind: Vec<&Record> = records.iter().filter(|r| r.kind == kind).collect();
-            if of_kind.is_empty() {
+            // Decide in memory which records are new, which replace a stored version, and which change nothing.
+            let mut appended: Vec<Option<&Record>> = Vec::new();
+            let mut position: HashMap<u64, usize> = HashMap::new();
+            let mut replaced: Vec<&Record> = Vec::new();
+            let mut updates: HashMap<u64, (i64, u64)> = HashMap::new();
+            for record in records.iter().filter(|r| r.kind == kind) {
+                let key = key_hash(record);
+                let version = (record.ts, content_hash(record));
+                let stored = updates.get(&key).or_else(|| keys.get(&key)).copied();
+                match stored {
+                    Some((ts, _)) if record.ts < ts => {
+                        duplicates += 1;
+                        continue;
+                    }
+                    Some(existing) if existing == version => {
+                        duplicates += 1;
+                        continue;
+                    }
+                    Some(_) => match position.get(&key) {
+                        // Superseded within this batch: never written, just dropped.
+                        Some(&i) => appended[i] = None,
+                        None => replaced.push(record),
+                    },
+                    None => {}
+                }
+                position.insert(key, appended.len());
+                appended.push(Some(record));
+                updates.insert(key, version);
+            }
+            let rows: Vec<&Record> = appended.into_iter().flatten().collect();
+            if rows.is_empty() {
                 continue;
             }
-            let batch = to_arrow(&of_kind)?;
             let table = kind.as_str();
+            let batch = to_arrow(&rows, ingested_at)?;
             conn.execute_batch("BEGIN TRANSACTION")?;
             let result = (|| -> Result<(), HotError> {
-                {
-                    let mut appender = conn.appender(&format!("staging_{table}"))?;
-                    appender.append_record_batch(batch)?;
+                if !replaced.is_empty() {
+                    let mut appender = conn.appender(&format!("replaced_{table}"))?;
+                    for r in &replaced {
+                        appender.append_row(duckdb::params![r.system_id, r.id])?;
+                    }
                     appender.flush()?;
+                    drop(appender);
+                    conn.execute_batch(&format!(
+                        "DELETE FROM {table} t USING replaced_{table} k WHERE t.system_id = k.system_id AND t.id = k.id;\n\
+                         DELETE FROM replaced_{table};"
+                    ))?;
                 }
-                conn.execute_batch(&merge_sql(table))?;
+                let mut appender = conn.appender(table)?;
+                appender.append_record_batch(batch)?;
+                appender.flush()?;
                 Ok(())
             })();
-            match result {
-                Ok(()) => conn.execute_batch("COMMIT")?,
+            match result.and_then(|()| conn.execute_batch("COMMIT").map_err(HotError::from)) {
+                Ok(()) => keys.extend(updates),
                 Err(e) => {
                     let _ = conn.execute_batch("ROLLBACK");
-                    let _ = conn.execute_batch(&format!("DELETE FROM staging_{table}"));
                     return Err(e);
                 }
             }
         }
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Records dropped because an equal or newer version was already stored.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
     }
 
     /// Applies durable batches until the channel closes. Batches that queued up meanwhile are merged into one
@@ -279,27 +333,28 @@ impl HotTier {
     }
 }
 
-fn merge_sql(table: &str) -> String {
-    let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
-    let list = columns.join(", ");
-    let updates = columns
-        .iter()
-        .filter(|c| !matches!(**c, "system_id" | "id"))
-        .map(|c| format!("{c} = excluded.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    // The primary key's index makes the upsert cost proportional to the batch, not to the table.
-    format!(
-        "INSERT INTO {table} ({list}, ingested_at) \
-           SELECT {list}, now()::TIMESTAMP FROM staging_{table} \
-           QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC, seq DESC) = 1 \
-         ON CONFLICT (system_id, id) DO UPDATE SET {updates}, ingested_at = excluded.ingested_at \
-           WHERE excluded.ts >= {table}.ts;\n\
-         DELETE FROM staging_{table};"
-    )
+/// Identity of a record's key: `(kind, system_id, id)`.
+fn key_hash(record: &Record) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (record.kind as u8, &record.system_id, &record.id).hash(&mut h);
+    h.finish()
 }
 
-fn to_arrow(records: &[&Record]) -> Result<RecordBatch, HotError> {
+/// Identity of a record's content (everything but the key), to recognise an exact re-delivery.
+fn content_hash(r: &Record) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (r.ts, &r.project, &r.namespace, &r.category, &r.text, &r.name, &r.tags, &r.metadata).hash(&mut h);
+    (&r.from, &r.to, &r.relation_type, r.residency.map(|x| x.as_str())).hash(&mut h);
+    for v in [r.importance, r.weight, r.value] {
+        v.map(f64::to_bits).hash(&mut h);
+    }
+    if let Some(e) = &r.embedding {
+        e.iter().for_each(|v| v.to_bits().hash(&mut h));
+    }
+    h.finish()
+}
+
+fn to_arrow(records: &[&Record], ingested_at: i64) -> Result<RecordBatch, HotError> {
     let strings = |f: &dyn Fn(&Record) -> Option<&str>| -> ArrayRef {
         Arc::new(records.iter().map(|r| f(r)).collect::<StringArray>())
     };
@@ -354,12 +409,12 @@ fn to_arrow(records: &[&Record]) -> Result<RecordBatch, HotError> {
         strings(&|r| r.relation_type.as_deref()),
         floats(&|r| r.weight),
         floats(&|r| r.value),
-        Arc::new(Int64Array::from_iter_values(0..records.len() as i64)),
+        Arc::new(TimestampMicrosecondArray::from(vec![ingested_at; records.len()])),
     ];
     let schema = Schema::new(
         columns
             .iter()
-            .zip(COLUMNS.iter().map(|(n, _)| *n).chain(["seq"]))
+            .zip(COLUMNS.iter().map(|(n, _)| *n).chain(["ingested_at"]))
             .map(|(array, name)| Field::new(name, array.data_type().clone(), true))
             .collect::<Vec<_>>(),
     );

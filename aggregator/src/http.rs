@@ -76,7 +76,12 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
     axum::Json(json!({
         "total_records": total,
         "systems": systems,
-        "hot": {"records": total, "pending": r.hot.pending(), "failed_batches": r.hot.failed_batches()},
+        "hot": {
+            "records": total,
+            "pending": r.hot.pending(),
+            "failed_batches": r.hot.failed_batches(),
+            "duplicates_dropped": r.hot.duplicates(),
+        },
         "wal": {"bytes": r.wal.size_bytes(), "segments": r.wal.segments(), "queued": r.wal.queued(), "failed": r.wal.failed()},
         "sessions": r.metrics.active(),
     }))
@@ -141,6 +146,12 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
     gauge(&mut e, "akosha_hot_pending_records", "Durable records not yet queryable.", r.hot.pending());
     counter(&mut e, "akosha_hot_inserted_records_total", "Records applied to the hot tier.", r.hot.inserted());
     counter(&mut e, "akosha_hot_failed_batches_total", "Batches the hot tier failed to apply.", r.hot.failed_batches());
+    counter(
+        &mut e,
+        "akosha_hot_duplicates_total",
+        "Records dropped because an equal or newer version was stored.",
+        r.hot.duplicates(),
+    );
     let seen: Vec<(String, i64)> = {
         let map = m.last_seen.lock().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(k, v)| (k.clone(), *v)).collect()
