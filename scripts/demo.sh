@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on one machine: an aggregator in `lite` mode and an agent, with embedded defaults (no external
-# service), ingesting the memories Session-Buddy pushed in the fixture and answering lookups.
+# service), ingesting what Session-Buddy pushed (the fixture) and answering lookups.
 # Data lives under ~/.akosha (never in the repository). Stops both processes on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,31 +23,29 @@ for url in http://127.0.0.1:8683/ready http://127.0.0.1:8682/health; do
   for _ in $(seq 100); do curl -fs "$url" >/dev/null && break; sleep 0.1; done
 done
 
-# Session-Buddy's batch_store_memories calls → NDJSON records for the agent's ingest API.
-python3 - "$FIXTURE" > "$HOME/.akosha/demo.ndjson" <<'PY'
-import json, sys
+# Replay what Session-Buddy's sync_to_akosha really sent (49 HTTP requests) against the agent, as it would.
+echo "== replaying Session-Buddy's HTTP push ($FIXTURE) against the agent"
+python3 - "$FIXTURE" <<'PY'
+import json, sys, urllib.request
+sent = 0
 for line in open(sys.argv[1]):
     req = json.loads(line)
-    body = req.get("body") or {}
-    params = body.get("params") or {}
-    if params.get("name") != "batch_store_memories":
-        continue
-    for m in params["arguments"]["memories"]:
-        meta = m.get("metadata") or {}
-        rec = {"id": m["memory_id"], "kind": "conversation", "text": m["text"], "metadata": meta,
-               "project": meta.get("project"), "category": meta.get("category")}
-        if m.get("embedding"):
-            rec["embedding"] = m["embedding"]
-        print(json.dumps({k: v for k, v in rec.items() if v is not None}))
+    url = "http://127.0.0.1:8682" + req["path"]
+    data = json.dumps(req["body"]).encode() if req.get("body") is not None else None
+    r = urllib.request.Request(url, data=data, method=req["method"], headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(r) as resp:
+        body = json.loads(resp.read() or b"null")
+    if data:
+        sent += 1
+        assert "result" in body, body
+print(f"   {sent} tool calls answered")
 PY
-echo "== posting $(wc -l < "$HOME/.akosha/demo.ndjson") Session-Buddy memories to the agent"
-curl -fsS -X POST --data-binary @"$HOME/.akosha/demo.ndjson" http://127.0.0.1:8682/v1/records; echo
 for _ in $(seq 100); do
   total=$(curl -fs http://127.0.0.1:8683/v1/stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_records"])')
-  [ "$total" -gt 0 ] && break; sleep 0.1
+  [ "$total" -ge 67 ] && break; sleep 0.1
 done
 echo "== aggregator stats"
-curl -fsS http://127.0.0.1:8683/v1/stats; echo
-first=$(head -1 "$HOME/.akosha/demo.ndjson" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-echo "== lookup of memory $first"
-curl -fsS "http://127.0.0.1:8683/v1/records/$AKOSHA_SYSTEM_ID/conversation/$first" | python3 -c 'import json,sys; r=json.load(sys.stdin); r["embedding"]=f"<{len(r.get(\"embedding\",[]))} floats>"; print(json.dumps(r, indent=2))'
+curl -fsS http://127.0.0.1:8683/v1/stats | python3 -m json.tool
+echo "== lookup of memory d55603a5851028e1 (embedding elided)"
+curl -fsS "http://127.0.0.1:8683/v1/records/$AKOSHA_SYSTEM_ID/conversation/d55603a5851028e1" \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); r["embedding"]="<%d floats>" % len(r.get("embedding", [])); print(json.dumps(r, indent=2))'
