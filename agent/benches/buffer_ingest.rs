@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use akosha_agent::buffer::{Buffer, BufferConfig, FsyncPolicy};
+use akosha_e2e::bench_record as record;
 use akosha_protocol::Record;
 
 const SOURCES: usize = 4;
@@ -80,66 +81,6 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
     drop(buffer);
     let _ = std::fs::remove_dir_all(&path);
     (records.load(Ordering::Relaxed), stats.bytes, elapsed)
-}
-
-/// A Session-Buddy-shaped record: ~1 KB of varied English-like text and a 384-float embedding of pseudo-random
-/// values (real embeddings are close to incompressible; a smooth function of `i` would flatter every codec).
-fn record(i: usize) -> Record {
-    const WORDS: &[&str] = &[
-        "the",
-        "agent",
-        "buffer",
-        "memory",
-        "aggregator",
-        "query",
-        "vector",
-        "index",
-        "session",
-        "reflection",
-        "tokio",
-        "duckdb",
-        "parquet",
-        "quic",
-        "latency",
-        "throughput",
-        "record",
-        "schema",
-        "project",
-        "claude",
-        "refactor",
-        "test",
-        "deploy",
-        "cache",
-        "redis",
-        "embedding",
-        "search",
-        "graph",
-        "entity",
-        "relation",
-    ];
-    let mut state = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut text = String::with_capacity(1100);
-    while text.len() < 1024 {
-        text.push_str(WORDS[(next() % WORDS.len() as u64) as usize]);
-        text.push(if next() % 9 == 0 { '.' } else { ' ' });
-    }
-    let embedding = (0..384).map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3).collect();
-    Record {
-        system_id: "bench-host".into(),
-        id: format!("r{i}"),
-        ts: 1_700_000_000_000_000 + i as i64,
-        project: Some("akosha".into()),
-        text: Some(text),
-        embedding: Some(embedding),
-        tags: vec!["bench".into()],
-        ..Record::default()
-    }
 }
 
 /// MB/s of `dd` writing `mib` MiB with a final fdatasync, in `dir`.

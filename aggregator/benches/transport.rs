@@ -18,6 +18,7 @@ use akosha_aggregator::hot::HotTier;
 use akosha_aggregator::metrics::ReceiverMetrics;
 use akosha_aggregator::receiver::Receiver;
 use akosha_aggregator::wal::{Wal, WalConfig};
+use akosha_e2e::bench_record as record;
 use akosha_protocol::{Codec, Record};
 
 fn main() {
@@ -197,64 +198,4 @@ fn main() {
         batch.len() as f64 / elapsed.as_secs_f64(),
         batch.len()
     );
-}
-
-/// A Session-Buddy-shaped record: ~1 KB of varied English-like text and a 384-float embedding of pseudo-random
-/// values (real embeddings are close to incompressible; a smooth function of `i` would flatter every codec).
-fn record(i: usize) -> Record {
-    const WORDS: &[&str] = &[
-        "the",
-        "agent",
-        "buffer",
-        "memory",
-        "aggregator",
-        "query",
-        "vector",
-        "index",
-        "session",
-        "reflection",
-        "tokio",
-        "duckdb",
-        "parquet",
-        "quic",
-        "latency",
-        "throughput",
-        "record",
-        "schema",
-        "project",
-        "claude",
-        "refactor",
-        "test",
-        "deploy",
-        "cache",
-        "redis",
-        "embedding",
-        "search",
-        "graph",
-        "entity",
-        "relation",
-    ];
-    let mut state = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut text = String::with_capacity(1100);
-    while text.len() < 1024 {
-        text.push_str(WORDS[(next() % WORDS.len() as u64) as usize]);
-        text.push(if next() % 9 == 0 { '.' } else { ' ' });
-    }
-    let embedding = (0..384).map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3).collect();
-    Record {
-        system_id: "bench-host".into(),
-        id: format!("r{i}"),
-        ts: 1_700_000_000_000_000 + i as i64,
-        project: Some("akosha".into()),
-        text: Some(text),
-        embedding: Some(embedding),
-        tags: vec!["bench".into()],
-        ..Record::default()
-    }
 }
