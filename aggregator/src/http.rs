@@ -30,8 +30,13 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, axum::Json(json!({"error": code, "message": message}))).into_response()
 }
 
+fn starting() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "starting", "replaying the write-ahead log; not ready yet")
+}
+
 async fn ready(State(agg): State<Arc<Aggregator>>) -> Response {
-    if agg.receiver.wal.failed() {
+    let Some(receiver) = agg.receiver() else { return starting() };
+    if receiver.wal.failed() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "wal_failed",
@@ -49,7 +54,8 @@ async fn get_record(
         Ok(kind) => kind,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_kind", &e.to_string()),
     };
-    let hot = agg.receiver.hot.clone();
+    let Some(receiver) = agg.receiver() else { return starting() };
+    let hot = receiver.hot.clone();
     match tokio::task::spawn_blocking(move || hot.get(&system, kind, &id)).await {
         Ok(Ok(Some(record))) => axum::Json(record).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no record with that system, kind and id"),
@@ -59,7 +65,8 @@ async fn get_record(
 }
 
 async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
-    let hot = agg.receiver.hot.clone();
+    let Some(r) = agg.receiver() else { return starting() };
+    let hot = r.hot.clone();
     let counts = match tokio::task::spawn_blocking(move || hot.counts()).await {
         Ok(Ok(counts)) => counts,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
@@ -72,7 +79,6 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
         let entry = systems.entry(c.system_id.clone()).or_insert_with(|| json!({}));
         entry[c.kind] = json!(c.records);
     }
-    let r = &agg.receiver;
     axum::Json(json!({
         "total_records": total,
         "systems": systems,
@@ -89,7 +95,7 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
 }
 
 async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
-    let r = &agg.receiver;
+    let Some(r) = agg.receiver() else { return starting() };
     let m = &r.metrics;
     let mut e = Exposition::new();
     let none: &[(&str, &str)] = &[];

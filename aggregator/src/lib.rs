@@ -51,11 +51,16 @@ pub enum RunError {
 
 /// A running aggregator's shared state.
 pub struct Aggregator {
-    /// The receive path (log, hot tier, counters).
-    pub receiver: Arc<Receiver>,
+    /// The receive path (log, hot tier, counters), set once the log has been replayed.
+    receiver: std::sync::OnceLock<Arc<Receiver>>,
 }
 
 impl Aggregator {
+    /// The receive path, once the log has been replayed.
+    pub fn receiver(&self) -> Option<&Arc<Receiver>> {
+        self.receiver.get()
+    }
+
     /// Replays the log into the hot tier, then serves QUIC on `udp` and HTTP on `http` until `shutdown`
     /// resolves; then drains sessions and stops.
     pub async fn run(
@@ -67,41 +72,42 @@ impl Aggregator {
         let transport = Receiver::transport_config(&config.quic);
         let server_config = certs::server_config(&config.ca_cert, &config.server_cert, &config.server_key, transport)?;
 
-        let hot = Arc::new(HotTier::open(&config.hot_memory_limit, config.hot_threads)?);
-        let (durable_tx, durable_rx) = std::sync::mpsc::sync_channel(1024);
-        let mut replay_batch = Vec::new();
-        let mut replay_error = None;
-        let (wal, report) = Wal::open(
-            config.wal.clone(),
-            |entry| {
-                match entry.records() {
-                    Ok(records) => replay_batch.extend(records),
-                    Err(e) => {
-                        warn!(message = "Skipping a logged batch that does not decode.", error = %e, system_id = %entry.system_id)
-                    }
-                }
-                if replay_batch.len() >= 50_000 && replay_error.is_none() {
-                    replay_error = hot.insert(&std::mem::take(&mut replay_batch)).err();
-                }
-            },
-            durable_tx,
-        )?;
-        if let Some(e) = replay_error {
-            return Err(e.into());
-        }
-        hot.insert(&replay_batch)?;
-        drop(replay_batch);
-        info!(
-            message = "Hot tier rebuilt from the write-ahead log.",
-            entries = report.entries,
-            records = hot.inserted()
-        );
+        // HTTP first, so that `/health` answers (and `/ready` says 503) while a long log is replayed.
+        let aggregator = Arc::new(Aggregator { receiver: std::sync::OnceLock::new() });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut http_stop = stop_rx.clone();
+        let http_addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let router = http::router(aggregator.clone());
+        let http_task = tokio::spawn(async move {
+            axum::serve(http, router)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+
+        let replay_config = config.clone();
+        let replayed = tokio::task::spawn_blocking(move || replay(&replay_config)).await;
+        let (wal, hot, durable_rx) = match replayed {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => {
+                let _ = stop_tx.send(true);
+                return Err(e);
+            }
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                return Err(RunError::Io {
+                    context: "log replay panicked",
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+        };
         hot.spawn_writer(durable_rx)
             .map_err(|source| RunError::Io { context: "cannot start the hot-tier writer", source })?;
 
         let metrics = Arc::new(ReceiverMetrics::default());
         let receiver = Arc::new(Receiver::new(config.quic.clone(), wal, hot, metrics));
-        let aggregator = Arc::new(Aggregator { receiver: receiver.clone() });
+        let _ = aggregator.receiver.set(receiver.clone());
 
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -113,18 +119,9 @@ impl Aggregator {
         info!(
             message = "Aggregator started.",
             quic = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            http = %http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            http = %http_addr,
         );
-        let (stop_tx, stop_rx) = watch::channel(false);
         let quic_task = tokio::spawn(receiver.clone().serve(endpoint, stop_rx.clone()));
-        let mut http_stop = stop_rx.clone();
-        let http_task = tokio::spawn(async move {
-            axum::serve(http, http::router(aggregator))
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
         shutdown.await;
         info!(message = "Shutting down: draining agent sessions.");
         let _ = stop_tx.send(true);
@@ -137,4 +134,35 @@ impl Aggregator {
         info!(message = "Aggregator stopped.");
         Ok(())
     }
+}
+
+/// Opens the hot tier and replays the write-ahead log into it (blocking).
+fn replay(
+    config: &AggregatorConfig,
+) -> Result<(Wal, Arc<HotTier>, std::sync::mpsc::Receiver<wal::DurableBatch>), RunError> {
+    let hot = Arc::new(HotTier::open(&config.hot_memory_limit, config.hot_threads)?);
+    let (durable_tx, durable_rx) = std::sync::mpsc::sync_channel(1024);
+    let mut replay_batch = Vec::new();
+    let mut replay_error = None;
+    let (wal, report) = Wal::open(
+        config.wal.clone(),
+        |entry| {
+            match entry.records() {
+                Ok(records) => replay_batch.extend(records),
+                Err(e) => {
+                    warn!(message = "Skipping a logged batch that does not decode.", error = %e, system_id = %entry.system_id)
+                }
+            }
+            if replay_batch.len() >= 50_000 && replay_error.is_none() {
+                replay_error = hot.insert(&std::mem::take(&mut replay_batch)).err();
+            }
+        },
+        durable_tx,
+    )?;
+    if let Some(e) = replay_error {
+        return Err(e.into());
+    }
+    hot.insert(&replay_batch)?;
+    info!(message = "Hot tier rebuilt from the write-ahead log.", entries = report.entries, records = hot.inserted());
+    Ok((wal, hot, durable_rx))
 }
