@@ -52,6 +52,18 @@ struct RawConfig {
 struct RawSources {
     #[serde(default)]
     files: Vec<RawFileSource>,
+    #[serde(default)]
+    session_buddy: RawSessionBuddy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSessionBuddy {
+    #[serde(default)]
+    snapshots: bool,
+    data_dir: Option<String>,
+    interval: Option<String>,
+    timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +222,10 @@ pub struct AgentConfig {
     pub destinations: BTreeMap<String, DestinationConfig>,
     /// NDJSON files to follow.
     pub files: Vec<crate::sources::file_tail::FileTailConfig>,
+    /// Zone of Session-Buddy's naive local timestamps (push and snapshots).
+    pub session_buddy_zone: jiff::tz::TimeZone,
+    /// Session-Buddy database snapshots, when enabled.
+    pub session_buddy_snapshots: Option<crate::sources::session_buddy_snapshot::SnapshotConfig>,
 }
 
 /// Logging settings.
@@ -456,8 +472,32 @@ impl AgentConfig {
             });
         }
 
+        let sb = &raw.sources.session_buddy;
+        let zone = match sb.timezone.as_deref().unwrap_or("local") {
+            "local" => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+            name => jiff::tz::TimeZone::get(name).map_err(|e| {
+                ConfigError::invalid("sources.session_buddy.timezone", format!("`{name}` is not a time zone: {e}"))
+            })?,
+        };
+        let session_buddy_snapshots = if sb.snapshots {
+            let interval = duration("sources.session_buddy.interval", sb.interval.as_deref().unwrap_or("30s"))?;
+            if interval < Duration::from_secs(1) {
+                return Err(ConfigError::invalid("sources.session_buddy.interval", "must be at least 1s"));
+            }
+            Some(crate::sources::session_buddy_snapshot::SnapshotConfig {
+                data_dir: path(sb.data_dir.as_deref().unwrap_or("~/.claude/data")),
+                snapshot_dir: path(&raw.data_dir).join("snapshots"),
+                interval,
+                zone: zone.clone(),
+            })
+        } else {
+            None
+        };
+
         Ok(AgentConfig {
             files,
+            session_buddy_zone: zone,
+            session_buddy_snapshots,
             system_id: raw.system_id,
             data_dir: path(&raw.data_dir),
             log: LogConfig { level, json },

@@ -82,6 +82,7 @@ pub struct Agent {
     destinations: BTreeMap<String, DestinationHandle>,
     counters: IngestCounters,
     files: Vec<(std::path::PathBuf, Arc<sources::file_tail::FileTailStats>)>,
+    snapshots: Arc<sources::session_buddy_snapshot::SnapshotStats>,
 }
 
 struct DestinationHandle {
@@ -133,7 +134,8 @@ impl Agent {
         let agent = Arc::new(Agent {
             files: files.clone(),
             system_id: config.system_id.clone(),
-            zone: jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+            zone: config.session_buddy_zone.clone(),
+            snapshots: Arc::new(sources::session_buddy_snapshot::SnapshotStats::default()),
             default_destination: config.default_destination.clone(),
             full_wait: config.ingest.full_wait,
             destinations,
@@ -146,6 +148,14 @@ impl Agent {
             let (file, system_id) = (file.clone(), config.system_id.clone());
             tails.push(tokio::spawn(async move {
                 sources::file_tail::run(file, system_id, &*agent, state, &stats, stop).await;
+            }));
+        }
+        if let Some(snapshot) = config.session_buddy_snapshots.clone() {
+            let (agent, state, stop) = (agent.clone(), state.clone(), stop_rx.clone());
+            let system_id = config.system_id.clone();
+            tails.push(tokio::spawn(async move {
+                let stats = agent.snapshots.clone();
+                sources::session_buddy_snapshot::run(snapshot, system_id, &*agent, state, &stats, stop).await;
             }));
         }
         let app = ingest::router(agent.clone(), config.ingest.max_body_bytes);
@@ -208,6 +218,12 @@ impl Agent {
                 "invalid_lines": s.invalid_lines.load(std::sync::atomic::Ordering::Relaxed),
                 "rotations": s.rotations.load(std::sync::atomic::Ordering::Relaxed),
             })).collect::<Vec<_>>(),
+            "session_buddy_snapshots": {
+                "snapshots": self.snapshots.snapshots.load(std::sync::atomic::Ordering::Relaxed),
+                "changed_records": self.snapshots.changed_records.load(std::sync::atomic::Ordering::Relaxed),
+                "unchanged_records": self.snapshots.unchanged_records.load(std::sync::atomic::Ordering::Relaxed),
+                "failures": self.snapshots.failures.load(std::sync::atomic::Ordering::Relaxed),
+            },
             "ingest": {
                 "accepted_records": self.counters.accepted_records.get(),
                 "rejected_requests": self.counters.rejected_requests.get(),

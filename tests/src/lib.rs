@@ -267,11 +267,18 @@ pub struct AgentOptions {
     pub when_full: String,
     /// Extra YAML appended to the destination block.
     pub destination_extra: String,
+    /// A top-level `sources:` block (YAML flow mapping), e.g. `{session_buddy: {snapshots: true}}`.
+    pub sources: String,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { buffer_max: "256MiB".into(), when_full: "block".into(), destination_extra: String::new() }
+        Self {
+            buffer_max: "256MiB".into(),
+            when_full: "block".into(),
+            destination_extra: String::new(),
+            sources: "{}".into(),
+        }
     }
 }
 
@@ -304,7 +311,7 @@ impl Agent {
             &config,
             format!(
                 "system_id: {system_id}\ndata_dir: {data}\ningest: {{listen: 127.0.0.1:{port}, full_wait: 0s}}\n\
-                 buffer: {{max_bytes: {max}, when_full: {when_full}}}\n\
+                 buffer: {{max_bytes: {max}, when_full: {when_full}}}\nsources: {sources}\n\
                  destinations:\n  primary:\n    address: 127.0.0.1:{quic_port}\n    ca: {certs}/ca.pem\n    \
                  cert: {certs}/agents/{system_id}.pem\n    key: {certs}/agents/{system_id}.key\n    \
                  backoff_initial: 50ms\n    backoff_max: 500ms\n    drain_timeout: 3s\n{extra}",
@@ -312,6 +319,7 @@ impl Agent {
                 max = options.buffer_max,
                 when_full = options.when_full,
                 extra = options.destination_extra,
+                sources = options.sources,
             ),
         )?;
         let proc = Proc::spawn(

@@ -114,3 +114,44 @@ async fn mcp_clients_and_bad_requests() -> anyhow::Result<()> {
     assert!(aggregator.record("edge-host-1", "conversation", "ok-1").await?.is_some());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_push_of_the_same_data_converge() -> anyhow::Result<()> {
+    let site = Site::new()?;
+    let aggregator = Aggregator::start(&site, "aggregator").await?;
+    // Session-Buddy's data directory: a copy of the fixture databases, as Session-Buddy leaves them.
+    let sb = site.path("session-buddy-data");
+    std::fs::create_dir_all(&sb)?;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small");
+    for name in ["reflection.duckdb", "knowledge_graph.duckdb"] {
+        std::fs::copy(format!("{fixtures}/{name}"), sb.join(name))?;
+    }
+    let options = AgentOptions {
+        sources: format!(
+            "{{session_buddy: {{snapshots: true, data_dir: {}, interval: 1s, timezone: UTC}}}}",
+            sb.display()
+        ),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(&site, "agent", "edge-host-1", aggregator.quic_port, &options).await?;
+    aggregator.wait_total(67, Duration::from_secs(60)).await?;
+    let from_snapshots = aggregator.stats().await?;
+    let host = &from_snapshots["systems"]["edge-host-1"];
+    assert_eq!((host["conversation"].as_u64(), host["reflection"].as_u64()), (Some(20), Some(8)), "{from_snapshots}");
+    assert_eq!((host["entity"].as_u64(), host["relation"].as_u64()), (Some(19), Some(20)), "{from_snapshots}");
+
+    // The same data through the HTTP push: same keys, nothing doubles.
+    let http = reqwest::Client::new();
+    for request in fixture().iter().filter(|r| r["method"] == "POST") {
+        let url = format!("{}{}", agent.url, request["path"].as_str().unwrap());
+        let response = http.post(&url).json(&request["body"]).send().await?;
+        assert!(response.status().is_success());
+    }
+    // Later snapshots see nothing new either.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(aggregator.total().await?, 67);
+    let status = agent.status().await?;
+    assert!(status["session_buddy_snapshots"]["snapshots"].as_u64().unwrap() >= 2, "{status}");
+    assert_eq!(status["session_buddy_snapshots"]["changed_records"], 67, "{status}");
+    Ok(())
+}

@@ -2,3 +2,4 @@
 
 pub mod file_tail;
 pub mod session_buddy_push;
+pub mod session_buddy_snapshot;

@@ -1,0 +1,461 @@
+//! Session-Buddy's DuckDB files, read through private snapshots (works even when the HTTP push is off).
+//!
+//! Session-Buddy holds its databases' file lock while it runs: no other process can open them, not even
+//! read-only, and a reader holding them would block Session-Buddy's start-up. So the live files are never
+//! opened: `*.duckdb` and `*.duckdb.wal` are copied to a private snapshot directory, the copy is checked for
+//! consistency (sizes and modification times unchanged across the copy, and DuckDB can open it), retried a few
+//! times if a checkpoint tore it, and only the copy is opened, read-only.
+//!
+//! Rows map to the same records, with the same dedup keys, as Session-Buddy's HTTP push (see
+//! `session_buddy_push`), so ingesting both converges instead of doubling: conversations and reflections by their
+//! id, entities and relations by their uuid. `TIMESTAMP` columns hold the writer's naive local time and are
+//! converted to UTC with the configured zone. Only new or changed rows are sent: a content fingerprint per
+//! `(kind, id)` is kept in the agent's state store (there is no `updated_at` on conversations).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use akosha_protocol::{EMBEDDING_DIM, Record, RecordKind};
+use duckdb::types::Value;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::sources::file_tail::RecordSink;
+
+/// Settings of the snapshot source.
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// Session-Buddy's data directory (holds `reflection.duckdb`, `knowledge_graph.duckdb`).
+    pub data_dir: PathBuf,
+    /// Where private copies are made.
+    pub snapshot_dir: PathBuf,
+    /// How often to take a snapshot.
+    pub interval: Duration,
+    /// Zone of the naive timestamps Session-Buddy writes.
+    pub zone: jiff::tz::TimeZone,
+}
+
+/// Why a snapshot could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Copying failed.
+    #[error("copying {path}: {source}")]
+    Copy {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file kept changing during the copy, or the copy would not open.
+    #[error("{path}: no consistent snapshot after {attempts} attempts: {reason}")]
+    Torn {
+        /// The database.
+        path: PathBuf,
+        /// Tries made.
+        attempts: u32,
+        /// Last problem.
+        reason: String,
+    },
+    /// A query failed on a consistent copy (an unexpected schema).
+    #[error("{path}: {source}")]
+    Query {
+        /// The database.
+        path: PathBuf,
+        /// DuckDB's error.
+        #[source]
+        source: duckdb::Error,
+    },
+}
+
+/// Counters of the snapshot source.
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    /// Snapshots taken.
+    pub snapshots: AtomicU64,
+    /// Records sent because they were new or changed.
+    pub changed_records: AtomicU64,
+    /// Rows seen unchanged.
+    pub unchanged_records: AtomicU64,
+    /// Snapshots that failed (torn, unreadable).
+    pub failures: AtomicU64,
+}
+
+const ATTEMPTS: u32 = 5;
+
+/// Takes one snapshot of every Session-Buddy database present and maps its rows to records.
+pub fn read_snapshot(config: &SnapshotConfig, system_id: &str) -> Result<Vec<Record>, SnapshotError> {
+    let mut records = Vec::new();
+    for name in ["reflection.duckdb", "knowledge_graph.duckdb"] {
+        let live = config.data_dir.join(name);
+        if !live.exists() {
+            continue;
+        }
+        let copy = consistent_copy(&live, &config.snapshot_dir.join(name))?;
+        let conn = open_read_only(&copy).map_err(|source| SnapshotError::Query { path: live.clone(), source })?;
+        let ctx = Rows { system_id, zone: &config.zone };
+        let query = |source| SnapshotError::Query { path: live.clone(), source };
+        if name == "reflection.duckdb" {
+            ctx.conversations(&conn, &mut records).map_err(query)?;
+            ctx.reflections(&conn, &mut records).map_err(query)?;
+        } else {
+            ctx.entities(&conn, &mut records).map_err(query)?;
+            ctx.relations(&conn, &mut records).map_err(query)?;
+        }
+    }
+    Ok(records)
+}
+
+/// Follows Session-Buddy's databases until `shutdown`, sending new and changed rows.
+pub async fn run<S: RecordSink>(
+    config: SnapshotConfig,
+    system_id: String,
+    sink: &S,
+    state: sled::Tree,
+    stats: &SnapshotStats,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while !*shutdown.borrow() {
+        let (cfg, id) = (config.clone(), system_id.clone());
+        match tokio::task::spawn_blocking(move || read_snapshot(&cfg, &id)).await {
+            Ok(Ok(records)) => {
+                stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                let changed: Vec<(Record, [u8; 8])> = records
+                    .into_iter()
+                    .filter_map(|r| {
+                        let fp = fingerprint(&r).to_be_bytes();
+                        let unchanged = state.get(state_key(&r)).ok().flatten().is_some_and(|v| v.as_ref() == fp);
+                        if unchanged {
+                            stats.unchanged_records.fetch_add(1, Ordering::Relaxed);
+                            None
+                        } else {
+                            Some((r, fp))
+                        }
+                    })
+                    .collect();
+                if !changed.is_empty() {
+                    let records: Vec<Record> = changed.iter().map(|(r, _)| r.clone()).collect();
+                    match sink.accept(&records).await {
+                        Ok(n) => {
+                            // Remembered only once durable in the buffer: a failure resends them next time.
+                            for (r, fp) in &changed {
+                                let _ = state.insert(state_key(r), fp.as_slice());
+                            }
+                            stats.changed_records.fetch_add(n, Ordering::Relaxed);
+                            debug!(message = "Sent changed Session-Buddy rows.", records = n);
+                        }
+                        Err(error) => {
+                            warn!(message = "Could not buffer Session-Buddy rows; retrying next snapshot.", %error)
+                        }
+                    }
+                }
+            }
+            Ok(Err(error)) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                warn!(message = "Session-Buddy snapshot failed.", %error);
+            }
+            Err(error) => warn!(message = "Session-Buddy snapshot task failed.", %error),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn state_key(r: &Record) -> Vec<u8> {
+    format!("sb:{}:{}", r.kind.as_str(), r.id).into_bytes()
+}
+
+fn fingerprint(r: &Record) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (r.ts, &r.text, &r.name, &r.category, &r.project, &r.namespace, &r.tags, &r.metadata).hash(&mut h);
+    (&r.from, &r.to, &r.relation_type).hash(&mut h);
+    r.importance.map(f64::to_bits).hash(&mut h);
+    if let Some(e) = &r.embedding {
+        e.iter().for_each(|v| v.to_bits().hash(&mut h));
+    }
+    h.finish()
+}
+
+/// Copies the database and its WAL until a copy is consistent: the live files did not change while being
+/// copied and the copy opens.
+fn consistent_copy(live: &Path, copy: &Path) -> Result<PathBuf, SnapshotError> {
+    let live_wal = wal_path(live);
+    let copy_wal = wal_path(copy);
+    if let Some(dir) = copy.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Copy { path: dir.to_owned(), source })?;
+    }
+    let mut reason = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let before = (stamp(live), stamp(&live_wal));
+        let copied =
+            std::fs::copy(live, copy).map_err(|source| SnapshotError::Copy { path: live.to_owned(), source })?;
+        let _ = std::fs::remove_file(&copy_wal);
+        if live_wal.exists() {
+            std::fs::copy(&live_wal, &copy_wal)
+                .map_err(|source| SnapshotError::Copy { path: live_wal.clone(), source })?;
+        }
+        let after = (stamp(live), stamp(&live_wal));
+        if before != after || copied != before.0.map_or(0, |s| s.0) {
+            reason = "the database changed while it was copied".into();
+        } else {
+            match open_read_only(copy) {
+                Ok(_) => return Ok(copy.to_owned()),
+                Err(e) => reason = e.to_string(),
+            }
+        }
+        debug!(message = "Snapshot copy was torn; retrying.", attempt, %reason, path = %live.display());
+        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+    }
+    Err(SnapshotError::Torn { path: live.to_owned(), attempts: ATTEMPTS, reason })
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
+fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()?))
+}
+
+fn open_read_only(path: &Path) -> Result<duckdb::Connection, duckdb::Error> {
+    let config = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?.threads(1)?;
+    duckdb::Connection::open_with_flags(path, config)
+}
+
+struct Rows<'a> {
+    system_id: &'a str,
+    zone: &'a jiff::tz::TimeZone,
+}
+
+impl Rows<'_> {
+    /// A naive local `TIMESTAMP` (read as microseconds "since the epoch" in the writer's wall clock) to UTC.
+    fn utc(&self, naive_us: Option<i64>) -> i64 {
+        let Some(us) = naive_us else { return jiff::Timestamp::now().as_microsecond() };
+        let Ok(ts) = jiff::Timestamp::from_microsecond(us) else { return us };
+        let civil = ts.to_zoned(jiff::tz::TimeZone::UTC).datetime();
+        civil.to_zoned(self.zone.clone()).map_or(us, |z| z.timestamp().as_microsecond())
+    }
+
+    fn base(&self, kind: RecordKind, id: String, ts: Option<i64>) -> Record {
+        Record { system_id: self.system_id.to_owned(), kind, id, ts: self.utc(ts), ..Record::default() }
+    }
+
+    fn conversations(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
+        let sql = "SELECT id, content, embedding, category, importance_score, project, namespace, epoch_us(timestamp), \
+                   metadata FROM conversations_v2";
+        self.each(conn, sql, |row| {
+            let mut r = self.base(RecordKind::Conversation, row.get(0)?, row.get(7)?);
+            r.text = row.get(1)?;
+            r.embedding = embedding(row.get(2)?);
+            r.category = row.get(3)?;
+            r.importance = row.get::<_, Option<f32>>(4)?.map(f64::from);
+            r.project = row.get(5)?;
+            r.namespace = row.get(6)?;
+            r.metadata = json_object(row.get(8)?);
+            out.push(r);
+            Ok(())
+        })
+    }
+
+    fn reflections(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
+        let sql = "SELECT id, content, embedding, category, importance_score, tags, project, namespace, \
+                   epoch_us(coalesce(created_at, timestamp)), CAST(metadata AS VARCHAR) FROM reflections_v2";
+        self.each(conn, sql, |row| {
+            let mut r = self.base(RecordKind::Reflection, row.get(0)?, row.get(8)?);
+            r.text = row.get(1)?;
+            r.embedding = embedding(row.get(2)?);
+            r.category = row.get(3)?;
+            r.importance = row.get::<_, Option<f32>>(4)?.map(f64::from);
+            r.tags = strings(row.get(5)?);
+            r.project = row.get(6)?;
+            r.namespace = row.get(7)?;
+            r.metadata = json_object(row.get(9)?);
+            out.push(r);
+            Ok(())
+        })
+    }
+
+    fn entities(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
+        let sql = "SELECT id, name, entity_type, observations, CAST(properties AS VARCHAR), epoch_us(created_at), \
+                   CAST(metadata AS VARCHAR), embedding FROM kg_entities";
+        self.each(conn, sql, |row| {
+            let mut r = self.base(RecordKind::Entity, row.get(0)?, row.get(5)?);
+            r.name = row.get(1)?;
+            r.category = row.get(2)?;
+            let observations = strings(row.get(3)?);
+            r.text = (!observations.is_empty()).then(|| observations.join("\n"));
+            let mut metadata = json_map(row.get(6)?);
+            metadata.insert("properties".into(), serde_json::Value::Object(json_map(row.get(4)?)));
+            metadata.insert("observations".into(), serde_json::json!(observations));
+            r.metadata = Some(serde_json::Value::Object(metadata).to_string());
+            r.embedding = embedding(row.get(7)?);
+            out.push(r);
+            Ok(())
+        })
+    }
+
+    fn relations(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
+        let sql = "SELECT id, from_entity, to_entity, relation_type, CAST(properties AS VARCHAR), epoch_us(created_at), \
+                   CAST(metadata AS VARCHAR) FROM kg_relationships";
+        self.each(conn, sql, |row| {
+            let mut r = self.base(RecordKind::Relation, row.get(0)?, row.get(5)?);
+            r.from = row.get(1)?;
+            r.to = row.get(2)?;
+            r.relation_type = row.get(3)?;
+            let properties = json_map(row.get(4)?);
+            r.weight = properties.get("weight").and_then(serde_json::Value::as_f64);
+            let mut metadata = json_map(row.get(6)?);
+            metadata.insert("properties".into(), serde_json::Value::Object(properties));
+            r.metadata = Some(serde_json::Value::Object(metadata).to_string());
+            out.push(r);
+            Ok(())
+        })
+    }
+
+    /// Runs a query; rows that do not make a valid record are skipped and logged, not fatal.
+    fn each(
+        &self,
+        conn: &duckdb::Connection,
+        sql: &str,
+        mut f: impl FnMut(&duckdb::Row<'_>) -> Result<(), duckdb::Error>,
+    ) -> Result<(), duckdb::Error> {
+        let mut stmt = conn.prepare(sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            f(row)?;
+        }
+        Ok(())
+    }
+}
+
+fn embedding(value: Value) -> Option<Vec<f32>> {
+    match value {
+        Value::Array(values) | Value::List(values) if values.len() == EMBEDDING_DIM => values
+            .into_iter()
+            .map(|v| match v {
+                Value::Float(f) => Some(f),
+                Value::Double(d) => Some(d as f32),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+fn strings(value: Value) -> Vec<String> {
+    match value {
+        Value::List(values) | Value::Array(values) => values
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::Text(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn json_map(text: Option<String>) -> serde_json::Map<String, serde_json::Value> {
+    match text.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+        Some(Ok(serde_json::Value::Object(map))) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn json_object(text: Option<String>) -> Option<String> {
+    let map = json_map(text);
+    (!map.is_empty()).then(|| serde_json::Value::Object(map).to_string())
+}
+
+/// Keys `(kind, id)` of records, for comparing sources.
+pub fn keys(records: &[Record]) -> HashMap<(RecordKind, String), usize> {
+    let mut out = HashMap::new();
+    for r in records {
+        *out.entry((r.kind, r.id.clone())).or_insert(0) += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_dir() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small"))
+    }
+
+    #[test]
+    fn fixture_snapshot_has_every_row_with_the_push_keys() {
+        let snapshots = tempfile::tempdir().unwrap();
+        let config = SnapshotConfig {
+            data_dir: fixture_dir(),
+            snapshot_dir: snapshots.path().to_owned(),
+            interval: Duration::from_secs(1),
+            zone: jiff::tz::TimeZone::UTC,
+        };
+        let records = read_snapshot(&config, "edge-host-1").unwrap();
+        let mut by_kind: HashMap<&str, usize> = HashMap::new();
+        for r in &records {
+            r.validate().unwrap();
+            *by_kind.entry(r.kind.as_str()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            by_kind,
+            [("conversation", 20), ("reflection", 8), ("entity", 19), ("relation", 20)].into_iter().collect()
+        );
+        assert!(records.iter().filter(|r| r.kind == RecordKind::Conversation).all(|r| r.embedding.is_some()));
+
+        // The HTTP push of the same data yields the same dedup keys.
+        let push = std::fs::read_to_string(fixture_dir().join("../http_push_20.jsonl")).unwrap();
+        let mut pushed = Vec::new();
+        for line in push.lines() {
+            let request: serde_json::Value = serde_json::from_str(line).unwrap();
+            let params = &request["body"]["params"];
+            if let Some(tool) = params["name"].as_str() {
+                let mapped = crate::sources::session_buddy_push::map_tool_call(
+                    tool,
+                    &params["arguments"],
+                    "edge-host-1",
+                    &jiff::tz::TimeZone::UTC,
+                    0,
+                )
+                .unwrap();
+                pushed.extend(mapped.records);
+            }
+        }
+        assert_eq!(keys(&records), keys(&pushed));
+        // And the same text and embeddings, bit for bit.
+        let pushed_by_key: HashMap<_, _> = pushed.iter().map(|r| ((r.kind, r.id.clone()), r)).collect();
+        for r in records.iter().filter(|r| r.kind == RecordKind::Conversation) {
+            let p = pushed_by_key[&(r.kind, r.id.clone())];
+            assert_eq!(r.text, p.text);
+            let bits = |e: &Option<Vec<f32>>| e.as_ref().map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+            assert_eq!(bits(&r.embedding), bits(&p.embedding));
+        }
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_empty_snapshot_and_garbage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SnapshotConfig {
+            data_dir: dir.path().join("nothing-here"),
+            snapshot_dir: dir.path().join("snap"),
+            interval: Duration::from_secs(1),
+            zone: jiff::tz::TimeZone::UTC,
+        };
+        assert!(read_snapshot(&config, "h").unwrap().is_empty());
+        std::fs::create_dir_all(dir.path().join("garbage")).unwrap();
+        std::fs::write(dir.path().join("garbage/reflection.duckdb"), b"this is not a database").unwrap();
+        let config = SnapshotConfig { data_dir: dir.path().join("garbage"), ..config };
+        let err = read_snapshot(&config, "h").unwrap_err();
+        assert!(matches!(err, SnapshotError::Torn { .. }), "{err}");
+    }
+}
