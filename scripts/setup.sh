@@ -22,6 +22,14 @@ else
   log "apt packages present"
 fi
 
+# DuckDB 2.x for Python: the tests use it to play Session-Buddy holding its database open for writing.
+if ! python3 -c 'import duckdb, sys; sys.exit(0 if duckdb.__version__.startswith("2.") else 1)' 2>/dev/null; then
+  log "installing python duckdb 2.0.0"
+  python3 -m pip install -q --root-user-action=ignore 'duckdb==2.0.0'
+else
+  log "python duckdb present"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
   exit 1

@@ -155,3 +155,54 @@ async fn snapshots_and_push_of_the_same_data_converge() -> anyhow::Result<()> {
     assert_eq!(status["session_buddy_snapshots"]["changed_records"], 67, "{status}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_work_while_session_buddy_holds_the_database_for_writing() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let site = Site::new()?;
+    let aggregator = Aggregator::start(&site, "aggregator").await?;
+    let sb = site.path("session-buddy-data");
+    std::fs::create_dir_all(&sb)?;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small");
+    std::fs::copy(format!("{fixtures}/reflection.duckdb"), sb.join("reflection.duckdb"))?;
+
+    // "Session-Buddy": another process with the database open for writing, inserting while we snapshot.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/session_buddy_writer.py");
+    let mut writer = Command::new("python3")
+        .arg(script)
+        .arg(sb.join("reflection.duckdb"))
+        .arg("40")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(writer.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next().transpose()?.as_deref(),
+        Some("ready"),
+        "the writer (python3 with duckdb 2.x) did not start"
+    );
+
+    let options = AgentOptions {
+        sources: format!(
+            "{{session_buddy: {{snapshots: true, data_dir: {}, interval: 1s, timezone: UTC}}}}",
+            sb.display()
+        ),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(&site, "agent", "edge-host-1", aggregator.quic_port, &options).await?;
+    // The writer keeps working while the agent snapshots: all of its inserts succeed.
+    let done = tokio::task::spawn_blocking(move || lines.next().transpose()).await??;
+    assert_eq!(done.as_deref(), Some("done 60"), "the writer failed while the agent was snapshotting");
+    // And the agent sees everything the writer committed: 20 fixture conversations, 8 reflections, 40 new ones.
+    aggregator.wait_total(68, Duration::from_secs(60)).await?;
+    let stats = aggregator.stats().await?;
+    assert_eq!(stats["systems"]["edge-host-1"]["conversation"], 60, "{stats}");
+    let live = aggregator.record("edge-host-1", "conversation", "live-0039").await?.expect("last live row");
+    assert_eq!(live["project"], "live-writer");
+    drop(writer.stdin.take());
+    writer.wait()?;
+    drop(agent);
+    Ok(())
+}
