@@ -118,11 +118,22 @@ pub async fn run<S: RecordSink>(
     stats: &SnapshotStats,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Unchanged files (same sizes and modification times) need no snapshot: an idle agent costs nothing.
+    let mut last_seen: Option<Vec<Option<(u64, std::time::SystemTime)>>> = None;
     while !*shutdown.borrow() {
+        let seen = source_stamps(&config.data_dir);
+        if last_seen.as_ref() == Some(&seen) {
+            tokio::select! {
+                _ = tokio::time::sleep(config.interval) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         let (cfg, id) = (config.clone(), system_id.clone());
         match tokio::task::spawn_blocking(move || read_snapshot(&cfg, &id)).await {
             Ok(Ok(records)) => {
                 stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                let mut all_buffered = true;
                 let changed: Vec<(Record, [u8; 8])> = records
                     .into_iter()
                     .filter_map(|r| {
@@ -148,9 +159,13 @@ pub async fn run<S: RecordSink>(
                             debug!(message = "Sent changed Session-Buddy rows.", records = n);
                         }
                         Err(error) => {
-                            warn!(message = "Could not buffer Session-Buddy rows; retrying next snapshot.", %error)
+                            all_buffered = false;
+                            warn!(message = "Could not buffer Session-Buddy rows; retrying next snapshot.", %error);
                         }
                     }
+                }
+                if all_buffered {
+                    last_seen = Some(seen);
                 }
             }
             Ok(Err(error)) => {
@@ -164,6 +179,17 @@ pub async fn run<S: RecordSink>(
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// Sizes and modification times of the live files (databases and their WALs).
+fn source_stamps(dir: &Path) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    ["reflection.duckdb", "knowledge_graph.duckdb"]
+        .iter()
+        .flat_map(|name| {
+            let db = dir.join(name);
+            [stamp(&db), stamp(&wal_path(&db))]
+        })
+        .collect()
 }
 
 fn state_key(r: &Record) -> Vec<u8> {
