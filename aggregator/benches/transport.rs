@@ -89,7 +89,7 @@ fn main() {
             queue_depth: 256,
         };
         let (wal, _) = Wal::open(wal_config, |_| {}, durable_tx).expect("wal");
-        let hot = Arc::new(HotTier::open("256MB", 1).expect("hot"));
+        let hot = Arc::new(HotTier::open("256MB", 1, None).expect("hot"));
         let receiver = Arc::new(Receiver::new(quic.clone(), wal.clone(), hot, Arc::new(ReceiverMetrics::default())));
         let elapsed_akosha = runtime.block_on(async {
             let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
@@ -186,7 +186,7 @@ fn main() {
     );
 
     // --- hot-tier insert rate on its own
-    let hot = HotTier::open("2GB", 2).expect("hot");
+    let hot = HotTier::open("2GB", 2, None).expect("hot");
     let batch: Vec<Record> = (0..records.min(50_000)).map(record).collect();
     let start = Instant::now();
     for chunk in batch.chunks(5000) {

@@ -93,8 +93,16 @@ pub struct KindCount {
 
 impl HotTier {
     /// Creates the in-memory database and its tables.
-    pub fn open(memory_limit: &str, threads: usize) -> Result<HotTier, HotError> {
-        let config = duckdb::Config::default().max_memory(memory_limit)?.threads(threads.max(1) as i64)?;
+    ///
+    /// DuckDB spills to `spill_dir` when the hot data outgrows `memory_limit`; without one it never writes to disk
+    /// (and fails a batch that does not fit instead).
+    pub fn open(memory_limit: &str, threads: usize, spill_dir: Option<&std::path::Path>) -> Result<HotTier, HotError> {
+        // Without an explicit directory DuckDB would spill into `.tmp` under the process's working directory.
+        let spill = spill_dir.map(|d| d.display().to_string()).unwrap_or_default();
+        let config = duckdb::Config::default()
+            .max_memory(memory_limit)?
+            .threads(threads.max(1) as i64)?
+            .with("temp_directory", &spill)?;
         let writer = Connection::open_in_memory_with_flags(config)?;
         let mut ddl = String::new();
         let columns: Vec<String> = COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect();
@@ -441,7 +449,7 @@ mod tests {
 
     #[test]
     fn upsert_is_idempotent_and_last_writer_by_ts_wins() {
-        let hot = HotTier::open("1GB", 1).unwrap();
+        let hot = HotTier::open("1GB", 1, None).unwrap();
         hot.insert(&[rec("a", 10, "first"), rec("b", 10, "b")]).unwrap();
         hot.insert(&[rec("a", 10, "first"), rec("b", 10, "b")]).unwrap();
         hot.insert(&[rec("a", 5, "older loses")]).unwrap();
@@ -467,7 +475,7 @@ mod scale {
     /// Not a timing assertion: prints how long small upserts take on a large table, to compare strategies.
     #[test]
     fn small_upserts_on_a_large_table() {
-        let hot = HotTier::open("4GB", 2).unwrap();
+        let hot = HotTier::open("4GB", 2, None).unwrap();
         let mk = |i: usize| Record {
             system_id: "h".into(),
             id: format!("r{i}"),

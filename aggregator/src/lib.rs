@@ -140,7 +140,11 @@ impl Aggregator {
 fn replay(
     config: &AggregatorConfig,
 ) -> Result<(Wal, Arc<HotTier>, std::sync::mpsc::Receiver<wal::DurableBatch>), RunError> {
-    let hot = Arc::new(HotTier::open(&config.hot_memory_limit, config.hot_threads)?);
+    let hot = Arc::new(HotTier::open(
+        &config.hot_memory_limit,
+        config.hot_threads,
+        Some(&config.data_dir.join("hot-spill")),
+    )?);
     let (durable_tx, durable_rx) = std::sync::mpsc::sync_channel(1024);
     let mut replay_batch = Vec::new();
     let mut replay_error = None;
