@@ -473,7 +473,8 @@ impl AgentConfig {
         }
 
         let sb = &raw.sources.session_buddy;
-        let zone = match sb.timezone.as_deref().unwrap_or("local") {
+        let timezone = sb.timezone.clone().unwrap_or_else(|| "local".into());
+        let zone = match timezone.as_str() {
             "local" => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
             name => jiff::tz::TimeZone::get(name).map_err(|e| {
                 ConfigError::invalid("sources.session_buddy.timezone", format!("`{name}` is not a time zone: {e}"))
@@ -489,6 +490,8 @@ impl AgentConfig {
                 snapshot_dir: path(&raw.data_dir).join("snapshots"),
                 interval,
                 zone: zone.clone(),
+                timezone,
+                worker: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("akosha-agent")),
             })
         } else {
             None

@@ -1,6 +1,6 @@
 //! `akosha-agent`: runs the edge agent, validates its configuration, and reports its status.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use akosha_agent::Agent;
 use akosha_agent::config::AgentConfig;
@@ -33,6 +33,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Internal: read one Session-Buddy snapshot and print its records (run by the agent as a child process).
+    #[command(hide = true)]
+    SnapshotWorker {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        snapshot_dir: PathBuf,
+        #[arg(long)]
+        timezone: String,
+        #[arg(long)]
+        system_id: String,
+    },
     /// Inspect the buffers on disk (counts, sizes, oldest/newest, corrupted entries, dead letters).
     Buffer {
         #[command(subcommand)]
@@ -52,6 +64,9 @@ enum BufferCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::SnapshotWorker { data_dir, snapshot_dir, timezone, system_id } = &cli.command {
+        return snapshot_worker(data_dir, snapshot_dir, timezone, system_id);
+    }
     let home = std::env::var("HOME").ok();
     let config_path = PathBuf::from(akosha_protocol::settings::expand_home(&cli.config, home.as_deref()));
     let config =
@@ -81,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::SnapshotWorker { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Buffer { command: BufferCommand::Inspect { json } } => inspect_buffers(&config, &runtime, json),
         Command::Status { json } => runtime.block_on(async {
             let url = format!("http://{}/v1/status", config.ingest.listen);
@@ -98,6 +114,25 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+fn snapshot_worker(data_dir: &Path, snapshot_dir: &Path, timezone: &str, system_id: &str) -> anyhow::Result<()> {
+    use akosha_agent::sources::session_buddy_snapshot::{SnapshotConfig, write_snapshot};
+    let zone = match timezone {
+        "local" => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+        name => jiff::tz::TimeZone::get(name).with_context(|| format!("unknown time zone `{name}`"))?,
+    };
+    let config = SnapshotConfig {
+        data_dir: data_dir.to_owned(),
+        snapshot_dir: snapshot_dir.to_owned(),
+        interval: std::time::Duration::ZERO,
+        zone,
+        timezone: timezone.to_owned(),
+        worker: PathBuf::new(),
+    };
+    let stdout = std::io::stdout();
+    write_snapshot(&config, system_id, &mut stdout.lock()).context("snapshot failed")?;
+    Ok(())
 }
 
 fn inspect_buffers(config: &AgentConfig, runtime: &tokio::runtime::Runtime, json: bool) -> anyhow::Result<()> {

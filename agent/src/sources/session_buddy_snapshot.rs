@@ -11,6 +11,10 @@
 //! id, entities and relations by their uuid. `TIMESTAMP` columns hold the writer's naive local time and are
 //! converted to UTC with the configured zone. Only new or changed rows are sent: a content fingerprint per
 //! `(kind, id)` is kept in the agent's state store (there is no `updated_at` on conversations).
+//!
+//! The reading happens in a short-lived child process (`akosha-agent snapshot-worker`): DuckDB's memory and
+//! code pages are released when it exits, so the resident agent stays small between snapshots, and a crash
+//! inside DuckDB costs one snapshot, not the agent.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -36,6 +40,10 @@ pub struct SnapshotConfig {
     pub interval: Duration,
     /// Zone of the naive timestamps Session-Buddy writes.
     pub zone: jiff::tz::TimeZone,
+    /// The zone as configured (`local` or an IANA name), passed to the worker.
+    pub timezone: String,
+    /// The executable that runs `snapshot-worker` (the agent itself).
+    pub worker: PathBuf,
 }
 
 /// Why a snapshot could not be read.
@@ -60,6 +68,9 @@ pub enum SnapshotError {
         /// Last problem.
         reason: String,
     },
+    /// The worker process failed.
+    #[error("snapshot worker: {0}")]
+    Worker(String),
     /// A query failed on a consistent copy (an unexpected schema).
     #[error("{path}: {source}")]
     Query {
@@ -129,9 +140,8 @@ pub async fn run<S: RecordSink>(
             }
             continue;
         }
-        let (cfg, id) = (config.clone(), system_id.clone());
-        match tokio::task::spawn_blocking(move || read_snapshot(&cfg, &id)).await {
-            Ok(Ok(records)) => {
+        match snapshot_in_worker(&config, &system_id).await {
+            Ok(records) => {
                 stats.snapshots.fetch_add(1, Ordering::Relaxed);
                 let mut all_buffered = true;
                 let changed: Vec<(Record, [u8; 8])> = records
@@ -168,17 +178,57 @@ pub async fn run<S: RecordSink>(
                     last_seen = Some(seen);
                 }
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 warn!(message = "Session-Buddy snapshot failed.", %error);
             }
-            Err(error) => warn!(message = "Session-Buddy snapshot task failed.", %error),
         }
         tokio::select! {
             _ = tokio::time::sleep(config.interval) => {}
             _ = shutdown.changed() => {}
         }
     }
+}
+
+/// Runs `snapshot-worker` and decodes what it prints: a little-endian u64 record count, then the records in
+/// the protocol's record encoding.
+async fn snapshot_in_worker(config: &SnapshotConfig, system_id: &str) -> Result<Vec<Record>, SnapshotError> {
+    let output = tokio::process::Command::new(&config.worker)
+        .arg("snapshot-worker")
+        .arg("--data-dir")
+        .arg(&config.data_dir)
+        .arg("--snapshot-dir")
+        .arg(&config.snapshot_dir)
+        .args(["--timezone", &config.timezone, "--system-id", system_id])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| SnapshotError::Worker(format!("cannot start {}: {e}", config.worker.display())))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(SnapshotError::Worker(format!("{}: {}", output.status, stderr.trim())));
+    }
+    let (count, payload) = output
+        .stdout
+        .split_first_chunk::<8>()
+        .ok_or_else(|| SnapshotError::Worker("output is shorter than its header".into()))?;
+    let count = usize::try_from(u64::from_le_bytes(*count)).unwrap_or(usize::MAX);
+    akosha_protocol::decode_records(payload, count).map_err(|e| SnapshotError::Worker(format!("bad output: {e}")))
+}
+
+/// The worker side: one snapshot, written to `out` in the format [`snapshot_in_worker`] reads.
+pub fn write_snapshot(
+    config: &SnapshotConfig,
+    system_id: &str,
+    out: &mut impl std::io::Write,
+) -> Result<(), SnapshotError> {
+    let records = read_snapshot(config, system_id)?;
+    let payload = akosha_protocol::encode_records(&records);
+    let io = |e: std::io::Error| SnapshotError::Worker(e.to_string());
+    out.write_all(&(records.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&payload).map_err(io)?;
+    out.flush().map_err(io)
 }
 
 /// Sizes and modification times of the live files (databases and their WALs).
@@ -426,8 +476,15 @@ mod tests {
             snapshot_dir: snapshots.path().to_owned(),
             interval: Duration::from_secs(1),
             zone: jiff::tz::TimeZone::UTC,
+            timezone: "UTC".into(),
+            worker: PathBuf::new(),
         };
         let records = read_snapshot(&config, "edge-host-1").unwrap();
+        // What the worker prints decodes to the same records.
+        let mut out = Vec::new();
+        write_snapshot(&config, "edge-host-1", &mut out).unwrap();
+        let count = u64::from_le_bytes(out[..8].try_into().unwrap()) as usize;
+        assert_eq!(akosha_protocol::decode_records(&out[8..], count).unwrap(), records);
         let mut by_kind: HashMap<&str, usize> = HashMap::new();
         for r in &records {
             r.validate().unwrap();
@@ -476,6 +533,8 @@ mod tests {
             snapshot_dir: dir.path().join("snap"),
             interval: Duration::from_secs(1),
             zone: jiff::tz::TimeZone::UTC,
+            timezone: "UTC".into(),
+            worker: PathBuf::new(),
         };
         assert!(read_snapshot(&config, "h").unwrap().is_empty());
         std::fs::create_dir_all(dir.path().join("garbage")).unwrap();
