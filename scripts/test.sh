@@ -7,6 +7,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/akosha-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 cargo fmt --all --check
+# Deployment files that no Rust test reads must at least parse.
+python3 -c 'import plistlib, sys; [plistlib.load(open(p, "rb")) for p in sys.argv[1:]]' config/launchd/*.plist
 # The end-to-end tests start the real binaries from the target directory.
 cargo build --release --workspace --bins
 cargo clippy --release --workspace --all-targets -- -D warnings

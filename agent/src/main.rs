@@ -189,6 +189,7 @@ fn inspect_buffers(config: &AgentConfig, runtime: &tokio::runtime::Runtime, json
 }
 
 fn print_status(status: &serde_json::Value) {
+    let now = jiff::Timestamp::now().as_microsecond();
     println!(
         "system id: {}   version: {}",
         status["system_id"].as_str().unwrap_or("?"),
@@ -196,22 +197,37 @@ fn print_status(status: &serde_json::Value) {
     );
     let ingest = &status["ingest"];
     println!(
-        "ingest: {} accepted, {} requests rejected, {} refused (buffer full)",
+        "ingest (HTTP NDJSON + Session-Buddy push): {} accepted, {} requests rejected, {} refused (buffer full)",
         ingest["accepted_records"], ingest["rejected_requests"], ingest["full_rejections"]
     );
-    if let Some(destinations) = status["destinations"].as_object() {
-        for (name, d) in destinations {
-            let b = &d["buffer"];
-            println!(
-                "destination {name} ({}): {}  buffer {} records / {} bytes  acked {} records  last error: {}",
-                d["address"].as_str().unwrap_or("?"),
-                if d["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" },
-                b["records"],
-                b["bytes"],
-                d["records_acked"],
-                d["last_error"].as_str().unwrap_or("none"),
-            );
-        }
+    let sb = &status["session_buddy_snapshots"];
+    println!(
+        "session-buddy snapshots: {} taken, {} changed records sent, {} unchanged, {} failures",
+        sb["snapshots"], sb["changed_records"], sb["unchanged_records"], sb["failures"]
+    );
+    for file in status["files"].as_array().into_iter().flatten() {
+        println!(
+            "file {}: position {}, {} records, {} invalid lines, {} rotations",
+            file["path"].as_str().unwrap_or("?"),
+            file["position"],
+            file["records"],
+            file["invalid_lines"],
+            file["rotations"]
+        );
+    }
+    for (name, d) in status["destinations"].as_object().into_iter().flatten() {
+        let b = &d["buffer"];
+        let age =
+            b["oldest_accepted_at_us"].as_i64().map_or("-".to_string(), |t| format!("{:.1}s", (now - t) as f64 / 1e6));
+        println!(
+            "destination {name} ({}): {}; buffer {} records / {} bytes, oldest {age}; acked {} records; last error: {}",
+            d["address"].as_str().unwrap_or("?"),
+            if d["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" },
+            b["records"],
+            b["bytes"],
+            d["records_acked"],
+            d["last_error"].as_str().unwrap_or("none"),
+        );
     }
 }
 
