@@ -17,12 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let idle_seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
     let site = Site::new()?;
     let aggregator = Aggregator::start(&site, "aggregator").await?;
-    let sb = site.path("session-buddy-data");
-    std::fs::create_dir_all(&sb)?;
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small");
-    for name in ["reflection.duckdb", "knowledge_graph.duckdb"] {
-        std::fs::copy(format!("{fixtures}/{name}"), sb.join(name))?;
-    }
+    let sb = site.session_buddy_data(&["reflection.duckdb", "knowledge_graph.duckdb"])?;
     let tailed = site.path("tailed.ndjson");
     std::fs::write(&tailed, ndjson(0..10, "entity"))?;
     let options = AgentOptions {

@@ -60,6 +60,18 @@ impl Site {
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
+
+    /// A Session-Buddy data directory holding copies of the named fixture databases (from
+    /// `shared/fixtures/session-buddy/small`), as Session-Buddy leaves them.
+    pub fn session_buddy_data(&self, databases: &[&str]) -> Result<PathBuf> {
+        let dir = self.path("session-buddy-data");
+        std::fs::create_dir_all(&dir)?;
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/session-buddy/small");
+        for name in databases {
+            std::fs::copy(fixtures.join(name), dir.join(name)).with_context(|| format!("copying fixture {name}"))?;
+        }
+        Ok(dir)
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> Result<()> {

@@ -119,13 +119,7 @@ async fn mcp_clients_and_bad_requests() -> anyhow::Result<()> {
 async fn snapshots_and_push_of_the_same_data_converge() -> anyhow::Result<()> {
     let site = Site::new()?;
     let aggregator = Aggregator::start(&site, "aggregator").await?;
-    // Session-Buddy's data directory: a copy of the fixture databases, as Session-Buddy leaves them.
-    let sb = site.path("session-buddy-data");
-    std::fs::create_dir_all(&sb)?;
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small");
-    for name in ["reflection.duckdb", "knowledge_graph.duckdb"] {
-        std::fs::copy(format!("{fixtures}/{name}"), sb.join(name))?;
-    }
+    let sb = site.session_buddy_data(&["reflection.duckdb", "knowledge_graph.duckdb"])?;
     let options = AgentOptions {
         sources: format!(
             "{{session_buddy: {{snapshots: true, data_dir: {}, interval: 1s, timezone: UTC}}}}",
@@ -164,10 +158,7 @@ async fn snapshots_work_while_session_buddy_holds_the_database_for_writing() -> 
 
     let site = Site::new()?;
     let aggregator = Aggregator::start(&site, "aggregator").await?;
-    let sb = site.path("session-buddy-data");
-    std::fs::create_dir_all(&sb)?;
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small");
-    std::fs::copy(format!("{fixtures}/reflection.duckdb"), sb.join("reflection.duckdb"))?;
+    let sb = site.session_buddy_data(&["reflection.duckdb"])?;
 
     // "Session-Buddy": another process with the database open for writing, inserting while we snapshot.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/session_buddy_writer.py");
