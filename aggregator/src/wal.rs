@@ -1,10 +1,11 @@
 //! # Aggregator write-ahead log
 //!
 //! Every accepted batch is appended here and fsynced **before** the agent gets its ack; the hot tier is a
-//! replica of the log that is rebuilt from it on restart. One writer thread owns the active segment and commits
-//! in groups: it takes every request queued while the previous fsync ran (optionally waiting a short window for
-//! more), writes them with one `write`, makes them durable with one `fdatasync`, and only then answers each
-//! request and hands its records to the hot tier.
+//! replica of the log that is rebuilt from it on restart. Commits are grouped and pipelined over two threads: the
+//! writer takes every request queued meanwhile (optionally waiting a short window for more) and writes them with
+//! one `write`; the flusher makes everything written so far durable with one `fdatasync` and only then answers
+//! each request, in order, and hands its records to the hot tier. The next group is being written while the
+//! previous one is being synced, so the disk never waits for the application.
 //!
 //! ```text
 //!  <dir>/00000000000000000001.wal, 00000000000000000002.wal, …   (rolled at `segment_bytes`)
@@ -200,10 +201,11 @@ impl Wal {
             failed: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
-        let writer = Writer { config: config.clone(), segment_id: id, path, file, shared: shared.clone(), durable };
+        let writer =
+            Writer { config: config.clone(), segment_id: id, path, file: Arc::new(file), shared: shared.clone() };
         std::thread::Builder::new()
             .name("wal-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, durable))
             .map_err(|e| WalError::io(&config.dir, e))?;
         Ok((Wal { requests: tx, shared }, report))
     }
@@ -263,13 +265,37 @@ struct Writer {
     config: WalConfig,
     segment_id: u64,
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     shared: Arc<WalShared>,
-    durable: std::sync::mpsc::SyncSender<DurableBatch>,
+}
+
+/// A group written to a segment, waiting for the flusher's fdatasync.
+struct Written {
+    file: Arc<File>,
+    path: PathBuf,
+    group: Vec<WalRequest>,
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<WalRequest>) {
+    /// Writes groups back to back while the flusher makes earlier ones durable: the disk is never idle waiting
+    /// for the next `write`, and every fdatasync covers everything written so far.
+    fn run(mut self, mut rx: mpsc::Receiver<WalRequest>, durable: std::sync::mpsc::SyncSender<DurableBatch>) {
+        let (to_flusher, flusher_rx) = std::sync::mpsc::sync_channel::<Written>(8);
+        let shared = self.shared.clone();
+        let flusher = std::thread::Builder::new()
+            .name("wal-flusher".into())
+            .spawn(move || flush_loop(flusher_rx, shared, durable));
+        let flusher = match flusher {
+            Ok(handle) => handle,
+            Err(e) => {
+                error!(message = "Cannot start the write-ahead log flusher.", error = %e);
+                self.shared.failed.store(true, Ordering::Relaxed);
+                while let Some(request) = rx.blocking_recv() {
+                    let _ = request.done.send(Err(WalError::Closed));
+                }
+                return;
+            }
+        };
         let mut buf = Vec::with_capacity(1 << 20);
         while let Some(first) = rx.blocking_recv() {
             if !self.config.group_commit_window.is_zero() {
@@ -296,21 +322,11 @@ impl Writer {
             for request in &group {
                 encode_entry(&request.entry, &mut buf);
             }
-            match self.commit(&buf) {
+            let (file, path) = (self.file.clone(), self.path.clone());
+            match self.write(&buf) {
                 Ok(()) => {
-                    self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
-                    {
-                        let mut hw = self.shared.high_water.lock().unwrap_or_else(|p| p.into_inner());
-                        for request in &group {
-                            let e = &request.entry;
-                            let slot = hw.entry((e.system_id.clone(), e.buffer_epoch)).or_insert(0);
-                            *slot = (*slot).max(e.last_record);
-                        }
-                    }
-                    for request in group {
-                        let _ = request.done.send(Ok(()));
-                        // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
-                        let _ = self.durable.send(request.records);
+                    if to_flusher.send(Written { file, path, group }).is_err() {
+                        self.shared.failed.store(true, Ordering::Relaxed);
                     }
                 }
                 Err(e) => {
@@ -322,24 +338,72 @@ impl Writer {
                 }
             }
         }
+        drop(to_flusher);
+        let _ = flusher.join();
         let _ = self.file.sync_all();
     }
 
-    fn commit(&mut self, buf: &[u8]) -> Result<(), WalError> {
-        self.file.write_all(buf).map_err(|e| WalError::io(&self.path, e))?;
-        self.file.sync_data().map_err(|e| WalError::io(&self.path, e))?;
+    fn write(&mut self, buf: &[u8]) -> Result<(), WalError> {
+        (&*self.file).write_all(buf).map_err(|e| WalError::io(&self.path, e))?;
         self.shared.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let len = self.file.stream_position().map_err(|e| WalError::io(&self.path, e))?;
+        let len = (&*self.file).stream_position().map_err(|e| WalError::io(&self.path, e))?;
         if len >= self.config.segment_bytes {
             self.segment_id += 1;
             self.path = segment_path(&self.config.dir, self.segment_id);
-            self.file = open_segment(&self.path)?;
+            self.file = Arc::new(open_segment(&self.path)?);
             // The new segment's directory entry must be durable too, or a crash could lose the file itself.
             File::open(&self.config.dir).and_then(|d| d.sync_all()).map_err(|e| WalError::io(&self.config.dir, e))?;
             self.shared.segments.fetch_add(1, Ordering::Relaxed);
             self.shared.bytes.fetch_add(SEGMENT_MAGIC.len() as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// Makes written groups durable in order: one fdatasync per segment for everything queued meanwhile, then the
+/// acks and the hand-off to the hot tier.
+fn flush_loop(
+    rx: std::sync::mpsc::Receiver<Written>,
+    shared: Arc<WalShared>,
+    durable: std::sync::mpsc::SyncSender<DurableBatch>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut pending = vec![first];
+        pending.extend(rx.try_iter());
+        let mut result = Ok(());
+        let mut synced: Vec<*const File> = Vec::new();
+        for written in &pending {
+            let ptr = Arc::as_ptr(&written.file);
+            if result.is_ok() && !synced.contains(&ptr) {
+                result = written.file.sync_data().map_err(|e| WalError::io(&written.path, e));
+                synced.push(ptr);
+            }
+        }
+        match result {
+            Ok(()) => {
+                shared.group_commits.fetch_add(1, Ordering::Relaxed);
+                {
+                    let mut hw = shared.high_water.lock().unwrap_or_else(|p| p.into_inner());
+                    for request in pending.iter().flat_map(|w| &w.group) {
+                        let e = &request.entry;
+                        let slot = hw.entry((e.system_id.clone(), e.buffer_epoch)).or_insert(0);
+                        *slot = (*slot).max(e.last_record);
+                    }
+                }
+                for request in pending.into_iter().flat_map(|w| w.group) {
+                    let _ = request.done.send(Ok(()));
+                    // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
+                    let _ = durable.send(request.records);
+                }
+            }
+            Err(e) => {
+                error!(message = "Write-ahead log fsync failed; refusing further writes until restart.", error = %e);
+                shared.failed.store(true, Ordering::Relaxed);
+                for request in pending.into_iter().flat_map(|w| w.group) {
+                    let _ = request.done.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 
