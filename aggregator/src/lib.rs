@@ -87,7 +87,17 @@ impl Aggregator {
         });
 
         let replay_config = config.clone();
-        let replayed = tokio::task::spawn_blocking(move || replay(&replay_config)).await;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let replayed = tokio::select! {
+            replayed = tokio::task::spawn_blocking(move || replay(&replay_config)) => replayed,
+            () = &mut shutdown => {
+                // Nothing was accepted yet, so there is nothing to drain; the log is untouched by a partial replay.
+                info!(message = "Shutdown requested during log replay; stopping.");
+                let _ = stop_tx.send(true);
+                let _ = http_task.await;
+                return Ok(());
+            }
+        };
         let (wal, hot, durable_rx) = match replayed {
             Ok(Ok(parts)) => parts,
             Ok(Err(e)) => {
