@@ -8,8 +8,9 @@ pub const EMBEDDING_DIM: usize = 384;
 
 /// Longest accepted `id`, `system_id`, `project`, … (bytes).
 const MAX_SHORT_FIELD_LEN: usize = 1024;
-/// Longest accepted `text` (bytes).
-const MAX_TEXT_LEN: usize = 8 * 1024 * 1024;
+/// Longest accepted `text` (bytes): well below the aggregator's default batch limit (8 MiB), so that a record
+/// that is valid at the agent always fits in a batch the aggregator accepts.
+const MAX_TEXT_LEN: usize = 4 * 1024 * 1024;
 const MAX_TAGS: usize = 256;
 
 /// What a record is. The dedup key is `(system_id, kind, id)`.
