@@ -14,6 +14,7 @@ use std::sync::Arc;
 use akosha_protocol::{Record, RecordKind, Residency};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -41,7 +42,11 @@ pub fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
         .with_state(agent)
 }
 
-async fn post_records(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
+async fn post_records(State(agent): State<Arc<Agent>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return crate::ingest::body_rejected(rejection),
+    };
     let records = match parse_ndjson(&body, &agent.system_id) {
         Ok(records) => records,
         Err(errors) => {
@@ -88,6 +93,13 @@ async fn status(State(agent): State<Arc<Agent>>) -> Response {
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], agent.metrics_text()).into_response()
+}
+
+/// A body that could not be read (too large, broken connection), as the same JSON error as everything else.
+pub(crate) fn body_rejected(rejection: BytesRejection) -> Response {
+    let status = rejection.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_body" };
+    error_response(status, code, &rejection.body_text(), json!({}))
 }
 
 fn error_response(status: StatusCode, code: &str, message: &str, mut extra: serde_json::Value) -> Response {

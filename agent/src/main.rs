@@ -64,16 +64,20 @@ enum BufferCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::SnapshotWorker { data_dir, snapshot_dir, timezone, system_id } = &cli.command {
-        return snapshot_worker(data_dir, snapshot_dir, timezone, system_id);
-    }
+    // The worker is started by a running agent with everything on its command line; it reads no configuration.
+    let command = match cli.command {
+        Command::SnapshotWorker { data_dir, snapshot_dir, timezone, system_id } => {
+            return snapshot_worker(&data_dir, &snapshot_dir, &timezone, &system_id);
+        }
+        other => other,
+    };
     let home = std::env::var("HOME").ok();
     let config_path = PathBuf::from(akosha_protocol::settings::expand_home(&cli.config, home.as_deref()));
     let config =
         AgentConfig::load(&config_path).with_context(|| format!("invalid configuration {}", config_path.display()))?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    match cli.command {
+    match command {
         Command::Run => {
             init_logging(&config);
             runtime.block_on(async {
@@ -96,7 +100,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::SnapshotWorker { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::SnapshotWorker { .. } => Err(anyhow::anyhow!("snapshot-worker reads no configuration")),
         Command::Buffer { command: BufferCommand::Inspect { json } } => inspect_buffers(&config, &runtime, json),
         Command::Status { json } => runtime.block_on(async {
             let url = format!("http://{}/v1/status", config.ingest.listen);

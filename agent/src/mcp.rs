@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -27,7 +28,11 @@ pub async fn status(State(agent): State<Arc<Agent>>) -> Response {
 }
 
 /// `POST` of a JSON-RPC request or batch.
-pub async fn post(State(agent): State<Arc<Agent>>, body: Bytes) -> Response {
+pub async fn post(State(agent): State<Arc<Agent>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return crate::ingest::body_rejected(rejection),
+    };
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return reply(StatusCode::OK, rpc_error(&Value::Null, -32700, &format!("parse error: {e}"))),

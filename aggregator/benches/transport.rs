@@ -92,15 +92,7 @@ fn main() {
         let hot = Arc::new(HotTier::open("256MB", 1, None).expect("hot"));
         let receiver = Arc::new(Receiver::new(quic.clone(), wal.clone(), hot, Arc::new(ReceiverMetrics::default())));
         let elapsed_akosha = runtime.block_on(async {
-            let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
-            let port = udp.local_addr().expect("addr").port();
-            let endpoint = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server_config()),
-                udp,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .expect("endpoint");
+            let (endpoint, port) = server_endpoint(server_config());
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let server = tokio::spawn(receiver.clone().serve(endpoint, stop_rx.clone()));
             let mut dest = dest.clone();
@@ -130,15 +122,7 @@ fn main() {
 
         // --- baseline: the same bytes on one plain quinn stream, same TLS, no framing, no fsync, no acks
         let elapsed_plain = runtime.block_on(async {
-            let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
-            let port = udp.local_addr().expect("addr").port();
-            let endpoint = quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server_config()),
-                udp,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .expect("endpoint");
+            let (endpoint, port) = server_endpoint(server_config());
             let server = tokio::spawn(async move {
                 let connection = endpoint.accept().await.expect("incoming").await.expect("handshake");
                 let (mut send, mut recv) = connection.accept_bi().await.expect("stream");
@@ -198,4 +182,14 @@ fn main() {
         batch.len() as f64 / elapsed.as_secs_f64(),
         batch.len()
     );
+}
+
+/// A QUIC server endpoint on a free loopback port.
+fn server_endpoint(config: quinn::ServerConfig) -> (quinn::Endpoint, u16) {
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let port = udp.local_addr().expect("addr").port();
+    let endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), udp, Arc::new(quinn::TokioRuntime))
+            .expect("endpoint");
+    (endpoint, port)
 }

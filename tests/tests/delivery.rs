@@ -66,6 +66,11 @@ async fn bad_lines_are_rejected_with_line_numbers_and_nothing_is_stored() -> any
     assert_eq!(lines, vec![4, 6]);
     assert!(response["errors"][0]["error"].as_str().unwrap().contains("unknown kind `memory`"));
 
+    // A body over ingest.max_body_bytes (64 MiB) is refused with the same JSON error shape.
+    let (status, response, _) = agent.post("x".repeat(65 << 20)).await?;
+    assert_eq!(status, 413);
+    assert_eq!(response["error"], "too_large");
+
     let (status, _, _) = agent.post(ndjson(10..12, "reflection")).await?;
     assert_eq!(status, 200);
     assert_eq!(aggregator.wait_total(2, Duration::from_secs(30)).await?, 2);

@@ -97,7 +97,12 @@ struct Open {
     line: u64,
     head: u64,
     carry: Vec<u8>,
+    /// Inside a line longer than [`MAX_LINE_BYTES`]: discard up to its newline.
+    skipping: bool,
 }
+
+/// Longest line kept in memory; a valid record is far smaller (text is capped at 4 MiB).
+const MAX_LINE_BYTES: usize = 16 << 20;
 
 /// Follows one file until `shutdown`.
 pub async fn run<S: RecordSink>(
@@ -169,7 +174,7 @@ fn open(config: &FileTailConfig, state: &sled::Tree, key: &str, stats: &FileTail
         None => (0, 0),
     };
     file.seek(SeekFrom::Start(offset)).ok()?;
-    Some(Open { file, dev: meta.dev(), ino: meta.ino(), offset, line, head, carry: Vec::new() })
+    Some(Open { file, dev: meta.dev(), ino: meta.ino(), offset, line, head, carry: Vec::new(), skipping: false })
 }
 
 /// Rename-rotation: the path now names another file and the old one is read to its end. Truncation: the same
@@ -204,7 +209,28 @@ async fn step<S: RecordSink>(
         open.carry = buf;
         return Ok(false);
     }
+    if open.skipping {
+        match buf.iter().position(|b| *b == b'\n') {
+            None => {
+                open.offset += buf.len() as u64;
+                return Ok(read == config.max_read_bytes);
+            }
+            Some(end) => {
+                open.offset += end as u64 + 1;
+                open.line += 1;
+                open.skipping = false;
+                buf.drain(..=end);
+            }
+        }
+    }
     let complete = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if complete == 0 && buf.len() > MAX_LINE_BYTES {
+        warn!(message = "Skipping a line longer than any valid record.", line = open.line + 1, bytes = buf.len(), path = %config.path.display());
+        stats.invalid_lines.fetch_add(1, Ordering::Relaxed);
+        open.offset += buf.len() as u64;
+        open.skipping = true;
+        return Ok(read == config.max_read_bytes);
+    }
     let now = jiff::Timestamp::now().as_microsecond();
     let mut records = Vec::new();
     let mut line_no = open.line;
@@ -328,5 +354,27 @@ mod tests {
         };
         tokio::join!(tail, driver);
         assert_eq!(*sink2.0.lock().unwrap(), vec!["g"]);
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_skipped_without_holding_it_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.ndjson");
+        let mut file = std::fs::File::create(&path).unwrap();
+        write!(file, "{}", line("a")).unwrap();
+        file.write_all(&vec![b'x'; MAX_LINE_BYTES + 1000]).unwrap();
+        write!(file, "\n{}", line("b")).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let config = FileTailConfig { path, poll_interval: Duration::from_millis(10), max_read_bytes: 4 << 20 };
+        let (sink, stats) = (VecSink::default(), FileTailStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let tail = run(config, "h".into(), &sink, db.open_tree("s").unwrap(), &stats, stop_rx);
+        let driver = async {
+            settle(&sink, 2).await;
+            stop.send(true).unwrap();
+        };
+        tokio::join!(tail, driver);
+        assert_eq!(*sink.0.lock().unwrap(), vec!["a", "b"]);
+        assert_eq!(stats.invalid_lines.load(Ordering::Relaxed), 1);
     }
 }
