@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use akosha_protocol::{EMBEDDING_DIM, Record, RecordKind};
-use duckdb::types::Value;
+use akosha_protocol::{Record, RecordKind};
+use akosha_session_buddy::{DATABASE_FILES, ReadError, open_read_only, read_database};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -71,14 +71,14 @@ pub enum SnapshotError {
     /// The worker process failed.
     #[error("snapshot worker: {0}")]
     Worker(String),
-    /// A query failed on a consistent copy (an unexpected schema).
+    /// A consistent copy could not be read (an unexpected schema).
     #[error("{path}: {source}")]
-    Query {
+    Read {
         /// The database.
         path: PathBuf,
-        /// DuckDB's error.
+        /// Why.
         #[source]
-        source: duckdb::Error,
+        source: ReadError,
     },
 }
 
@@ -100,22 +100,20 @@ const ATTEMPTS: u32 = 5;
 /// Takes one snapshot of every Session-Buddy database present and maps its rows to records.
 pub fn read_snapshot(config: &SnapshotConfig, system_id: &str) -> Result<Vec<Record>, SnapshotError> {
     let mut records = Vec::new();
-    for name in ["reflection.duckdb", "knowledge_graph.duckdb"] {
+    for name in DATABASE_FILES {
         let live = config.data_dir.join(name);
         if !live.exists() {
             continue;
         }
         let copy = consistent_copy(&live, &config.snapshot_dir.join(name))?;
-        let conn = open_read_only(&copy).map_err(|source| SnapshotError::Query { path: live.clone(), source })?;
-        let ctx = Rows { system_id, zone: &config.zone };
-        let query = |source| SnapshotError::Query { path: live.clone(), source };
-        if name == "reflection.duckdb" {
-            ctx.conversations(&conn, &mut records).map_err(query)?;
-            ctx.reflections(&conn, &mut records).map_err(query)?;
-        } else {
-            ctx.entities(&conn, &mut records).map_err(query)?;
-            ctx.relations(&conn, &mut records).map_err(query)?;
-        }
+        let conn = open_read_only(&copy).map_err(|source| SnapshotError::Read {
+            path: live.clone(),
+            source: ReadError::Query { table: "catalog", source },
+        })?;
+        records.extend(
+            read_database(&conn, system_id, &config.zone)
+                .map_err(|source| SnapshotError::Read { path: live.clone(), source })?,
+        );
     }
     Ok(records)
 }
@@ -233,7 +231,7 @@ pub fn write_snapshot(
 
 /// Sizes and modification times of the live files (databases and their WALs).
 fn source_stamps(dir: &Path) -> Vec<Option<(u64, std::time::SystemTime)>> {
-    ["reflection.duckdb", "knowledge_graph.duckdb"]
+    DATABASE_FILES
         .iter()
         .flat_map(|name| {
             let db = dir.join(name);
@@ -299,156 +297,6 @@ fn wal_path(db: &Path) -> PathBuf {
 fn stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.len(), meta.modified().ok()?))
-}
-
-fn open_read_only(path: &Path) -> Result<duckdb::Connection, duckdb::Error> {
-    let config = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?.threads(1)?;
-    duckdb::Connection::open_with_flags(path, config)
-}
-
-struct Rows<'a> {
-    system_id: &'a str,
-    zone: &'a jiff::tz::TimeZone,
-}
-
-impl Rows<'_> {
-    /// A naive local `TIMESTAMP` (read as microseconds "since the epoch" in the writer's wall clock) to UTC.
-    fn utc(&self, naive_us: Option<i64>) -> i64 {
-        let Some(us) = naive_us else { return jiff::Timestamp::now().as_microsecond() };
-        let Ok(ts) = jiff::Timestamp::from_microsecond(us) else { return us };
-        let civil = ts.to_zoned(jiff::tz::TimeZone::UTC).datetime();
-        civil.to_zoned(self.zone.clone()).map_or(us, |z| z.timestamp().as_microsecond())
-    }
-
-    fn base(&self, kind: RecordKind, id: String, ts: Option<i64>) -> Record {
-        Record { system_id: self.system_id.to_owned(), kind, id, ts: self.utc(ts), ..Record::default() }
-    }
-
-    fn conversations(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
-        let sql = "SELECT id, content, embedding, category, importance_score, project, namespace, epoch_us(timestamp), \
-                   metadata FROM conversations_v2";
-        self.each(conn, sql, |row| {
-            let mut r = self.base(RecordKind::Conversation, row.get(0)?, row.get(7)?);
-            r.text = row.get(1)?;
-            r.embedding = embedding(row.get(2)?);
-            r.category = row.get(3)?;
-            r.importance = row.get::<_, Option<f32>>(4)?.map(f64::from);
-            r.project = row.get(5)?;
-            r.namespace = row.get(6)?;
-            r.metadata = json_object(row.get(8)?);
-            out.push(r);
-            Ok(())
-        })
-    }
-
-    fn reflections(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
-        let sql = "SELECT id, content, embedding, category, importance_score, tags, project, namespace, \
-                   epoch_us(coalesce(created_at, timestamp)), CAST(metadata AS VARCHAR) FROM reflections_v2";
-        self.each(conn, sql, |row| {
-            let mut r = self.base(RecordKind::Reflection, row.get(0)?, row.get(8)?);
-            r.text = row.get(1)?;
-            r.embedding = embedding(row.get(2)?);
-            r.category = row.get(3)?;
-            r.importance = row.get::<_, Option<f32>>(4)?.map(f64::from);
-            r.tags = strings(row.get(5)?);
-            r.project = row.get(6)?;
-            r.namespace = row.get(7)?;
-            r.metadata = json_object(row.get(9)?);
-            out.push(r);
-            Ok(())
-        })
-    }
-
-    fn entities(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
-        let sql = "SELECT id, name, entity_type, observations, CAST(properties AS VARCHAR), epoch_us(created_at), \
-                   CAST(metadata AS VARCHAR), embedding FROM kg_entities";
-        self.each(conn, sql, |row| {
-            let mut r = self.base(RecordKind::Entity, row.get(0)?, row.get(5)?);
-            r.name = row.get(1)?;
-            r.category = row.get(2)?;
-            let observations = strings(row.get(3)?);
-            r.text = (!observations.is_empty()).then(|| observations.join("\n"));
-            let mut metadata = json_map(row.get(6)?);
-            metadata.insert("properties".into(), serde_json::Value::Object(json_map(row.get(4)?)));
-            metadata.insert("observations".into(), serde_json::json!(observations));
-            r.metadata = Some(serde_json::Value::Object(metadata).to_string());
-            r.embedding = embedding(row.get(7)?);
-            out.push(r);
-            Ok(())
-        })
-    }
-
-    fn relations(&self, conn: &duckdb::Connection, out: &mut Vec<Record>) -> Result<(), duckdb::Error> {
-        let sql = "SELECT id, from_entity, to_entity, relation_type, CAST(properties AS VARCHAR), epoch_us(created_at), \
-                   CAST(metadata AS VARCHAR) FROM kg_relationships";
-        self.each(conn, sql, |row| {
-            let mut r = self.base(RecordKind::Relation, row.get(0)?, row.get(5)?);
-            r.from = row.get(1)?;
-            r.to = row.get(2)?;
-            r.relation_type = row.get(3)?;
-            let properties = json_map(row.get(4)?);
-            r.weight = properties.get("weight").and_then(serde_json::Value::as_f64);
-            let mut metadata = json_map(row.get(6)?);
-            metadata.insert("properties".into(), serde_json::Value::Object(properties));
-            r.metadata = Some(serde_json::Value::Object(metadata).to_string());
-            out.push(r);
-            Ok(())
-        })
-    }
-
-    /// Runs a query; rows that do not make a valid record are skipped and logged, not fatal.
-    fn each(
-        &self,
-        conn: &duckdb::Connection,
-        sql: &str,
-        mut f: impl FnMut(&duckdb::Row<'_>) -> Result<(), duckdb::Error>,
-    ) -> Result<(), duckdb::Error> {
-        let mut stmt = conn.prepare(sql)?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            f(row)?;
-        }
-        Ok(())
-    }
-}
-
-fn embedding(value: Value) -> Option<Vec<f32>> {
-    match value {
-        Value::Array(values) | Value::List(values) if values.len() == EMBEDDING_DIM => values
-            .into_iter()
-            .map(|v| match v {
-                Value::Float(f) => Some(f),
-                Value::Double(d) => Some(d as f32),
-                _ => None,
-            })
-            .collect(),
-        _ => None,
-    }
-}
-
-fn strings(value: Value) -> Vec<String> {
-    match value {
-        Value::List(values) | Value::Array(values) => values
-            .into_iter()
-            .filter_map(|v| match v {
-                Value::Text(s) => Some(s),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn json_map(text: Option<String>) -> serde_json::Map<String, serde_json::Value> {
-    match text.as_deref().map(serde_json::from_str::<serde_json::Value>) {
-        Some(Ok(serde_json::Value::Object(map))) => map,
-        _ => serde_json::Map::new(),
-    }
-}
-
-fn json_object(text: Option<String>) -> Option<String> {
-    let map = json_map(text);
-    (!map.is_empty()).then(|| serde_json::Value::Object(map).to_string())
 }
 
 /// Keys `(kind, id)` of records, for comparing sources.
