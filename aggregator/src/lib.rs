@@ -9,7 +9,9 @@ pub mod certs;
 pub mod config;
 pub mod hot;
 pub mod http;
+pub mod import;
 pub mod metrics;
+pub mod objects;
 pub mod receiver;
 pub mod wal;
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use akosha_aggregator::Aggregator;
 use akosha_aggregator::certs::{self, CertPaths};
 use akosha_aggregator::config::AggregatorConfig;
+use akosha_aggregator::import::{Destination, ImportOptions};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,35 @@ enum Command {
     Run,
     /// Check the configuration (and the TLS files it names) without starting.
     Validate,
+    /// Import Session-Buddy cloud uploads (`systems/*/uploads/*/manifest.json`) from an object store into
+    /// the running aggregator; uploads already imported are remembered and skipped.
+    Import {
+        /// Where the uploads are: s3://bucket[/prefix], gs://…, az://container[/prefix], file:///dir or a
+        /// directory. Credentials come from the usual AWS_*, GOOGLE_*, AZURE_* variables.
+        url: String,
+        /// Backend option key=value (e.g. endpoint=http://127.0.0.1:8333, allow_http=true, region=eu-west-1);
+        /// repeatable; wins over the environment.
+        #[arg(long = "option", short = 'o', value_parser = akosha_aggregator::objects::parse_option)]
+        options: Vec<(String, String)>,
+        /// The aggregator's QUIC address (default: the configuration's quic.listen, on loopback when it listens
+        /// on every address).
+        #[arg(long)]
+        aggregator: Option<std::net::SocketAddr>,
+        /// The name the aggregator's server certificate carries.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Directory holding ca.pem and ca.key, used to sign a short-lived certificate per uploading system
+        /// (default: the configuration's certificate directory).
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+        /// Zone of the uploading machines' clocks (Session-Buddy writes local wall-clock time): an IANA name
+        /// or `local`.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// Keep watching: run a pass every interval (e.g. `5m`) until SIGINT/SIGTERM.
+        #[arg(long, value_parser = parse_duration)]
+        watch: Option<std::time::Duration>,
+    },
     /// Create the site CA and certificates.
     Certs {
         #[command(subcommand)]
@@ -96,6 +126,40 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Import { url, options, aggregator, server_name, certs_dir, timezone, watch } => {
+            // A one-off import reports on stdout and draws progress on stderr; only a watch logs as a service.
+            let mut config = config;
+            if watch.is_none() && std::env::var_os("RUST_LOG").is_none() {
+                config.log_level = "warn".into();
+            }
+            init_logging(&config);
+            let zone = match timezone.as_str() {
+                "local" => jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC),
+                name => jiff::tz::TimeZone::get(name).with_context(|| format!("--timezone `{name}`"))?,
+            };
+            let location = akosha_aggregator::objects::open(&url, &options)?;
+            let addr = aggregator.unwrap_or_else(|| {
+                let mut addr = config.quic.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                addr
+            });
+            let import = ImportOptions {
+                location,
+                destination: Destination {
+                    addr,
+                    server_name,
+                    certs: CertPaths::in_dir(&certs_dir.unwrap_or(cert_dir)),
+                },
+                ledger: config.data_dir.join("imports").join("ledger.json"),
+                work_dir: config.data_dir.join("imports").join("work"),
+                zone,
+            };
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+            runtime.block_on(run_import(import, watch))
+        }
         Command::Certs { command: CertsCommand::Init { dir, server_names, force } } => {
             let dir = dir.unwrap_or(cert_dir);
             certs::init(&CertPaths::in_dir(&dir), &server_names, force)?;
@@ -110,6 +174,47 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_import(import: ImportOptions, watch: Option<std::time::Duration>) -> anyhow::Result<()> {
+    if let Some(interval) = watch {
+        akosha_aggregator::import::watch(&import, interval, shutdown_signal()).await;
+        return Ok(());
+    }
+    let progress = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {bar:30} {pos}/{len} uploads  {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = akosha_aggregator::import::import_once(&import, &progress).await?;
+    for (system, upload, records) in &report.imported {
+        println!("imported {system}/{upload}: {records} records");
+    }
+    for (manifest, reason) in &report.failed {
+        println!("FAILED {manifest}: {reason}");
+    }
+    println!(
+        "{} uploads found: {} imported now ({} records), {} imported before, {} still being written, {} failed{}",
+        report.found,
+        report.imported.len(),
+        report.records(),
+        report.already_imported,
+        report.incomplete,
+        report.failed.len(),
+        if report.invalid_records > 0 {
+            format!("; {} invalid rows skipped", report.invalid_records)
+        } else {
+            String::new()
+        },
+    );
+    if !report.failed.is_empty() {
+        anyhow::bail!("{} of {} uploads could not be imported", report.failed.len(), report.found);
+    }
+    Ok(())
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    akosha_protocol::settings::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn init_logging(config: &AggregatorConfig) {

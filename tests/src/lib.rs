@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 pub mod raw_client;
+pub mod s3;
 
 /// Locates a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {

@@ -1,0 +1,155 @@
+//! Object storage locations from URLs: `s3://bucket/prefix`, `gs://…`, `az://container/prefix` (also
+//! `abfs[s]://`, `azure://`), `file:///dir` or a plain directory path.
+//!
+//! Credentials and endpoints come from the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`, as the
+//! `object_store` builders read them) and from explicit `key=value` options, which win. Unlike
+//! `object_store::parse_url_opts`, an option the backend does not know is an error that names it: a misspelt
+//! `endpoint` must not silently send requests to AWS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreScheme};
+
+/// Why a location could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectsError {
+    /// The URL does not parse or names no supported backend.
+    #[error("invalid object store URL `{url}`: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// An option is unknown to the backend.
+    #[error("unknown option `{key}` for {backend} (see the object_store documentation for its configuration keys)")]
+    UnknownOption {
+        /// The backend.
+        backend: &'static str,
+        /// The option.
+        key: String,
+    },
+    /// The backend rejected its configuration.
+    #[error("cannot open `{url}`: {source}")]
+    Build {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// An opened store and the prefix inside it that the URL named.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The store (bucket, container or directory).
+    pub store: Arc<dyn ObjectStore>,
+    /// The prefix inside the store (may be empty).
+    pub prefix: Path,
+    /// The URL, for messages and for remembering what came from where.
+    pub url: String,
+}
+
+impl Location {
+    /// `prefix/relative`.
+    pub fn join(&self, relative: &str) -> Path {
+        relative.split('/').filter(|p| !p.is_empty()).fold(self.prefix.clone(), |path, part| path.child(part))
+    }
+}
+
+/// Opens the location a URL names, with extra backend options.
+pub fn open(url: &str, options: &[(String, String)]) -> Result<Location, ObjectsError> {
+    let bad = |reason: String| ObjectsError::BadUrl { url: url.to_owned(), reason };
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        // A plain path is a local directory.
+        Err(url::ParseError::RelativeUrlWithoutBase) => return open_local(url, PathBuf::from(url), options),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if parsed.scheme() == "file" {
+        let dir = parsed.to_file_path().map_err(|()| bad("not a local path".into()))?;
+        return open_local(url, dir, options);
+    }
+    let (scheme, prefix) = ObjectStoreScheme::parse(&parsed).map_err(|e| bad(e.to_string()))?;
+    let build = |source| ObjectsError::Build { url: url.to_owned(), source };
+    let store: Arc<dyn ObjectStore> = match scheme {
+        ObjectStoreScheme::AmazonS3 => {
+            let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+            for (key, value) in options {
+                let key = key.parse().map_err(|_| ObjectsError::UnknownOption { backend: "S3", key: key.clone() })?;
+                builder = builder.with_config(key, value);
+            }
+            Arc::new(builder.build().map_err(build)?)
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
+            for (key, value) in options {
+                let key = key
+                    .parse()
+                    .map_err(|_| ObjectsError::UnknownOption { backend: "Google Cloud Storage", key: key.clone() })?;
+                builder = builder.with_config(key, value);
+            }
+            Arc::new(builder.build().map_err(build)?)
+        }
+        ObjectStoreScheme::MicrosoftAzure => {
+            let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
+            for (key, value) in options {
+                let key = key
+                    .parse()
+                    .map_err(|_| ObjectsError::UnknownOption { backend: "Azure Blob Storage", key: key.clone() })?;
+                builder = builder.with_config(key, value);
+            }
+            Arc::new(builder.build().map_err(build)?)
+        }
+        other => return Err(bad(format!("unsupported scheme ({other:?}); use s3://, gs://, az:// or file://"))),
+    };
+    Ok(Location { store, prefix, url: url.to_owned() })
+}
+
+fn open_local(url: &str, dir: PathBuf, options: &[(String, String)]) -> Result<Location, ObjectsError> {
+    if let Some((key, _)) = options.first() {
+        return Err(ObjectsError::UnknownOption { backend: "a local directory", key: key.clone() });
+    }
+    let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+        .map_err(|source| ObjectsError::Build { url: url.to_owned(), source })?;
+    Ok(Location { store: Arc::new(store), prefix: Path::default(), url: url.to_owned() })
+}
+
+/// Parses `key=value` (as given on a command line).
+pub fn parse_option(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_open_or_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = open(dir.path().to_str().unwrap(), &[]).unwrap();
+        assert_eq!(local.prefix.as_ref(), "");
+        let file_url = format!("file://{}", dir.path().display());
+        assert!(open(&file_url, &[]).is_ok());
+
+        let s3 = open("s3://bucket/some/prefix", &[("endpoint".into(), "http://127.0.0.1:1".into())]).unwrap();
+        assert_eq!(s3.join("systems/a/").as_ref(), "some/prefix/systems/a");
+
+        let err = open("s3://bucket", &[("endpiont".into(), "x".into())]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown option `endpiont` for S3 (see the object_store documentation for its configuration keys)"
+        );
+        let err = open("ftp://host/x", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("invalid object store URL `ftp://host/x`"), "{err}");
+        assert!(open(&file_url, &[("region".into(), "x".into())]).is_err());
+        assert_eq!(parse_option("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_option("novalue").is_err());
+    }
+}
