@@ -107,6 +107,34 @@ async fn a_local_directory_imports_and_bad_arguments_are_named() -> anyhow::Resu
     assert!(ok.status.success(), "{}", text(&ok));
     aggregator.wait_total(67, Duration::from_secs(30)).await?;
 
+    // A watch picks up uploads that appear later.
+    let watched = site.path("watched");
+    std::fs::create_dir_all(&watched)?;
+    let mut watch = Command::new(binary("akosha-aggregator"))
+        .arg("--config")
+        .arg(&config)
+        .args(["import", watched.to_str().unwrap(), "--aggregator", &quic, "--watch", "300ms"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Prepared beside the watched directory and moved in at once, as another system's upload.
+    let staging = site.path("staging");
+    std::fs::create_dir_all(&staging)?;
+    let script = format!(
+        "cp -r {FIXTURE}/systems {staging} && cd {staging}/systems && mv edge-host-1 laptop-2 && \
+         sed -i 's/edge-host-1/laptop-2/g' laptop-2/uploads/*/manifest.json && \
+         mv laptop-2/uploads/{UPLOAD} laptop-2/uploads/20261122_094622_laptop-2 && mv {staging}/systems {watched}/",
+        staging = staging.display(),
+        watched = watched.display()
+    );
+    assert!(Command::new("sh").arg("-c").arg(script).status()?.success());
+    let waited = aggregator.wait_total(134, Duration::from_secs(30)).await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(waited?, 134);
+    assert_eq!(aggregator.stats().await?["systems"]["laptop-2"]["conversation"], 20);
+
     let bad_option = run(&["import", "s3://bucket", "-o", "endpiont=http://127.0.0.1:1", "--aggregator", &quic]);
     assert!(!bad_option.status.success());
     assert!(text(&bad_option).contains("unknown option `endpiont` for S3"), "{}", text(&bad_option));
