@@ -10,6 +10,7 @@ pub mod config;
 pub mod ingest;
 pub mod mcp;
 pub mod metrics;
+pub mod plugin;
 pub mod sender;
 pub mod sources;
 pub mod tls;

@@ -50,6 +50,44 @@ enum Command {
         #[command(subcommand)]
         command: BufferCommand,
     },
+    /// Work with WASM policy plugins (no configuration or running agent needed).
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Print a plugin's contract version, exports and imports, and whether this agent can load it.
+    Inspect {
+        /// The `.wasm` component.
+        plugin: PathBuf,
+    },
+    /// Run a residency plugin over NDJSON records and print the decision per record and the time per batch.
+    Test {
+        /// The `.wasm` component.
+        plugin: PathBuf,
+        /// Records, one JSON object per line (the agent's ingest format).
+        records: PathBuf,
+        /// Configuration passed to the plugin, key=value; repeatable.
+        #[arg(long = "set", short = 's', value_parser = parse_key_value)]
+        set: Vec<(String, String)>,
+        /// Records per call.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Time budget per call.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Turn a core module built with wit-bindgen into a component (what `wasm-tools component new` does).
+    Componentize {
+        /// The core module.
+        module: PathBuf,
+        /// Where to write the component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         Command::SnapshotWorker { data_dir, snapshot_dir, timezone, system_id } => {
             return snapshot_worker(&data_dir, &snapshot_dir, &timezone, &system_id);
         }
+        Command::Plugin { command } => return plugin_command(command),
         other => other,
     };
     let home = std::env::var("HOME").ok();
@@ -100,7 +139,9 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::SnapshotWorker { .. } => Err(anyhow::anyhow!("snapshot-worker reads no configuration")),
+        Command::SnapshotWorker { .. } | Command::Plugin { .. } => {
+            Err(anyhow::anyhow!("handled before the configuration is read"))
+        }
         Command::Buffer { command: BufferCommand::Inspect { json } } => inspect_buffers(&config, &runtime, json),
         Command::Status { json } => runtime.block_on(async {
             let url = format!("http://{}/v1/status", config.ingest.listen);
@@ -264,4 +305,73 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    use akosha_agent::plugin::{self, PluginConfig, ResidencyPlugin};
+    match command {
+        PluginCommand::Inspect { plugin } => {
+            print!("{}", plugin::describe(&plugin)?);
+            Ok(())
+        }
+        PluginCommand::Componentize { module, output } => {
+            let bytes = std::fs::read(&module).with_context(|| format!("cannot read {}", module.display()))?;
+            let component = plugin::componentize(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
+            std::fs::write(&output, component).with_context(|| format!("cannot write {}", output.display()))?;
+            Ok(())
+        }
+        PluginCommand::Test { plugin, records, set, batch, timeout } => {
+            let name = plugin.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let mut settings = PluginConfig::new(name, &plugin);
+            settings.config = set;
+            settings.timeout = timeout;
+            let mut policy = ResidencyPlugin::load(settings)?;
+            let body = std::fs::read(&records).with_context(|| format!("cannot read {}", records.display()))?;
+            let parsed = akosha_agent::ingest::parse_ndjson(&body, "plugin-test").map_err(|errors| {
+                let lines: Vec<String> = errors.iter().map(|e| format!("  line {}: {}", e.line, e.message)).collect();
+                anyhow::anyhow!("{} has invalid lines:\n{}", records.display(), lines.join("\n"))
+            })?;
+            let mut counts = std::collections::BTreeMap::new();
+            for (n, chunk) in parsed.chunks(batch.max(1)).enumerate() {
+                let (decisions, took) = plugin::timed(|| policy.decide(chunk));
+                let decisions = decisions?;
+                println!(
+                    "batch {}: {} records in {:.3} ms ({:.2} µs/record)",
+                    n + 1,
+                    chunk.len(),
+                    took.as_secs_f64() * 1e3,
+                    took.as_secs_f64() * 1e6 / chunk.len() as f64
+                );
+                for (record, decision) in chunk.iter().zip(&decisions) {
+                    *counts.entry(decision.route.as_str()).or_insert(0u64) += 1;
+                    let redacted = if decision.redactions.is_empty() {
+                        String::new()
+                    } else {
+                        let text = record.text.as_deref().unwrap_or_default();
+                        format!(" -> {:?}", plugin::apply_redactions(text, &decision.redactions))
+                    };
+                    println!(
+                        "  {} {:<7} {}{redacted}",
+                        record.id,
+                        decision.route.as_str(),
+                        decision.reason.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            let summary: Vec<String> = counts.iter().map(|(route, n)| format!("{n} {route}")).collect();
+            println!("{} records: {}", parsed.len(), summary.join(", "));
+            Ok(())
+        }
+    }
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{text}` is not key=value")),
+    }
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    akosha_protocol::settings::parse_duration(text).map_err(|e| e.to_string())
 }

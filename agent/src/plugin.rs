@@ -1,0 +1,734 @@
+//! The host side of WASM policy plugins (contract: `wit/v0.1`, `akosha:plugin@0.1.0`).
+//!
+//! A plugin is a WebAssembly component. Before anything of it runs, the host reads its exports and imports:
+//! the contract version is part of the export name and must be one this agent speaks, and the only imports
+//! allowed are the contract's own (`diagnostics`); WASI or anything else is refused at load, naming the import.
+//!
+//! Every call runs under an epoch deadline (a ticker thread advances the engine's epoch) and a linear-memory
+//! limit. An instance is reused between batches only while its memory does not grow: growth after the first
+//! batch, or any failure, means a fresh instance for the next batch, so a plugin cannot accumulate memory.
+//! The callers decide what a failure means: residency fails closed (see `route`), compression falls back to
+//! the default codec.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use akosha_protocol::{Record, RecordKind};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::{Engine, ResourceLimiter, Store};
+
+mod residency_bindings {
+    wasmtime::component::bindgen!({ world: "residency", path: "../wit/v0.1" });
+}
+
+mod compression_bindings {
+    wasmtime::component::bindgen!({ world: "compression", path: "../wit/v0.1" });
+}
+
+use compression_bindings::akosha::plugin::types as ctypes;
+use residency_bindings::akosha::plugin::types as rtypes;
+
+/// The contract version this agent implements.
+pub const CONTRACT_VERSION: &str = "0.1.0";
+const CONTRACT_PACKAGE: &str = "akosha:plugin";
+/// Epoch ticks per second.
+const TICKS_PER_SECOND: u64 = 100;
+
+/// What a plugin decides about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Where records may go.
+    Residency,
+    /// Which codec a batch gets.
+    Compression,
+}
+
+impl PluginKind {
+    fn interface(self) -> &'static str {
+        match self {
+            PluginKind::Residency => "residency-policy",
+            PluginKind::Compression => "compression-policy",
+        }
+    }
+}
+
+/// How one plugin is loaded and limited.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// The `.wasm` component.
+    pub path: PathBuf,
+    /// Expected SHA-256 of the file (hex), if pinned.
+    pub sha256: Option<String>,
+    /// Wall-clock budget per call.
+    pub timeout: Duration,
+    /// Largest linear memory.
+    pub memory_limit: u64,
+    /// Passed to the plugin's `configure`.
+    pub config: Vec<(String, String)>,
+    /// Whether records are passed with their embeddings.
+    pub embeddings: bool,
+}
+
+impl PluginConfig {
+    /// A plugin with default limits (500 ms per call, 64 MiB of memory).
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        PluginConfig {
+            name: name.into(),
+            path: path.into(),
+            sha256: None,
+            timeout: Duration::from_millis(500),
+            memory_limit: 64 << 20,
+            config: Vec::new(),
+            embeddings: false,
+        }
+    }
+}
+
+/// Why a plugin failed; every variant names the plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// The file cannot be read, or its pin does not match.
+    #[error("plugin `{plugin}`: {message}")]
+    Load {
+        /// The plugin.
+        plugin: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Built against a contract version this agent does not speak.
+    #[error(
+        "plugin `{plugin}` implements {CONTRACT_PACKAGE}@{found}, but this agent speaks {CONTRACT_PACKAGE}@{CONTRACT_VERSION}"
+    )]
+    Version {
+        /// The plugin.
+        plugin: String,
+        /// Its version.
+        found: String,
+    },
+    /// Imports something not granted.
+    #[error("plugin `{plugin}` imports `{import}`, which is not granted (policies get no WASI or other host access)")]
+    Import {
+        /// The plugin.
+        plugin: String,
+        /// The import.
+        import: String,
+    },
+    /// `configure` refused the configuration.
+    #[error("plugin `{plugin}` refused its configuration: {message}")]
+    Configure {
+        /// The plugin.
+        plugin: String,
+        /// Its message.
+        message: String,
+    },
+    /// A call failed.
+    #[error("plugin `{plugin}` failed: {cause}")]
+    Call {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        cause: CallFailure,
+    },
+}
+
+impl PluginError {
+    /// The plugin's name.
+    pub fn plugin(&self) -> &str {
+        match self {
+            PluginError::Load { plugin, .. }
+            | PluginError::Version { plugin, .. }
+            | PluginError::Import { plugin, .. }
+            | PluginError::Configure { plugin, .. }
+            | PluginError::Call { plugin, .. } => plugin,
+        }
+    }
+}
+
+/// How a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallFailure {
+    /// Ran past its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// Tried to grow memory past the limit.
+    #[error("exceeded its memory limit of {0} bytes")]
+    MemoryLimit(u64),
+    /// Panicked (with the guest's message).
+    #[error("panicked: {0}")]
+    Panic(String),
+    /// Trapped.
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// Returned the wrong number of decisions.
+    #[error("returned {got} decisions for {expected} records")]
+    WrongCount {
+        /// Records sent.
+        expected: usize,
+        /// Decisions returned.
+        got: usize,
+    },
+    /// A redaction does not fit the record's text.
+    #[error("redaction {start}..{end} does not fit the {len}-byte text of record `{record}`")]
+    BadRedaction {
+        /// The record id.
+        record: String,
+        /// Range start.
+        start: u32,
+        /// Range end.
+        end: u32,
+        /// Text length.
+        len: usize,
+    },
+}
+
+/// The shared engine: epoch interruption on, one ticker thread while any plugin exists.
+#[derive(Clone)]
+pub struct PluginEngine {
+    engine: Engine,
+}
+
+impl std::fmt::Debug for PluginEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginEngine")
+    }
+}
+
+impl PluginEngine {
+    /// The process-wide engine (compiled code is shared between plugins and instances).
+    pub fn shared() -> PluginEngine {
+        static ENGINE: OnceLock<PluginEngine> = OnceLock::new();
+        ENGINE
+            .get_or_init(|| {
+                let mut config = wasmtime::Config::new();
+                config.epoch_interruption(true);
+                config.wasm_component_model(true);
+                let engine = Engine::new(&config).unwrap_or_else(|_| Engine::default());
+                let ticker = engine.weak();
+                // The ticker ends with the process; it only wakes 100 times a second and only once a plugin
+                // was loaded.
+                let _ = std::thread::Builder::new().name("akosha-plugin-epoch".into()).spawn(move || {
+                    while let Some(engine) = ticker.upgrade() {
+                        engine.increment_epoch();
+                        drop(engine);
+                        std::thread::sleep(Duration::from_millis(1000 / TICKS_PER_SECOND));
+                    }
+                });
+                PluginEngine { engine }
+            })
+            .clone()
+    }
+}
+
+/// Per-store state: memory accounting and the guest's last panic message.
+struct HostState {
+    memory_limit: u64,
+    memory_denied: bool,
+    memory_grew: bool,
+    panic: Option<String>,
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory_limit {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        if current > 0 {
+            self.memory_grew = true;
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+impl residency_bindings::akosha::plugin::diagnostics::Host for HostState {
+    fn panicked(&mut self, message: String) {
+        self.panic = Some(message);
+    }
+}
+
+impl residency_bindings::akosha::plugin::types::Host for HostState {}
+
+impl compression_bindings::akosha::plugin::diagnostics::Host for HostState {
+    fn panicked(&mut self, message: String) {
+        self.panic = Some(message);
+    }
+}
+
+impl compression_bindings::akosha::plugin::types::Host for HostState {}
+
+/// Reads, pins, checks and compiles a component.
+fn load_component(engine: &Engine, config: &PluginConfig, kind: PluginKind) -> Result<Component, PluginError> {
+    let load_err = |message: String| PluginError::Load { plugin: config.name.clone(), message };
+    let bytes =
+        std::fs::read(&config.path).map_err(|e| load_err(format!("cannot read {}: {e}", config.path.display())))?;
+    if let Some(expected) = &config.sha256 {
+        use sha2::Digest;
+        let actual: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        if !actual.eq_ignore_ascii_case(expected.trim()) {
+            return Err(load_err(format!(
+                "{} has sha256 {actual}, but the configuration pins {expected}",
+                config.path.display()
+            )));
+        }
+    }
+    let component = Component::new(engine, &bytes).map_err(|e| load_err(format!("not a valid component: {e:#}")))?;
+    check_contract(engine, &component, &config.name, kind)?;
+    Ok(component)
+}
+
+/// The contract's exports and imports, read from the component's type before instantiation.
+pub fn check_contract(
+    engine: &Engine,
+    component: &Component,
+    plugin: &str,
+    kind: PluginKind,
+) -> Result<(), PluginError> {
+    let ty = component.component_type();
+    let wanted = format!("{CONTRACT_PACKAGE}/{}@", kind.interface());
+    let mut found = None;
+    for (name, _) in ty.exports(engine) {
+        if let Some(version) = name.strip_prefix(&wanted) {
+            found = Some(version.to_owned());
+        }
+    }
+    let Some(version) = found else {
+        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_owned()).collect();
+        return Err(PluginError::Load {
+            plugin: plugin.to_owned(),
+            message: format!(
+                "exports no {CONTRACT_PACKAGE}/{} (it exports: {}); is it a {} plugin?",
+                kind.interface(),
+                if exports.is_empty() { "nothing".to_owned() } else { exports.join(", ") },
+                match kind {
+                    PluginKind::Residency => "residency",
+                    PluginKind::Compression => "compression",
+                }
+            ),
+        });
+    };
+    if !compatible(&version) {
+        return Err(PluginError::Version { plugin: plugin.to_owned(), found: version });
+    }
+    for (name, _) in ty.imports(engine) {
+        let granted = [format!("{CONTRACT_PACKAGE}/diagnostics@"), format!("{CONTRACT_PACKAGE}/types@")];
+        let allowed = granted.iter().any(|prefix| name.strip_prefix(prefix.as_str()).is_some_and(compatible));
+        if !allowed {
+            return Err(PluginError::Import { plugin: plugin.to_owned(), import: name.to_owned() });
+        }
+    }
+    Ok(())
+}
+
+/// Semver compatibility with [`CONTRACT_VERSION`]: same major, and for 0.x the same minor.
+fn compatible(version: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut parts = v.split('.');
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    match (parse(version), parse(CONTRACT_VERSION)) {
+        (Some((0, minor)), Some((0, ours))) => minor == ours,
+        (Some((major, _)), Some((ours, _))) => major == ours,
+        _ => false,
+    }
+}
+
+/// What a component exports and imports, for `akosha-agent plugin inspect`.
+pub fn describe(path: &Path) -> Result<String, PluginError> {
+    let engine = &PluginEngine::shared().engine;
+    let plugin = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| PluginError::Load { plugin: plugin.clone(), message: e.to_string() })?;
+    let component = Component::new(engine, &bytes)
+        .map_err(|e| PluginError::Load { plugin: plugin.clone(), message: format!("not a valid component: {e:#}") })?;
+    let ty = component.component_type();
+    let mut out = String::new();
+    let mut kind = None;
+    for (name, _) in ty.exports(engine) {
+        out.push_str(&format!("export {name}\n"));
+        for k in [PluginKind::Residency, PluginKind::Compression] {
+            if let Some(version) = name.strip_prefix(&format!("{CONTRACT_PACKAGE}/{}@", k.interface())) {
+                kind = Some((k, version.to_owned()));
+            }
+        }
+    }
+    for (name, _) in ty.imports(engine) {
+        out.push_str(&format!("import {name}\n"));
+    }
+    let summary = match kind {
+        Some((k, version)) => {
+            let verdict = match check_contract(engine, &component, &plugin, k) {
+                Ok(()) => "loadable by this agent".to_owned(),
+                Err(e) => format!("NOT loadable: {e}"),
+            };
+            format!("{k:?} policy, contract {CONTRACT_PACKAGE}@{version} ({verdict})\n")
+        }
+        None => format!("not an akosha policy (no {CONTRACT_PACKAGE} policy export)\n"),
+    };
+    Ok(format!("{summary}{out}"))
+}
+
+/// An instance that may be reused, and the store it lives in.
+struct Live<T> {
+    store: Store<HostState>,
+    bindings: T,
+}
+
+/// Runs a call under the plugin's deadline, translating traps into [`CallFailure`]s.
+fn classify(error: &wasmtime::Error, state: &HostState, timeout: Duration) -> CallFailure {
+    if let Some(message) = &state.panic {
+        return CallFailure::Panic(message.clone());
+    }
+    if state.memory_denied {
+        return CallFailure::MemoryLimit(state.memory_limit);
+    }
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => CallFailure::Timeout(timeout),
+        Some(trap) => CallFailure::Trap(trap.to_string()),
+        None => CallFailure::Trap(format!("{error:#}")),
+    }
+}
+
+fn new_store(engine: &Engine, config: &PluginConfig) -> Store<HostState> {
+    let state = HostState { memory_limit: config.memory_limit, memory_denied: false, memory_grew: false, panic: None };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| s);
+    store.epoch_deadline_trap();
+    store.set_epoch_deadline(deadline_ticks(config.timeout));
+    store
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() as u64 * TICKS_PER_SECOND).div_ceil(1000).max(1) + 1
+}
+
+/// A loaded residency policy.
+pub struct ResidencyPlugin {
+    config: PluginConfig,
+    engine: Engine,
+    pre: residency_bindings::ResidencyPre<HostState>,
+    live: Option<Live<residency_bindings::Residency>>,
+    /// Whether the instance ran a batch already (the first batch may grow memory; later ones must not).
+    warmed: bool,
+}
+
+/// A residency decision, as the host uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Where.
+    pub route: Route,
+    /// Byte ranges of the text to blank out (checked to fit).
+    pub redactions: Vec<(u32, u32)>,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// Where a record may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Route {
+    /// Anywhere.
+    Cloud,
+    /// On-premises destinations only.
+    Onprem,
+    /// Nowhere.
+    Drop,
+}
+
+impl Route {
+    /// `cloud`, `onprem` or `drop`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Cloud => "cloud",
+            Route::Onprem => "onprem",
+            Route::Drop => "drop",
+        }
+    }
+}
+
+impl ResidencyPlugin {
+    /// Loads, checks and pre-links the plugin, then configures one instance to surface configuration errors
+    /// at load rather than at the first batch.
+    pub fn load(config: PluginConfig) -> Result<ResidencyPlugin, PluginError> {
+        let engine = PluginEngine::shared().engine;
+        let component = load_component(&engine, &config, PluginKind::Residency)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        residency_bindings::Residency::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
+        let instance_pre: InstancePre<HostState> = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
+        let pre = residency_bindings::ResidencyPre::new(instance_pre)
+            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("{e:#}") })?;
+        let mut plugin = ResidencyPlugin { config, engine, pre, live: None, warmed: false };
+        plugin.instance()?;
+        Ok(plugin)
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn instance(&mut self) -> Result<&mut Live<residency_bindings::Residency>, PluginError> {
+        if self.live.is_none() {
+            let mut store = new_store(&self.engine, &self.config);
+            let call_err = |store: &Store<HostState>, e: wasmtime::Error, plugin: &str, timeout| PluginError::Call {
+                plugin: plugin.to_owned(),
+                cause: classify(&e, store.data(), timeout),
+            };
+            let bindings = self
+                .pre
+                .instantiate(&mut store)
+                .map_err(|e| call_err(&store, e, &self.config.name, self.config.timeout))?;
+            let configured = bindings
+                .akosha_plugin_residency_policy()
+                .call_configure(&mut store, &self.config.config)
+                .map_err(|e| call_err(&store, e, &self.config.name, self.config.timeout))?;
+            if let Err(message) = configured {
+                return Err(PluginError::Configure { plugin: self.config.name.clone(), message });
+            }
+            self.warmed = false;
+            self.live = Some(Live { store, bindings });
+        }
+        self.live
+            .as_mut()
+            .ok_or_else(|| PluginError::Load { plugin: self.config.name.clone(), message: "no instance".into() })
+    }
+
+    /// One decision per record. Any failure discards the instance; the caller fails closed.
+    pub fn decide(&mut self, records: &[Record]) -> Result<Vec<Decision>, PluginError> {
+        let plugin = self.config.name.clone();
+        let timeout = self.config.timeout;
+        let embeddings = self.config.embeddings;
+        let input: Vec<rtypes::Record> = records.iter().map(|r| to_guest(r, embeddings)).collect();
+        let live = self.instance()?;
+        live.store.data_mut().memory_grew = false;
+        live.store.set_epoch_deadline(deadline_ticks(timeout));
+        let result = live.bindings.akosha_plugin_residency_policy().call_decide(&mut live.store, &input);
+        let outcome = match result {
+            Ok(decisions) => check_decisions(records, decisions).map_err(|cause| PluginError::Call { plugin, cause }),
+            Err(e) => Err(PluginError::Call { plugin, cause: classify(&e, live.store.data(), timeout) }),
+        };
+        let grew = live.store.data().memory_grew;
+        // A fresh instance after any failure, and whenever memory grew after the first batch.
+        if outcome.is_err() || (self.warmed && grew) {
+            self.live = None;
+        } else {
+            self.warmed = true;
+        }
+        outcome
+    }
+}
+
+fn to_guest(r: &Record, embeddings: bool) -> rtypes::Record {
+    rtypes::Record {
+        kind: match r.kind {
+            RecordKind::Conversation => rtypes::Kind::Conversation,
+            RecordKind::Reflection => rtypes::Kind::Reflection,
+            RecordKind::Entity => rtypes::Kind::Entity,
+            RecordKind::Relation => rtypes::Kind::Relation,
+            _ => rtypes::Kind::Metric,
+        },
+        system_id: r.system_id.clone(),
+        id: r.id.clone(),
+        project: r.project.clone(),
+        namespace: r.namespace.clone(),
+        category: r.category.clone(),
+        name: r.name.clone(),
+        tags: r.tags.clone(),
+        text: r.text.clone(),
+        metadata: r.metadata.clone(),
+        embedding: if embeddings { r.embedding.clone() } else { None },
+    }
+}
+
+fn check_decisions(records: &[Record], decisions: Vec<rtypes::Decision>) -> Result<Vec<Decision>, CallFailure> {
+    if decisions.len() != records.len() {
+        return Err(CallFailure::WrongCount { expected: records.len(), got: decisions.len() });
+    }
+    records
+        .iter()
+        .zip(decisions)
+        .map(|(record, d)| {
+            let text = record.text.as_deref().unwrap_or("");
+            let mut redactions = Vec::with_capacity(d.redactions.len());
+            for r in &d.redactions {
+                let fits = r.start <= r.end
+                    && (r.end as usize) <= text.len()
+                    && text.is_char_boundary(r.start as usize)
+                    && text.is_char_boundary(r.end as usize);
+                if !fits {
+                    return Err(CallFailure::BadRedaction {
+                        record: record.id.clone(),
+                        start: r.start,
+                        end: r.end,
+                        len: text.len(),
+                    });
+                }
+                redactions.push((r.start, r.end));
+            }
+            let route = match d.route {
+                rtypes::Route::Cloud => Route::Cloud,
+                rtypes::Route::Onprem => Route::Onprem,
+                rtypes::Route::Drop => Route::Drop,
+            };
+            Ok(Decision { route, redactions, reason: d.reason })
+        })
+        .collect()
+}
+
+/// Replaces each (checked) byte range of `text` with `[REDACTED]`.
+pub fn apply_redactions(text: &str, ranges: &[(u32, u32)]) -> String {
+    let mut sorted: Vec<(usize, usize)> = ranges.iter().map(|&(s, e)| (s as usize, e as usize)).collect();
+    sorted.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, end) in sorted {
+        let start = start.max(at);
+        if start > at {
+            out.push_str(&text[at..start]);
+        }
+        if end > start || start == at {
+            out.push_str("[REDACTED]");
+        }
+        at = at.max(end);
+    }
+    out.push_str(&text[at.min(text.len())..]);
+    out
+}
+
+/// A loaded compression policy.
+pub struct CompressionPlugin {
+    config: PluginConfig,
+    engine: Engine,
+    pre: compression_bindings::CompressionPre<HostState>,
+    live: Option<Live<compression_bindings::Compression>>,
+}
+
+/// What a compression policy is told about a batch.
+#[derive(Debug, Clone, Default)]
+pub struct BatchStats {
+    /// Records.
+    pub records: u32,
+    /// Encoded bytes.
+    pub bytes: u64,
+    /// Bytes of text.
+    pub text_bytes: u64,
+    /// Bytes of embeddings.
+    pub embedding_bytes: u64,
+    /// Up to 4 KiB of the encoded batch.
+    pub sample: Vec<u8>,
+}
+
+impl CompressionPlugin {
+    /// Loads, checks and configures the plugin.
+    pub fn load(config: PluginConfig) -> Result<CompressionPlugin, PluginError> {
+        let engine = PluginEngine::shared().engine;
+        let component = load_component(&engine, &config, PluginKind::Compression)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        compression_bindings::Compression::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
+        let pre = compression_bindings::CompressionPre::new(instance_pre)
+            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("{e:#}") })?;
+        let mut plugin = CompressionPlugin { config, engine, pre, live: None };
+        plugin.instance()?;
+        Ok(plugin)
+    }
+
+    fn instance(&mut self) -> Result<&mut Live<compression_bindings::Compression>, PluginError> {
+        if self.live.is_none() {
+            let mut store = new_store(&self.engine, &self.config);
+            let plugin = self.config.name.clone();
+            let timeout = self.config.timeout;
+            let bindings = self.pre.instantiate(&mut store).map_err(|e| PluginError::Call {
+                plugin: plugin.clone(),
+                cause: classify(&e, store.data(), timeout),
+            })?;
+            let configured =
+                bindings.akosha_plugin_compression_policy().call_configure(&mut store, &self.config.config).map_err(
+                    |e| PluginError::Call { plugin: plugin.clone(), cause: classify(&e, store.data(), timeout) },
+                )?;
+            if let Err(message) = configured {
+                return Err(PluginError::Configure { plugin, message });
+            }
+            self.live = Some(Live { store, bindings });
+        }
+        self.live
+            .as_mut()
+            .ok_or_else(|| PluginError::Load { plugin: self.config.name.clone(), message: "no instance".into() })
+    }
+
+    /// The codec for a batch; on failure the caller uses its default codec.
+    pub fn choose(&mut self, stats: &BatchStats) -> Result<akosha_protocol::Codec, PluginError> {
+        let plugin = self.config.name.clone();
+        let timeout = self.config.timeout;
+        let live = self.instance()?;
+        live.store.set_epoch_deadline(deadline_ticks(timeout));
+        let input = ctypes::BatchStats {
+            records: stats.records,
+            bytes: stats.bytes,
+            text_bytes: stats.text_bytes,
+            embedding_bytes: stats.embedding_bytes,
+            sample: stats.sample.iter().take(4096).copied().collect(),
+        };
+        let result = live.bindings.akosha_plugin_compression_policy().call_choose(&mut live.store, &input);
+        match result {
+            Ok(choice) => Ok(match choice.codec {
+                ctypes::Codec::None => akosha_protocol::Codec::None,
+                ctypes::Codec::Lz4 => akosha_protocol::Codec::Lz4,
+                ctypes::Codec::Zstd => akosha_protocol::Codec::Zstd(choice.level.clamp(1, 19)),
+            }),
+            Err(e) => {
+                let cause = classify(&e, live.store.data(), timeout);
+                self.live = None;
+                Err(PluginError::Call { plugin, cause })
+            }
+        }
+    }
+}
+
+/// Turns a core WebAssembly module built with wit-bindgen into a component (what `wasm-tools component new`
+/// does), for plugin builds without wasm-tools installed.
+pub fn componentize(module: &[u8]) -> Result<Vec<u8>, String> {
+    wit_component::ComponentEncoder::default()
+        .module(module)
+        .and_then(|encoder| encoder.validate(true).encode())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// Times a batch call, for `plugin test`.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redactions_replace_ranges_and_merge_overlaps() {
+        assert_eq!(apply_redactions("my key is AKIA123 ok", &[(10, 17)]), "my key is [REDACTED] ok");
+        assert_eq!(apply_redactions("abcdef", &[(0, 2), (1, 4)]), "[REDACTED]ef");
+        assert_eq!(apply_redactions("abc", &[]), "abc");
+    }
+
+    #[test]
+    fn versions_compatible_by_semver() {
+        assert!(compatible("0.1.0"));
+        assert!(compatible("0.1.7"));
+        assert!(!compatible("0.2.0"));
+        assert!(!compatible("9.0.0"));
+        assert!(!compatible("garbage"));
+    }
+}

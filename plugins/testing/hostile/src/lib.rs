@@ -1,0 +1,59 @@
+//! A residency plugin that misbehaves on purpose, chosen by `mode`: `loop`, `memory-bomb`, `trap`, `panic`,
+//! `short` (one decision too few), `bad-redaction` (a range past the text), `onprem-all`, `cloud-all`.
+//! The agent's tests load it to prove that no misbehaviour lets a record reach a cloud destination.
+
+#![cfg(target_arch = "wasm32")]
+
+use akosha_plugin_sdk::Config;
+use akosha_plugin_sdk::residency::{Decision, Policy, Record, Redaction};
+
+struct Hostile {
+    mode: String,
+}
+
+impl Policy for Hostile {
+    fn configure(config: &Config) -> Result<Self, String> {
+        match config.get("mode") {
+            Some(mode) => Ok(Hostile { mode: mode.to_owned() }),
+            None => Err("`mode` is required".into()),
+        }
+    }
+
+    fn decide(&self, _record: &Record) -> Decision {
+        Decision::cloud()
+    }
+
+    fn decide_batch(&self, records: &[Record]) -> Vec<Decision> {
+        match self.mode.as_str() {
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "memory-bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "trap" => core::arch::wasm32::unreachable(),
+            "panic" => panic!("hostile plugin panicked on purpose with {} records", records.len()),
+            "short" => records.iter().skip(1).map(|_| Decision::cloud()).collect(),
+            "bad-redaction" => records
+                .iter()
+                .map(|r| {
+                    let len = r.text.as_ref().map_or(0, String::len) as u32;
+                    let mut d = Decision::cloud();
+                    d.redactions.push(Redaction { start: 0, end: len + 10 });
+                    d
+                })
+                .collect(),
+            "onprem-all" => records.iter().map(|_| Decision::onprem("hostile: everything on-premises")).collect(),
+            _ => records.iter().map(|_| Decision::cloud()).collect(),
+        }
+    }
+}
+
+akosha_plugin_sdk::residency_plugin!(Hostile);
