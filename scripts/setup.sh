@@ -53,4 +53,6 @@ fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/akosha-target}"
 log "building release binaries into $CARGO_TARGET_DIR (the first build compiles DuckDB and takes long)"
 cargo build --release --workspace --bins
+log "building the policy plugins (WASM components)"
+bash scripts/build-plugins.sh >/dev/null
 log "done"

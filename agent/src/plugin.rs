@@ -5,10 +5,11 @@
 //! allowed are the contract's own (`diagnostics`); WASI or anything else is refused at load, naming the import.
 //!
 //! Every call runs under an epoch deadline (a ticker thread advances the engine's epoch) and a linear-memory
-//! limit. An instance is reused between batches only while its memory does not grow: growth after the first
-//! batch, or any failure, means a fresh instance for the next batch, so a plugin cannot accumulate memory.
-//! The callers decide what a failure means: residency fails closed (see `route`), compression falls back to
-//! the default codec.
+//! limit. An instance is reused between batches while its memory stays within twice what it used after its
+//! first batch; beyond that, or after any failure, the next batch gets a fresh instance, so a plugin cannot
+//! accumulate memory across batches.
+//! Callers decide what a failure means: residency must fail closed (never to a cloud destination), compression
+//! falls back to the default codec.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -227,6 +228,7 @@ struct HostState {
     memory_limit: u64,
     memory_denied: bool,
     memory_grew: bool,
+    memory_size: u64,
     panic: Option<String>,
 }
 
@@ -239,6 +241,7 @@ impl ResourceLimiter for HostState {
         if current > 0 {
             self.memory_grew = true;
         }
+        self.memory_size = desired as u64;
         Ok(true)
     }
 
@@ -268,17 +271,29 @@ fn load_component(engine: &Engine, config: &PluginConfig, kind: PluginKind) -> R
     let load_err = |message: String| PluginError::Load { plugin: config.name.clone(), message };
     let bytes =
         std::fs::read(&config.path).map_err(|e| load_err(format!("cannot read {}: {e}", config.path.display())))?;
-    if let Some(expected) = &config.sha256 {
-        use sha2::Digest;
-        let actual: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-        if !actual.eq_ignore_ascii_case(expected.trim()) {
-            return Err(load_err(format!(
-                "{} has sha256 {actual}, but the configuration pins {expected}",
-                config.path.display()
-            )));
-        }
+    use sha2::Digest;
+    let actual: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(expected) = &config.sha256
+        && !actual.eq_ignore_ascii_case(expected.trim())
+    {
+        return Err(load_err(format!(
+            "{} has sha256 {actual}, but the configuration pins {expected}",
+            config.path.display()
+        )));
     }
-    let component = Component::new(engine, &bytes).map_err(|e| load_err(format!("not a valid component: {e:#}")))?;
+    // Compiled once per process and content: several policies (or destinations) may load the same file.
+    static COMPILED: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Component>>> = OnceLock::new();
+    let cache = COMPILED.get_or_init(Default::default);
+    let cached = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&actual).cloned();
+    let component = match cached {
+        Some(component) => component,
+        None => {
+            let component =
+                Component::new(engine, &bytes).map_err(|e| load_err(format!("not a valid component: {e:#}")))?;
+            cache.lock().unwrap_or_else(|p| p.into_inner()).insert(actual, component.clone());
+            component
+        }
+    };
     check_contract(engine, &component, &config.name, kind)?;
     Ok(component)
 }
@@ -396,7 +411,13 @@ fn classify(error: &wasmtime::Error, state: &HostState, timeout: Duration) -> Ca
 }
 
 fn new_store(engine: &Engine, config: &PluginConfig) -> Store<HostState> {
-    let state = HostState { memory_limit: config.memory_limit, memory_denied: false, memory_grew: false, panic: None };
+    let state = HostState {
+        memory_limit: config.memory_limit,
+        memory_denied: false,
+        memory_grew: false,
+        memory_size: 0,
+        panic: None,
+    };
     let mut store = Store::new(engine, state);
     store.limiter(|s| s);
     store.epoch_deadline_trap();
@@ -414,8 +435,9 @@ pub struct ResidencyPlugin {
     engine: Engine,
     pre: residency_bindings::ResidencyPre<HostState>,
     live: Option<Live<residency_bindings::Residency>>,
-    /// Whether the instance ran a batch already (the first batch may grow memory; later ones must not).
-    warmed: bool,
+    /// Linear memory after the instance's first batch. The guest allocator may still grow a little while it
+    /// settles, but past twice this the instance is replaced, so memory cannot grow without bound across batches.
+    baseline: Option<u64>,
 }
 
 /// A residency decision, as the host uses it.
@@ -465,7 +487,7 @@ impl ResidencyPlugin {
             .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
         let pre = residency_bindings::ResidencyPre::new(instance_pre)
             .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("{e:#}") })?;
-        let mut plugin = ResidencyPlugin { config, engine, pre, live: None, warmed: false };
+        let mut plugin = ResidencyPlugin { config, engine, pre, live: None, baseline: None };
         plugin.instance()?;
         Ok(plugin)
     }
@@ -493,7 +515,7 @@ impl ResidencyPlugin {
             if let Err(message) = configured {
                 return Err(PluginError::Configure { plugin: self.config.name.clone(), message });
             }
-            self.warmed = false;
+            self.baseline = None;
             self.live = Some(Live { store, bindings });
         }
         self.live
@@ -517,10 +539,11 @@ impl ResidencyPlugin {
         };
         let grew = live.store.data().memory_grew;
         // A fresh instance after any failure, and whenever memory grew after the first batch.
-        if outcome.is_err() || (self.warmed && grew) {
+        let size = live.store.data().memory_size;
+        let baseline = *self.baseline.get_or_insert(size);
+        if outcome.is_err() || (grew && size > baseline.saturating_mul(2)) {
             self.live = None;
-        } else {
-            self.warmed = true;
+            self.baseline = None;
         }
         outcome
     }
@@ -587,19 +610,21 @@ fn check_decisions(records: &[Record], decisions: Vec<rtypes::Decision>) -> Resu
 pub fn apply_redactions(text: &str, ranges: &[(u32, u32)]) -> String {
     let mut sorted: Vec<(usize, usize)> = ranges.iter().map(|&(s, e)| (s as usize, e as usize)).collect();
     sorted.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(sorted.len());
+    for (start, end) in sorted {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
-    for (start, end) in sorted {
-        let start = start.max(at);
-        if start > at {
-            out.push_str(&text[at..start]);
-        }
-        if end > start || start == at {
-            out.push_str("[REDACTED]");
-        }
-        at = at.max(end);
+    for (start, end) in merged {
+        out.push_str(&text[at..start]);
+        out.push_str("[REDACTED]");
+        at = end;
     }
-    out.push_str(&text[at.min(text.len())..]);
+    out.push_str(&text[at..]);
     out
 }
 

@@ -46,7 +46,8 @@ impl Settings {
                 "zstd_level" => s.zstd_level = level(value).ok_or_else(bad)?,
                 "zstd_level_large" => s.zstd_level_large = level(value).ok_or_else(bad)?,
                 "entropy_threshold" => {
-                    s.entropy_threshold = value.parse().ok().filter(|v: &f64| (0.0..=8.0).contains(v)).ok_or_else(bad)?
+                    s.entropy_threshold =
+                        value.parse().ok().filter(|v: &f64| (0.0..=8.0).contains(v)).ok_or_else(bad)?
                 }
                 _ => return Err(format!("unknown configuration key `{key}`")),
             }

@@ -117,10 +117,17 @@ impl Rules {
         };
         for (key, _) in config {
             if !KNOWN_KEYS.contains(&key.as_str()) && !key.starts_with("pattern.") {
-                return Err(format!("unknown configuration key `{key}` (known: {}, pattern.<name>)", KNOWN_KEYS.join(", ")));
+                return Err(format!(
+                    "unknown configuration key `{key}` (known: {}, pattern.<name>)",
+                    KNOWN_KEYS.join(", ")
+                ));
             }
         }
-        let wanted = if get("detect").is_some() { list("detect") } else { DETECTORS.iter().map(|(n, _)| (*n).to_owned()).collect() };
+        let wanted = if get("detect").is_some() {
+            list("detect")
+        } else {
+            DETECTORS.iter().map(|(n, _)| (*n).to_owned()).collect()
+        };
         let mut names = Vec::new();
         let mut patterns = Vec::new();
         for name in &wanted {
@@ -205,7 +212,11 @@ impl Rules {
                 ranges.sort_by_key(|r| r.start);
                 let merged = merge(ranges);
                 let kinds: Vec<&str> = self.any.matches(text).into_iter().map(|i| self.names[i].as_str()).collect();
-                Verdict { route: Route::Cloud, redactions: merged, reason: Some(format!("redacted {}", kinds.join(", "))) }
+                Verdict {
+                    route: Route::Cloud,
+                    redactions: merged,
+                    reason: Some(format!("redacted {}", kinds.join(", "))),
+                }
             }
         }
     }
@@ -250,8 +261,7 @@ mod tests {
     use super::*;
 
     fn rules(config: &[(&str, &str)]) -> Rules {
-        Rules::from_config(&config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>())
-            .unwrap()
+        Rules::from_config(&config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>()).unwrap()
     }
 
     fn text(t: &str) -> RecordView<'_> {
@@ -303,7 +313,10 @@ mod tests {
     #[test]
     fn metadata_matches_cannot_be_redacted_so_they_stay_on_premises() {
         let r = rules(&[("on_match", "redact")]);
-        let v = r.decide(&RecordView { metadata: Some(r#"{"token":"ghp_abcdefghijklmnopqrstuvwxyz0123456789"}"#), ..text("ok") });
+        let v = r.decide(&RecordView {
+            metadata: Some(r#"{"token":"ghp_abcdefghijklmnopqrstuvwxyz0123456789"}"#),
+            ..text("ok")
+        });
         assert_eq!(v.route, Route::Onprem);
         let off = rules(&[("scan_metadata", "false")]);
         assert_eq!(off.decide(&RecordView { metadata: Some("a@b.example.com"), ..text("ok") }).route, Route::Cloud);

@@ -5,8 +5,8 @@
 
 wit_bindgen::generate!({ world: "residency-with-wasi", path: "wit", generate_all });
 
-use exports::akosha::plugin::residency_policy::Guest;
 use akosha::plugin::types::{Decision, Record, Route};
+use exports::akosha::plugin::residency_policy::Guest;
 
 struct Plugin;
 

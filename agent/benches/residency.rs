@@ -1,0 +1,114 @@
+//! What running the residency policy in WASM costs, against the same rules compiled natively.
+//!
+//! Records are Session-Buddy-like (≈600 bytes of prose, project, tags, metadata; one in ten carries a secret or
+//! an e-mail address). The native side calls `akosha_residency::rules::Rules::decide` on borrowed records; the
+//! WASM side is the agent's real path: `ResidencyPlugin::decide` with the built component (copying records
+//! into the guest, running the same rules there, checking the decisions). Batches of 1, 100 and 1,000.
+//!
+//! `scripts/build-plugins.sh && cargo bench --profile release -p akosha-agent --bench residency [-- <seconds>]`
+
+use std::time::{Duration, Instant};
+
+use akosha_agent::plugin::{PluginConfig, ResidencyPlugin};
+use akosha_protocol::{Record, RecordKind};
+use akosha_residency::rules::{RecordView, Rules};
+
+fn records(n: usize) -> Vec<Record> {
+    let prose = "Refactored the ingestion path so that batches are validated before they reach the buffer; \
+                 the parser now rejects oversized lines early and the tests cover rotation and truncation. \
+                 Next: measure the group commit window against the disk's fdatasync latency and document it. ";
+    (0..n)
+        .map(|i| {
+            let mut text = format!("{i}: {prose}{prose}");
+            match i % 10 {
+                3 => text.push_str(" The key was AKIAIOSFODNN7EXAMPLE, rotate it."),
+                7 => text.push_str(" Ask jane.doe@example.com for access."),
+                _ => {}
+            }
+            Record {
+                system_id: "dev-1".into(),
+                kind: RecordKind::Conversation,
+                id: format!("rec-{i}"),
+                ts: 1,
+                project: Some(if i % 5 == 0 { "client-x".into() } else { "akosha".into() }),
+                tags: vec!["session".into(), "rust".into()],
+                text: Some(text),
+                metadata: Some(r#"{"source":"session-buddy","turn":3}"#.into()),
+                ..Record::default()
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let seconds: f64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(2.0);
+    let plugin = std::env::var_os("AKOSHA_PLUGIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("bench path");
+            exe.ancestors().nth(3).expect("target dir").join("plugins")
+        })
+        .join("akosha-residency.wasm");
+    assert!(plugin.exists(), "{} missing: run scripts/build-plugins.sh", plugin.display());
+    let config = vec![("onprem_projects".to_owned(), "client-*".to_owned())];
+    let rules = Rules::from_config(&config).expect("rules");
+    let mut settings = PluginConfig::new("residency", &plugin);
+    settings.config = config;
+    let mut wasm = ResidencyPlugin::load(settings).expect("plugin");
+
+    println!("| batch | native rec/s | WASM rec/s | WASM / native time | added per record |");
+    println!("|---:|---:|---:|---:|---:|");
+    for batch in [1usize, 100, 1000] {
+        let input = records(batch.max(100));
+        let chunk = &input[..batch];
+        // Same decisions both ways.
+        let native_routes: Vec<_> = chunk.iter().map(|r| format!("{:?}", rules.decide(&view(r)).route)).collect();
+        let wasm_routes: Vec<_> = wasm.decide(chunk).expect("wasm").iter().map(|d| format!("{:?}", d.route)).collect();
+        assert_eq!(native_routes, wasm_routes);
+
+        let native = per_record(seconds, batch, || {
+            for r in chunk {
+                std::hint::black_box(rules.decide(&view(r)));
+            }
+        });
+        let in_wasm = per_record(seconds, batch, || {
+            std::hint::black_box(wasm.decide(chunk).expect("wasm"));
+        });
+        println!(
+            "| {batch} | {:.0} | {:.0} | {:.2}× | {:.2} µs |",
+            1.0 / native.as_secs_f64(),
+            1.0 / in_wasm.as_secs_f64(),
+            in_wasm.as_secs_f64() / native.as_secs_f64(),
+            (in_wasm.as_secs_f64() - native.as_secs_f64()) * 1e6
+        );
+    }
+}
+
+fn view(r: &Record) -> RecordView<'_> {
+    RecordView {
+        project: r.project.as_deref(),
+        tags: &r.tags,
+        text: r.text.as_deref(),
+        name: r.name.as_deref(),
+        metadata: r.metadata.as_deref(),
+    }
+}
+
+/// Median time per record over rounds of `f` (one call = one batch of `batch` records).
+fn per_record(seconds: f64, batch: usize, mut f: impl FnMut()) -> Duration {
+    for _ in 0..3 {
+        f();
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut samples = Vec::new();
+    while Instant::now() < deadline || samples.len() < 5 {
+        let calls = (2000 / batch).max(1);
+        let start = Instant::now();
+        for _ in 0..calls {
+            f();
+        }
+        samples.push(start.elapsed() / (calls * batch) as u32);
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}

@@ -1,0 +1,170 @@
+//! The plugin host against real components built by `scripts/build-plugins.sh`: the shipped policies, and
+//! hostile plugins that loop, hoard memory, trap, panic, miscount, redact out of range, speak another contract
+//! version or import WASI. Every failure names the plugin and the cause, and the host keeps working.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use akosha_agent::plugin::{
+    BatchStats, CallFailure, CompressionPlugin, PluginConfig, PluginError, ResidencyPlugin, Route, apply_redactions,
+};
+use akosha_protocol::{Codec, Record, RecordKind};
+
+fn plugin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AKOSHA_PLUGIN_DIR") {
+        return dir.into();
+    }
+    // target/release/deps/<test> → target/plugins
+    let exe = std::env::current_exe().expect("test path");
+    exe.ancestors().nth(3).expect("target dir").join("plugins")
+}
+
+fn plugin(name: &str) -> PathBuf {
+    let path = plugin_dir().join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh", path.display());
+    path
+}
+
+fn record(id: &str, text: &str) -> Record {
+    Record {
+        system_id: "dev-1".into(),
+        kind: RecordKind::Conversation,
+        id: id.into(),
+        ts: 1,
+        text: Some(text.into()),
+        ..Record::default()
+    }
+}
+
+fn hostile(mode: &str) -> Result<ResidencyPlugin, PluginError> {
+    let mut config = PluginConfig::new("hostile", plugin("akosha-hostile-plugin"));
+    config.config = vec![("mode".into(), mode.into())];
+    config.timeout = Duration::from_millis(200);
+    config.memory_limit = 32 << 20;
+    ResidencyPlugin::load(config)
+}
+
+fn failure(result: Result<Vec<akosha_agent::plugin::Decision>, PluginError>) -> CallFailure {
+    match result {
+        Err(PluginError::Call { plugin, cause }) => {
+            assert_eq!(plugin, "hostile");
+            cause
+        }
+        other => panic!("expected a call failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_shipped_residency_policy_routes_and_redacts() {
+    let mut config = PluginConfig::new("residency", plugin("akosha-residency"));
+    config.config = vec![("onprem_projects".into(), "secret-*".into())];
+    let mut policy = ResidencyPlugin::load(config).unwrap();
+    let mut private = record("p", "nothing special");
+    private.project = Some("secret-sauce".into());
+    let batch = vec![
+        record("ok", "refactored the parser"),
+        record("aws", "key AKIAIOSFODNN7EXAMPLE leaked"),
+        record("pem", "-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----"),
+        private,
+    ];
+    let decisions = policy.decide(&batch).unwrap();
+    let routes: Vec<Route> = decisions.iter().map(|d| d.route).collect();
+    assert_eq!(routes, [Route::Cloud, Route::Onprem, Route::Onprem, Route::Onprem]);
+    assert_eq!(decisions[1].reason.as_deref(), Some("text contains an AWS key"));
+
+    let mut config = PluginConfig::new("residency", plugin("akosha-residency"));
+    config.config = vec![("on_match".into(), "redact".into())];
+    let mut redacting = ResidencyPlugin::load(config).unwrap();
+    let decisions = redacting.decide(&batch[1..2]).unwrap();
+    assert_eq!(decisions[0].route, Route::Cloud);
+    let text = batch[1].text.as_deref().unwrap();
+    assert_eq!(apply_redactions(text, &decisions[0].redactions), "key [REDACTED] leaked");
+
+    // Many batches on one instance: decisions stay right (the instance is reused or replaced, never stale).
+    for _ in 0..50 {
+        assert_eq!(policy.decide(&batch).unwrap().len(), 4);
+    }
+}
+
+#[test]
+fn configuration_errors_are_reported_at_load() {
+    let mut config = PluginConfig::new("residency", plugin("akosha-residency"));
+    config.config = vec![("on_match".into(), "shrug".into())];
+    let err = ResidencyPlugin::load(config).err().expect("refused");
+    assert!(err.to_string().starts_with("plugin `residency` refused its configuration: `on_match` must be"), "{err}");
+}
+
+#[test]
+fn an_endless_loop_times_out_and_the_host_goes_on() {
+    let mut looping = hostile("loop").unwrap();
+    let started = Instant::now();
+    assert_eq!(failure(looping.decide(&[record("a", "x")])), CallFailure::Timeout(Duration::from_millis(200)));
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    // Still usable (fails again, promptly, rather than hanging or crashing).
+    assert!(matches!(failure(looping.decide(&[record("a", "x")])), CallFailure::Timeout(_)));
+    let mut fine = hostile("cloud-all").unwrap();
+    assert_eq!(fine.decide(&[record("a", "x")]).unwrap()[0].route, Route::Cloud);
+}
+
+#[test]
+fn a_memory_bomb_hits_the_limit() {
+    let mut bomb = hostile("memory-bomb").unwrap();
+    assert_eq!(failure(bomb.decide(&[record("a", "x")])), CallFailure::MemoryLimit(32 << 20));
+}
+
+#[test]
+fn traps_and_panics_are_named_with_the_guest_message() {
+    let mut trap = hostile("trap").unwrap();
+    assert!(matches!(failure(trap.decide(&[record("a", "x")])), CallFailure::Trap(m) if m.contains("unreachable")));
+    let mut panicking = hostile("panic").unwrap();
+    match failure(panicking.decide(&[record("a", "x"), record("b", "y")])) {
+        CallFailure::Panic(message) => {
+            assert!(message.contains("hostile plugin panicked on purpose with 2 records"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn wrong_answers_are_refused() {
+    let mut short = hostile("short").unwrap();
+    assert_eq!(
+        failure(short.decide(&[record("a", "x"), record("b", "y")])),
+        CallFailure::WrongCount { expected: 2, got: 1 }
+    );
+    let mut bad = hostile("bad-redaction").unwrap();
+    assert_eq!(
+        failure(bad.decide(&[record("a", "four")])),
+        CallFailure::BadRedaction { record: "a".into(), start: 0, end: 14, len: 4 }
+    );
+}
+
+#[test]
+fn foreign_contracts_and_ungranted_imports_are_refused_at_load() {
+    let err = ResidencyPlugin::load(PluginConfig::new("old", plugin("akosha-wrong-version-plugin"))).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "plugin `old` implements akosha:plugin@9.0.0, but this agent speaks akosha:plugin@0.1.0"
+    );
+    let err = ResidencyPlugin::load(PluginConfig::new("nosy", plugin("akosha-wasi-import-plugin"))).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        "plugin `nosy` imports `wasi:cli/environment@0.2.0`, which is not granted (policies get no WASI or other host access)"
+    );
+    let err = ResidencyPlugin::load(PluginConfig::new("compression", plugin("akosha-compression"))).err().unwrap();
+    assert!(err.to_string().contains("exports no akosha:plugin/residency-policy"), "{err}");
+    let mut pinned = PluginConfig::new("pinned", plugin("akosha-residency"));
+    pinned.sha256 = Some("00".repeat(32));
+    let err = ResidencyPlugin::load(pinned).err().unwrap();
+    assert!(err.to_string().contains("but the configuration pins"), "{err}");
+}
+
+#[test]
+fn the_compression_policy_picks_by_size_and_entropy() {
+    let mut policy = CompressionPlugin::load(PluginConfig::new("compression", plugin("akosha-compression"))).unwrap();
+    let tiny = BatchStats { records: 1, bytes: 100, sample: b"hello".to_vec(), ..BatchStats::default() };
+    assert_eq!(policy.choose(&tiny).unwrap(), Codec::None);
+    let text = b"the quick brown fox jumps over the lazy dog ".repeat(100);
+    let texty = BatchStats { records: 100, bytes: 64 << 10, sample: text[..4096].to_vec(), ..BatchStats::default() };
+    assert_eq!(policy.choose(&texty).unwrap(), Codec::Zstd(3));
+}
