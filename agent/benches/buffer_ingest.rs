@@ -5,7 +5,7 @@
 //! returns only once its chunk is fsynced. The baseline is `dd … conv=fdatasync` of the same volume in the same
 //! directory, run right before.
 //!
-//! `cargo bench --profile release -p akosha-agent --bench buffer_ingest [-- <seconds>]`
+//! `cargo bench --profile release --workspace --bench buffer_ingest [-- <seconds>]`
 
 use std::path::Path;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! WASM side is the agent's real path: `ResidencyPlugin::decide` with the built component (copying records
 //! into the guest, running the same rules there, checking the decisions). Batches of 1, 100 and 1,000.
 //!
-//! `scripts/build-plugins.sh && cargo bench --profile release -p akosha-agent --bench residency [-- <seconds>]`
+//! `scripts/build-plugins.sh && cargo bench --profile release --workspace --bench residency [-- <seconds>]`
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! here and measured on its own below), against a plain quinn stream carrying the same number of bytes over the
 //! same TLS configuration in the same run.
 //!
-//! `cargo bench --profile release -p akosha-aggregator --bench transport [-- <records>]`
+//! `cargo bench --profile release --workspace --bench transport [-- <records>]`
 
 use std::net::UdpSocket;
 use std::sync::Arc;

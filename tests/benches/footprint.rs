@@ -4,7 +4,7 @@
 //! Sources on: Session-Buddy snapshots (a copy of the fixture databases), an NDJSON file tail, the HTTP push and
 //! NDJSON endpoints; one destination, connected.
 //!
-//! `cargo bench --profile release -p akosha-e2e --bench footprint [-- <idle seconds>]`
+//! `cargo bench --profile release --workspace --bench footprint [-- <idle seconds>]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -6,7 +6,7 @@
 //! 2. Latency at a steady 5,000 records/s (100 records every 20 ms): from the moment the agent accepted a record
 //!    (its 200) to the moment it became readable in the hot tier (`ingested_at`), p50/p99 over sampled records.
 //!
-//! `cargo bench --profile release -p akosha-e2e --bench pipeline [-- <seconds>]`
+//! `cargo bench --profile release --workspace --bench pipeline [-- <seconds>]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
