@@ -298,6 +298,23 @@ fn load_component(engine: &Engine, config: &PluginConfig, kind: PluginKind) -> R
     Ok(component)
 }
 
+/// Loads the component and pre-links it against the contract's host imports (and nothing else).
+fn link<P>(
+    engine: &Engine,
+    config: &PluginConfig,
+    kind: PluginKind,
+    add_to_linker: impl FnOnce(&mut Linker<HostState>) -> wasmtime::Result<()>,
+    bindings: impl FnOnce(InstancePre<HostState>) -> wasmtime::Result<P>,
+) -> Result<P, PluginError> {
+    let component = load_component(engine, config, kind)?;
+    let link_err =
+        |e: wasmtime::Error| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") };
+    let mut linker: Linker<HostState> = Linker::new(engine);
+    add_to_linker(&mut linker).map_err(link_err)?;
+    let instance_pre = linker.instantiate_pre(&component).map_err(link_err)?;
+    bindings(instance_pre).map_err(link_err)
+}
+
 /// The contract's exports and imports, read from the component's type before instantiation.
 pub fn check_contract(
     engine: &Engine,
@@ -478,15 +495,13 @@ impl ResidencyPlugin {
     /// at load rather than at the first batch.
     pub fn load(config: PluginConfig) -> Result<ResidencyPlugin, PluginError> {
         let engine = PluginEngine::shared().engine;
-        let component = load_component(&engine, &config, PluginKind::Residency)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        residency_bindings::Residency::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
-        let instance_pre: InstancePre<HostState> = linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
-        let pre = residency_bindings::ResidencyPre::new(instance_pre)
-            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("{e:#}") })?;
+        let pre = link(
+            &engine,
+            &config,
+            PluginKind::Residency,
+            |linker| residency_bindings::Residency::add_to_linker::<_, HasSelf<_>>(linker, |s| s),
+            residency_bindings::ResidencyPre::new,
+        )?;
         let mut plugin = ResidencyPlugin { config, engine, pre, live: None, baseline: None };
         plugin.instance()?;
         Ok(plugin)
@@ -655,15 +670,13 @@ impl CompressionPlugin {
     /// Loads, checks and configures the plugin.
     pub fn load(config: PluginConfig) -> Result<CompressionPlugin, PluginError> {
         let engine = PluginEngine::shared().engine;
-        let component = load_component(&engine, &config, PluginKind::Compression)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        compression_bindings::Compression::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
-        let instance_pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") })?;
-        let pre = compression_bindings::CompressionPre::new(instance_pre)
-            .map_err(|e| PluginError::Load { plugin: config.name.clone(), message: format!("{e:#}") })?;
+        let pre = link(
+            &engine,
+            &config,
+            PluginKind::Compression,
+            |linker| compression_bindings::Compression::add_to_linker::<_, HasSelf<_>>(linker, |s| s),
+            compression_bindings::CompressionPre::new,
+        )?;
         let mut plugin = CompressionPlugin { config, engine, pre, live: None };
         plugin.instance()?;
         Ok(plugin)
