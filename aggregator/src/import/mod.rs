@@ -270,11 +270,18 @@ async fn fetch_file(
 fn gunzip(from: &Path, to: &Path) -> std::io::Result<String> {
     let mut decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(std::fs::File::open(from)?));
     let mut out = HashingWriter { inner: std::fs::File::create(to)?, hash: Sha256::new() };
-    std::io::copy(&mut decoder, &mut out)?;
+    // A hostile object must not fill the aggregator's disk: no Session-Buddy database comes near this.
+    let copied = std::io::copy(&mut std::io::Read::take(&mut decoder, MAX_DATABASE_BYTES + 1), &mut out)?;
+    if copied > MAX_DATABASE_BYTES {
+        return Err(std::io::Error::other(format!("decompresses to more than {MAX_DATABASE_BYTES} bytes")));
+    }
     out.inner.sync_all()?;
     std::fs::remove_file(from)?;
     Ok(hex(&out.hash.finalize()))
 }
+
+/// Largest decompressed database the importer accepts (16 GiB).
+const MAX_DATABASE_BYTES: u64 = 16 << 30;
 
 struct HashingWriter {
     inner: std::fs::File,
