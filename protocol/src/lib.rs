@@ -36,7 +36,7 @@ pub use frame::{
 };
 pub use message::{Batch, ErrorCode, ErrorFrame, Hello, Message, Welcome, negotiate_version};
 pub use record::{EMBEDDING_DIM, Record, RecordError, RecordKind, Residency};
-pub use record_codec::{RecordDecodeError, decode_records, encode_record, encode_records};
+pub use record_codec::{PayloadStats, RecordDecodeError, decode_records, encode_record, encode_records, payload_stats};
 
 /// The protocol version this build speaks. Every frame header carries it.
 pub const PROTOCOL_VERSION: u8 = 1;

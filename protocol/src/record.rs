@@ -73,8 +73,8 @@ impl FromStr for RecordKind {
     }
 }
 
-/// Where a residency policy sends a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Where a residency policy sends a record. Ordered by restrictiveness: combining decisions takes the maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Residency {
     /// May leave the premises.
     Cloud,

@@ -116,6 +116,54 @@ pub fn decode_records(payload: &[u8], count: usize) -> Result<Vec<Record>, Recor
     Ok(records)
 }
 
+/// Sizes of an encoded payload's records, read without decoding them (what the compression policy is told).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PayloadStats {
+    /// Records read.
+    pub records: u32,
+    /// Bytes of record text.
+    pub text_bytes: u64,
+    /// Bytes of embeddings (4 per dimension).
+    pub embedding_bytes: u64,
+}
+
+/// Walks `payload` up to each record's embedding, allocating nothing. Stops quietly at the first malformed
+/// record: the stats only steer a codec choice, and the payload is checked in full where it is decoded.
+pub fn payload_stats(payload: &[u8]) -> PayloadStats {
+    let mut stats = PayloadStats::default();
+    let mut reader = Reader::new(payload);
+    while !reader.is_empty() {
+        let Ok(len) = reader.len("record length", u32::MAX as u64, 1) else { break };
+        let Ok(body) = reader.bytes(len, "record body") else { break };
+        let Ok((text, embedding)) = body_sizes(body) else { break };
+        stats.records += 1;
+        stats.text_bytes += text;
+        stats.embedding_bytes += embedding;
+    }
+    stats
+}
+
+fn body_sizes(body: &[u8]) -> Result<(u64, u64), WireError> {
+    let mut rd = Reader::new(body);
+    rd.u8("format")?;
+    rd.u8("kind")?;
+    rd.str("system_id")?;
+    rd.str("id")?;
+    rd.i64("ts")?;
+    let flags = rd.u16("flags")?;
+    let mut text = 0;
+    for bit in [HAS_PROJECT, HAS_NAMESPACE, HAS_CATEGORY, HAS_TEXT, HAS_NAME] {
+        if flags & bit != 0 {
+            let s = rd.str("field")?;
+            if bit == HAS_TEXT {
+                text = s.len() as u64;
+            }
+        }
+    }
+    let embedding = if flags & HAS_EMBEDDING != 0 { rd.len("embedding", 1 << 20, 4)? as u64 * 4 } else { 0 };
+    Ok((text, embedding))
+}
+
 fn encode_body(r: &Record, out: &mut Vec<u8>) {
     let mut flags = 0u16;
     let mut flag = |present: bool, bit: u16| {
@@ -256,6 +304,25 @@ pub(crate) mod tests {
     use super::*;
     use crate::record::EMBEDDING_DIM;
     use proptest::prelude::*;
+
+    #[test]
+    fn payload_stats_count_text_and_embeddings_without_decoding() {
+        let with = Record {
+            system_id: "s".into(),
+            id: "1".into(),
+            project: Some("p".into()),
+            text: Some("hello world".into()),
+            name: Some("n".into()),
+            embedding: Some(vec![0.5; EMBEDDING_DIM]),
+            ..Record::default()
+        };
+        let without = Record { system_id: "s".into(), id: "2".into(), ..Record::default() };
+        let payload = encode_records([&with, &without]);
+        let stats = payload_stats(&payload);
+        assert_eq!(stats, PayloadStats { records: 2, text_bytes: 11, embedding_bytes: 4 * EMBEDDING_DIM as u64 });
+        assert_eq!(payload_stats(&payload[..payload.len() - 3]).records, 1);
+        assert_eq!(payload_stats(b"\xff\xff\xff"), PayloadStats::default());
+    }
 
     fn opt_text() -> impl Strategy<Value = Option<String>> {
         proptest::option::of("[a-zA-Z0-9 _é❤-]{0,40}")
