@@ -47,7 +47,8 @@ componentize() {
     agent="$CARGO_TARGET_DIR/release/akosha-agent"
     if [ ! -x "$agent" ]; then
       log "building akosha-agent for its component encoder"
-      cargo build --release -p akosha-agent --bin akosha-agent --manifest-path "$root/Cargo.toml"
+      # --workspace, never -p: a different feature set would rebuild DuckDB.
+      cargo build --release --workspace --bins --manifest-path "$root/Cargo.toml"
     fi
     "$agent" plugin componentize "$1" -o "$2"
   fi
