@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use akosha_protocol::{Record, RecordKind};
+use akosha_protocol::{Record, RecordKind, Residency};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Engine, ResourceLimiter, Store};
 
@@ -136,6 +136,17 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// A short label for metrics: the call failure's kind, or why loading failed.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PluginError::Call { cause, .. } => cause.label(),
+            PluginError::Configure { .. } => "configure",
+            PluginError::Version { .. } => "contract_version",
+            PluginError::Import { .. } => "ungranted_import",
+            PluginError::Load { .. } => "load",
+        }
+    }
+
     /// The plugin's name.
     pub fn plugin(&self) -> &str {
         match self {
@@ -183,6 +194,24 @@ pub enum CallFailure {
         /// Text length.
         len: usize,
     },
+    /// Chose a zstd level outside 1..=19.
+    #[error("chose zstd level {0}, outside 1..=19")]
+    BadLevel(i8),
+}
+
+impl CallFailure {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CallFailure::Timeout(_) => "timeout",
+            CallFailure::MemoryLimit(_) => "memory_limit",
+            CallFailure::Panic(_) => "panic",
+            CallFailure::Trap(_) => "trap",
+            CallFailure::WrongCount { .. } => "wrong_count",
+            CallFailure::BadRedaction { .. } => "bad_redaction",
+            CallFailure::BadLevel(_) => "bad_level",
+        }
+    }
 }
 
 /// The shared engine: epoch interruption on, one ticker thread while any plugin exists.
@@ -267,7 +296,24 @@ impl compression_bindings::akosha::plugin::diagnostics::Host for HostState {
 impl compression_bindings::akosha::plugin::types::Host for HostState {}
 
 /// Reads, pins, checks and compiles a component.
-fn load_component(engine: &Engine, config: &PluginConfig, kind: PluginKind) -> Result<Component, PluginError> {
+/// What a loaded plugin is, for logs, status and the audit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginIdentity {
+    /// The configured name.
+    pub name: String,
+    /// The `.wasm` file.
+    pub path: PathBuf,
+    /// SHA-256 of the file (hex): the plugin's exact version.
+    pub sha256: String,
+    /// Contract version it implements.
+    pub contract: String,
+}
+
+fn load_component(
+    engine: &Engine,
+    config: &PluginConfig,
+    kind: PluginKind,
+) -> Result<(Component, PluginIdentity), PluginError> {
     let load_err = |message: String| PluginError::Load { plugin: config.name.clone(), message };
     let bytes =
         std::fs::read(&config.path).map_err(|e| load_err(format!("cannot read {}: {e}", config.path.display())))?;
@@ -290,12 +336,12 @@ fn load_component(engine: &Engine, config: &PluginConfig, kind: PluginKind) -> R
         None => {
             let component =
                 Component::new(engine, &bytes).map_err(|e| load_err(format!("not a valid component: {e:#}")))?;
-            cache.lock().unwrap_or_else(|p| p.into_inner()).insert(actual, component.clone());
+            cache.lock().unwrap_or_else(|p| p.into_inner()).insert(actual.clone(), component.clone());
             component
         }
     };
-    check_contract(engine, &component, &config.name, kind)?;
-    Ok(component)
+    let contract = check_contract(engine, &component, &config.name, kind)?;
+    Ok((component, PluginIdentity { name: config.name.clone(), path: config.path.clone(), sha256: actual, contract }))
 }
 
 /// Loads the component and pre-links it against the contract's host imports (and nothing else).
@@ -305,23 +351,24 @@ fn link<P>(
     kind: PluginKind,
     add_to_linker: impl FnOnce(&mut Linker<HostState>) -> wasmtime::Result<()>,
     bindings: impl FnOnce(InstancePre<HostState>) -> wasmtime::Result<P>,
-) -> Result<P, PluginError> {
-    let component = load_component(engine, config, kind)?;
+) -> Result<(P, PluginIdentity), PluginError> {
+    let (component, identity) = load_component(engine, config, kind)?;
     let link_err =
         |e: wasmtime::Error| PluginError::Load { plugin: config.name.clone(), message: format!("linking: {e:#}") };
     let mut linker: Linker<HostState> = Linker::new(engine);
     add_to_linker(&mut linker).map_err(link_err)?;
     let instance_pre = linker.instantiate_pre(&component).map_err(link_err)?;
-    bindings(instance_pre).map_err(link_err)
+    Ok((bindings(instance_pre).map_err(link_err)?, identity))
 }
 
-/// The contract's exports and imports, read from the component's type before instantiation.
+/// Checks the contract's exports and imports, read from the component's type before instantiation, and
+/// returns the contract version the component implements.
 pub fn check_contract(
     engine: &Engine,
     component: &Component,
     plugin: &str,
     kind: PluginKind,
-) -> Result<(), PluginError> {
+) -> Result<String, PluginError> {
     let ty = component.component_type();
     let wanted = format!("{CONTRACT_PACKAGE}/{}@", kind.interface());
     let mut found = None;
@@ -355,7 +402,7 @@ pub fn check_contract(
             return Err(PluginError::Import { plugin: plugin.to_owned(), import: name.to_owned() });
         }
     }
-    Ok(())
+    Ok(version)
 }
 
 /// Semver compatibility with [`CONTRACT_VERSION`]: same major, and for 0.x the same minor.
@@ -396,7 +443,7 @@ pub fn describe(path: &Path) -> Result<String, PluginError> {
     let summary = match kind {
         Some((k, version)) => {
             let verdict = match check_contract(engine, &component, &plugin, k) {
-                Ok(()) => "loadable by this agent".to_owned(),
+                Ok(_) => "loadable by this agent".to_owned(),
                 Err(e) => format!("NOT loadable: {e}"),
             };
             format!("{k:?} policy, contract {CONTRACT_PACKAGE}@{version} ({verdict})\n")
@@ -449,6 +496,7 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 /// A loaded residency policy.
 pub struct ResidencyPlugin {
     config: PluginConfig,
+    identity: PluginIdentity,
     engine: Engine,
     pre: residency_bindings::ResidencyPre<HostState>,
     live: Option<Live<residency_bindings::Residency>>,
@@ -461,33 +509,11 @@ pub struct ResidencyPlugin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// Where.
-    pub route: Route,
+    pub route: Residency,
     /// Byte ranges of the text to blank out (checked to fit).
     pub redactions: Vec<(u32, u32)>,
     /// Why.
     pub reason: Option<String>,
-}
-
-/// Where a record may go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Route {
-    /// Anywhere.
-    Cloud,
-    /// On-premises destinations only.
-    Onprem,
-    /// Nowhere.
-    Drop,
-}
-
-impl Route {
-    /// `cloud`, `onprem` or `drop`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Cloud => "cloud",
-            Route::Onprem => "onprem",
-            Route::Drop => "drop",
-        }
-    }
 }
 
 impl ResidencyPlugin {
@@ -495,14 +521,14 @@ impl ResidencyPlugin {
     /// at load rather than at the first batch.
     pub fn load(config: PluginConfig) -> Result<ResidencyPlugin, PluginError> {
         let engine = PluginEngine::shared().engine;
-        let pre = link(
+        let (pre, identity) = link(
             &engine,
             &config,
             PluginKind::Residency,
             |linker| residency_bindings::Residency::add_to_linker::<_, HasSelf<_>>(linker, |s| s),
             residency_bindings::ResidencyPre::new,
         )?;
-        let mut plugin = ResidencyPlugin { config, engine, pre, live: None, baseline: None };
+        let mut plugin = ResidencyPlugin { config, identity, engine, pre, live: None, baseline: None };
         plugin.instance()?;
         Ok(plugin)
     }
@@ -510,6 +536,11 @@ impl ResidencyPlugin {
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// What was loaded.
+    pub fn identity(&self) -> &PluginIdentity {
+        &self.identity
     }
 
     fn instance(&mut self) -> Result<&mut Live<residency_bindings::Residency>, PluginError> {
@@ -612,9 +643,9 @@ fn check_decisions(records: &[Record], decisions: Vec<rtypes::Decision>) -> Resu
                 redactions.push((r.start, r.end));
             }
             let route = match d.route {
-                rtypes::Route::Cloud => Route::Cloud,
-                rtypes::Route::Onprem => Route::Onprem,
-                rtypes::Route::Drop => Route::Drop,
+                rtypes::Route::Cloud => Residency::Cloud,
+                rtypes::Route::Onprem => Residency::Onprem,
+                rtypes::Route::Drop => Residency::Drop,
             };
             Ok(Decision { route, redactions, reason: d.reason })
         })
@@ -646,6 +677,7 @@ pub fn apply_redactions(text: &str, ranges: &[(u32, u32)]) -> String {
 /// A loaded compression policy.
 pub struct CompressionPlugin {
     config: PluginConfig,
+    identity: PluginIdentity,
     engine: Engine,
     pre: compression_bindings::CompressionPre<HostState>,
     live: Option<Live<compression_bindings::Compression>>,
@@ -670,16 +702,21 @@ impl CompressionPlugin {
     /// Loads, checks and configures the plugin.
     pub fn load(config: PluginConfig) -> Result<CompressionPlugin, PluginError> {
         let engine = PluginEngine::shared().engine;
-        let pre = link(
+        let (pre, identity) = link(
             &engine,
             &config,
             PluginKind::Compression,
             |linker| compression_bindings::Compression::add_to_linker::<_, HasSelf<_>>(linker, |s| s),
             compression_bindings::CompressionPre::new,
         )?;
-        let mut plugin = CompressionPlugin { config, engine, pre, live: None };
+        let mut plugin = CompressionPlugin { config, identity, engine, pre, live: None };
         plugin.instance()?;
         Ok(plugin)
+    }
+
+    /// What was loaded.
+    pub fn identity(&self) -> &PluginIdentity {
+        &self.identity
     }
 
     fn instance(&mut self) -> Result<&mut Live<compression_bindings::Compression>, PluginError> {
@@ -720,11 +757,14 @@ impl CompressionPlugin {
         };
         let result = live.bindings.akosha_plugin_compression_policy().call_choose(&mut live.store, &input);
         match result {
-            Ok(choice) => Ok(match choice.codec {
-                ctypes::Codec::None => akosha_protocol::Codec::None,
-                ctypes::Codec::Lz4 => akosha_protocol::Codec::Lz4,
-                ctypes::Codec::Zstd => akosha_protocol::Codec::Zstd(choice.level.clamp(1, 19)),
-            }),
+            Ok(choice) => match choice.codec {
+                ctypes::Codec::None => Ok(akosha_protocol::Codec::None),
+                ctypes::Codec::Lz4 => Ok(akosha_protocol::Codec::Lz4),
+                ctypes::Codec::Zstd if (1..=19).contains(&choice.level) => {
+                    Ok(akosha_protocol::Codec::Zstd(choice.level))
+                }
+                ctypes::Codec::Zstd => Err(PluginError::Call { plugin, cause: CallFailure::BadLevel(choice.level) }),
+            },
             Err(e) => {
                 let cause = classify(&e, live.store.data(), timeout);
                 self.live = None;
