@@ -12,10 +12,11 @@ use std::time::Duration;
 use akosha_protocol::settings::{
     ConfigError, EnvOverrides, expand_home, parse_byte_size, parse_config, parse_duration,
 };
-use akosha_protocol::{Codec, Record, RecordKind};
+use akosha_protocol::{Codec, Record, RecordKind, Residency};
 use serde::Deserialize;
 
 use crate::buffer::{BufferConfig, FsyncPolicy, WhenFull};
+use crate::plugin::PluginConfig;
 
 /// Short environment variable names and the keys they set.
 pub const ENV_ALIASES: &[(&str, &str)] = &[
@@ -45,6 +46,54 @@ struct RawConfig {
     destinations: BTreeMap<String, RawDestination>,
     #[serde(default)]
     sources: RawSources,
+    #[serde(default)]
+    policies: RawPolicies,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicies {
+    #[serde(default)]
+    residency: Vec<RawPolicy>,
+    #[serde(default)]
+    compression: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Option<String>,
+    path: String,
+    sha256: Option<String>,
+    #[serde(default = "default_policy_timeout")]
+    timeout: String,
+    #[serde(default = "default_policy_memory")]
+    memory_limit: String,
+    #[serde(default)]
+    embeddings: bool,
+    #[serde(default)]
+    config: BTreeMap<String, ScalarValue>,
+}
+
+/// A plugin configuration value: plugins receive strings, but YAML users write numbers and booleans too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ScalarValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl ScalarValue {
+    fn into_string(self) -> String {
+        match self {
+            ScalarValue::Bool(b) => b.to_string(),
+            ScalarValue::Int(i) => i.to_string(),
+            ScalarValue::Float(f) => f.to_string(),
+            ScalarValue::Text(s) => s,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,10 +160,19 @@ struct RawBuffer {
     max_chunk_bytes: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRouting {
-    default_destination: Option<String>,
+    #[serde(default = "default_route")]
+    default_route: String,
+    #[serde(default = "default_policy_batch")]
+    policy_batch_records: usize,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        Self { default_route: default_route(), policy_batch_records: default_policy_batch() }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +184,9 @@ struct RawDestination {
     ca: String,
     cert: String,
     key: String,
+    #[serde(default = "default_destination_residency")]
+    residency: String,
+    routes: Option<Vec<String>>,
     #[serde(default = "default_codec")]
     compression: String,
     #[serde(default = "default_batch_records")]
@@ -176,6 +237,11 @@ defaults! {
     default_idle_timeout: String = "30s";
     default_drain_timeout: String = "10s";
     default_poll: String = "250ms";
+    default_route: String = "cloud";
+    default_policy_batch: usize = 1000usize;
+    default_policy_timeout: String = "500ms";
+    default_policy_memory: String = "64MiB";
+    default_destination_residency: String = "cloud";
 }
 
 impl Default for RawLog {
@@ -216,8 +282,10 @@ pub struct AgentConfig {
     pub ingest: IngestConfig,
     /// Buffer settings (one buffer per destination).
     pub buffer: BufferConfig,
-    /// Destination that receives records no policy routes elsewhere.
-    pub default_destination: String,
+    /// How records are routed to destinations.
+    pub routing: RoutingConfig,
+    /// WASM policies, in the order they run.
+    pub policies: PoliciesConfig,
     /// Aggregators, by name.
     pub destinations: BTreeMap<String, DestinationConfig>,
     /// NDJSON files to follow.
@@ -226,6 +294,25 @@ pub struct AgentConfig {
     pub session_buddy_zone: jiff::tz::TimeZone,
     /// Session-Buddy database snapshots, when enabled.
     pub session_buddy_snapshots: Option<crate::sources::session_buddy_snapshot::SnapshotConfig>,
+}
+
+/// Routing of records to destinations by residency.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// Route of records no residency policy decides about (no policy configured, or the record's own
+    /// `residency` is laxer).
+    pub default_route: Residency,
+    /// Records per residency-policy call.
+    pub policy_batch_records: usize,
+}
+
+/// Configured WASM policies.
+#[derive(Debug, Clone, Default)]
+pub struct PoliciesConfig {
+    /// Residency policies: each sees the previous one's redacted output; the strictest route wins.
+    pub residency: Vec<PluginConfig>,
+    /// Compression policies: the first that answers picks the codec; if all fail, the destination's codec.
+    pub compression: Vec<PluginConfig>,
 }
 
 /// Logging settings.
@@ -263,7 +350,12 @@ pub struct DestinationConfig {
     pub cert: PathBuf,
     /// This agent's private key (PEM).
     pub key: PathBuf,
-    /// Payload compression.
+    /// Whether this destination is on the premises (may hold records routed `onprem`) or in the cloud.
+    pub residency: Residency,
+    /// Which routes it receives: cloud destinations receive `cloud`; on-prem ones `cloud` and `onprem` unless
+    /// configured otherwise.
+    pub routes: Vec<Residency>,
+    /// Payload compression when no compression policy answers.
     pub codec: Codec,
     /// Most records per batch.
     pub batch_max_records: u32,
@@ -421,10 +513,55 @@ impl AgentConfig {
             if keep_alive >= idle_timeout {
                 return Err(ConfigError::invalid(key("keep_alive"), "must be shorter than idle_timeout"));
             }
+            let residency = match d.residency.as_str() {
+                "cloud" => Residency::Cloud,
+                "onprem" => Residency::Onprem,
+                other => {
+                    return Err(ConfigError::invalid(
+                        key("residency"),
+                        format!("`{other}` is not one of cloud, onprem"),
+                    ));
+                }
+            };
+            let routes = match &d.routes {
+                None if residency == Residency::Onprem => vec![Residency::Cloud, Residency::Onprem],
+                None => vec![Residency::Cloud],
+                Some(list) => {
+                    let mut routes = Vec::new();
+                    for route in list {
+                        let route = match route.as_str() {
+                            "cloud" => Residency::Cloud,
+                            "onprem" if residency == Residency::Onprem => Residency::Onprem,
+                            "onprem" => {
+                                return Err(ConfigError::invalid(
+                                    key("routes"),
+                                    "a cloud destination cannot receive records routed onprem (set residency: onprem \
+                                     if this aggregator is on the premises)",
+                                ));
+                            }
+                            other => {
+                                return Err(ConfigError::invalid(
+                                    key("routes"),
+                                    format!("`{other}` is not one of cloud, onprem"),
+                                ));
+                            }
+                        };
+                        if !routes.contains(&route) {
+                            routes.push(route);
+                        }
+                    }
+                    if routes.is_empty() {
+                        return Err(ConfigError::invalid(key("routes"), "must name at least one route"));
+                    }
+                    routes
+                }
+            };
             destinations.insert(
                 name.clone(),
                 DestinationConfig {
                     name: name.clone(),
+                    residency,
+                    routes,
                     address: d.address,
                     server_name: d.server_name,
                     ca: path(&d.ca),
@@ -442,21 +579,26 @@ impl AgentConfig {
                 },
             );
         }
-        let default_destination = match raw.routing.default_destination {
-            Some(name) if destinations.contains_key(&name) => name,
-            Some(name) => {
+        let default_route = match raw.routing.default_route.as_str() {
+            "cloud" => Residency::Cloud,
+            "onprem" => Residency::Onprem,
+            other => {
                 return Err(ConfigError::invalid(
-                    "routing.default_destination",
-                    format!("`{name}` is not a configured destination"),
+                    "routing.default_route",
+                    format!("`{other}` is not one of cloud, onprem"),
                 ));
             }
-            None if destinations.len() == 1 => destinations.keys().next().cloned().unwrap_or_default(),
-            None => {
-                return Err(ConfigError::invalid(
-                    "routing.default_destination",
-                    "required when there are several destinations",
-                ));
-            }
+        };
+        if !destinations.values().any(|d| d.routes.contains(&Residency::Cloud)) {
+            return Err(ConfigError::invalid("destinations", "no destination receives records routed cloud"));
+        }
+        if !(1..=100_000).contains(&raw.routing.policy_batch_records) {
+            return Err(ConfigError::invalid("routing.policy_batch_records", "must be between 1 and 100000"));
+        }
+        let routing = RoutingConfig { default_route, policy_batch_records: raw.routing.policy_batch_records };
+        let policies = PoliciesConfig {
+            residency: policies(&raw.policies.residency, "policies.residency", home)?,
+            compression: policies(&raw.policies.compression, "policies.compression", home)?,
         };
 
         let mut files = Vec::new();
@@ -506,9 +648,16 @@ impl AgentConfig {
             log: LogConfig { level, json },
             ingest,
             buffer,
-            default_destination,
+            routing,
+            policies,
             destinations,
         })
+    }
+
+    /// The buffer of records that must stay on the premises when no on-prem destination is configured (or a
+    /// residency policy failed and there is none): kept, never sent, inspectable with `buffer inspect`.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.data_dir.join("quarantine")
     }
 
     /// The agent's own state (source checkpoints).
@@ -520,6 +669,47 @@ impl AgentConfig {
     pub fn buffer_dir(&self, destination: &str) -> PathBuf {
         self.data_dir.join("buffers").join(destination)
     }
+}
+
+/// Validates one list of policies; names must be unique within it (they label logs and metrics).
+fn policies(raw: &[RawPolicy], list: &str, home: Option<&str>) -> Result<Vec<PluginConfig>, ConfigError> {
+    let mut out: Vec<PluginConfig> = Vec::new();
+    for (i, p) in raw.iter().enumerate() {
+        let key = |k: &str| format!("{list}[{i}].{k}");
+        let path = PathBuf::from(expand_home(&p.path, home));
+        let name = match &p.name {
+            Some(name) => name.clone(),
+            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || b"_-.".contains(&c)) {
+            return Err(ConfigError::invalid(key("name"), format!("`{name}`: use letters, digits, '_', '-' and '.'")));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(ConfigError::invalid(key("name"), format!("`{name}` is used twice in {list}")));
+        }
+        if let Some(pin) = &p.sha256
+            && (pin.len() != 64 || !pin.bytes().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(ConfigError::invalid(key("sha256"), "must be 64 hex digits"));
+        }
+        let timeout = parse_duration(&p.timeout).map_err(|e| ConfigError::invalid(key("timeout"), e.to_string()))?;
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&timeout) {
+            return Err(ConfigError::invalid(key("timeout"), "must be between 10ms and 60s"));
+        }
+        let memory_limit =
+            parse_byte_size(&p.memory_limit).map_err(|e| ConfigError::invalid(key("memory_limit"), e.to_string()))?;
+        if !(1 << 20..=4 << 30).contains(&memory_limit) {
+            return Err(ConfigError::invalid(key("memory_limit"), "must be between 1MiB and 4GiB"));
+        }
+        let mut plugin = PluginConfig::new(name, path);
+        plugin.sha256 = p.sha256.clone();
+        plugin.timeout = timeout;
+        plugin.memory_limit = memory_limit;
+        plugin.embeddings = p.embeddings;
+        plugin.config = p.config.iter().map(|(k, v)| (k.clone(), v.clone().into_string())).collect();
+        out.push(plugin);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -538,7 +728,9 @@ mod tests {
     #[test]
     fn defaults_fill_a_minimal_file() {
         let c = parse(MINIMAL, &[("HOME", "/home/u")]).unwrap();
-        assert_eq!(c.default_destination, "main");
+        assert_eq!(c.routing.default_route, Residency::Cloud);
+        assert_eq!(c.destinations["main"].routes, [Residency::Cloud]);
+        assert!(c.policies.residency.is_empty());
         assert_eq!(c.data_dir, PathBuf::from("/home/u/.akosha/agent"));
         assert_eq!(c.ingest.listen, "127.0.0.1:8682".parse().unwrap());
         assert_eq!(c.buffer.fsync, FsyncPolicy::Batch { window: Duration::ZERO });
@@ -552,6 +744,41 @@ mod tests {
         assert_eq!(c.system_id, "laptop-7");
         assert_eq!(c.destinations["primary"].cert, PathBuf::from("/home/dev/.akosha/dev/certs/agents/laptop-7.pem"));
         assert_eq!(c.data_dir, PathBuf::from("/home/dev/.akosha/agent"));
+    }
+
+    #[test]
+    fn hybrid_destinations_and_policies() {
+        let text = r#"
+system_id: host-1
+routing: {default_route: onprem, policy_batch_records: 500}
+destinations:
+  cloud: {address: 'cloud.example:8684', ca: /c, cert: /a, key: /k}
+  site: {address: '10.0.0.2:8684', ca: /c, cert: /a, key: /k, residency: onprem}
+policies:
+  residency:
+    - path: ~/plugins/akosha-residency.wasm
+      sha256: 0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789abcdef
+      timeout: 2s
+      memory_limit: 32MiB
+      config: {on_match: onprem, redact: true, max: 3, ratio: 0.5}
+  compression:
+    - {name: adaptive, path: /p/c.wasm}
+"#;
+        let c = parse(text, &[("HOME", "/home/u")]).unwrap();
+        assert_eq!(c.routing.default_route, Residency::Onprem);
+        assert_eq!(c.routing.policy_batch_records, 500);
+        assert_eq!(c.destinations["cloud"].routes, [Residency::Cloud]);
+        assert_eq!(c.destinations["site"].routes, [Residency::Cloud, Residency::Onprem]);
+        let r = &c.policies.residency[0];
+        assert_eq!(r.name, "akosha-residency");
+        assert_eq!(r.path, PathBuf::from("/home/u/plugins/akosha-residency.wasm"));
+        assert_eq!(r.timeout, Duration::from_secs(2));
+        assert_eq!(r.memory_limit, 32 << 20);
+        let config: BTreeMap<_, _> = r.config.iter().cloned().collect();
+        assert_eq!(config["redact"], "true");
+        assert_eq!(config["max"], "3");
+        assert_eq!(config["ratio"], "0.5");
+        assert_eq!(c.policies.compression[0].name, "adaptive");
     }
 
     #[test]
@@ -573,7 +800,25 @@ mod tests {
             (format!("{MINIMAL}bufer: {{}}"), "bufer"),
             (MINIMAL.replace("8684", "port"), "destinations.main.address"),
             (MINIMAL.replace("host-1", "bad id"), "system_id"),
-            (format!("{MINIMAL}routing: {{default_destination: other}}"), "routing.default_destination"),
+            (format!("{MINIMAL}routing: {{default_route: drop}}"), "routing.default_route"),
+            (MINIMAL.replace("key: /k}", "key: /k, routes: [onprem]}"), "destinations.main.routes"),
+            (MINIMAL.replace("key: /k}", "key: /k, residency: mars}"), "destinations.main.residency"),
+            (
+                format!("{MINIMAL}policies: {{residency: [{{path: /p.wasm, timeout: 1h}}]}}"),
+                "policies.residency[0].timeout",
+            ),
+            (
+                format!("{MINIMAL}policies: {{residency: [{{path: /p.wasm, sha256: abc}}]}}"),
+                "policies.residency[0].sha256",
+            ),
+            (
+                format!("{MINIMAL}policies: {{compression: [{{path: /a/p.wasm}}, {{path: /b/p.wasm}}]}}"),
+                "policies.compression[1].name",
+            ),
+            (
+                format!("{MINIMAL}policies: {{residency: [{{path: /p.wasm, limits: 1}}]}}"),
+                "policies.residency[0].limits",
+            ),
             (format!("{MINIMAL}log: {{format: xml}}"), "log.format"),
             (
                 format!("{MINIMAL}sources: {{files: [{{path: /x, poll_interval: 1ns}}]}}"),
