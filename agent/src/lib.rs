@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod mcp;
 pub mod metrics;
 pub mod plugin;
+pub mod policy;
 pub mod sender;
 pub mod sources;
 pub mod tls;
@@ -19,15 +20,17 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use akosha_protocol::Record;
+use akosha_protocol::{Record, Residency};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::buffer::{Buffer, BufferError};
 use crate::config::AgentConfig;
 use crate::metrics::{Exposition, IngestCounters};
+use crate::plugin::PluginIdentity;
+use crate::policy::{Audit, CompressionChooser, ResidencyStage};
 use crate::sender::DestinationStatus;
 
 /// Why the agent could not start.
@@ -65,6 +68,26 @@ pub enum StartError {
     Serve(#[source] std::io::Error),
 }
 
+/// Appends the records whose route `wanted` accepts; returns how many. Appends the caller's slice as is when
+/// all are wanted, so the common single-route batch is not copied.
+async fn append_selected(
+    buffer: &Buffer,
+    records: &[Record],
+    routes: &[Residency],
+    wanted: impl Fn(Residency) -> bool,
+    wait: std::time::Duration,
+) -> Result<u64, BufferError> {
+    if routes.iter().all(|r| wanted(*r)) {
+        return Ok(buffer.append(records, wait).await?.records);
+    }
+    let selected: Vec<Record> =
+        records.iter().zip(routes).filter(|(_, r)| wanted(**r)).map(|(record, _)| record.clone()).collect();
+    if selected.is_empty() {
+        return Ok(0);
+    }
+    Ok(buffer.append(&selected, wait).await?.records)
+}
+
 impl sources::file_tail::RecordSink for Agent {
     async fn accept(&self, records: &[Record]) -> Result<u64, BufferError> {
         let n = Agent::accept(self, records).await?;
@@ -78,9 +101,12 @@ pub struct Agent {
     system_id: String,
     /// Zone of naive local timestamps written by Session-Buddy.
     zone: jiff::tz::TimeZone,
-    default_destination: String,
     full_wait: std::time::Duration,
     destinations: BTreeMap<String, DestinationHandle>,
+    residency: Arc<ResidencyStage>,
+    compression: Vec<PluginIdentity>,
+    audit: Arc<Audit>,
+    quarantine: Quarantine,
     counters: IngestCounters,
     files: Vec<(std::path::PathBuf, Arc<sources::file_tail::FileTailStats>)>,
     snapshots: Arc<sources::session_buddy_snapshot::SnapshotStats>,
@@ -88,8 +114,31 @@ pub struct Agent {
 
 struct DestinationHandle {
     address: String,
+    residency: Residency,
+    routes: Vec<Residency>,
     buffer: Buffer,
     status: Arc<DestinationStatus>,
+}
+
+/// Records that must stay on the premises while no on-prem destination is configured: kept durably, never
+/// sent, moved to the on-prem destinations at the next start that has one. Opened on first use.
+struct Quarantine {
+    path: std::path::PathBuf,
+    config: buffer::BufferConfig,
+    buffer: tokio::sync::OnceCell<Buffer>,
+}
+
+impl Quarantine {
+    async fn buffer(&self) -> Result<&Buffer, BufferError> {
+        self.buffer
+            .get_or_try_init(|| async {
+                let (path, config) = (self.path.clone(), self.config.clone());
+                tokio::task::spawn_blocking(move || Buffer::open(&path, config)).await.map_err(|e| {
+                    BufferError::Storage { path: self.path.clone(), source: sled::Error::Io(std::io::Error::other(e)) }
+                })?
+            })
+            .await
+    }
 }
 
 impl Agent {
@@ -101,9 +150,33 @@ impl Agent {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let audit = Arc::new(Audit::default());
+        // Compiling a component takes a second or so: off the runtime's threads.
+        let residency = {
+            let (policies, routing, audit) = (config.policies.residency.clone(), config.routing.clone(), audit.clone());
+            tokio::task::spawn_blocking(move || ResidencyStage::load_fail_closed(&policies, &routing, audit))
+                .await
+                .map_err(|e| StartError::Serve(std::io::Error::other(e)))?
+        };
+        for identity in residency.identities() {
+            info!(message = "Residency policy loaded.", policy = %identity.name, path = %identity.path.display(), sha256 = %identity.sha256, contract = %identity.contract);
+        }
+        let mut compression = Vec::new();
         let mut destinations = BTreeMap::new();
         let mut senders = Vec::new();
         for (name, dest) in &config.destinations {
+            let chooser = {
+                let (policies, name, codec, audit) =
+                    (config.policies.compression.clone(), name.clone(), dest.codec, audit.clone());
+                tokio::task::spawn_blocking(move || {
+                    CompressionChooser::load_skipping_failures(&name, &policies, codec, audit)
+                })
+                .await
+                .map_err(|e| StartError::Serve(std::io::Error::other(e)))?
+            };
+            if compression.is_empty() {
+                compression = chooser.identities();
+            }
             let client = tls::client_config(dest, &config.system_id)
                 .map_err(|source| StartError::Tls { destination: name.clone(), source })?;
             let buffer = Buffer::open(&config.buffer_dir(name), config.buffer.clone())
@@ -115,9 +188,17 @@ impl Agent {
                 config.system_id.clone(),
                 buffer.clone(),
                 status.clone(),
+                Arc::new(std::sync::Mutex::new(chooser)),
                 stop_rx.clone(),
             )));
-            destinations.insert(name.clone(), DestinationHandle { address: dest.address.clone(), buffer, status });
+            let handle = DestinationHandle {
+                address: dest.address.clone(),
+                residency: dest.residency,
+                routes: dest.routes.clone(),
+                buffer,
+                status,
+            };
+            destinations.insert(name.clone(), handle);
         }
         let state_dir = config.state_dir();
         let state = sled::Config::new()
@@ -137,11 +218,19 @@ impl Agent {
             system_id: config.system_id.clone(),
             zone: config.session_buddy_zone.clone(),
             snapshots: Arc::new(sources::session_buddy_snapshot::SnapshotStats::default()),
-            default_destination: config.default_destination.clone(),
             full_wait: config.ingest.full_wait,
             destinations,
+            residency: Arc::new(residency),
+            compression,
+            audit,
+            quarantine: Quarantine {
+                path: config.quarantine_dir(),
+                config: config.buffer.clone(),
+                buffer: tokio::sync::OnceCell::new(),
+            },
             counters: IngestCounters::default(),
         });
+        agent.release_quarantine().await;
         info!(message = "Agent started.", system_id = %agent.system_id, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
         let mut tails = Vec::new();
         for (file, (_, stats)) in config.files.iter().zip(files) {
@@ -174,13 +263,99 @@ impl Agent {
         Ok(())
     }
 
-    /// Stores records durably for delivery, returning how many were accepted.
+    /// Routes records by residency and stores each durably in the buffer of every destination that receives
+    /// its route (records routed `onprem` with no on-prem destination go to quarantine; `drop` goes nowhere).
+    /// Returns how many records were handled, dropped ones included.
+    ///
+    /// A record bound for several destinations is appended to each in turn; if a later append fails (buffer
+    /// full), the source retries the whole call and the earlier destinations get the records again, which their
+    /// aggregators deduplicate.
     pub async fn accept(&self, records: &[Record]) -> Result<u64, BufferError> {
-        // Residency policies (WASM plugins) will pick a destination per record; until one is configured, every
-        // record goes to the default destination.
-        let destination = &self.destinations[&self.default_destination];
-        let receipt = destination.buffer.append(records, self.full_wait).await?;
-        Ok(receipt.records)
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let routed;
+        let (records, routes): (&[Record], Vec<Residency>) = if self.residency.has_policies() {
+            let stage = self.residency.clone();
+            let owned = records.to_vec();
+            match tokio::task::spawn_blocking(move || stage.decide(owned)).await {
+                Ok(r) => {
+                    routed = r;
+                    (&routed.records, routed.routes)
+                }
+                // A bug in the host, not the plugin: still never to the cloud.
+                Err(error) => {
+                    warn!(message = "Residency stage crashed; the records stay on the premises.", %error);
+                    (records, records.iter().map(|r| self.residency.floor(r).max(Residency::Onprem)).collect())
+                }
+            }
+        } else {
+            (records, records.iter().map(|r| self.residency.floor(r)).collect())
+        };
+        let onprem_receivers = self.destinations.values().any(|d| d.routes.contains(&Residency::Onprem));
+        for destination in self.destinations.values() {
+            debug_assert!(
+                destination.residency == Residency::Onprem || !destination.routes.contains(&Residency::Onprem)
+            );
+            append_selected(&destination.buffer, records, &routes, |r| destination.routes.contains(&r), self.full_wait)
+                .await?;
+        }
+        let mut quarantined = 0;
+        if !onprem_receivers && routes.contains(&Residency::Onprem) {
+            let quarantine = self.quarantine.buffer().await?;
+            quarantined =
+                append_selected(quarantine, records, &routes, |r| r == Residency::Onprem, self.full_wait).await?;
+            warn!(message = "Records routed onprem with no on-prem destination were quarantined.", records = quarantined, path = %self.quarantine.path.display());
+        }
+        self.audit.routed(&routes, quarantined);
+        Ok(records.len() as u64)
+    }
+
+    /// Moves quarantined records to the on-prem destinations once there are any (at start).
+    async fn release_quarantine(&self) {
+        let receivers: Vec<&DestinationHandle> =
+            self.destinations.values().filter(|d| d.routes.contains(&Residency::Onprem)).collect();
+        if !self.quarantine.path.exists() {
+            return;
+        }
+        if receivers.is_empty() {
+            // Open it anyway so that status shows what is held.
+            match self.quarantine.buffer().await {
+                Ok(quarantine) => {
+                    let held = quarantine.stats().records;
+                    if held > 0 {
+                        warn!(message = "Records are quarantined until an on-prem destination is configured.", records = held, path = %self.quarantine.path.display());
+                    }
+                }
+                Err(error) => warn!(message = "Cannot open the quarantine.", %error),
+            }
+            return;
+        }
+        let result: Result<u64, BufferError> = async {
+            let quarantine = self.quarantine.buffer().await?;
+            let mut moved = 0;
+            while let Some(batch) = quarantine.next_batch(10_000, 8 << 20)? {
+                let records = match akosha_protocol::decode_records(&batch.payload, batch.record_count as usize) {
+                    Ok(records) => records,
+                    Err(error) => {
+                        warn!(message = "Quarantined chunk cannot be decoded; left in place.", %error);
+                        quarantine.release(&batch.chunks);
+                        break;
+                    }
+                };
+                for destination in &receivers {
+                    destination.buffer.append(&records, self.full_wait).await?;
+                }
+                moved += quarantine.ack(&batch.chunks)?;
+            }
+            Ok(moved)
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(moved) => info!(message = "Quarantined records moved to the on-prem destinations.", records = moved),
+            Err(error) => warn!(message = "Cannot release the quarantine now; will retry at the next start.", %error),
+        }
     }
 
     /// The status document served at `/v1/status`.
@@ -193,6 +368,8 @@ impl Agent {
                 let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                 let value = json!({
                     "address": d.address,
+                    "residency": d.residency.as_str(),
+                    "routes": d.routes.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
                     "connected": s.connected.load(std::sync::atomic::Ordering::Relaxed),
                     "sessions": load(&s.sessions),
                     "failed_attempts": load(&s.failed_attempts),
@@ -210,8 +387,16 @@ impl Agent {
         json!({
             "system_id": self.system_id,
             "version": env!("CARGO_PKG_VERSION"),
-            "default_destination": self.default_destination,
             "destinations": destinations,
+            "policies": {
+                "residency": self.residency.identities(),
+                "compression": self.compression,
+                "unloadable": self.residency.load_errors().map(|e| json!({
+                    "policy": e.plugin(), "cause": e.label(), "error": e.to_string(),
+                })).collect::<Vec<_>>(),
+            },
+            "audit": self.audit.status(),
+            "quarantine": self.quarantine.buffer.get().map(Buffer::stats),
             "files": self.files.iter().map(|(path, s)| json!({
                 "path": path.display().to_string(),
                 "position": s.position.load(std::sync::atomic::Ordering::Relaxed),
@@ -348,6 +533,13 @@ impl Agent {
             "Sessions that ended with an error.",
             series(&|d, _| ld(&d.status.failed_attempts)),
         );
+        m.metric(
+            "akosha_agent_quarantine_records",
+            "gauge",
+            "Records held in quarantine (routed onprem, no on-prem destination).",
+            [(&[][..], self.quarantine.buffer.get().map_or(0, |b| b.stats().records) as f64)],
+        );
+        self.audit.metrics(&mut m);
         m.finish()
     }
 }

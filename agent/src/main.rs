@@ -131,10 +131,32 @@ fn main() -> anyhow::Result<()> {
                 akosha_agent::tls::client_config(dest, &config.system_id)
                     .with_context(|| format!("destination `{name}`"))?;
             }
+            // Loading a policy checks its pin, contract version, imports and configuration, as `run` would.
+            let audit = std::sync::Arc::new(akosha_agent::policy::Audit::default());
+            let residency =
+                akosha_agent::policy::ResidencyStage::load(&config.policies.residency, &config.routing, audit.clone())
+                    .context("residency policies")?;
+            let compression = akosha_agent::policy::CompressionChooser::load(
+                "validate",
+                &config.policies.compression,
+                akosha_protocol::Codec::None,
+                audit,
+            )
+            .context("compression policies")?;
+            for identity in residency.identities().iter().chain(&compression.identities()) {
+                println!(
+                    "policy {} ({}): contract {}, sha256 {}",
+                    identity.name,
+                    identity.path.display(),
+                    identity.contract,
+                    identity.sha256
+                );
+            }
             println!(
-                "{}: configuration is valid ({} destination(s), system id `{}`)",
+                "{}: configuration is valid ({} destination(s), {} policy plugin(s), system id `{}`)",
                 config_path.display(),
                 config.destinations.len(),
+                config.policies.residency.len() + config.policies.compression.len(),
                 config.system_id
             );
             Ok(())
@@ -188,6 +210,16 @@ fn inspect_buffers(config: &AgentConfig, runtime: &tokio::runtime::Runtime, json
         response.json().await.ok()
     });
     let mut out = serde_json::Map::new();
+    let quarantine_dir = config.quarantine_dir();
+    let quarantine = match &live {
+        Some(status) => Some(serde_json::json!({"source": "running agent", "buffer": status["quarantine"]})),
+        None if quarantine_dir.exists() => {
+            let report = akosha_agent::buffer::inspect(&quarantine_dir)
+                .with_context(|| format!("quarantine: cannot read {}", quarantine_dir.display()))?;
+            Some(serde_json::json!({"source": "files", "buffer": report}))
+        }
+        None => None,
+    };
     for name in config.destinations.keys() {
         let value = match &live {
             Some(status) => {
@@ -201,6 +233,10 @@ fn inspect_buffers(config: &AgentConfig, runtime: &tokio::runtime::Runtime, json
             }
         };
         out.insert(name.clone(), value);
+    }
+    // Not a destination name: those are identifiers, and this has a space.
+    if let Some(q) = quarantine.filter(|q| !q["buffer"].is_null()) {
+        out.insert("(quarantine)".into(), q);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -264,14 +300,62 @@ fn print_status(status: &serde_json::Value) {
         let b = &d["buffer"];
         let age =
             b["oldest_accepted_at_us"].as_i64().map_or("-".to_string(), |t| format!("{:.1}s", (now - t) as f64 / 1e6));
+        let routes: Vec<&str> = d["routes"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
         println!(
-            "destination {name} ({}): {}; buffer {} records / {} bytes, oldest {age}; acked {} records; last error: {}",
+            "destination {name} ({}, {} receiving {}): {}; buffer {} records / {} bytes, oldest {age}; acked {} records; last error: {}",
             d["address"].as_str().unwrap_or("?"),
+            d["residency"].as_str().unwrap_or("?"),
+            routes.join("+"),
             if d["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" },
             b["records"],
             b["bytes"],
             d["records_acked"],
             d["last_error"].as_str().unwrap_or("none"),
+        );
+    }
+    if let Some(q) = status["quarantine"].as_object() {
+        println!(
+            "quarantine (onprem records with no on-prem destination): {} records / {} bytes",
+            q["records"], q["bytes"]
+        );
+    }
+    for kind in ["residency", "compression"] {
+        for p in status["policies"][kind].as_array().into_iter().flatten() {
+            println!(
+                "{kind} policy {} ({}): contract {}, sha256 {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["path"].as_str().unwrap_or("?"),
+                p["contract"].as_str().unwrap_or("?"),
+                p["sha256"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    let audit = &status["audit"];
+    let routed = |r: &str| audit["routed"][r].as_u64().unwrap_or(0);
+    println!(
+        "routing: {} cloud, {} onprem, {} dropped; {} redacted; {} routed onprem because a policy failed; {} quarantined",
+        routed("cloud"),
+        routed("onprem"),
+        routed("drop"),
+        audit["redacted_records"],
+        audit["failed_closed_records"],
+        audit["quarantined_records"],
+    );
+    for d in audit["decisions"].as_array().into_iter().flatten() {
+        println!(
+            "  {} by {}: {} ({} records)",
+            d["route"].as_str().unwrap_or("?"),
+            d["policy"].as_str().unwrap_or("?"),
+            d["reason"].as_str().unwrap_or(""),
+            d["count"]
+        );
+    }
+    for f in audit["failures"].as_array().into_iter().flatten() {
+        println!(
+            "  policy {} failed: {} ({} calls)",
+            f["policy"].as_str().unwrap_or("?"),
+            f["cause"].as_str().unwrap_or("?"),
+            f["count"]
         );
     }
 }

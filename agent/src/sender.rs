@@ -10,14 +10,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use akosha_protocol::{
-    Batch, DEFAULT_MAX_FRAME_LEN, ErrorCode, FRAME_HEADER_LEN, FrameHeader, Hello, MIN_PROTOCOL_VERSION, Message,
-    PROTOCOL_VERSION, SendWindow,
+    Batch, Codec, DEFAULT_MAX_FRAME_LEN, ErrorCode, FRAME_HEADER_LEN, FrameHeader, Hello, MIN_PROTOCOL_VERSION,
+    Message, PROTOCOL_VERSION, SendWindow,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::buffer::{Buffer, BufferError};
+use crate::buffer::{Buffer, BufferError, PendingBatch};
 use crate::config::DestinationConfig;
+use crate::policy::CompressionChooser;
 
 /// What the status API shows about a destination.
 #[derive(Debug, Default)]
@@ -50,6 +51,7 @@ pub async fn run(
     system_id: String,
     buffer: Buffer,
     status: Arc<DestinationStatus>,
+    compression: Arc<std::sync::Mutex<CompressionChooser>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let bind: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
@@ -65,8 +67,14 @@ pub async fn run(
     };
     let mut backoff = Backoff::new(dest.backoff_initial, dest.backoff_max);
     while !*shutdown.borrow() {
-        let mut session =
-            Session { dest: &dest, system_id: &system_id, buffer: &buffer, status: &status, progressed: false };
+        let mut session = Session {
+            dest: &dest,
+            system_id: &system_id,
+            buffer: &buffer,
+            status: &status,
+            compression: &compression,
+            progressed: false,
+        };
         let mut window = SendWindow::new(0);
         let result = session.run(&endpoint, &mut window, &mut shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
@@ -116,6 +124,7 @@ struct Session<'a> {
     system_id: &'a str,
     buffer: &'a Buffer,
     status: &'a DestinationStatus,
+    compression: &'a Arc<std::sync::Mutex<CompressionChooser>>,
     /// Something was acknowledged: the link works, so the next reconnect starts from the smallest backoff.
     progressed: bool,
 }
@@ -191,7 +200,8 @@ impl Session<'_> {
                 else {
                     break;
                 };
-                let payload = self.dest.codec.compress(&pending.payload);
+                let (codec, pending) = self.choose_codec(pending).await?;
+                let payload = codec.compress(&pending.payload);
                 let chunks = pending.chunks;
                 let seq = window.send(chunks).map_err(|e| e.to_string())?;
                 let frame = Message::Batch(Batch {
@@ -199,7 +209,7 @@ impl Session<'_> {
                     first_record: pending.first_record,
                     last_record: pending.last_record,
                     record_count: pending.record_count,
-                    codec: self.dest.codec,
+                    codec,
                     uncompressed_len: pending.payload.len() as u32,
                     payload,
                 })
@@ -236,6 +246,31 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Asks the compression policies (off the runtime's threads, since a policy may run up to its deadline);
+    /// the destination's codec when there are none or all fail.
+    async fn choose_codec(&self, pending: PendingBatch) -> Result<(Codec, PendingBatch), SessionEnd> {
+        let lock = |c: &std::sync::Mutex<CompressionChooser>| {
+            let mut chooser = c.lock().unwrap_or_else(|p| p.into_inner());
+            if chooser.has_policies() { None } else { Some(chooser.choose(&pending.payload, pending.record_count)) }
+        };
+        if let Some(codec) = lock(self.compression) {
+            return Ok((codec, pending));
+        }
+        let chooser = self.compression.clone();
+        let chunks = pending.chunks.clone();
+        tokio::task::spawn_blocking(move || {
+            let codec =
+                chooser.lock().unwrap_or_else(|p| p.into_inner()).choose(&pending.payload, pending.record_count);
+            (codec, pending)
+        })
+        .await
+        .map_err(|error| {
+            // A host bug, not a plugin failure: the batch goes back to the buffer and the session restarts.
+            self.buffer.release(&chunks);
+            SessionEnd { error: format!("compression policy task failed: {error}"), retry_after: None }
+        })
     }
 
     async fn handle(

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use akosha_agent::buffer::{Buffer, BufferConfig};
 use akosha_agent::config::DestinationConfig;
+use akosha_agent::policy::{Audit, CompressionChooser};
 use akosha_agent::sender::{self, DestinationStatus};
 use akosha_aggregator::certs::{self, CertPaths};
 use akosha_aggregator::config::QuicConfig;
@@ -19,7 +20,7 @@ use akosha_aggregator::metrics::ReceiverMetrics;
 use akosha_aggregator::receiver::Receiver;
 use akosha_aggregator::wal::{Wal, WalConfig};
 use akosha_e2e::bench_record as record;
-use akosha_protocol::{Codec, Record};
+use akosha_protocol::{Codec, Record, Residency};
 
 fn main() {
     let records: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
@@ -54,6 +55,8 @@ fn main() {
         ca: paths.ca_cert.clone(),
         cert,
         key,
+        residency: Residency::Cloud,
+        routes: vec![Residency::Cloud],
         codec,
         batch_max_records: 2000,
         batch_max_bytes: 4 << 20,
@@ -99,8 +102,20 @@ fn main() {
             dest.address = format!("127.0.0.1:{port}");
             let status = Arc::new(DestinationStatus::default());
             let start = Instant::now();
-            let sender =
-                tokio::spawn(sender::run(dest, client.clone(), "bench-host".into(), buffer.clone(), status, stop_rx));
+            let compression = Arc::new(std::sync::Mutex::new(CompressionChooser::fixed(
+                &dest.name,
+                dest.codec,
+                Arc::new(Audit::default()),
+            )));
+            let sender = tokio::spawn(sender::run(
+                dest,
+                client.clone(),
+                "bench-host".into(),
+                buffer.clone(),
+                status,
+                compression,
+                stop_rx,
+            ));
             while buffer.stats().records > 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
