@@ -5,10 +5,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use akosha_agent::config::RoutingConfig;
 use akosha_agent::plugin::{
-    BatchStats, CallFailure, CompressionPlugin, PluginConfig, PluginError, ResidencyPlugin, Route, apply_redactions,
+    BatchStats, CallFailure, CompressionPlugin, PluginConfig, PluginError, ResidencyPlugin, apply_redactions,
 };
-use akosha_protocol::{Codec, Record, RecordKind};
+use akosha_agent::policy::{Audit, CompressionChooser, ResidencyStage};
+use akosha_protocol::{Codec, Record, RecordKind, Residency};
 
 fn plugin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("AKOSHA_PLUGIN_DIR") {
@@ -68,15 +72,15 @@ fn the_shipped_residency_policy_routes_and_redacts() {
         private,
     ];
     let decisions = policy.decide(&batch).unwrap();
-    let routes: Vec<Route> = decisions.iter().map(|d| d.route).collect();
-    assert_eq!(routes, [Route::Cloud, Route::Onprem, Route::Onprem, Route::Onprem]);
+    let routes: Vec<Residency> = decisions.iter().map(|d| d.route).collect();
+    assert_eq!(routes, [Residency::Cloud, Residency::Onprem, Residency::Onprem, Residency::Onprem]);
     assert_eq!(decisions[1].reason.as_deref(), Some("text contains an AWS key"));
 
     let mut config = PluginConfig::new("residency", plugin("akosha-residency"));
     config.config = vec![("on_match".into(), "redact".into())];
     let mut redacting = ResidencyPlugin::load(config).unwrap();
     let decisions = redacting.decide(&batch[1..2]).unwrap();
-    assert_eq!(decisions[0].route, Route::Cloud);
+    assert_eq!(decisions[0].route, Residency::Cloud);
     let text = batch[1].text.as_deref().unwrap();
     assert_eq!(apply_redactions(text, &decisions[0].redactions), "key [REDACTED] leaked");
 
@@ -103,7 +107,7 @@ fn an_endless_loop_times_out_and_the_host_goes_on() {
     // Still usable (fails again, promptly, rather than hanging or crashing).
     assert!(matches!(failure(looping.decide(&[record("a", "x")])), CallFailure::Timeout(_)));
     let mut fine = hostile("cloud-all").unwrap();
-    assert_eq!(fine.decide(&[record("a", "x")]).unwrap()[0].route, Route::Cloud);
+    assert_eq!(fine.decide(&[record("a", "x")]).unwrap()[0].route, Residency::Cloud);
 }
 
 #[test]
@@ -167,4 +171,106 @@ fn the_compression_policy_picks_by_size_and_entropy() {
     let text = b"the quick brown fox jumps over the lazy dog ".repeat(100);
     let texty = BatchStats { records: 100, bytes: 64 << 10, sample: text[..4096].to_vec(), ..BatchStats::default() };
     assert_eq!(policy.choose(&texty).unwrap(), Codec::Zstd(3));
+}
+
+fn hostile_config(name: &str, component: &str, mode: &str) -> PluginConfig {
+    let mut config = PluginConfig::new(name, plugin(component));
+    config.config = vec![("mode".into(), mode.into())];
+    config.timeout = Duration::from_millis(200);
+    config.memory_limit = 32 << 20;
+    config
+}
+
+const ROUTING: RoutingConfig = RoutingConfig { default_route: Residency::Cloud, policy_batch_records: 1000 };
+
+/// Every way a residency policy can misbehave, at run time or at load: the stage keeps deciding batches, none
+/// of them cloud, and the audit names the plugin and the cause.
+#[test]
+fn every_hostile_residency_policy_fails_closed() {
+    let cases = [
+        ("akosha-hostile-plugin", "loop", "timeout"),
+        ("akosha-hostile-plugin", "memory-bomb", "memory_limit"),
+        ("akosha-hostile-plugin", "trap", "trap"),
+        ("akosha-hostile-plugin", "panic", "panic"),
+        ("akosha-hostile-plugin", "short", "wrong_count"),
+        ("akosha-hostile-plugin", "bad-redaction", "bad_redaction"),
+        ("akosha-wrong-version-plugin", "", "contract_version"),
+        ("akosha-wasi-import-plugin", "", "ungranted_import"),
+    ];
+    for (component, mode, cause) in cases {
+        let name = format!("hostile-{cause}");
+        let audit = Arc::new(Audit::default());
+        let stage =
+            ResidencyStage::load_fail_closed(&[hostile_config(&name, component, mode)], &ROUTING, audit.clone());
+        assert!(
+            ResidencyStage::load(&[hostile_config(&name, component, mode)], &ROUTING, audit.clone()).is_err()
+                == (cause == "contract_version" || cause == "ungranted_import")
+        );
+        for batch in 0..2 {
+            let records: Vec<Record> =
+                (0..3).map(|i| record(&format!("{batch}-{i}"), "AKIAIOSFODNN7EXAMPLE and more")).collect();
+            let routed = stage.decide(records);
+            assert_eq!(routed.routes, [Residency::Onprem; 3], "{name}: batch {batch}");
+            assert!(routed.records.iter().all(|r| r.residency == Some(Residency::Onprem)), "{name}");
+            // Nothing half-applied from a failed call.
+            assert!(routed.records.iter().all(|r| r.text.as_deref() == Some("AKIAIOSFODNN7EXAMPLE and more")));
+        }
+        let status = audit.status();
+        let failures = status["failures"].as_array().unwrap();
+        assert_eq!(failures.len(), 1, "{name}: {status}");
+        assert_eq!(failures[0]["policy"], name.as_str());
+        assert_eq!(failures[0]["cause"], cause);
+        assert_eq!(failures[0]["count"], 2);
+        assert_eq!(status["failed_closed_records"], 6);
+        let recent = status["recent"][0]["reason"].as_str().unwrap();
+        assert!(recent.starts_with("failed closed: plugin `hostile-"), "{recent}");
+    }
+}
+
+#[test]
+fn policies_run_in_order_and_the_strictest_route_wins() {
+    let audit = Arc::new(Audit::default());
+    let mut residency = PluginConfig::new("secrets", plugin("akosha-residency"));
+    residency.config = vec![("on_match".into(), "redact".into()), ("drop_tags".into(), "scratch".into())];
+    let onprem = hostile_config("everything-onprem", "akosha-hostile-plugin", "onprem-all");
+    let stage = ResidencyStage::load(&[residency, onprem], &ROUTING, audit.clone()).unwrap();
+    let mut scratch = record("c", "nothing to see");
+    scratch.tags = vec!["scratch".into()];
+    let routed = stage.decide(vec![record("a", "key AKIAIOSFODNN7EXAMPLE here"), record("b", "plain words"), scratch]);
+    assert_eq!(routed.routes, [Residency::Onprem, Residency::Onprem, Residency::Drop]);
+    let redacted = routed.records[0].text.as_deref().unwrap();
+    assert!(!redacted.contains("AKIAIOSFODNN7EXAMPLE"), "{redacted}");
+    let status = audit.status();
+    assert_eq!(status["redacted_records"], 1);
+    let decisions = status["decisions"].as_array().unwrap();
+    assert!(decisions.iter().any(|d| d["policy"] == "secrets" && d["route"] == "drop"), "{status}");
+    // The drop was final: the second policy was not asked about it.
+    assert!(
+        decisions.iter().any(|d| d["policy"] == "everything-onprem" && d["route"] == "onprem" && d["count"] == 2),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_failing_compression_policy_costs_only_its_choice() {
+    let payload = akosha_protocol::encode_records(&[record("a", &"text ".repeat(2000))]);
+    for (mode, cause) in [("loop", "timeout"), ("trap", "trap"), ("panic", "panic"), ("zstd-99", "bad_level")] {
+        let audit = Arc::new(Audit::default());
+        let configs = [hostile_config("squeeze", "akosha-hostile-compression-plugin", mode)];
+        let mut chooser = CompressionChooser::load("cloud", &configs, Codec::Lz4, audit.clone()).unwrap();
+        assert_eq!(chooser.choose(&payload, 1), Codec::Lz4, "{mode}");
+        assert_eq!(chooser.choose(&payload, 1), Codec::Lz4, "{mode}: again");
+        let status = audit.status();
+        assert_eq!(status["failures"][0]["policy"], "squeeze");
+        assert_eq!(status["failures"][0]["cause"], cause, "{status}");
+        assert_eq!(status["codecs"][0]["codec"], "lz4");
+        assert_eq!(status["codecs"][0]["batches"], 2);
+    }
+    // One that cannot be loaded is left out, and the destination's codec is used.
+    let audit = Arc::new(Audit::default());
+    let configs = [PluginConfig::new("wrong-world", plugin("akosha-residency"))];
+    let mut chooser = CompressionChooser::load_skipping_failures("cloud", &configs, Codec::Zstd(3), audit.clone());
+    assert!(!chooser.has_policies());
+    assert_eq!(chooser.choose(&payload, 1), Codec::Zstd(3));
+    assert_eq!(audit.status()["failures"][0]["cause"], "load");
 }

@@ -25,6 +25,18 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A policy component built by `scripts/build-plugins.sh` (`$AKOSHA_PLUGIN_DIR`, default `<target>/plugins`).
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("AKOSHA_PLUGIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/plugins
+        exe.ancestors().nth(3).expect("target directory").join("plugins")
+    });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} not found: run scripts/build-plugins.sh", path.display());
+    path
+}
+
 /// A free loopback TCP port.
 pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
@@ -287,6 +299,10 @@ pub struct AgentOptions {
     pub destination_extra: String,
     /// A top-level `sources:` block (YAML flow mapping), e.g. `{session_buddy: {snapshots: true}}`.
     pub sources: String,
+    /// More destinations: YAML block entries indented by two spaces, appended under `destinations:`.
+    pub more_destinations: String,
+    /// Top-level YAML appended to the config (e.g. `policies:` and `routing:`).
+    pub extra_config: String,
 }
 
 impl Default for AgentOptions {
@@ -296,6 +312,8 @@ impl Default for AgentOptions {
             when_full: "block".into(),
             destination_extra: String::new(),
             sources: "{}".into(),
+            more_destinations: String::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -332,11 +350,13 @@ impl Agent {
                  buffer: {{max_bytes: {max}, when_full: {when_full}}}\nsources: {sources}\n\
                  destinations:\n  primary:\n    address: 127.0.0.1:{quic_port}\n    ca: {certs}/ca.pem\n    \
                  cert: {certs}/agents/{system_id}.pem\n    key: {certs}/agents/{system_id}.key\n    \
-                 backoff_initial: 50ms\n    backoff_max: 500ms\n    drain_timeout: 3s\n{extra}",
+                 backoff_initial: 50ms\n    backoff_max: 500ms\n    drain_timeout: 3s\n{extra}{more}\n{top}\n",
                 data = data.display(),
                 max = options.buffer_max,
                 when_full = options.when_full,
                 extra = options.destination_extra,
+                more = options.more_destinations,
+                top = options.extra_config,
                 sources = options.sources,
             ),
         )?;
@@ -375,6 +395,39 @@ impl Agent {
     pub async fn status(&self) -> Result<Value> {
         get_json(&format!("{}/v1/status", self.url)).await
     }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(http_client().get(format!("{}/metrics", self.url)).send().await?.error_for_status()?.text().await?)
+    }
+}
+
+/// Every file under `dir` with its bytes (to search what a process stored, byte-wise).
+pub fn read_tree(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                files.push((path, bytes));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The files among `files` whose bytes contain `needle`.
+pub fn containing<'a>(files: &'a [(PathBuf, Vec<u8>)], needle: &str) -> Vec<&'a Path> {
+    let needle = needle.as_bytes();
+    files
+        .iter()
+        .filter(|(_, bytes)| bytes.windows(needle.len()).any(|w| w == needle))
+        .map(|(p, _)| p.as_path())
+        .collect()
 }
 
 fn http_client() -> reqwest::Client {
