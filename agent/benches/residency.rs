@@ -3,7 +3,9 @@
 //! Records are Session-Buddy-like (≈600 bytes of prose, project, tags, metadata; one in ten carries a secret or
 //! an e-mail address). The native side calls `akosha_residency::rules::Rules::decide` on borrowed records; the
 //! WASM side is the agent's real path: `ResidencyPlugin::decide` with the built component (copying records
-//! into the guest, running the same rules there, checking the decisions). Batches of 1, 100 and 1,000.
+//! into the guest, running the same rules there, checking the decisions). Batches of 1, 100 and 1,000. The
+//! last column is the same path with a plugin that decides nothing (the hostile fixture in `cloud-all` mode):
+//! what crossing into the guest and back costs by itself.
 //!
 //! `scripts/build-plugins.sh && cargo bench --profile release --workspace --bench residency [-- <seconds>]`
 
@@ -55,9 +57,12 @@ fn main() {
     let mut settings = PluginConfig::new("residency", &plugin);
     settings.config = config;
     let mut wasm = ResidencyPlugin::load(settings).expect("plugin");
+    let mut noop_settings = PluginConfig::new("noop", plugin.with_file_name("akosha-hostile-plugin.wasm"));
+    noop_settings.config = vec![("mode".to_owned(), "cloud-all".to_owned())];
+    let mut noop = ResidencyPlugin::load(noop_settings).expect("no-op plugin");
 
-    println!("| batch | native rec/s | WASM rec/s | WASM / native time | added per record |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| batch | native rec/s | WASM rec/s | WASM / native time | added per record | boundary alone |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for batch in [1usize, 100, 1000] {
         let input = records(batch.max(100));
         let chunk = &input[..batch];
@@ -74,12 +79,16 @@ fn main() {
         let in_wasm = per_record(seconds, batch, || {
             std::hint::black_box(wasm.decide(chunk).expect("wasm"));
         });
+        let boundary = per_record(seconds, batch, || {
+            std::hint::black_box(noop.decide(chunk).expect("wasm"));
+        });
         println!(
-            "| {batch} | {:.0} | {:.0} | {:.2}× | {:.2} µs |",
+            "| {batch} | {:.0} | {:.0} | {:.2}× | {:.2} µs | {:.2} µs |",
             1.0 / native.as_secs_f64(),
             1.0 / in_wasm.as_secs_f64(),
             in_wasm.as_secs_f64() / native.as_secs_f64(),
-            (in_wasm.as_secs_f64() - native.as_secs_f64()) * 1e6
+            (in_wasm.as_secs_f64() - native.as_secs_f64()) * 1e6,
+            boundary.as_secs_f64() * 1e6,
         );
     }
 }

@@ -453,6 +453,11 @@ pub fn describe(path: &Path) -> Result<String, PluginError> {
     Ok(format!("{summary}{out}"))
 }
 
+/// The residency export the host calls per batch (typed with borrowed records at each call).
+struct ResidencyExports {
+    decide: wasmtime::component::Func,
+}
+
 /// An instance that may be reused, and the store it lives in.
 struct Live<T> {
     store: Store<HostState>,
@@ -499,7 +504,7 @@ pub struct ResidencyPlugin {
     identity: PluginIdentity,
     engine: Engine,
     pre: residency_bindings::ResidencyPre<HostState>,
-    live: Option<Live<residency_bindings::Residency>>,
+    live: Option<Live<ResidencyExports>>,
     /// Linear memory after the instance's first batch. The guest allocator may still grow a little while it
     /// settles, but past twice this the instance is replaced, so memory cannot grow without bound across batches.
     baseline: Option<u64>,
@@ -543,21 +548,33 @@ impl ResidencyPlugin {
         &self.identity
     }
 
-    fn instance(&mut self) -> Result<&mut Live<residency_bindings::Residency>, PluginError> {
+    fn instance(&mut self) -> Result<&mut Live<ResidencyExports>, PluginError> {
         if self.live.is_none() {
             let mut store = new_store(&self.engine, &self.config);
             let call_err = |store: &Store<HostState>, e: wasmtime::Error, plugin: &str, timeout| PluginError::Call {
                 plugin: plugin.to_owned(),
                 cause: classify(&e, store.data(), timeout),
             };
-            let bindings = self
+            let instance = self
                 .pre
+                .instance_pre()
                 .instantiate(&mut store)
                 .map_err(|e| call_err(&store, e, &self.config.name, self.config.timeout))?;
-            let configured = bindings
+            let generated = residency_bindings::Residency::new(&mut store, &instance)
+                .map_err(|e| call_err(&store, e, &self.config.name, self.config.timeout))?;
+            let decide = instance
+                .get_export_index(&mut store, None, &format!("{CONTRACT_PACKAGE}/residency-policy@{CONTRACT_VERSION}"))
+                .and_then(|interface| instance.get_export_index(&mut store, Some(&interface), "decide"))
+                .and_then(|index| instance.get_func(&mut store, index))
+                .ok_or_else(|| PluginError::Load {
+                    plugin: self.config.name.clone(),
+                    message: "exports no residency-policy.decide".into(),
+                })?;
+            let configured = generated
                 .akosha_plugin_residency_policy()
                 .call_configure(&mut store, &self.config.config)
                 .map_err(|e| call_err(&store, e, &self.config.name, self.config.timeout))?;
+            let bindings = ResidencyExports { decide };
             if let Err(message) = configured {
                 return Err(PluginError::Configure { plugin: self.config.name.clone(), message });
             }
@@ -574,11 +591,16 @@ impl ResidencyPlugin {
         let plugin = self.config.name.clone();
         let timeout = self.config.timeout;
         let embeddings = self.config.embeddings;
-        let input: Vec<rtypes::Record> = records.iter().map(|r| to_guest(r, embeddings)).collect();
+        let input: Vec<GuestRecord<'_>> = records.iter().map(|r| to_guest(r, embeddings)).collect();
         let live = self.instance()?;
         live.store.data_mut().memory_grew = false;
         live.store.set_epoch_deadline(deadline_ticks(timeout));
-        let result = live.bindings.akosha_plugin_residency_policy().call_decide(&mut live.store, &input);
+        let result = live
+            .bindings
+            .decide
+            .typed::<(&[GuestRecord<'_>],), (Vec<rtypes::Decision>,)>(&live.store)
+            .and_then(|decide| decide.call(&mut live.store, (&input,)))
+            .map(|(decisions,)| decisions);
         let outcome = match result {
             Ok(decisions) => check_decisions(records, decisions).map_err(|cause| PluginError::Call { plugin, cause }),
             Err(e) => Err(PluginError::Call { plugin, cause: classify(&e, live.store.data(), timeout) }),
@@ -595,8 +617,28 @@ impl ResidencyPlugin {
     }
 }
 
-fn to_guest(r: &Record, embeddings: bool) -> rtypes::Record {
-    rtypes::Record {
+/// The contract's `record`, borrowing the host's strings: lowered into guest memory straight from the agent's
+/// own records, where the generated owned type would need a clone of every string first. Field names and order
+/// are checked against the component's type when the function is looked up.
+#[derive(wasmtime::component::ComponentType, wasmtime::component::Lower)]
+#[component(record)]
+struct GuestRecord<'a> {
+    kind: rtypes::Kind,
+    #[component(name = "system-id")]
+    system_id: &'a str,
+    id: &'a str,
+    project: Option<&'a str>,
+    namespace: Option<&'a str>,
+    category: Option<&'a str>,
+    name: Option<&'a str>,
+    tags: &'a [String],
+    text: Option<&'a str>,
+    metadata: Option<&'a str>,
+    embedding: Option<&'a [f32]>,
+}
+
+fn to_guest(r: &Record, embeddings: bool) -> GuestRecord<'_> {
+    GuestRecord {
         kind: match r.kind {
             RecordKind::Conversation => rtypes::Kind::Conversation,
             RecordKind::Reflection => rtypes::Kind::Reflection,
@@ -604,16 +646,16 @@ fn to_guest(r: &Record, embeddings: bool) -> rtypes::Record {
             RecordKind::Relation => rtypes::Kind::Relation,
             _ => rtypes::Kind::Metric,
         },
-        system_id: r.system_id.clone(),
-        id: r.id.clone(),
-        project: r.project.clone(),
-        namespace: r.namespace.clone(),
-        category: r.category.clone(),
-        name: r.name.clone(),
-        tags: r.tags.clone(),
-        text: r.text.clone(),
-        metadata: r.metadata.clone(),
-        embedding: if embeddings { r.embedding.clone() } else { None },
+        system_id: &r.system_id,
+        id: &r.id,
+        project: r.project.as_deref(),
+        namespace: r.namespace.as_deref(),
+        category: r.category.as_deref(),
+        name: r.name.as_deref(),
+        tags: &r.tags,
+        text: r.text.as_deref(),
+        metadata: r.metadata.as_deref(),
+        embedding: if embeddings { r.embedding.as_deref() } else { None },
     }
 }
 
