@@ -228,14 +228,15 @@ impl std::fmt::Debug for PluginEngine {
 
 impl PluginEngine {
     /// The process-wide engine (compiled code is shared between plugins and instances).
-    pub fn shared() -> PluginEngine {
-        static ENGINE: OnceLock<PluginEngine> = OnceLock::new();
+    /// Fails only if wasmtime refuses the configuration; a default engine instead would have no deadlines.
+    pub fn shared(plugin: &str) -> Result<PluginEngine, PluginError> {
+        static ENGINE: OnceLock<Result<PluginEngine, String>> = OnceLock::new();
         ENGINE
             .get_or_init(|| {
                 let mut config = wasmtime::Config::new();
                 config.epoch_interruption(true);
                 config.wasm_component_model(true);
-                let engine = Engine::new(&config).unwrap_or_else(|_| Engine::default());
+                let engine = Engine::new(&config).map_err(|e| format!("cannot create the WASM engine: {e:#}"))?;
                 let ticker = engine.weak();
                 // The ticker ends with the process; it only wakes 100 times a second and only once a plugin
                 // was loaded.
@@ -246,9 +247,10 @@ impl PluginEngine {
                         std::thread::sleep(Duration::from_millis(1000 / TICKS_PER_SECOND));
                     }
                 });
-                PluginEngine { engine }
+                Ok(PluginEngine { engine })
             })
             .clone()
+            .map_err(|message| PluginError::Load { plugin: plugin.to_owned(), message })
     }
 }
 
@@ -420,8 +422,8 @@ fn compatible(version: &str) -> bool {
 
 /// What a component exports and imports, for `akosha-agent plugin inspect`.
 pub fn describe(path: &Path) -> Result<String, PluginError> {
-    let engine = &PluginEngine::shared().engine;
     let plugin = path.display().to_string();
+    let engine = &PluginEngine::shared(&plugin)?.engine;
     let bytes =
         std::fs::read(path).map_err(|e| PluginError::Load { plugin: plugin.clone(), message: e.to_string() })?;
     let component = Component::new(engine, &bytes)
@@ -525,7 +527,7 @@ impl ResidencyPlugin {
     /// Loads, checks and pre-links the plugin, then configures one instance to surface configuration errors
     /// at load rather than at the first batch.
     pub fn load(config: PluginConfig) -> Result<ResidencyPlugin, PluginError> {
-        let engine = PluginEngine::shared().engine;
+        let engine = PluginEngine::shared(&config.name)?.engine;
         let (pre, identity) = link(
             &engine,
             &config,
@@ -743,7 +745,7 @@ pub struct BatchStats {
 impl CompressionPlugin {
     /// Loads, checks and configures the plugin.
     pub fn load(config: PluginConfig) -> Result<CompressionPlugin, PluginError> {
-        let engine = PluginEngine::shared().engine;
+        let engine = PluginEngine::shared(&config.name)?.engine;
         let (pre, identity) = link(
             &engine,
             &config,
