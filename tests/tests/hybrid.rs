@@ -9,6 +9,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 const SYSTEM: &str = "hybrid-host";
+/// The shipped policy's rules for [`mix`]: secrets (by default), a project and a tag on-prem, a tag dropped.
+const SITE_RULES: &str = "onprem_projects: payroll, onprem_tags: confidential, drop_tags: scratch";
 
 /// One record to post, and whether it must stay on the premises.
 struct Case {
@@ -98,6 +100,25 @@ fn onsite(certs: &str, port: u16) -> String {
     )
 }
 
+/// A cloud and an on-prem aggregator, and an agent sending to both through the residency `policy`.
+struct Hybrid {
+    agent: Agent,
+    cloud: Aggregator,
+    onprem: Aggregator,
+    site: Site,
+}
+
+impl Hybrid {
+    async fn start(policy: &str, settings: &str) -> Result<Hybrid> {
+        let site = Site::new()?;
+        let cloud = Aggregator::start(&site, "cloud").await?;
+        let onprem = Aggregator::start(&site, "onprem").await?;
+        let options = hybrid_options(&site, &onprem, policy, settings);
+        let agent = Agent::start(&site, "agent", SYSTEM, cloud.quic_port, &options).await?;
+        Ok(Hybrid { agent, cloud, onprem, site })
+    }
+}
+
 async fn post_all(agent: &Agent, cases: &[Case]) -> Result<()> {
     let (status, response, _) = agent.post(body(cases)).await?;
     assert_eq!(status, 200, "{response}");
@@ -111,16 +132,7 @@ fn text_of(record: &Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensitive_records_stay_on_the_premises() -> Result<()> {
-    let site = Site::new()?;
-    let cloud = Aggregator::start(&site, "cloud").await?;
-    let onprem = Aggregator::start(&site, "onprem").await?;
-    let options = hybrid_options(
-        &site,
-        &onprem,
-        "akosha-residency",
-        "onprem_projects: payroll, onprem_tags: confidential, drop_tags: scratch",
-    );
-    let mut agent = Agent::start(&site, "agent", SYSTEM, cloud.quic_port, &options).await?;
+    let Hybrid { site, cloud, onprem, mut agent } = Hybrid::start("akosha-residency", SITE_RULES).await?;
     let cases = mix();
     post_all(&agent, &cases).await?;
 
@@ -163,16 +175,7 @@ async fn sensitive_records_stay_on_the_premises() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_counts_every_onprem_and_drop_decision() -> Result<()> {
-    let site = Site::new()?;
-    let cloud = Aggregator::start(&site, "cloud").await?;
-    let onprem = Aggregator::start(&site, "onprem").await?;
-    let options = hybrid_options(
-        &site,
-        &onprem,
-        "akosha-residency",
-        "onprem_projects: payroll, onprem_tags: confidential, drop_tags: scratch",
-    );
-    let agent = Agent::start(&site, "agent", SYSTEM, cloud.quic_port, &options).await?;
+    let Hybrid { site: _site, cloud, onprem, agent } = Hybrid::start("akosha-residency", SITE_RULES).await?;
     let cases = mix();
     post_all(&agent, &cases).await?;
     let status = agent.status().await?;
@@ -209,11 +212,7 @@ async fn audit_counts_every_onprem_and_drop_decision() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redaction_sends_the_record_without_the_secret() -> Result<()> {
-    let site = Site::new()?;
-    let cloud = Aggregator::start(&site, "cloud").await?;
-    let onprem = Aggregator::start(&site, "onprem").await?;
-    let options = hybrid_options(&site, &onprem, "akosha-residency", "on_match: redact");
-    let mut agent = Agent::start(&site, "agent", SYSTEM, cloud.quic_port, &options).await?;
+    let Hybrid { site, cloud, onprem, mut agent } = Hybrid::start("akosha-residency", "on_match: redact").await?;
     // Secrets only: in redact mode the projects and tags above have no rules.
     let cases: Vec<Case> =
         mix().into_iter().filter(|c| c.id.starts_with("secret-") || c.id.starts_with("plain-")).collect();
@@ -241,11 +240,7 @@ async fn redaction_sends_the_record_without_the_secret() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_policy_keeps_every_batch_on_the_premises() -> Result<()> {
-    let site = Site::new()?;
-    let cloud = Aggregator::start(&site, "cloud").await?;
-    let onprem = Aggregator::start(&site, "onprem").await?;
-    let options = hybrid_options(&site, &onprem, "akosha-hostile-plugin", "mode: panic");
-    let agent = Agent::start(&site, "agent", SYSTEM, cloud.quic_port, &options).await?;
+    let Hybrid { site, cloud, onprem, agent } = Hybrid::start("akosha-hostile-plugin", "mode: panic").await?;
     let cases = mix();
     // Two requests: the agent goes on serving after the first failure.
     post_all(&agent, &cases[..60]).await?;
@@ -275,11 +270,7 @@ async fn a_failing_policy_keeps_every_batch_on_the_premises() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_cannot_load_fails_closed_without_stopping_the_agent() -> Result<()> {
-    let site = Site::new()?;
-    let cloud = Aggregator::start(&site, "cloud").await?;
-    let onprem = Aggregator::start(&site, "onprem").await?;
-    let options = hybrid_options(&site, &onprem, "akosha-wrong-version-plugin", "");
-    let agent = Agent::start(&site, "agent", SYSTEM, cloud.quic_port, &options).await?;
+    let Hybrid { site: _site, cloud, onprem, agent } = Hybrid::start("akosha-wrong-version-plugin", "").await?;
     let cases = mix();
     post_all(&agent, &cases).await?;
     let total = cases.len() as u64;
