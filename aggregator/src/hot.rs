@@ -28,6 +28,7 @@ use arrow::record_batch::RecordBatch;
 use duckdb::Connection;
 use tracing::error;
 
+use crate::search::{SearchError, SearchIndexes};
 use crate::wal::DurableBatch;
 
 /// Hot tier failures.
@@ -39,6 +40,12 @@ pub enum HotError {
     /// Building the Arrow batch failed.
     #[error("hot tier (Arrow): {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// The search indexes refused an update or a query.
+    #[error("hot tier indexes: {0}")]
+    Search(#[from] SearchError),
+    /// A worker thread could not be started.
+    #[error("hot tier thread: {0}")]
+    Thread(String),
 }
 
 /// Columns shared by every kind's table, in staging order.
@@ -66,6 +73,8 @@ const COLUMNS: &[(&str, &str)] = &[
 /// The hot tier.
 pub struct HotTier {
     writer: Mutex<Writer>,
+    indexes: Arc<SearchIndexes>,
+    indexer: Indexer,
     reader: Mutex<Connection>,
     inserted: AtomicU64,
     batches: AtomicU64,
@@ -73,6 +82,59 @@ pub struct HotTier {
     pending: AtomicU64,
     duplicates: AtomicU64,
 }
+
+/// Feeds the search indexes off the writer's path: building HNSW links costs far more than appending a row,
+/// so rows become readable by id at table speed and searchable shortly after. The queue is bounded in records
+/// ([`MAX_INDEX_BACKLOG`]); when the indexer falls that far behind, the writer waits (nothing is lost: the data
+/// is already durable, and the receive path keeps acknowledging from the log).
+struct Indexer {
+    queue: std::sync::mpsc::Sender<Vec<(u64, Record)>>,
+    pending: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Marks the indexer dead when its thread ends, however it ends, so the writer never waits for it in vain.
+struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Indexer {
+    fn start(indexes: Arc<SearchIndexes>) -> std::io::Result<Indexer> {
+        let (queue, rx) = std::sync::mpsc::channel::<Vec<(u64, Record)>>();
+        let pending = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(AtomicU64::new(0));
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (p, f, guard) = (pending.clone(), failures.clone(), AliveGuard(alive.clone()));
+        std::thread::Builder::new().name("hot-indexer".into()).spawn(move || {
+            let _guard = guard;
+            while let Ok(mut job) = rx.recv() {
+                while job.len() < 50_000 {
+                    match rx.try_recv() {
+                        Ok(more) => job.extend(more),
+                        Err(_) => break,
+                    }
+                }
+                let keyed: Vec<(u64, &Record)> = job.iter().map(|(k, r)| (*k, r)).collect();
+                // An index failure must not undo or refuse durable data: the rows stay readable by id and the
+                // indexes are whole again after the next restart's replay.
+                if let Err(e) = indexes.upsert(&keyed).and_then(|()| indexes.commit()) {
+                    f.fetch_add(keyed.len() as u64, Ordering::Relaxed);
+                    error!(message = "Search index update failed; these records are missing from search until restart.", error = %e, records = keyed.len());
+                }
+                p.fetch_sub(job.len() as u64, Ordering::Relaxed);
+            }
+        })?;
+        Ok(Indexer { queue, pending, failures, alive })
+    }
+}
+
+/// Records written but not yet indexed before the writer waits for the indexer (≈ 250 MB of queued records).
+const MAX_INDEX_BACKLOG: u64 = 100_000;
 
 struct Writer {
     conn: Connection,
@@ -115,8 +177,12 @@ impl HotTier {
         writer.execute_batch("SET checkpoint_threshold = '1TB';")?;
         writer.execute_batch(&ddl)?;
         let reader = writer.try_clone()?;
+        let indexes = Arc::new(SearchIndexes::new(EMBEDDING_DIM)?);
+        let indexer = Indexer::start(indexes.clone()).map_err(|e| HotError::Thread(e.to_string()))?;
         Ok(HotTier {
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
+            indexes,
+            indexer,
             reader: Mutex::new(reader),
             inserted: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -194,11 +260,49 @@ impl HotTier {
                     return Err(e);
                 }
             }
+            // After the commit: an index entry never points at a row that is not there.
+            while self.indexer.pending.load(Ordering::Relaxed) > MAX_INDEX_BACKLOG
+                && self.indexer.alive.load(Ordering::Relaxed)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let job: Vec<(u64, Record)> = rows.iter().map(|r| (key_hash(r), (*r).clone())).collect();
+            self.indexer.pending.fetch_add(job.len() as u64, Ordering::Relaxed);
+            if self.indexer.queue.send(job).is_err() {
+                error!(message = "The search indexer has stopped; new records are not searchable until restart.");
+            }
         }
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The search indexes over this tier's records.
+    pub fn indexes(&self) -> &SearchIndexes {
+        &self.indexes
+    }
+
+    /// Records whose index update failed.
+    pub fn index_failures(&self) -> u64 {
+        self.indexer.failures.load(Ordering::Relaxed)
+    }
+
+    /// Records written to the table and not yet searchable.
+    pub fn index_pending(&self) -> u64 {
+        self.indexer.pending.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything written so far is searchable, or `timeout` passes; returns whether it is.
+    pub fn wait_indexed(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.index_pending() > 0 {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        true
     }
 
     /// Records dropped because an equal or newer version was already stored.
@@ -481,7 +585,15 @@ mod scale {
             id: format!("r{i}"),
             ts: i as i64,
             text: Some("x".repeat(200)),
-            embedding: Some(vec![0.5; EMBEDDING_DIM]),
+            // Distinct vectors: identical ones are HNSW's worst case and nothing like real embeddings.
+            embedding: Some(
+                (0..EMBEDDING_DIM)
+                    .map(|d| {
+                        let x = ((i * EMBEDDING_DIM + d) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                    })
+                    .collect(),
+            ),
             ..Record::default()
         };
         for start in (0..100_000).step_by(50_000) {

@@ -12,7 +12,9 @@ pub mod http;
 pub mod import;
 pub mod metrics;
 pub mod objects;
+pub mod query;
 pub mod receiver;
+pub mod search;
 pub mod wal;
 
 use std::future::Future;

@@ -1,0 +1,188 @@
+//! Search indexes over the hot tier: an HNSW index (usearch) over embeddings and a BM25 index (tantivy) over
+//! text, plus a registry of every indexed record's filterable fields.
+//!
+//! The hot tier's writer feeds them inside its own critical section, after the table commit, so a query never
+//! sees an index entry whose row is not in the table; an upsert of an existing key replaces its vector and its
+//! text (same key), and [`SearchIndexes::remove`] takes a key out of all three. The indexes hold no data of their
+//! own worth keeping: on restart the write-ahead log is replayed into the hot tier and they are rebuilt with it.
+//!
+//! Keys are the hot tier's 64-bit hash of `(kind, system_id, id)`; the registry maps them back.
+
+pub mod filter;
+pub mod text;
+pub mod vector;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use akosha_protocol::{Record, RecordKind};
+
+pub use filter::Filters;
+use text::TextIndex;
+use vector::VectorIndex;
+
+/// Search index failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// The vector index refused an operation.
+    #[error("vector index: {0}")]
+    Vector(String),
+    /// The text index refused an operation.
+    #[error("text index: {0}")]
+    Text(#[from] tantivy::TantivyError),
+    /// The text query does not parse.
+    #[error("text query: {0}")]
+    Query(#[from] tantivy::query::QueryParserError),
+    /// A query vector of the wrong size.
+    #[error("the query embedding has {got} dimensions; records have {expected}")]
+    Dimensions {
+        /// Expected.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+}
+
+/// What filters and result rows need of an indexed record, kept in memory.
+#[derive(Debug, Clone)]
+pub struct DocMeta {
+    /// System id.
+    pub system_id: Arc<str>,
+    /// Record kind.
+    pub kind: RecordKind,
+    /// Record id.
+    pub id: Box<str>,
+    /// Project.
+    pub project: Option<Arc<str>>,
+    /// Category.
+    pub category: Option<Arc<str>>,
+    /// Tags.
+    pub tags: Box<[Arc<str>]>,
+    /// Timestamp, microseconds since the epoch.
+    pub ts: i64,
+}
+
+/// Strings that repeat across records (systems, projects, categories, tags) are stored once.
+#[derive(Default)]
+struct Interner(HashMap<Box<str>, Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.0.insert(Box::from(s), a.clone());
+        a
+    }
+}
+
+/// The hot tier's search indexes.
+pub struct SearchIndexes {
+    docs: RwLock<HashMap<u64, DocMeta>>,
+    interner: std::sync::Mutex<Interner>,
+    vectors: VectorIndex,
+    text: TextIndex,
+}
+
+impl SearchIndexes {
+    /// Empty indexes for `dimensions`-float embeddings.
+    pub fn new(dimensions: usize) -> Result<SearchIndexes, SearchError> {
+        Ok(SearchIndexes {
+            docs: RwLock::new(HashMap::new()),
+            interner: std::sync::Mutex::new(Interner::default()),
+            vectors: VectorIndex::new(dimensions)?,
+            text: TextIndex::new()?,
+        })
+    }
+
+    /// Indexes records that were just written to the table (new keys or replacements of stored ones).
+    pub fn upsert(&self, records: &[(u64, &Record)]) -> Result<(), SearchError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut interner = self.interner.lock().unwrap_or_else(|p| p.into_inner());
+            let mut docs = self.docs.write().unwrap_or_else(|p| p.into_inner());
+            for (key, r) in records {
+                let meta = DocMeta {
+                    system_id: interner.get(&r.system_id),
+                    kind: r.kind,
+                    id: Box::from(r.id.as_str()),
+                    project: r.project.as_deref().map(|p| interner.get(p)),
+                    category: r.category.as_deref().map(|c| interner.get(c)),
+                    tags: r.tags.iter().map(|t| interner.get(t)).collect(),
+                    ts: r.ts,
+                };
+                docs.insert(*key, meta);
+            }
+        }
+        let with_vectors: Vec<(u64, &[f32])> =
+            records.iter().filter_map(|(key, r)| r.embedding.as_deref().map(|e| (*key, e))).collect();
+        // A replacement without an embedding must not keep the old one.
+        for (key, r) in records {
+            if r.embedding.is_none() {
+                self.vectors.remove(*key)?;
+            }
+        }
+        self.vectors.upsert(&with_vectors)?;
+        self.text.upsert(records)?;
+        Ok(())
+    }
+
+    /// Takes keys out of every index (records moved out of the hot tier or deleted).
+    pub fn remove(&self, keys: &[u64]) -> Result<(), SearchError> {
+        {
+            let mut docs = self.docs.write().unwrap_or_else(|p| p.into_inner());
+            for key in keys {
+                docs.remove(key);
+            }
+        }
+        for key in keys {
+            self.vectors.remove(*key)?;
+        }
+        self.text.remove(keys)
+    }
+
+    /// The `k` records nearest to `query` (cosine similarity, highest first) that pass `filters`.
+    pub fn vector_search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filters: &Filters,
+    ) -> Result<Vec<(DocMeta, f32)>, SearchError> {
+        let docs = self.docs.read().unwrap_or_else(|p| p.into_inner());
+        let pass = |key: u64| docs.get(&key).is_some_and(|d| filters.matches(d));
+        let hits = self.vectors.search(query, k, &pass)?;
+        Ok(hits
+            .into_iter()
+            .filter(|(_, similarity)| filters.min_similarity.is_none_or(|min| *similarity >= min))
+            .filter_map(|(key, similarity)| docs.get(&key).map(|d| (d.clone(), similarity)))
+            .collect())
+    }
+
+    /// The `k` best BM25 matches for `query` that pass `filters`, with a highlighted snippet each.
+    pub fn text_search(
+        &self,
+        query: &str,
+        k: usize,
+        filters: &Filters,
+    ) -> Result<Vec<(DocMeta, f32, text::Snippet)>, SearchError> {
+        let hits = self.text.search(query, k, filters)?;
+        let docs = self.docs.read().unwrap_or_else(|p| p.into_inner());
+        Ok(hits
+            .into_iter()
+            .filter_map(|(key, score, snippet)| docs.get(&key).map(|d| (d.clone(), score, snippet)))
+            .collect())
+    }
+
+    /// Makes text written so far searchable (the writer calls it once per applied batch).
+    pub fn commit(&self) -> Result<(), SearchError> {
+        self.text.commit()
+    }
+
+    /// Indexed records, and how many of them have a vector.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.docs.read().unwrap_or_else(|p| p.into_inner()).len(), self.vectors.len())
+    }
+}

@@ -1,0 +1,244 @@
+//! BM25 over record text and names (tantivy, in memory, English stemming), with the filters as index terms so
+//! that a selective filter narrows the search instead of emptying a top-k afterwards.
+
+use std::ops::Bound;
+use std::sync::Mutex;
+
+use akosha_protocol::Record;
+use tantivy::collector::TopDocs;
+use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use tantivy::schema::{
+    FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TantivyDocument, TextFieldIndexing, TextOptions,
+    Value,
+};
+use tantivy::snippet::SnippetGenerator;
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Term};
+
+use super::{Filters, SearchError};
+
+/// Memory the writer may buffer before it flushes a segment.
+const WRITER_BUDGET: usize = 64 << 20;
+/// Longest snippet, in characters.
+const SNIPPET_CHARS: usize = 200;
+
+/// A highlighted excerpt of a matching record's text.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Snippet {
+    /// The excerpt.
+    pub fragment: String,
+    /// Byte ranges of `fragment` that matched the query.
+    pub highlighted: Vec<(usize, usize)>,
+    /// The excerpt as HTML with `<b>` around the matches (text escaped).
+    pub html: String,
+}
+
+struct Fields {
+    key: Field,
+    system_id: Field,
+    kind: Field,
+    project: Field,
+    category: Field,
+    tags: Field,
+    ts: Field,
+    text: Field,
+    name: Field,
+}
+
+/// The text index.
+pub struct TextIndex {
+    index: Index,
+    writer: Mutex<IndexWriter>,
+    reader: IndexReader,
+    fields: Fields,
+}
+
+impl TextIndex {
+    /// An empty in-memory index.
+    pub fn new() -> Result<TextIndex, SearchError> {
+        let mut schema = Schema::builder();
+        let prose = TextOptions::default().set_stored().set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer("en_stem")
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        );
+        let fields = Fields {
+            key: schema.add_u64_field("key", INDEXED | STORED),
+            system_id: schema.add_text_field("system_id", STRING),
+            kind: schema.add_text_field("kind", STRING),
+            project: schema.add_text_field("project", STRING),
+            category: schema.add_text_field("category", STRING),
+            tags: schema.add_text_field("tags", STRING),
+            ts: schema.add_i64_field("ts", INDEXED | FAST),
+            text: schema.add_text_field("text", prose.clone()),
+            name: schema.add_text_field("name", prose),
+        };
+        let index = Index::create_in_ram(schema.build());
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+        let writer = index.writer_with_num_threads(threads, WRITER_BUDGET * threads)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        Ok(TextIndex { index, writer: Mutex::new(writer), reader, fields })
+    }
+
+    /// Adds or replaces the documents of `records` (keyed by the hot tier's key). Searchable after
+    /// [`TextIndex::commit`].
+    pub fn upsert(&self, records: &[(u64, &Record)]) -> Result<(), SearchError> {
+        let f = &self.fields;
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, r) in records {
+            writer.delete_term(Term::from_field_u64(f.key, *key));
+            if r.text.is_none() && r.name.is_none() {
+                continue;
+            }
+            let mut doc = TantivyDocument::default();
+            doc.add_u64(f.key, *key);
+            doc.add_text(f.system_id, &r.system_id);
+            doc.add_text(f.kind, r.kind.as_str());
+            if let Some(p) = &r.project {
+                doc.add_text(f.project, p);
+            }
+            if let Some(c) = &r.category {
+                doc.add_text(f.category, c);
+            }
+            for t in &r.tags {
+                doc.add_text(f.tags, t);
+            }
+            doc.add_i64(f.ts, r.ts);
+            if let Some(t) = &r.text {
+                doc.add_text(f.text, t);
+            }
+            if let Some(n) = &r.name {
+                doc.add_text(f.name, n);
+            }
+            writer.add_document(doc)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes documents by key.
+    pub fn remove(&self, keys: &[u64]) -> Result<(), SearchError> {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            writer.delete_term(Term::from_field_u64(self.fields.key, *key));
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far searchable.
+    pub fn commit(&self) -> Result<(), SearchError> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).commit()?;
+        self.reader.reload()?;
+        Ok(())
+    }
+
+    /// The `k` best matches for `query` (tantivy query syntax, parsed leniently: stray syntax is taken as
+    /// words), keys with BM25 scores and snippets, best first.
+    pub fn search(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<(u64, f32, Snippet)>, SearchError> {
+        let f = &self.fields;
+        let mut parser = QueryParser::for_index(&self.index, vec![f.text, f.name]);
+        parser.set_field_boost(f.name, 2.0);
+        let (user_query, _ignored) = parser.parse_query_lenient(query);
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![(Occur::Must, user_query.box_clone())];
+        let term = |field: Field, value: &str| -> Box<dyn Query> {
+            Box::new(TermQuery::new(Term::from_field_text(field, value), IndexRecordOption::Basic))
+        };
+        let any_of = |field: Field, values: &mut dyn Iterator<Item = &str>| -> Box<dyn Query> {
+            Box::new(BooleanQuery::new(values.map(|v| (Occur::Should, term(field, v))).collect()))
+        };
+        if !filters.system_ids.is_empty() {
+            clauses.push((Occur::Must, any_of(f.system_id, &mut filters.system_ids.iter().map(String::as_str))));
+        }
+        if !filters.kinds.is_empty() {
+            clauses.push((Occur::Must, any_of(f.kind, &mut filters.kinds.iter().map(|k| k.as_str()))));
+        }
+        if let Some(p) = &filters.project {
+            clauses.push((Occur::Must, term(f.project, p)));
+        }
+        if let Some(c) = &filters.category {
+            clauses.push((Occur::Must, term(f.category, c)));
+        }
+        for t in &filters.tags {
+            clauses.push((Occur::Must, term(f.tags, t)));
+        }
+        if filters.since_us.is_some() || filters.until_us.is_some() {
+            let lower = filters.since_us.map_or(Bound::Unbounded, |s| Bound::Included(Term::from_field_i64(f.ts, s)));
+            let upper = filters.until_us.map_or(Bound::Unbounded, |u| Bound::Excluded(Term::from_field_i64(f.ts, u)));
+            clauses.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
+        }
+        let combined = BooleanQuery::new(clauses);
+        let searcher = self.reader.searcher();
+        let top = searcher.search(&combined, &TopDocs::with_limit(k.max(1)).order_by_score())?;
+        let snippets = SnippetGenerator::create(&searcher, &*user_query, f.text).map(|mut g| {
+            g.set_max_num_chars(SNIPPET_CHARS);
+            g
+        })?;
+        let mut hits = Vec::with_capacity(top.len());
+        for (score, address) in top.into_iter().take(k) {
+            let doc: TantivyDocument = searcher.doc(address)?;
+            let Some(key) = doc.get_first(f.key).and_then(|v| v.as_u64()) else { continue };
+            let snippet = snippets.snippet_from_doc(&doc);
+            let highlighted = snippet.highlighted().iter().map(|r| (r.start, r.end)).collect();
+            hits.push((
+                key,
+                score,
+                Snippet { fragment: snippet.fragment().to_owned(), highlighted, html: snippet.to_html() },
+            ));
+        }
+        Ok(hits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use akosha_protocol::RecordKind;
+
+    use super::*;
+
+    fn rec(id: &str, text: &str, project: &str, ts: i64) -> Record {
+        Record {
+            system_id: "laptop-1".into(),
+            kind: RecordKind::Reflection,
+            id: id.into(),
+            ts,
+            project: Some(project.into()),
+            text: Some(text.into()),
+            tags: vec!["t".into()],
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn ranks_filters_highlights_replaces_and_deletes() {
+        let index = TextIndex::new().unwrap();
+        let a = rec("a", "The aggregator replays its write-ahead log on restart.", "akosha", 10);
+        let b = rec("b", "Buffers are flushed; restarting the agent replays nothing twice.", "web", 20);
+        let c = rec("c", "Unrelated notes about lunch.", "akosha", 30);
+        index.upsert(&[(1, &a), (2, &b), (3, &c)]).unwrap();
+        index.commit().unwrap();
+        let hits = index.search("replays restart", 10, &Filters::default()).unwrap();
+        let keys: Vec<u64> = hits.iter().map(|h| h.0).collect();
+        assert_eq!(keys.len(), 2, "{hits:?}");
+        assert!(keys.contains(&1) && keys.contains(&2));
+        // Stemming: "restarting" matched "restart"; the snippet marks the words.
+        let snippet = &hits.iter().find(|h| h.0 == 2).unwrap().2;
+        assert!(snippet.html.contains("<b>restarting</b>"), "{snippet:?}");
+        let only_web = Filters { project: Some("web".into()), ..Filters::default() };
+        assert_eq!(index.search("replays", 10, &only_web).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(), [2]);
+        let early = Filters { until_us: Some(15), ..Filters::default() };
+        assert_eq!(index.search("replays", 10, &early).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(), [1]);
+        // Replacing a key's text; deleting a key.
+        let a2 = rec("a", "Now about lunch only.", "akosha", 40);
+        index.upsert(&[(1, &a2)]).unwrap();
+        index.remove(&[3]).unwrap();
+        index.commit().unwrap();
+        assert_eq!(
+            index.search("replays", 10, &Filters::default()).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(
+            index.search("lunch", 10, &Filters::default()).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(),
+            [1]
+        );
+        // Query syntax errors are taken leniently.
+        assert!(index.search("lunch AND (", 10, &Filters::default()).is_ok());
+    }
+}

@@ -1,0 +1,201 @@
+//! Vector, text and hybrid search over the hot tier with real processes: records posted to an agent, searched
+//! at the aggregator over HTTP, before and after the aggregator restarts (the indexes are rebuilt from the log).
+
+use std::time::{Duration, Instant};
+
+use akosha_e2e::{Agent, AgentOptions, Aggregator, Site};
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+
+const SYSTEM: &str = "search-host";
+const TOPICS: [&str; 5] = ["parser", "buffer", "certificate", "embedding", "compaction"];
+
+/// A deterministic unit vector per record, clustered by topic so that neighbours share a topic.
+fn embedding(i: u64) -> Vec<f32> {
+    let topic = (i % 5) as usize;
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..384)
+        .map(|d| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let noise = (x % 1000) as f32 / 1000.0 - 0.5;
+            let centre = if d % 5 == topic { 2.0 } else { 0.0 };
+            centre + noise
+        })
+        .collect();
+    let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.into_iter().map(|a| a / norm).collect()
+}
+
+fn line(i: u64, kind: &str, text: &str, project: &str, ts: i64) -> String {
+    json!({
+        "id": format!("m{i}"), "kind": kind, "ts": ts, "project": project, "text": text,
+        "tags": [TOPICS[(i % 5) as usize]], "embedding": embedding(i),
+    })
+    .to_string()
+}
+
+fn corpus() -> String {
+    (0..300u64)
+        .map(|i| {
+            let kind = if i % 2 == 0 { "conversation" } else { "reflection" };
+            let project = if i % 3 == 0 { "akosha" } else { "web" };
+            let text = format!(
+                "note {i} about the {} subsystem: marker-{i} was observed while refactoring",
+                TOPICS[(i % 5) as usize]
+            );
+            line(i, kind, &text, project, 1_700_000_000_000_000 + i as i64 * 1_000_000) + "\n"
+        })
+        .collect()
+}
+
+async fn search(agg: &Aggregator, mode: &str, body: Value) -> Result<(u16, Value)> {
+    let response = reqwest::Client::new().post(format!("{}/v1/search/{mode}", agg.url)).json(&body).send().await?;
+    Ok((response.status().as_u16(), response.json().await?))
+}
+
+fn ids(response: &Value) -> Vec<String> {
+    response["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| h["record"]["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until every record written to the hot tier is searchable.
+async fn wait_indexed(agg: &Aggregator, records: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = agg.stats().await?;
+        if stats["hot"]["indexed"].as_u64() == Some(records) && stats["hot"]["index_pending"].as_u64() == Some(0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("indexes did not catch up: {stats}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn check_queries(agg: &Aggregator) -> Result<()> {
+    // The stored vector of m42 finds m42 first, with similarity 1, then its own topic.
+    let (status, r) = search(agg, "vector", json!({"embedding": embedding(42), "limit": 5})).await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(ids(&r)[0], "m42", "{r}");
+    assert!((r["results"][0]["similarity"].as_f64().unwrap() - 1.0).abs() < 1e-3, "{r}");
+    assert!(r["results"][0]["record"].get("embedding").is_none(), "embeddings are not echoed");
+    assert!(ids(&r).iter().all(|id| id[1..].parse::<u64>().unwrap() % 5 == 2), "same topic: {r}");
+    // Filters: project, kind, system, time, tags, minimum similarity.
+    let (_, r) = search(agg, "vector", json!({"embedding": embedding(42), "limit": 10, "project": "akosha"})).await?;
+    assert!(ids(&r).iter().all(|id| id[1..].parse::<u64>().unwrap() % 3 == 0), "{r}");
+    assert_eq!(ids(&r).len(), 10);
+    let (_, r) =
+        search(agg, "vector", json!({"embedding": embedding(42), "limit": 10, "kinds": ["reflection"]})).await?;
+    assert!(ids(&r).iter().all(|id| id[1..].parse::<u64>().unwrap() % 2 == 1), "{r}");
+    let (_, r) =
+        search(agg, "vector", json!({"embedding": embedding(42), "limit": 10, "system_id": "someone-else"})).await?;
+    assert!(ids(&r).is_empty(), "{r}");
+    let (_, r) = search(
+        agg,
+        "vector",
+        json!({"embedding": embedding(42), "limit": 50, "since": 1_700_000_100_000_000i64, "until": "2023-11-14T22:18:20Z"}),
+    )
+    .await?;
+    // since = m100, until = 1_700_000_300 s = m300 (exclusive).
+    assert!(!ids(&r).is_empty());
+    assert!(ids(&r).iter().all(|id| (100..300).contains(&id[1..].parse::<u64>().unwrap())), "{r}");
+    let (_, r) = search(agg, "vector", json!({"embedding": embedding(42), "limit": 50, "tags": ["buffer"]})).await?;
+    assert!(ids(&r).iter().all(|id| id[1..].parse::<u64>().unwrap() % 5 == 1), "{r}");
+    let (_, r) =
+        search(agg, "vector", json!({"embedding": embedding(42), "limit": 50, "min_similarity": 0.99})).await?;
+    assert_eq!(ids(&r), ["m42"], "{r}");
+
+    // Text: the stored text's unique marker finds it first, highlighted.
+    let (status, r) = search(agg, "text", json!({"query": "marker-42 refactoring", "limit": 5})).await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(ids(&r)[0], "m42", "{r}");
+    assert!(r["results"][0]["snippet"]["html"].as_str().unwrap().contains("<b>42</b>"), "{r}");
+    let (_, r) = search(agg, "text", json!({"query": "compaction", "limit": 100, "project": "web"})).await?;
+    assert_eq!(ids(&r).len(), 40, "{r}");
+    assert!(ids(&r).iter().all(|id| {
+        let n = id[1..].parse::<u64>().unwrap();
+        n % 5 == 4 && n % 3 != 0
+    }));
+
+    // Hybrid: agreeing on m42 puts it first.
+    let (status, r) =
+        search(agg, "hybrid", json!({"query": "marker-42", "embedding": embedding(42), "limit": 3})).await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(ids(&r)[0], "m42", "{r}");
+    assert!(r["results"][0]["snippet"].is_object() && r["results"][0]["similarity"].is_number(), "{r}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vector_text_and_hybrid_search_with_filters_survive_a_restart() -> Result<()> {
+    let site = Site::new()?;
+    let mut agg = Aggregator::start(&site, "aggregator").await?;
+    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    let (status, body, _) = agent.post(corpus()).await?;
+    assert_eq!(status, 200, "{body}");
+    agg.wait_total(300, Duration::from_secs(60)).await?;
+    wait_indexed(&agg, 300).await?;
+    check_queries(&agg).await?;
+
+    // An upsert replaces the text and the vector of the same key.
+    let newer = line(42, "conversation", "rewritten entirely: zebra crossing", "akosha", 1_800_000_000_000_000);
+    let (status, body, _) = agent.post(newer + "\n").await?;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, r) = search(&agg, "text", json!({"query": "zebra", "limit": 5})).await?;
+        if ids(&r) == ["m42"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new text never became searchable: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, r) = search(&agg, "text", json!({"query": "marker-42", "limit": 5})).await?;
+    assert!(!ids(&r).contains(&"m42".to_owned()), "old text still indexed: {r}");
+    wait_indexed(&agg, 300).await?;
+
+    // Restart: rebuilt from the write-ahead log, same answers.
+    agg.proc.kill9();
+    agg.restart().await?;
+    wait_indexed(&agg, 300).await?;
+    let (_, r) = search(&agg, "text", json!({"query": "zebra", "limit": 5})).await?;
+    assert_eq!(ids(&r), ["m42"], "{r}");
+    let (_, r) = search(&agg, "vector", json!({"embedding": embedding(7), "limit": 1})).await?;
+    assert_eq!(ids(&r), ["m7"], "{r}");
+    let metrics = agg.metrics().await?;
+    assert!(metrics.contains("akosha_hot_indexed_vectors 300"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_search_requests_name_what_is_wrong() -> Result<()> {
+    let site = Site::new()?;
+    let agg = Aggregator::start(&site, "aggregator").await?;
+    let cases = [
+        ("vector", json!({"embedding": [0.5, 0.5]}), "384"),
+        ("vector", json!({"query": "x"}), "`embedding` is required"),
+        ("text", json!({"query": "x", "limit": 0}), "`limit` must be between 1 and 1000"),
+        ("text", json!({"query": "   "}), "`query` is empty"),
+        ("text", json!({"query": "x", "kinds": ["memo"]}), "`kinds`"),
+        ("text", json!({"query": "x", "since": "yesterday"}), "`since`"),
+        ("text", json!({"query": "x", "filter": {}}), "unknown field `filter`"),
+        ("hybrid", json!({"query": "x"}), "`embedding` is required"),
+        ("vector", json!({"embedding": [0.1], "min_similarity": 3}), "`min_similarity`"),
+    ];
+    for (mode, body, expected) in cases {
+        let (status, r) = search(&agg, mode, body.clone()).await?;
+        assert_eq!(status, 400, "{mode} {body}: {r}");
+        assert_eq!(r["error"], "bad_request", "{r}");
+        assert!(r["message"].as_str().unwrap().contains(expected), "{mode} {body}: {r}");
+    }
+    let response = reqwest::Client::new().post(format!("{}/v1/search/text", agg.url)).body("{not json").send().await?;
+    assert_eq!(response.status().as_u16(), 400);
+    Ok(())
+}
