@@ -75,6 +75,8 @@ pub struct HotTier {
     writer: Mutex<Writer>,
     indexes: Arc<SearchIndexes>,
     indexer: Indexer,
+    /// Records that may travel to the indexer with their contents ([`MAX_INDEX_BACKLOG`]; tests lower it).
+    index_backlog: AtomicU64,
     reader: Mutex<Connection>,
     inserted: AtomicU64,
     batches: AtomicU64,
@@ -84,56 +86,133 @@ pub struct HotTier {
 }
 
 /// Feeds the search indexes off the writer's path: building HNSW links costs far more than appending a row,
-/// so rows become readable by id at table speed and searchable shortly after. The queue is bounded in records
-/// ([`MAX_INDEX_BACKLOG`]); when the indexer falls that far behind, the writer waits (nothing is lost: the data
-/// is already durable, and the receive path keeps acknowledging from the log).
+/// so rows become readable by id at table speed and searchable shortly after (`index_pending` says how far
+/// behind). Up to [`MAX_INDEX_BACKLOG`] records travel to the indexer with their contents; past that only their
+/// keys do, and the indexer reads the rows back from the table when it gets to them — so a burst never blocks
+/// ingest nor fills memory, and the indexer always indexes the latest version of a row.
 struct Indexer {
-    queue: std::sync::mpsc::Sender<Vec<(u64, Record)>>,
+    queue: std::sync::mpsc::Sender<IndexJob>,
     pending: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
-    alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Marks the indexer dead when its thread ends, however it ends, so the writer never waits for it in vain.
-struct AliveGuard(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
-    }
+enum IndexJob {
+    Records(Vec<(u64, Record)>),
+    Keys(RecordKind, Vec<(String, String)>),
 }
 
 impl Indexer {
-    fn start(indexes: Arc<SearchIndexes>) -> std::io::Result<Indexer> {
-        let (queue, rx) = std::sync::mpsc::channel::<Vec<(u64, Record)>>();
+    fn start(indexes: Arc<SearchIndexes>, conn: Connection) -> std::io::Result<Indexer> {
+        let (queue, rx) = std::sync::mpsc::channel::<IndexJob>();
         let pending = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
-        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (p, f, guard) = (pending.clone(), failures.clone(), AliveGuard(alive.clone()));
+        let (p, f) = (pending.clone(), failures.clone());
         std::thread::Builder::new().name("hot-indexer".into()).spawn(move || {
-            let _guard = guard;
-            while let Ok(mut job) = rx.recv() {
-                while job.len() < 50_000 {
-                    match rx.try_recv() {
-                        Ok(more) => job.extend(more),
-                        Err(_) => break,
+            let mut next = None;
+            while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
+                let (records, count) = match job {
+                    IndexJob::Records(mut records) => {
+                        let count = records.len();
+                        while records.len() < 50_000 {
+                            match rx.try_recv() {
+                                Ok(IndexJob::Records(more)) => records.extend(more),
+                                Ok(keys) => {
+                                    next = Some(keys);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let count = count.max(records.len());
+                        (Ok(records), count)
                     }
-                }
-                let keyed: Vec<(u64, &Record)> = job.iter().map(|(k, r)| (*k, r)).collect();
+                    IndexJob::Keys(kind, keys) => {
+                        let count = keys.len();
+                        (load_rows(&conn, kind, &keys).map(|rows| rows.into_iter().map(|r| (key_hash(&r), r)).collect()), count)
+                    }
+                };
                 // An index failure must not undo or refuse durable data: the rows stay readable by id and the
                 // indexes are whole again after the next restart's replay.
-                if let Err(e) = indexes.upsert(&keyed).and_then(|()| indexes.commit()) {
-                    f.fetch_add(keyed.len() as u64, Ordering::Relaxed);
-                    error!(message = "Search index update failed; these records are missing from search until restart.", error = %e, records = keyed.len());
+                let result = records.map_err(SearchOrHot::Hot).and_then(|records| {
+                    let keyed: Vec<(u64, &Record)> = records.iter().map(|(k, r)| (*k, r)).collect();
+                    indexes.upsert(&keyed).and_then(|()| indexes.commit()).map_err(SearchOrHot::Search)
+                });
+                if let Err(e) = result {
+                    f.fetch_add(count as u64, Ordering::Relaxed);
+                    error!(message = "Search index update failed; these records are missing from search until restart.", error = %e, records = count);
                 }
-                p.fetch_sub(job.len() as u64, Ordering::Relaxed);
+                p.fetch_sub((count as u64).min(p.load(Ordering::Relaxed)), Ordering::Relaxed);
             }
         })?;
-        Ok(Indexer { queue, pending, failures, alive })
+        Ok(Indexer { queue, pending, failures })
     }
 }
 
-/// Records written but not yet indexed before the writer waits for the indexer (≈ 250 MB of queued records).
+#[derive(Debug, thiserror::Error)]
+enum SearchOrHot {
+    #[error(transparent)]
+    Search(SearchError),
+    #[error(transparent)]
+    Hot(HotError),
+}
+
+/// The current rows of `keys` (`(system_id, id)` of one kind); keys no longer in the table are skipped.
+fn load_rows(conn: &Connection, kind: RecordKind, keys: &[(String, String)]) -> Result<Vec<Record>, HotError> {
+    conn.execute_batch("DELETE FROM index_keys")?;
+    {
+        let mut appender = conn.appender("index_keys")?;
+        for (system_id, id) in keys {
+            appender.append_row(duckdb::params![system_id, id])?;
+        }
+        appender.flush()?;
+    }
+    let sql = format!(
+        "SELECT t.system_id, t.id, epoch_us(t.ts), t.project, t.category, t.text, t.name, t.tags, t.embedding \
+         FROM {} t JOIN index_keys k ON t.system_id = k.system_id AND t.id = k.id",
+        kind.as_str()
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map([], |row| {
+        Ok(Record {
+            system_id: row.get(0)?,
+            kind,
+            id: row.get(1)?,
+            ts: row.get(2)?,
+            project: row.get(3)?,
+            category: row.get(4)?,
+            text: row.get(5)?,
+            name: row.get(6)?,
+            tags: match row.get::<_, duckdb::types::Value>(7)? {
+                duckdb::types::Value::List(values) => values
+                    .into_iter()
+                    .filter_map(|v| match v {
+                        duckdb::types::Value::Text(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
+            embedding: match row.get::<_, duckdb::types::Value>(8)? {
+                duckdb::types::Value::Array(values) | duckdb::types::Value::List(values) => Some(
+                    values
+                        .into_iter()
+                        .map(|v| match v {
+                            duckdb::types::Value::Float(f) => f,
+                            _ => 0.0,
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            },
+            ..Record::default()
+        })
+    })?;
+    let records = rows.collect::<Result<Vec<_>, _>>()?;
+    conn.execute_batch("DELETE FROM index_keys")?;
+    Ok(records)
+}
+
+/// Records travelling to the indexer with their contents (≈ 250 MB); beyond this, only their keys travel.
 const MAX_INDEX_BACKLOG: u64 = 100_000;
 
 struct Writer {
@@ -173,16 +252,20 @@ impl HotTier {
             ddl.push_str(&format!("CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL);\n", columns.join(", ")));
             ddl.push_str(&format!("CREATE TABLE replaced_{table} (system_id VARCHAR, id VARCHAR);\n"));
         }
+        // The indexer's own scratch table (rows it reads back by key).
+        ddl.push_str("CREATE TABLE index_keys (system_id VARCHAR, id VARCHAR);\n");
         // An in-memory database needs no checkpoints; the automatic ones stall a commit now and then.
         writer.execute_batch("SET checkpoint_threshold = '1TB';")?;
         writer.execute_batch(&ddl)?;
         let reader = writer.try_clone()?;
         let indexes = Arc::new(SearchIndexes::new(EMBEDDING_DIM)?);
-        let indexer = Indexer::start(indexes.clone()).map_err(|e| HotError::Thread(e.to_string()))?;
+        let indexer =
+            Indexer::start(indexes.clone(), writer.try_clone()?).map_err(|e| HotError::Thread(e.to_string()))?;
         Ok(HotTier {
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
             indexes,
             indexer,
+            index_backlog: AtomicU64::new(MAX_INDEX_BACKLOG),
             reader: Mutex::new(reader),
             inserted: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -261,13 +344,12 @@ impl HotTier {
                 }
             }
             // After the commit: an index entry never points at a row that is not there.
-            while self.indexer.pending.load(Ordering::Relaxed) > MAX_INDEX_BACKLOG
-                && self.indexer.alive.load(Ordering::Relaxed)
-            {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            let job: Vec<(u64, Record)> = rows.iter().map(|r| (key_hash(r), (*r).clone())).collect();
-            self.indexer.pending.fetch_add(job.len() as u64, Ordering::Relaxed);
+            let job = if self.indexer.pending.load(Ordering::Relaxed) < self.index_backlog.load(Ordering::Relaxed) {
+                IndexJob::Records(rows.iter().map(|r| (key_hash(r), (*r).clone())).collect())
+            } else {
+                IndexJob::Keys(kind, rows.iter().map(|r| (r.system_id.clone(), r.id.clone())).collect())
+            };
+            self.indexer.pending.fetch_add(rows.len() as u64, Ordering::Relaxed);
             if self.indexer.queue.send(job).is_err() {
                 error!(message = "The search indexer has stopped; new records are not searchable until restart.");
             }
@@ -548,6 +630,31 @@ mod tests {
             tags: vec!["a".into(), "b".into()],
             metadata: Some(r#"{"k":1}"#.into()),
             ..Record::default()
+        }
+    }
+
+    #[test]
+    fn records_become_searchable_with_or_without_their_contents_queued() {
+        use crate::search::Filters;
+        for backlog in [MAX_INDEX_BACKLOG, 0] {
+            let hot = HotTier::open("1GB", 1, None).unwrap();
+            // 0: every job travels as keys and the indexer reads the rows back from the table.
+            hot.index_backlog.store(backlog, Ordering::Relaxed);
+            let mut other = rec("b", 10, "completely different words");
+            other.embedding = Some((0..EMBEDDING_DIM).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect());
+            hot.insert(&[rec("a", 10, "the walrus sleeps"), other]).unwrap();
+            hot.insert(&[rec("a", 20, "the walrus wakes")]).unwrap();
+            assert!(hot.wait_indexed(std::time::Duration::from_secs(30)));
+            let text = hot.indexes().text_search("walrus", 5, &Filters::default()).unwrap();
+            assert_eq!(text.len(), 1, "backlog {backlog}");
+            assert_eq!(&*text[0].0.id, "a");
+            assert!(text[0].2.html.contains("wakes"), "latest version: {:?}", text[0].2);
+            let query: Vec<f32> = (0..EMBEDDING_DIM).map(|i| i as f32 / 7.0).collect();
+            let near = hot.indexes().vector_search(&query, 1, &Filters::default()).unwrap();
+            assert_eq!(&*near[0].0.id, "a");
+            assert!(near[0].1 > 0.999);
+            assert_eq!(hot.indexes().sizes(), (2, 2));
+            assert_eq!(hot.index_failures(), 0);
         }
     }
 

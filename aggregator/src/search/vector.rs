@@ -65,8 +65,8 @@ impl VectorIndex {
             }
             Ok(())
         };
-        // Insertion is the costly part of HNSW: large batches use every core.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(THREADS);
+        // Insertion is the costly part of HNSW: large batches use every core but one, which stays with ingest.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).clamp(1, THREADS);
         if vectors.len() < 2_000 || threads < 2 {
             return add(vectors);
         }
