@@ -1,0 +1,89 @@
+//! Recall of the hot tier's HNSW index against exact search, on random-but-clustered 384-dim vectors.
+//!
+//! `cargo bench --profile release --workspace --bench ann_recall -- [vectors, default 1000000]`
+//!
+//! Vectors: 2,000 random unit centres, each point a centre plus Gaussian-ish noise (σ chosen so that a point's
+//! cluster-mates are its nearest neighbours but far from identical), normalised. Queries: 1,000 fresh points
+//! drawn the same way. Recall@10 = |ANN top-10 ∩ exact top-10| / 10, averaged; exact is usearch's brute force.
+//! Reports build rate, query latency and recall for several `expansion_search` values, with the build
+//! parameters the aggregator uses.
+
+use std::time::Instant;
+
+use akosha_aggregator::search::vector::VectorIndex;
+
+const DIMS: usize = 384;
+const CLUSTERS: usize = 2_000;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Roughly normal (sum of four uniforms), mean 0, variance 1/3.
+    fn gauss(&mut self) -> f32 {
+        (0..4).map(|_| (self.next() % 1_000_000) as f32 / 1_000_000.0 - 0.5).sum::<f32>()
+    }
+}
+
+fn normalise(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|a| *a /= norm);
+    v
+}
+
+fn main() {
+    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let centres: Vec<Vec<f32>> = (0..CLUSTERS).map(|_| normalise((0..DIMS).map(|_| rng.gauss()).collect())).collect();
+    let point = |rng: &mut Rng| -> Vec<f32> {
+        let c = &centres[(rng.next() % CLUSTERS as u64) as usize];
+        normalise(c.iter().map(|x| x + 0.06 * rng.gauss()).collect())
+    };
+    let index = VectorIndex::new(DIMS).expect("index");
+    let started = Instant::now();
+    let chunk = 50_000;
+    let mut done = 0;
+    while done < n {
+        let batch: Vec<Vec<f32>> = (0..chunk.min(n - done)).map(|_| point(&mut rng)).collect();
+        let pairs: Vec<(u64, &[f32])> =
+            batch.iter().enumerate().map(|(i, v)| ((done + i) as u64, v.as_slice())).collect();
+        index.upsert(&pairs).expect("add");
+        done += batch.len();
+        eprint!("\rbuilt {done}/{n} ({:.0} vectors/s)", done as f64 / started.elapsed().as_secs_f64());
+    }
+    eprintln!();
+    let build = started.elapsed();
+    let queries: Vec<Vec<f32>> = (0..1_000).map(|_| point(&mut rng)).collect();
+    let exact: Vec<Vec<u64>> =
+        queries.iter().map(|q| index.exact(q, 10).expect("exact").into_iter().map(|(k, _)| k).collect()).collect();
+    println!(
+        "{n} vectors × {DIMS} dims, {CLUSTERS} clusters; built in {:.1} s ({:.0} vectors/s, one thread per core but one)",
+        build.as_secs_f64(),
+        n as f64 / build.as_secs_f64()
+    );
+    println!("| expansion_search | recall@10 | p50 query | p99 query |");
+    println!("|---:|---:|---:|---:|");
+    for expansion in [32, 64, 96, 128] {
+        index.set_expansion_search(expansion);
+        let mut hits = 0;
+        let mut times = Vec::new();
+        for (q, truth) in queries.iter().zip(&exact) {
+            let t = Instant::now();
+            let found = index.search(q, 10, &|_| true).expect("search");
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            hits += found.iter().filter(|(k, _)| truth.contains(k)).count();
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "| {expansion} | {:.3} | {:.2} ms | {:.2} ms |",
+            hits as f64 / (10.0 * queries.len() as f64),
+            times[times.len() / 2],
+            times[times.len() * 99 / 100]
+        );
+    }
+}
