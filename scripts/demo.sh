@@ -49,3 +49,24 @@ curl -fsS http://127.0.0.1:8683/v1/stats | python3 -m json.tool
 echo "== lookup of memory d55603a5851028e1 (embedding elided)"
 curl -fsS "http://127.0.0.1:8683/v1/records/$AKOSHA_SYSTEM_ID/conversation/d55603a5851028e1" \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); r["embedding"]="<%d floats>" % len(r.get("embedding", [])); print(json.dumps(r, indent=2))'
+for _ in $(seq 200); do
+  pending=$(curl -fs http://127.0.0.1:8683/v1/stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["hot"]["index_pending"])')
+  [ "$pending" -eq 0 ] && break; sleep 0.1
+done
+echo "== searches: words of that memory (BM25), and its own embedding (HNSW)"
+curl -fsS "http://127.0.0.1:8683/v1/records/$AKOSHA_SYSTEM_ID/conversation/d55603a5851028e1" | python3 -c '
+import json, sys, urllib.request
+record = json.load(sys.stdin)
+def search(mode, body):
+    req = urllib.request.Request("http://127.0.0.1:8683/v1/search/" + mode, data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return json.loads(resp.read())
+words = " ".join(record["text"].split()[:8])
+print("text search for %r:" % words)
+for hit in search("text", {"query": words, "limit": 3})["results"]:
+    print("  %-18s %6.2f  %s" % (hit["record"]["id"], hit["score"], hit["snippet"]["fragment"][:90].replace("\n", " ")))
+print("vector search with its embedding:")
+for hit in search("vector", {"embedding": record["embedding"], "limit": 3})["results"]:
+    print("  %-18s %6.3f  %s" % (hit["record"]["id"], hit["similarity"], (hit["record"].get("text") or "")[:90].replace("\n", " ")))
+'
