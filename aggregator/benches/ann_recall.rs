@@ -69,7 +69,7 @@ fn main() {
     );
     println!("| expansion_search | recall@10 | p50 query | p99 query |");
     println!("|---:|---:|---:|---:|");
-    for expansion in [32, 64, 96, 128] {
+    for expansion in [32, 64, 128, 256] {
         index.set_expansion_search(expansion);
         let mut hits = 0;
         let mut times = Vec::new();
