@@ -75,14 +75,16 @@ struct RawPolicy {
     config: BTreeMap<String, ScalarValue>,
 }
 
-/// A plugin configuration value: plugins receive strings, but YAML users write numbers and booleans too.
+/// A plugin configuration value: plugins receive strings, but YAML users write numbers, booleans and lists
+/// too (a list becomes its items joined with commas, the form the SDK's `Config::list` reads).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string, number, boolean or list of those")]
 enum ScalarValue {
     Bool(bool),
     Int(i64),
     Float(f64),
     Text(String),
+    List(Vec<ScalarValue>),
 }
 
 impl ScalarValue {
@@ -92,6 +94,7 @@ impl ScalarValue {
             ScalarValue::Int(i) => i.to_string(),
             ScalarValue::Float(f) => f.to_string(),
             ScalarValue::Text(s) => s,
+            ScalarValue::List(items) => items.into_iter().map(ScalarValue::into_string).collect::<Vec<_>>().join(","),
         }
     }
 }
@@ -760,7 +763,7 @@ policies:
       sha256: 0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789abcdef
       timeout: 2s
       memory_limit: 32MiB
-      config: {on_match: onprem, redact: true, max: 3, ratio: 0.5}
+      config: {on_match: onprem, redact: true, max: 3, ratio: 0.5, onprem_projects: [payroll, legal-*]}
   compression:
     - {name: adaptive, path: /p/c.wasm}
 "#;
@@ -778,6 +781,7 @@ policies:
         assert_eq!(config["redact"], "true");
         assert_eq!(config["max"], "3");
         assert_eq!(config["ratio"], "0.5");
+        assert_eq!(config["onprem_projects"], "payroll,legal-*");
         assert_eq!(c.policies.compression[0].name, "adaptive");
     }
 
@@ -818,6 +822,10 @@ policies:
             (
                 format!("{MINIMAL}policies: {{residency: [{{path: /p.wasm, limits: 1}}]}}"),
                 "policies.residency[0].limits",
+            ),
+            (
+                format!("{MINIMAL}policies: {{residency: [{{path: /p.wasm, config: {{rules: {{a: 1}}}}}}]}}"),
+                "policies.residency[0].config.rules",
             ),
             (format!("{MINIMAL}log: {{format: xml}}"), "log.format"),
             (

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use akosha_protocol::{Codec, Record, Residency};
 use serde_json::json;
@@ -32,6 +32,50 @@ const MAX_REASONS: usize = 512;
 const MAX_REASON_BYTES: usize = 200;
 /// Bytes of a batch shown to the compression policy, taken from evenly spaced places.
 const SAMPLE_BYTES: usize = 4096;
+/// Consecutive failures after which a policy is rested.
+const BREAKER_THRESHOLD: u32 = 3;
+/// How long a failing policy rests before it is tried again.
+const BREAKER_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Rests a policy that keeps failing: while open, a residency batch fails closed at once and a compression
+/// batch uses the fallback codec, instead of each waiting out the policy's deadline again (a looping policy
+/// would otherwise cost its full timeout on every batch). After the cooldown one call is tried; a success
+/// closes the breaker, a failure opens it again.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: u32,
+    open_until: Option<Instant>,
+    last: Option<PluginError>,
+}
+
+impl Breaker {
+    /// The failure to report instead of calling, while resting.
+    fn resting(&self) -> Option<&PluginError> {
+        match self.open_until {
+            Some(until) if Instant::now() < until => self.last.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        *self = Breaker::default();
+    }
+
+    fn failed(&mut self, error: &PluginError) {
+        self.consecutive += 1;
+        self.last = Some(error.clone());
+        if self.consecutive >= BREAKER_THRESHOLD {
+            self.open_until = Some(Instant::now() + BREAKER_COOLDOWN);
+            warn!(
+                message = "Policy failed repeatedly; resting it before the next try.",
+                policy = error.plugin(),
+                failures = self.consecutive,
+                cooldown_s = BREAKER_COOLDOWN.as_secs(),
+                cause = error.label()
+            );
+        }
+    }
+}
 
 /// Counters and recent decisions of every policy; shared by the residency stage and the senders.
 #[derive(Debug, Default)]
@@ -282,7 +326,7 @@ pub struct Routed {
 
 /// A configured residency policy: loaded, or refused at load (and then failing closed on every batch).
 enum Slot {
-    Loaded { plugin: Box<Mutex<ResidencyPlugin>>, identity: PluginIdentity },
+    Loaded { plugin: Box<Mutex<(ResidencyPlugin, Breaker)>>, identity: PluginIdentity },
     Unloadable(PluginError),
 }
 
@@ -314,7 +358,7 @@ impl ResidencyStage {
                     identities.push(plugin.identity().clone());
                     policies.push(Slot::Loaded {
                         identity: plugin.identity().clone(),
-                        plugin: Box::new(Mutex::new(plugin)),
+                        plugin: Box::new(Mutex::new((plugin, Breaker::default()))),
                     });
                 }
                 Err(error) => {
@@ -381,10 +425,20 @@ impl ResidencyStage {
                         continue;
                     }
                 };
-                let mut plugin = plugin.lock().unwrap_or_else(|p| p.into_inner());
-                let (result, elapsed) = timed(|| plugin.decide(&records[start..end]));
-                drop(plugin);
-                self.audit.call(&identity.name, elapsed);
+                let mut guard = plugin.lock().unwrap_or_else(|p| p.into_inner());
+                let (plugin, breaker) = &mut *guard;
+                let result = if let Some(resting) = breaker.resting() {
+                    Err(resting.clone())
+                } else {
+                    let (result, elapsed) = timed(|| plugin.decide(&records[start..end]));
+                    self.audit.call(&identity.name, elapsed);
+                    match &result {
+                        Ok(_) => breaker.succeeded(),
+                        Err(failure) => breaker.failed(failure),
+                    }
+                    result
+                };
+                drop(guard);
                 match result {
                     Ok(decisions) => {
                         for (offset, decision) in decisions.into_iter().enumerate() {
@@ -436,7 +490,7 @@ impl ResidencyStage {
 /// Picks the codec of each outgoing batch for one destination.
 pub struct CompressionChooser {
     destination: String,
-    policies: Vec<CompressionPlugin>,
+    policies: Vec<(CompressionPlugin, Breaker)>,
     fallback: Codec,
     audit: Arc<Audit>,
 }
@@ -449,7 +503,10 @@ impl CompressionChooser {
         fallback: Codec,
         audit: Arc<Audit>,
     ) -> Result<CompressionChooser, PluginError> {
-        let policies = configs.iter().map(|c| CompressionPlugin::load(c.clone())).collect::<Result<_, _>>()?;
+        let policies = configs
+            .iter()
+            .map(|c| CompressionPlugin::load(c.clone()).map(|p| (p, Breaker::default())))
+            .collect::<Result<_, _>>()?;
         Ok(CompressionChooser { destination: destination.to_owned(), policies, fallback, audit })
     }
 
@@ -464,7 +521,7 @@ impl CompressionChooser {
         let mut policies = Vec::with_capacity(configs.len());
         for config in configs {
             match CompressionPlugin::load(config.clone()) {
-                Ok(plugin) => policies.push(plugin),
+                Ok(plugin) => policies.push((plugin, Breaker::default())),
                 Err(error) => {
                     error!(message = "Compression policy cannot be loaded; using the destination's codec instead.", policy = %config.name, destination, cause = error.label(), %error);
                     audit.compression_failure(&error);
@@ -481,7 +538,7 @@ impl CompressionChooser {
 
     /// The loaded policies.
     pub fn identities(&self) -> Vec<PluginIdentity> {
-        self.policies.iter().map(|p| p.identity().clone()).collect()
+        self.policies.iter().map(|(p, _)| p.identity().clone()).collect()
     }
 
     /// Whether a policy may be consulted (and so the call should leave the async runtime).
@@ -508,10 +565,17 @@ impl CompressionChooser {
             embedding_bytes: sizes.embedding_bytes,
             sample: sample(payload, SAMPLE_BYTES),
         };
-        for policy in &mut self.policies {
+        for (policy, breaker) in &mut self.policies {
+            if breaker.resting().is_some() {
+                continue;
+            }
             let (result, elapsed) = timed(|| policy.choose(&stats));
             let name = policy.identity().name.clone();
             self.audit.call(&name, elapsed);
+            match &result {
+                Ok(_) => breaker.succeeded(),
+                Err(failure) => breaker.failed(failure),
+            }
             match result {
                 Ok(codec) => return Some(codec),
                 Err(failure) => {

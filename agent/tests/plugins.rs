@@ -274,3 +274,32 @@ fn a_failing_compression_policy_costs_only_its_choice() {
     assert_eq!(chooser.choose(&payload, 1), Codec::Zstd(3));
     assert_eq!(audit.status()["failures"][0]["cause"], "load");
 }
+
+/// A policy that keeps timing out is rested after three failures: later batches still fail closed (or fall
+/// back), but without waiting out its deadline each time.
+#[test]
+fn a_policy_that_keeps_failing_is_rested() {
+    let audit = Arc::new(Audit::default());
+    let stage =
+        ResidencyStage::load(&[hostile_config("looping", "akosha-hostile-plugin", "loop")], &ROUTING, audit.clone())
+            .unwrap();
+    for batch in 0..6 {
+        let routed = stage.decide(vec![record(&format!("r{batch}"), "x")]);
+        assert_eq!(routed.routes, [Residency::Onprem], "batch {batch}");
+    }
+    let status = audit.status();
+    assert_eq!(status["calls"][0]["calls"], 3, "{status}");
+    assert_eq!(status["failures"][0]["count"], 6, "{status}");
+    assert_eq!(status["failures"][0]["cause"], "timeout");
+    assert_eq!(status["failed_closed_records"], 6);
+
+    let audit = Arc::new(Audit::default());
+    let configs = [hostile_config("squeeze", "akosha-hostile-compression-plugin", "loop")];
+    let mut chooser = CompressionChooser::load("cloud", &configs, Codec::Lz4, audit.clone()).unwrap();
+    for _ in 0..6 {
+        assert_eq!(chooser.choose(b"payload", 1), Codec::Lz4);
+    }
+    let status = audit.status();
+    assert_eq!(status["calls"][0]["calls"], 3, "{status}");
+    assert_eq!(status["codecs"][0]["batches"], 6);
+}

@@ -156,16 +156,25 @@ enum SearchOrHot {
     Hot(HotError),
 }
 
+/// Puts `keys` into a connection's scratch table (emptied first) so that one join can fetch many rows: values
+/// travel as appended data, never as SQL text.
+fn stage_keys<'a>(
+    conn: &Connection,
+    table: &str,
+    keys: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Result<(), HotError> {
+    conn.execute_batch(&format!("DELETE FROM {table}"))?;
+    let mut appender = conn.appender(table)?;
+    for (system_id, id) in keys {
+        appender.append_row(duckdb::params![system_id, id])?;
+    }
+    appender.flush()?;
+    Ok(())
+}
+
 /// The current rows of `keys` (`(system_id, id)` of one kind); keys no longer in the table are skipped.
 fn load_rows(conn: &Connection, kind: RecordKind, keys: &[(String, String)]) -> Result<Vec<Record>, HotError> {
-    conn.execute_batch("DELETE FROM index_keys")?;
-    {
-        let mut appender = conn.appender("index_keys")?;
-        for (system_id, id) in keys {
-            appender.append_row(duckdb::params![system_id, id])?;
-        }
-        appender.flush()?;
-    }
+    stage_keys(conn, "index_keys", keys.iter().map(|(s, i)| (s.as_str(), i.as_str())))?;
     let sql = format!(
         "SELECT t.system_id, t.id, epoch_us(t.ts), t.project, t.category, t.text, t.name, t.tags, t.embedding \
          FROM {} t JOIN index_keys k ON t.system_id = k.system_id AND t.id = k.id",
@@ -254,6 +263,8 @@ impl HotTier {
         }
         // The indexer's own scratch table (rows it reads back by key).
         ddl.push_str("CREATE TABLE index_keys (system_id VARCHAR, id VARCHAR);\n");
+        // The query connection's, for fetching search results in one join.
+        ddl.push_str("CREATE TABLE lookup_keys (system_id VARCHAR, id VARCHAR);\n");
         // An in-memory database needs no checkpoints; the automatic ones stall a commit now and then.
         writer.execute_batch("SET checkpoint_threshold = '1TB';")?;
         writer.execute_batch(&ddl)?;
@@ -439,74 +450,33 @@ impl HotTier {
     /// One record as JSON, or `None`.
     pub fn get(&self, system_id: &str, kind: RecordKind, id: &str) -> Result<Option<serde_json::Value>, HotError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let sql = format!(
-            "SELECT system_id, id, epoch_us(ts), project, namespace, category, text, name, embedding, tags, metadata, \
-             importance, residency, from_id, to_id, relation_type, weight, value, epoch_us(ingested_at) \
-             FROM {} WHERE system_id = ? AND id = ?",
-            kind.as_str()
-        );
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM {} WHERE system_id = ? AND id = ?", kind.as_str());
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(duckdb::params![system_id, id])?;
         let Some(row) = rows.next()? else { return Ok(None) };
-        let text = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
-            Ok(row.get::<_, Option<String>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::String))
-        };
-        let float = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
-            Ok(row.get::<_, Option<f64>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::from))
-        };
-        let embedding = match row.get::<_, duckdb::types::Value>(8)? {
-            duckdb::types::Value::Array(values) | duckdb::types::Value::List(values) => serde_json::Value::Array(
-                values
-                    .into_iter()
-                    .map(|v| match v {
-                        duckdb::types::Value::Float(f) => serde_json::Value::from(f),
-                        _ => serde_json::Value::Null,
-                    })
-                    .collect(),
-            ),
-            _ => serde_json::Value::Null,
-        };
-        let tags = match row.get::<_, duckdb::types::Value>(9)? {
-            duckdb::types::Value::List(values) => values
-                .into_iter()
-                .filter_map(|v| match v {
-                    duckdb::types::Value::Text(s) => Some(serde_json::Value::String(s)),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let metadata = row
-            .get::<_, Option<String>>(10)?
-            .and_then(|m| serde_json::from_str(&m).ok())
-            .unwrap_or(serde_json::Value::Null);
-        let mut out = serde_json::json!({
-            "system_id": text(0)?,
-            "id": text(1)?,
-            "kind": kind.as_str(),
-            "ts": row.get::<_, i64>(2)?,
-            "project": text(3)?,
-            "namespace": text(4)?,
-            "category": text(5)?,
-            "text": text(6)?,
-            "name": text(7)?,
-            "embedding": embedding,
-            "tags": tags,
-            "metadata": metadata,
-            "importance": float(11)?,
-            "residency": text(12)?,
-            "from": text(13)?,
-            "to": text(14)?,
-            "relation_type": text(15)?,
-            "weight": float(16)?,
-            "value": float(17)?,
-            "ingested_at": row.get::<_, i64>(18)?,
-            "tier": "hot",
-        });
-        if let Some(map) = out.as_object_mut() {
-            map.retain(|_, v| !v.is_null());
+        Ok(Some(row_json(row, kind)?))
+    }
+
+    /// Many records of one kind in one join, keyed by `(system_id, id)`; keys not stored are absent.
+    pub fn get_many(
+        &self,
+        kind: RecordKind,
+        keys: &[(&str, &str)],
+    ) -> Result<HashMap<(String, String), serde_json::Value>, HotError> {
+        let mut out = HashMap::with_capacity(keys.len());
+        if keys.is_empty() {
+            return Ok(out);
         }
-        Ok(Some(out))
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        stage_keys(&conn, "lookup_keys", keys.iter().copied())?;
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM {} JOIN lookup_keys USING (system_id, id)", kind.as_str());
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key = (row.get::<_, String>(0)?, row.get::<_, String>(1)?);
+            out.insert(key, row_json(row, kind)?);
+        }
+        Ok(out)
     }
 
     /// Rows per system and kind.
@@ -525,6 +495,73 @@ impl HotTier {
         }
         Ok(out)
     }
+}
+
+/// Columns of a stored record, in the order [`row_json`] reads them.
+const RECORD_COLUMNS: &str = "system_id, id, epoch_us(ts), project, namespace, category, text, name, embedding, tags, \
+     metadata, importance, residency, from_id, to_id, relation_type, weight, value, epoch_us(ingested_at)";
+
+/// A stored record as the API shows it (null fields left out).
+fn row_json(row: &duckdb::Row<'_>, kind: RecordKind) -> Result<serde_json::Value, HotError> {
+    let text = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
+        Ok(row.get::<_, Option<String>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::String))
+    };
+    let float = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
+        Ok(row.get::<_, Option<f64>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::from))
+    };
+    let embedding = match row.get::<_, duckdb::types::Value>(8)? {
+        duckdb::types::Value::Array(values) | duckdb::types::Value::List(values) => serde_json::Value::Array(
+            values
+                .into_iter()
+                .map(|v| match v {
+                    duckdb::types::Value::Float(f) => serde_json::Value::from(f),
+                    _ => serde_json::Value::Null,
+                })
+                .collect(),
+        ),
+        _ => serde_json::Value::Null,
+    };
+    let tags = match row.get::<_, duckdb::types::Value>(9)? {
+        duckdb::types::Value::List(values) => values
+            .into_iter()
+            .filter_map(|v| match v {
+                duckdb::types::Value::Text(s) => Some(serde_json::Value::String(s)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let metadata = row
+        .get::<_, Option<String>>(10)?
+        .and_then(|m| serde_json::from_str(&m).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let mut out = serde_json::json!({
+        "system_id": text(0)?,
+        "id": text(1)?,
+        "kind": kind.as_str(),
+        "ts": row.get::<_, i64>(2)?,
+        "project": text(3)?,
+        "namespace": text(4)?,
+        "category": text(5)?,
+        "text": text(6)?,
+        "name": text(7)?,
+        "embedding": embedding,
+        "tags": tags,
+        "metadata": metadata,
+        "importance": float(11)?,
+        "residency": text(12)?,
+        "from": text(13)?,
+        "to": text(14)?,
+        "relation_type": text(15)?,
+        "weight": float(16)?,
+        "value": float(17)?,
+        "ingested_at": row.get::<_, i64>(18)?,
+        "tier": "hot",
+    });
+    if let Some(map) = out.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
+    }
+    Ok(out)
 }
 
 /// Identity of a record's key: `(kind, system_id, id)`.
@@ -676,6 +713,14 @@ mod tests {
         assert_eq!(e.len(), EMBEDDING_DIM);
         assert_eq!(e[3].as_f64().unwrap() as f32, 3.0f32 / 7.0);
         assert!(hot.get("host-1", RecordKind::Entity, "a").unwrap().is_none());
+        // Many at once: stored keys come back whole, missing ones are absent; quotes in ids are just data.
+        hot.insert(&[rec("it's", 1, "quoted")]).unwrap();
+        let many = hot
+            .get_many(RecordKind::Conversation, &[("host-1", "a"), ("host-1", "it's"), ("host-1", "nope"), ("h2", "b")])
+            .unwrap();
+        assert_eq!(many.len(), 2);
+        assert_eq!(many[&("host-1".to_owned(), "a".to_owned())], a);
+        assert_eq!(many[&("host-1".to_owned(), "it's".to_owned())]["text"], "quoted");
     }
 }
 

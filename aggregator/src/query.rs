@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use akosha_protocol::RecordKind;
 use serde::Serialize;
 
 use crate::hot::{HotError, HotTier};
@@ -66,16 +67,12 @@ impl QueryService {
     pub fn vector(&self, embedding: &[f32], limit: usize, filters: &Filters) -> Result<Vec<Hit>, QueryError> {
         let limit = check_limit(limit)?;
         let found = self.hot.indexes().vector_search(embedding, limit, filters)?;
-        found
-            .into_iter()
-            .filter_map(|(doc, similarity)| {
-                self.fetch(&doc)
-                    .map(|r| {
-                        r.map(|record| Hit { record, score: similarity, similarity: Some(similarity), snippet: None })
-                    })
-                    .transpose()
-            })
-            .collect()
+        self.assemble(found.into_iter().map(|(doc, similarity)| Found {
+            doc,
+            score: similarity,
+            similarity: Some(similarity),
+            snippet: None,
+        }))
     }
 
     /// The `limit` best BM25 matches for `query` that pass `filters`, with snippets.
@@ -85,14 +82,12 @@ impl QueryService {
             return Err(QueryError::Invalid("`query` is empty".into()));
         }
         let found = self.hot.indexes().text_search(query, limit, filters)?;
-        found
-            .into_iter()
-            .filter_map(|(doc, score, snippet)| {
-                self.fetch(&doc)
-                    .map(|r| r.map(|record| Hit { record, score, similarity: None, snippet: Some(snippet) }))
-                    .transpose()
-            })
-            .collect()
+        self.assemble(found.into_iter().map(|(doc, score, snippet)| Found {
+            doc,
+            score,
+            similarity: None,
+            snippet: Some(snippet),
+        }))
     }
 
     /// Reciprocal-rank fusion of the vector and the text ranking: each list contributes `1 / (60 + rank)`, so a
@@ -110,37 +105,22 @@ impl QueryService {
         let by_vector = self.hot.indexes().vector_search(embedding, depth, filters)?;
         let by_text =
             if query.trim().is_empty() { Vec::new() } else { self.hot.indexes().text_search(query, depth, filters)? };
-        struct Fused {
-            doc: DocMeta,
-            score: f32,
-            similarity: Option<f32>,
-            snippet: Option<Snippet>,
-        }
-        let mut fused: HashMap<(Arc<str>, u8, Box<str>), Fused> = HashMap::new();
+        let mut fused: HashMap<(Arc<str>, u8, Box<str>), Found> = HashMap::new();
         let key = |d: &DocMeta| (d.system_id.clone(), d.kind as u8, d.id.clone());
         for (rank, (doc, similarity)) in by_vector.into_iter().enumerate() {
-            let entry = fused.entry(key(&doc)).or_insert(Fused { doc, score: 0.0, similarity: None, snippet: None });
+            let entry = fused.entry(key(&doc)).or_insert(Found { doc, score: 0.0, similarity: None, snippet: None });
             entry.score += 1.0 / (RRF_K + rank as f32 + 1.0);
             entry.similarity = Some(similarity);
         }
         for (rank, (doc, _, snippet)) in by_text.into_iter().enumerate() {
-            let entry = fused.entry(key(&doc)).or_insert(Fused { doc, score: 0.0, similarity: None, snippet: None });
+            let entry = fused.entry(key(&doc)).or_insert(Found { doc, score: 0.0, similarity: None, snippet: None });
             entry.score += 1.0 / (RRF_K + rank as f32 + 1.0);
             entry.snippet = Some(snippet);
         }
-        let mut ranked: Vec<Fused> = fused.into_values().collect();
+        let mut ranked: Vec<Found> = fused.into_values().collect();
         ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.doc.id.cmp(&b.doc.id)));
-        ranked
-            .into_iter()
-            .take(limit)
-            .filter_map(|f| {
-                self.fetch(&f.doc)
-                    .map(|r| {
-                        r.map(|record| Hit { record, score: f.score, similarity: f.similarity, snippet: f.snippet })
-                    })
-                    .transpose()
-            })
-            .collect()
+        ranked.truncate(limit);
+        self.assemble(ranked.into_iter())
     }
 
     /// Records written to the hot tier but not yet searchable.
@@ -148,14 +128,37 @@ impl QueryService {
         self.hot.index_pending()
     }
 
-    /// The stored record for an index entry, without its embedding; `None` if it left the tier meanwhile.
-    fn fetch(&self, doc: &DocMeta) -> Result<Option<serde_json::Value>, QueryError> {
-        let Some(mut record) = self.hot.get(&doc.system_id, doc.kind, &doc.id)? else { return Ok(None) };
-        if let Some(map) = record.as_object_mut() {
-            map.remove("embedding");
+    /// Turns ranked index entries into results: the stored records fetched in one join per kind, without
+    /// embeddings; entries whose record left the tier meanwhile are skipped.
+    fn assemble(&self, found: impl Iterator<Item = Found>) -> Result<Vec<Hit>, QueryError> {
+        let found: Vec<Found> = found.collect();
+        let mut records = HashMap::new();
+        for kind in RecordKind::ALL {
+            let keys: Vec<(&str, &str)> =
+                found.iter().filter(|f| f.doc.kind == kind).map(|f| (&*f.doc.system_id, &*f.doc.id)).collect();
+            for ((system_id, id), record) in self.hot.get_many(kind, &keys)? {
+                records.insert((kind, system_id, id), record);
+            }
         }
-        Ok(Some(record))
+        Ok(found
+            .into_iter()
+            .filter_map(|f| {
+                let mut record = records.remove(&(f.doc.kind, f.doc.system_id.to_string(), f.doc.id.to_string()))?;
+                if let Some(map) = record.as_object_mut() {
+                    map.remove("embedding");
+                }
+                Some(Hit { record, score: f.score, similarity: f.similarity, snippet: f.snippet })
+            })
+            .collect())
     }
+}
+
+/// An index entry on its way to becoming a [`Hit`].
+struct Found {
+    doc: DocMeta,
+    score: f32,
+    similarity: Option<f32>,
+    snippet: Option<Snippet>,
 }
 
 fn check_limit(limit: usize) -> Result<usize, QueryError> {
