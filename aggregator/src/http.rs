@@ -1,5 +1,6 @@
-//! The HTTP API: health, readiness, metrics, stats and point lookups. Every error is a JSON body with a stable
-//! `error` code.
+//! The HTTP API: health, readiness, metrics, stats, lookups, listings, search, the knowledge graph, metric
+//! analyses, embeddings and MCP. Every error is a JSON body with a stable `error` code; every route but
+//! `/health` and `/ready` passes the bearer-token check of [`crate::auth`].
 
 use std::sync::Arc;
 
@@ -13,22 +14,82 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::Aggregator;
+use crate::auth::{AuthError, Scope};
+use crate::listing::{Cursor, ListQuery};
 use crate::query::{QueryError, QueryService};
 use crate::search::Filters;
+use crate::timeseries::{Resolution, SeriesQuery};
 
 /// The router of the query API.
 pub fn router(aggregator: Arc<Aggregator>) -> Router {
+    let max_body = aggregator.max_body_bytes;
     Router::new()
         .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
+        .route("/v1/stats/projects", get(project_stats))
+        .route("/v1/records", get(list_records))
         .route("/v1/records/{system}/{kind}/{id}", get(get_record))
         .route("/v1/search/vector", post(|state, body| search(state, body, Mode::Vector)))
         .route("/v1/search/text", post(|state, body| search(state, body, Mode::Text)))
         .route("/v1/search/hybrid", post(|state, body| search(state, body, Mode::Hybrid)))
+        .route("/v1/graph/neighbours", get(graph_neighbours))
+        .route("/v1/graph/path", get(graph_path))
+        .route("/v1/graph/stats", get(graph_stats))
+        .route("/v1/metrics", get(metric_names))
+        .route("/v1/metrics/series", get(|s, q| metric_analysis(s, q, Analysis::Series)))
+        .route("/v1/metrics/trend", get(|s, q| metric_analysis(s, q, Analysis::Trend)))
+        .route("/v1/metrics/anomalies", get(|s, q| metric_analysis(s, q, Analysis::Anomalies)))
+        .route("/v1/metrics/correlation", get(|s, q| metric_analysis(s, q, Analysis::Correlation)))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/mcp", post(crate::mcp::post).get(crate::mcp::get).delete(crate::mcp::get))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(aggregator.clone(), authorize))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(aggregator)
+}
+
+/// Checks the bearer token and its scope, charges its rate limit, and hands the caller to the handler.
+async fn authorize(
+    State(agg): State<Arc<Aggregator>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if path == "/health" || path == "/ready" {
+        return next.run(request).await;
+    }
+    // Every route reads; storing is checked per tool inside MCP (a token needs `write` for the store tools).
+    let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match agg.auth.check(header, Some(Scope::Read)) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(e) => auth_error(&e),
+    }
+}
+
+fn auth_error(e: &AuthError) -> Response {
+    let (status, code) = match e {
+        AuthError::Missing | AuthError::Invalid => (StatusCode::UNAUTHORIZED, "unauthorized"),
+        AuthError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+        AuthError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+    };
+    let mut response = error(status, code, &e.to_string());
+    let headers = response.headers_mut();
+    match e {
+        AuthError::RateLimited { retry_after_secs, .. } => {
+            headers
+                .insert(header::RETRY_AFTER, retry_after_secs.to_string().parse().expect("digits are a valid header"));
+        }
+        AuthError::Missing | AuthError::Invalid => {
+            headers.insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        AuthError::Forbidden { .. } => {}
+    }
+    response
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -96,6 +157,13 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
             "indexed_vectors": r.hot.indexes().sizes().1,
             "index_pending": r.hot.index_pending(),
             "index_failures": r.hot.index_failures(),
+        },
+        "embeddings": {
+            "loaded": r.hot.backfill().is_some(),
+            "backfill_queued": r.hot.backfill().map_or(0, |b| b.queued()),
+            "backfill_embedded": r.hot.backfill().map_or(0, |b| b.embedded()),
+            "backfill_failed": r.hot.backfill().map_or(0, |b| b.failed()),
+            "backfill_skipped": r.hot.backfill().map_or(0, |b| b.skipped()),
         },
         "wal": {"bytes": r.wal.size_bytes(), "segments": r.wal.segments(), "queued": r.wal.queued(), "failed": r.wal.failed()},
         "sessions": r.metrics.active(),
@@ -177,6 +245,12 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         "Records dropped because an equal or newer version was stored.",
         r.hot.duplicates(),
     );
+    if let Some(b) = r.hot.backfill() {
+        gauge(&mut e, "akosha_embed_backfill_queue", "Records waiting for an embedding.", b.queued());
+        counter(&mut e, "akosha_embed_backfill_embedded_total", "Records embedded in the background.", b.embedded());
+        counter(&mut e, "akosha_embed_backfill_failed_total", "Records whose embedding failed.", b.failed());
+        counter(&mut e, "akosha_embed_backfill_skipped_total", "Records not queued: the queue was full.", b.skipped());
+    }
     let seen: Vec<(String, i64)> = {
         let map = m.last_seen.lock().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(k, v)| (k.clone(), *v)).collect()
@@ -283,24 +357,24 @@ async fn search(State(agg): State<Arc<Aggregator>>, body: axum::body::Bytes, mod
         Ok(f) => f,
         Err(message) => return error(StatusCode::BAD_REQUEST, "bad_request", &message),
     };
-    let Some(receiver) = agg.receiver() else { return starting() };
-    let service = QueryService::new(receiver.hot.clone());
+    let Some(service) = agg.query() else { return starting() };
     let started = std::time::Instant::now();
     let result = tokio::task::spawn_blocking(move || {
         let need = |field: &str| QueryError::Invalid(format!("`{field}` is required for this search"));
         match mode {
             Mode::Vector => {
-                let embedding = request.embedding.as_deref().ok_or_else(|| need("embedding"))?;
-                service.vector(embedding, request.limit, &filters)
+                let embedding = service.query_vector(request.embedding.as_deref(), request.query.as_deref())?;
+                service.vector(&embedding, request.limit, &filters)
             }
             Mode::Text => {
                 let query = request.query.as_deref().ok_or_else(|| need("query"))?;
                 service.text(query, request.limit, &filters)
             }
-            // No embedding model in the aggregator yet: hybrid needs the caller's vector.
+            // The text ranks by BM25 and, embedded, by vector; a given `embedding` replaces the latter.
             Mode::Hybrid => {
-                let embedding = request.embedding.as_deref().ok_or_else(|| need("embedding"))?;
-                service.hybrid(request.query.as_deref().unwrap_or(""), embedding, request.limit, &filters)
+                let query = request.query.as_deref().ok_or_else(|| need("query"))?;
+                let embedding = service.query_vector(request.embedding.as_deref(), Some(query))?;
+                service.hybrid(query, &embedding, request.limit, &filters)
             }
         }
         .map(|hits| (hits, service.index_lag()))
@@ -314,8 +388,261 @@ async fn search(State(agg): State<Arc<Aggregator>>, body: axum::body::Bytes, mod
             "index_lag_records": lag,
         }))
         .into_response(),
-        Ok(Err(QueryError::Invalid(message))) => error(StatusCode::BAD_REQUEST, "bad_request", &message),
-        Ok(Err(QueryError::Storage(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Ok(Err(e)) => query_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
+fn query_error(e: QueryError) -> Response {
+    match e {
+        QueryError::Invalid(message) => error(StatusCode::BAD_REQUEST, "bad_request", &message),
+        QueryError::Unavailable(message) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &message),
+        QueryError::Storage(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+    }
+}
+
+/// Runs a query off the async runtime and answers with its JSON.
+async fn blocking<T: serde::Serialize + Send + 'static>(
+    agg: &Aggregator,
+    f: impl FnOnce(QueryService) -> Result<T, QueryError> + Send + 'static,
+) -> Response {
+    let Some(service) = agg.query() else { return starting() };
+    match tokio::task::spawn_blocking(move || f(service)).await {
+        Ok(Ok(value)) => axum::Json(value).into_response(),
+        Ok(Err(e)) => query_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
+/// Query-string parameters shared by the GET endpoints (each uses the ones it needs).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    /// One system or several, comma-separated.
+    system_id: Option<String>,
+    kind: Option<String>,
+    project: Option<String>,
+    category: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+    embeddings: Option<bool>,
+    entity: Option<String>,
+    relation_type: Option<String>,
+    depth: Option<u32>,
+    from: Option<String>,
+    to: Option<String>,
+    max_hops: Option<u32>,
+    metric: Option<String>,
+    resolution: Option<String>,
+    threshold: Option<f64>,
+    robust: Option<bool>,
+    min_r: Option<f64>,
+}
+
+impl Params {
+    fn systems(&self) -> Vec<String> {
+        self.system_id
+            .as_deref()
+            .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    fn time(&self, field: &str, value: Option<&String>) -> Result<Option<i64>, QueryError> {
+        value
+            .map(|v| match v.parse::<i64>() {
+                Ok(us) => Ok(us),
+                Err(_) => TimeBound::Text(v.clone()).micros(field),
+            })
+            .transpose()
+            .map_err(QueryError::Invalid)
+    }
+
+    fn series(&self) -> Result<SeriesQuery, QueryError> {
+        let since_us = self.time("since", self.since.as_ref())?;
+        let until_us = self.time("until", self.until.as_ref())?;
+        Ok(SeriesQuery {
+            name: self.metric.clone().ok_or_else(|| QueryError::Invalid("`metric` is required".into()))?,
+            systems: self.systems(),
+            since_us,
+            until_us,
+            resolution: Resolution::parse(self.resolution.as_deref(), since_us, until_us)
+                .map_err(QueryError::Invalid)?,
+        })
+    }
+}
+
+type QueryParams = Result<axum::extract::Query<Params>, axum::extract::rejection::QueryRejection>;
+
+fn params(q: QueryParams) -> Result<Params, Response> {
+    q.map(|axum::extract::Query(p)| p).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()))
+}
+
+async fn list_records(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let build = || -> Result<ListQuery, QueryError> {
+        let kind = p.kind.as_deref().unwrap_or("conversation");
+        Ok(ListQuery {
+            kind: kind.parse::<RecordKind>().map_err(|e| QueryError::Invalid(format!("`kind`: {e}")))?,
+            systems: p.systems(),
+            project: p.project.clone(),
+            category: p.category.clone(),
+            since_us: p.time("since", p.since.as_ref())?,
+            until_us: p.time("until", p.until.as_ref())?,
+            limit: p.limit.unwrap_or(100),
+            cursor: p.cursor.as_deref().map(Cursor::decode).transpose().map_err(QueryError::Invalid)?,
+            with_embeddings: p.embeddings.unwrap_or(false),
+        })
+    };
+    match build() {
+        Ok(q) => blocking(&agg, move |s| s.list(&q)).await,
+        Err(e) => query_error(e),
+    }
+}
+
+async fn project_stats(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    match params(q) {
+        Ok(p) => blocking(&agg, move |s| Ok(json!({"projects": s.project_counts(&p.systems())?}))).await,
+        Err(r) => r,
+    }
+}
+
+async fn graph_neighbours(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    blocking(&agg, move |s| {
+        let entity = p.entity.as_deref().ok_or_else(|| QueryError::Invalid("`entity` is required".into()))?;
+        s.neighbours(entity, &p.systems(), p.relation_type.as_deref(), p.depth.unwrap_or(1))
+    })
+    .await
+}
+
+async fn graph_path(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    blocking(&agg, move |s| {
+        let (Some(from), Some(to)) = (p.from.as_deref(), p.to.as_deref()) else {
+            return Err(QueryError::Invalid("`from` and `to` are required".into()));
+        };
+        let path = s.path(from, to, &p.systems(), p.max_hops.unwrap_or(3))?;
+        Ok(json!({"found": path.is_some(), "path": path}))
+    })
+    .await
+}
+
+async fn graph_stats(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    match params(q) {
+        Ok(p) => blocking(&agg, move |s| s.graph_stats(&p.systems())).await,
+        Err(r) => r,
+    }
+}
+
+async fn metric_names(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    blocking(&agg, move |s| {
+        let since = p.time("since", p.since.as_ref())?;
+        Ok(json!({"metrics": s.metric_summaries(&p.systems(), since)?}))
+    })
+    .await
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Analysis {
+    Series,
+    Trend,
+    Anomalies,
+    Correlation,
+}
+
+async fn metric_analysis(State(agg): State<Arc<Aggregator>>, q: QueryParams, analysis: Analysis) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    blocking(&agg, move |s| {
+        let q = p.series()?;
+        let base = json!({"metric": q.name, "resolution": q.resolution});
+        let mut out = base;
+        match analysis {
+            Analysis::Series => out["series"] = json!(s.series(&q)?),
+            Analysis::Trend => out["trends"] = json!(s.trend(&q)?),
+            Analysis::Anomalies => {
+                let threshold = p.threshold.unwrap_or(3.0);
+                out["anomalies"] =
+                    json!(s.anomalies(&q, threshold, p.robust.unwrap_or(false), p.limit.unwrap_or(100))?);
+            }
+            Analysis::Correlation => out["correlations"] = json!(s.correlate(&q, p.min_r.unwrap_or(0.0))?),
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// `POST /v1/embeddings`, OpenAI-compatible: `{"input": "text" | ["text", …]}`.
+async fn embeddings(State(agg): State<Arc<Aggregator>>, body: axum::body::Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Input {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    struct Request {
+        input: Input,
+        #[serde(default)]
+        model: Option<String>,
+    }
+    let request: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("invalid embeddings request: {e}")),
+    };
+    let texts = match request.input {
+        Input::One(t) => vec![t],
+        Input::Many(ts) => ts,
+    };
+    if texts.is_empty() || texts.len() > 1000 {
+        return error(StatusCode::BAD_REQUEST, "bad_request", "`input` must hold 1 to 1000 texts");
+    }
+    let model = request.model.unwrap_or_else(|| "all-MiniLM-L6-v2".into());
+    blocking(&agg, move |s| {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vectors = s.embed(&refs)?;
+        let data: Vec<_> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, embedding)| json!({"object": "embedding", "index": index, "embedding": embedding}))
+            .collect();
+        Ok(json!({"object": "list", "data": data, "model": model}))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is described in docs/openapi.yaml, and nothing more.
+    #[test]
+    fn openapi_describes_every_route() {
+        let spec: serde_json::Value =
+            serde_norway::from_str(include_str!("../../docs/openapi.yaml")).expect("openapi.yaml parses");
+        assert_eq!(spec["openapi"], "3.1.0");
+        let mut documented: Vec<String> = spec["paths"].as_object().unwrap().keys().cloned().collect();
+        documented.sort();
+        let source = include_str!("http.rs");
+        let mut served: Vec<String> =
+            source.split(".route(\"").skip(1).filter_map(|rest| rest.split('"').next()).map(str::to_owned).collect();
+        served.sort();
+        served.dedup();
+        assert_eq!(documented, served);
     }
 }

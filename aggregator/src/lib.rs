@@ -5,16 +5,22 @@
 //! [`Aggregator::run`] takes already bound sockets and a shutdown future, so tests start a real aggregator
 //! in-process on port 0; `main` only parses arguments.
 
+pub mod auth;
 pub mod certs;
 pub mod config;
+pub mod embed;
+pub mod graph;
 pub mod hot;
 pub mod http;
 pub mod import;
+pub mod listing;
+pub mod mcp;
 pub mod metrics;
 pub mod objects;
 pub mod query;
 pub mod receiver;
 pub mod search;
+pub mod timeseries;
 pub mod wal;
 
 use std::future::Future;
@@ -57,12 +63,24 @@ pub enum RunError {
 pub struct Aggregator {
     /// The receive path (log, hot tier, counters), set once the log has been replayed.
     receiver: std::sync::OnceLock<Arc<Receiver>>,
+    /// The in-process embedding model, set (or not) with the receiver.
+    embedder: std::sync::OnceLock<Option<Arc<embed::Embedder>>>,
+    /// Bearer tokens.
+    pub auth: auth::Auth,
+    /// Largest HTTP request body.
+    pub max_body_bytes: usize,
 }
 
 impl Aggregator {
     /// The receive path, once the log has been replayed.
     pub fn receiver(&self) -> Option<&Arc<Receiver>> {
         self.receiver.get()
+    }
+
+    /// The query service, once the log has been replayed.
+    pub fn query(&self) -> Option<query::QueryService> {
+        let receiver = self.receiver.get()?;
+        Some(query::QueryService::new(receiver.hot.clone(), self.embedder.get().cloned().flatten()))
     }
 
     /// Replays the log into the hot tier, then serves QUIC on `udp` and HTTP on `http` until `shutdown`
@@ -77,7 +95,12 @@ impl Aggregator {
         let server_config = certs::server_config(&config.ca_cert, &config.server_cert, &config.server_key, transport)?;
 
         // HTTP first, so that `/health` answers (and `/ready` says 503) while a long log is replayed.
-        let aggregator = Arc::new(Aggregator { receiver: std::sync::OnceLock::new() });
+        let aggregator = Arc::new(Aggregator {
+            receiver: std::sync::OnceLock::new(),
+            embedder: std::sync::OnceLock::new(),
+            auth: auth::Auth::new(&config.auth),
+            max_body_bytes: config.http_max_body_bytes,
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut http_stop = stop_rx.clone();
         let http_addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -102,7 +125,7 @@ impl Aggregator {
                 return Ok(());
             }
         };
-        let (wal, hot, durable_rx) = match replayed {
+        let (wal, hot, durable_rx, embedder) = match replayed {
             Ok(Ok(parts)) => parts,
             Ok(Err(e)) => {
                 let _ = stop_tx.send(true);
@@ -121,6 +144,7 @@ impl Aggregator {
 
         let metrics = Arc::new(ReceiverMetrics::default());
         let receiver = Arc::new(Receiver::new(config.quic.clone(), wal, hot, metrics));
+        let _ = aggregator.embedder.set(embedder);
         let _ = aggregator.receiver.set(receiver.clone());
 
         let endpoint = quinn::Endpoint::new(
@@ -150,15 +174,46 @@ impl Aggregator {
     }
 }
 
+/// Loads the embedding model, if enabled; a model that cannot be loaded leaves embeddings off (queries that
+/// need one say so) rather than the aggregator down.
+fn load_embedder(config: &config::EmbeddingsConfig) -> Option<Arc<embed::Embedder>> {
+    if !config.enabled {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    match embed::Embedder::load(&config.model_dir, config.max_tokens) {
+        Ok(embedder) => {
+            info!(
+                message = "Embedding model loaded.",
+                model_dir = %config.model_dir.display(),
+                ms = started.elapsed().as_millis() as u64,
+            );
+            Some(Arc::new(embedder))
+        }
+        Err(e) => {
+            warn!(
+                message = "Embeddings are off: the model cannot be loaded (run scripts/setup.sh, or set embeddings.model_dir).",
+                error = %e,
+            );
+            None
+        }
+    }
+}
+
+type Replayed = (Wal, Arc<HotTier>, std::sync::mpsc::Receiver<wal::DurableBatch>, Option<Arc<embed::Embedder>>);
+
 /// Opens the hot tier and replays the write-ahead log into it (blocking).
-fn replay(
-    config: &AggregatorConfig,
-) -> Result<(Wal, Arc<HotTier>, std::sync::mpsc::Receiver<wal::DurableBatch>), RunError> {
+fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
     let hot = Arc::new(HotTier::open(
         &config.hot_memory_limit,
         config.hot_threads,
         Some(&config.data_dir.join("hot-spill")),
     )?);
+    // Before the replay, so that replayed records without vectors are embedded too.
+    let embedder = load_embedder(&config.embeddings);
+    if let Some(embedder) = &embedder {
+        hot.start_backfill(embedder.clone(), config.embeddings.backfill_queue)?;
+    }
     let (durable_tx, durable_rx) = std::sync::mpsc::sync_channel(1024);
     let mut replay_batch = Vec::new();
     let mut replay_error = None;
@@ -182,5 +237,5 @@ fn replay(
     }
     hot.insert(&replay_batch)?;
     info!(message = "Hot tier rebuilt from the write-ahead log.", entries = report.entries, records = hot.inserted());
-    Ok((wal, hot, durable_rx))
+    Ok((wal, hot, durable_rx, embedder))
 }

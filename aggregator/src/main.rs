@@ -1,5 +1,7 @@
 //! `akosha-aggregator`: runs the aggregator, validates its configuration and manages certificates.
 
+mod query_cli;
+
 use std::path::PathBuf;
 
 use akosha_aggregator::Aggregator;
@@ -58,6 +60,8 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         watch: Option<std::time::Duration>,
     },
+    /// Ask the running aggregator: search, records, stats, graph and metric queries.
+    Query(query_cli::QueryArgs),
     /// Create the site CA and certificates.
     Certs {
         #[command(subcommand)]
@@ -100,6 +104,13 @@ fn main() -> anyhow::Result<()> {
     })?;
     let cert_dir = config.ca_cert.parent().map(PathBuf::from).unwrap_or_else(|| config.data_dir.join("certs"));
     match cli.command {
+        Command::Query(args) => {
+            let mut addr = config.http_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            query_cli::run(args, format!("http://{addr}"))
+        }
         Command::Run => {
             init_logging(&config);
             let runtime =

@@ -1,5 +1,5 @@
-//! The query service: vector, text and hybrid search over the hot tier. HTTP (and later MCP and the CLI) are
-//! thin layers over it.
+//! The query service: search (vector, text, hybrid), point lookups, listings, statistics, the knowledge graph
+//! and metric analyses. HTTP, MCP and the CLI are thin layers over it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,9 +7,13 @@ use std::sync::Arc;
 use akosha_protocol::RecordKind;
 use serde::Serialize;
 
+use crate::embed::Embedder;
+use crate::graph::{self, GraphPath, GraphStats, Neighbourhood};
 use crate::hot::{HotError, HotTier};
+use crate::listing::{self, ListQuery, Page, ProjectCount};
 use crate::search::text::Snippet;
 use crate::search::{DocMeta, Filters};
+use crate::timeseries::{self, Anomaly, Correlation, MetricSummary, Series, SeriesQuery, Trend};
 
 /// Most results one query may ask for.
 pub const MAX_LIMIT: usize = 1000;
@@ -37,6 +41,9 @@ pub enum QueryError {
     /// The request itself is wrong (the message says how).
     #[error("{0}")]
     Invalid(String),
+    /// A capability the request needs is not available (no embedding model).
+    #[error("{0}")]
+    Unavailable(String),
     /// Storage or index failure.
     #[error(transparent)]
     Storage(#[from] HotError),
@@ -55,12 +62,126 @@ impl From<crate::search::SearchError> for QueryError {
 #[derive(Clone)]
 pub struct QueryService {
     hot: Arc<HotTier>,
+    embedder: Option<Arc<Embedder>>,
 }
 
 impl QueryService {
-    /// A service over `hot`.
-    pub fn new(hot: Arc<HotTier>) -> QueryService {
-        QueryService { hot }
+    /// A service over `hot`; with an `embedder`, text can stand in for a query vector.
+    pub fn new(hot: Arc<HotTier>, embedder: Option<Arc<Embedder>>) -> QueryService {
+        QueryService { hot, embedder }
+    }
+
+    /// The embedding of `text` with the in-process model.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, QueryError> {
+        let embedder = self.embedder.as_ref().ok_or_else(|| {
+            QueryError::Unavailable(
+                "no embedding model is loaded (see `embeddings.model_dir`); pass `embedding`".into(),
+            )
+        })?;
+        if texts.iter().any(|t| t.trim().is_empty()) {
+            return Err(QueryError::Invalid("cannot embed an empty text".into()));
+        }
+        embedder.embed(texts).map_err(|e| QueryError::Unavailable(e.to_string()))
+    }
+
+    /// The query vector: the one given, else the embedding of `text`.
+    pub fn query_vector(&self, embedding: Option<&[f32]>, text: Option<&str>) -> Result<Vec<f32>, QueryError> {
+        match (embedding, text) {
+            (Some(e), _) => Ok(e.to_vec()),
+            (None, Some(text)) => Ok(self.embed(&[text])?.remove(0)),
+            (None, None) => Err(QueryError::Invalid("give `embedding` or `query`".into())),
+        }
+    }
+
+    /// One record by key.
+    pub fn get(&self, system_id: &str, kind: RecordKind, id: &str) -> Result<Option<serde_json::Value>, QueryError> {
+        Ok(self.hot.get(system_id, kind, id)?)
+    }
+
+    /// A page of records.
+    pub fn list(&self, q: &ListQuery) -> Result<Page, QueryError> {
+        Ok(self.hot.read(|conn| listing::list(conn, q))?)
+    }
+
+    /// Records per system, project and kind.
+    pub fn project_counts(&self, systems: &[String]) -> Result<Vec<ProjectCount>, QueryError> {
+        Ok(self.hot.read(|conn| listing::project_counts(conn, systems))?)
+    }
+
+    /// Entities within `depth` relations of `entity`.
+    pub fn neighbours(
+        &self,
+        entity: &str,
+        systems: &[String],
+        relation_type: Option<&str>,
+        depth: u32,
+    ) -> Result<Neighbourhood, QueryError> {
+        if entity.trim().is_empty() {
+            return Err(QueryError::Invalid("`entity` is empty".into()));
+        }
+        Ok(self.hot.read(|conn| graph::neighbours(conn, entity, systems, relation_type, depth))?)
+    }
+
+    /// A shortest path between two entities.
+    pub fn path(
+        &self,
+        from: &str,
+        to: &str,
+        systems: &[String],
+        max_hops: u32,
+    ) -> Result<Option<GraphPath>, QueryError> {
+        Ok(self.hot.read(|conn| graph::shortest_path(conn, from, to, systems, max_hops))?)
+    }
+
+    /// Graph statistics.
+    pub fn graph_stats(&self, systems: &[String]) -> Result<GraphStats, QueryError> {
+        Ok(self.hot.read(|conn| graph::statistics(conn, systems))?)
+    }
+
+    /// Metric names per system with summaries.
+    pub fn metric_summaries(
+        &self,
+        systems: &[String],
+        since_us: Option<i64>,
+    ) -> Result<Vec<MetricSummary>, QueryError> {
+        Ok(self.hot.read(|conn| timeseries::summaries(conn, systems, since_us))?)
+    }
+
+    /// A metric's series.
+    pub fn series(&self, q: &SeriesQuery) -> Result<Vec<Series>, QueryError> {
+        check_metric(q)?;
+        Ok(self.hot.read(|conn| timeseries::range(conn, q, 100_000))?)
+    }
+
+    /// A metric's trend per system.
+    pub fn trend(&self, q: &SeriesQuery) -> Result<Vec<Trend>, QueryError> {
+        check_metric(q)?;
+        Ok(self.hot.read(|conn| timeseries::trend(conn, q))?)
+    }
+
+    /// A metric's anomalous points.
+    pub fn anomalies(
+        &self,
+        q: &SeriesQuery,
+        threshold: f64,
+        robust: bool,
+        limit: usize,
+    ) -> Result<Vec<Anomaly>, QueryError> {
+        check_metric(q)?;
+        if !(threshold.is_finite() && threshold > 0.0) {
+            return Err(QueryError::Invalid(format!("`threshold` must be a positive number, not {threshold}")));
+        }
+        let limit = check_limit(limit)?;
+        Ok(self.hot.read(|conn| timeseries::anomalies(conn, q, threshold, robust, limit))?)
+    }
+
+    /// Correlations between systems for a metric.
+    pub fn correlate(&self, q: &SeriesQuery, min_abs_r: f64) -> Result<Vec<Correlation>, QueryError> {
+        check_metric(q)?;
+        if !(0.0..=1.0).contains(&min_abs_r) {
+            return Err(QueryError::Invalid(format!("`min_r` must be between 0 and 1, not {min_abs_r}")));
+        }
+        Ok(self.hot.read(|conn| timeseries::correlate(conn, q, min_abs_r))?)
     }
 
     /// The `limit` records nearest to `embedding` that pass `filters`, most similar first.
@@ -159,6 +280,18 @@ struct Found {
     score: f32,
     similarity: Option<f32>,
     snippet: Option<Snippet>,
+}
+
+fn check_metric(q: &SeriesQuery) -> Result<(), QueryError> {
+    if q.name.trim().is_empty() {
+        return Err(QueryError::Invalid("`metric` (the metric name) is empty".into()));
+    }
+    if let (Some(since), Some(until)) = (q.since_us, q.until_us)
+        && since >= until
+    {
+        return Err(QueryError::Invalid("`since` must be before `until`".into()));
+    }
+    Ok(())
 }
 
 fn check_limit(limit: usize) -> Result<usize, QueryError> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use akosha_protocol::{
     Batch, DEFAULT_MAX_FRAME_LEN, ErrorCode, ErrorFrame, FRAME_HEADER_LEN, FrameError, FrameHeader, Message,
-    ReceiveWindow, Welcome, decode_records, negotiate_version,
+    ReceiveWindow, Record, Welcome, decode_records, negotiate_version,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -21,7 +21,10 @@ use crate::certs::system_id_of;
 use crate::config::QuicConfig;
 use crate::hot::HotTier;
 use crate::metrics::ReceiverMetrics;
-use crate::wal::{Durability, Wal, WalEntry};
+use crate::wal::{Durability, Wal, WalEntry, WalError};
+
+/// The buffer epoch of records written through the API rather than by an agent.
+pub const API_BUFFER_EPOCH: u64 = u64::MAX;
 
 /// Everything a session needs.
 pub struct Receiver {
@@ -51,6 +54,31 @@ impl Receiver {
     }
 
     /// Transport settings matching this configuration.
+    /// Stores records written through the API (MCP store tools) for `system_id`: logged and made durable like
+    /// an agent's batch, then applied to the hot tier. Resolves once durable.
+    pub async fn store(&self, system_id: &str, records: Vec<Record>) -> Result<usize, WalError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let payload = akosha_protocol::encode_records(records.iter());
+        let count = records.len();
+        let entry = WalEntry {
+            system_id: system_id.to_owned(),
+            // API writes have no agent buffer; a reserved epoch keeps them apart from every agent's resume point.
+            buffer_epoch: API_BUFFER_EPOCH,
+            first_record: 0,
+            last_record: 0,
+            record_count: count as u32,
+            codec: akosha_protocol::Codec::None,
+            uncompressed_len: payload.len() as u32,
+            payload,
+        };
+        self.hot.note_pending(count as u64);
+        self.wal.append(entry, records).await?;
+        self.metrics.records_acked.add(count as u64);
+        Ok(count)
+    }
+
     pub fn transport_config(config: &QuicConfig) -> quinn::TransportConfig {
         let mut transport = quinn::TransportConfig::default();
         transport.max_idle_timeout(config.idle_timeout.try_into().ok());

@@ -11,6 +11,8 @@
 //! reads as NULL, and only a missing `id` makes a table unreadable. `TIMESTAMP` columns hold the writer's
 //! naive local wall-clock time and are converted to UTC with the zone the caller names.
 
+pub mod push;
+
 use std::path::Path;
 
 use akosha_protocol::{EMBEDDING_DIM, Record, RecordKind};

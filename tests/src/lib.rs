@@ -207,6 +207,14 @@ impl Aggregator {
     /// Like [`Aggregator::start`], with extra `quic:` settings (YAML flow-mapping entries, e.g.
     /// `max_sessions: 1`).
     pub async fn start_with(site: &Site, name: &str, quic_extra: &str) -> Result<Aggregator> {
+        // Embeddings stay off unless a test asks: loading the model and backfilling every record without a vector
+        // would cost each test CPU it does not need.
+        Self::start_configured(site, name, quic_extra, "embeddings: {enabled: false}\n").await
+    }
+
+    /// Like [`Aggregator::start_with`], with `extra` top-level YAML appended to the configuration (its sections
+    /// must not repeat the ones the harness writes: tls, quic, http, hot).
+    pub async fn start_configured(site: &Site, name: &str, quic_extra: &str, extra: &str) -> Result<Aggregator> {
         let quic_port = free_udp_port();
         let http_port = free_tcp_port();
         let data = site.path(name);
@@ -218,7 +226,7 @@ impl Aggregator {
             format!(
                 "mode: lite\ndata_dir: {}\ntls: {{ca_cert: {certs}/ca.pem, server_cert: {certs}/server.pem, server_key: {certs}/server.key}}\n\
                  quic: {{listen: 127.0.0.1:{quic_port}, drain_timeout: 3s{sep}{quic_extra}}}\nhttp: {{listen: 127.0.0.1:{http_port}}}\n\
-                 hot: {{memory_limit: 1GB, threads: 1}}\n",
+                 hot: {{memory_limit: 1GB, threads: 1}}\n{extra}",
                 data.display(),
                 sep = if quic_extra.is_empty() { "" } else { ", " },
             ),

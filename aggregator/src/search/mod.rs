@@ -83,6 +83,9 @@ pub struct SearchIndexes {
     interner: std::sync::Mutex<Interner>,
     vectors: VectorIndex,
     text: TextIndex,
+    /// Serialises vector writes of the indexer and the embedding backfill, so that a computed embedding never
+    /// lands on a newer version of its record.
+    vector_writes: std::sync::Mutex<()>,
 }
 
 impl SearchIndexes {
@@ -93,6 +96,7 @@ impl SearchIndexes {
             interner: std::sync::Mutex::new(Interner::default()),
             vectors: VectorIndex::new(dimensions)?,
             text: TextIndex::new()?,
+            vector_writes: std::sync::Mutex::new(()),
         })
     }
 
@@ -117,6 +121,7 @@ impl SearchIndexes {
                 docs.insert(*key, meta);
             }
         }
+        let _writes = self.vector_writes.lock().unwrap_or_else(|p| p.into_inner());
         let with_vectors: Vec<(u64, &[f32])> =
             records.iter().filter_map(|(key, r)| r.embedding.as_deref().map(|e| (*key, e))).collect();
         // A replacement without an embedding must not keep the old one.
@@ -130,8 +135,21 @@ impl SearchIndexes {
         Ok(())
     }
 
+    /// Gives the version `ts` of record `key` a vector computed after it was indexed (embedding backfill).
+    /// Returns false, changing nothing, when the record is gone, was replaced, or got a vector meanwhile.
+    pub fn attach_vector(&self, key: u64, ts: i64, vector: &[f32]) -> Result<bool, SearchError> {
+        let _writes = self.vector_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.docs.read().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|d| d.ts == ts);
+        if !current || self.vectors.contains(key) {
+            return Ok(false);
+        }
+        self.vectors.upsert(&[(key, vector)])?;
+        Ok(true)
+    }
+
     /// Takes keys out of every index (records moved out of the hot tier or deleted).
     pub fn remove(&self, keys: &[u64]) -> Result<(), SearchError> {
+        let _writes = self.vector_writes.lock().unwrap_or_else(|p| p.into_inner());
         {
             let mut docs = self.docs.write().unwrap_or_else(|p| p.into_inner());
             for key in keys {

@@ -118,6 +118,11 @@ impl VectorIndex {
         Ok(())
     }
 
+    /// Whether `key` has a vector.
+    pub fn contains(&self, key: u64) -> bool {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).contains(key)
+    }
+
     /// Vectors held.
     pub fn len(&self) -> usize {
         self.index.read().unwrap_or_else(|p| p.into_inner()).size()
