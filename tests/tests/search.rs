@@ -180,13 +180,13 @@ async fn bad_search_requests_name_what_is_wrong() -> Result<()> {
     let agg = Aggregator::start(&site, "aggregator").await?;
     let cases = [
         ("vector", json!({"embedding": [0.5, 0.5]}), "384"),
-        ("vector", json!({"query": "x"}), "`embedding` is required"),
+        ("vector", json!({"limit": 3}), "give `embedding` or `query`"),
         ("text", json!({"query": "x", "limit": 0}), "`limit` must be between 1 and 1000"),
         ("text", json!({"query": "   "}), "`query` is empty"),
         ("text", json!({"query": "x", "kinds": ["memo"]}), "`kinds`"),
         ("text", json!({"query": "x", "since": "yesterday"}), "`since`"),
         ("text", json!({"query": "x", "filter": {}}), "unknown field `filter`"),
-        ("hybrid", json!({"query": "x"}), "`embedding` is required"),
+        ("hybrid", json!({"embedding": embedding(1)}), "`query` is required"),
         ("vector", json!({"embedding": [0.1], "min_similarity": 3}), "`min_similarity`"),
     ];
     for (mode, body, expected) in cases {
@@ -197,5 +197,83 @@ async fn bad_search_requests_name_what_is_wrong() -> Result<()> {
     }
     let response = reqwest::Client::new().post(format!("{}/v1/search/text", agg.url)).body("{not json").send().await?;
     assert_eq!(response.status().as_u16(), 400);
+    // This aggregator runs without the embedding model: text cannot stand in for a vector, and it says why.
+    let (status, r) = search(&agg, "vector", json!({"query": "x"})).await?;
+    assert_eq!((status, r["error"].as_str()), (503, Some("unavailable")), "{r}");
+    assert!(r["message"].as_str().unwrap().contains("embedding model"), "{r}");
+    Ok(())
+}
+
+/// Search correctness on Session-Buddy's own data, with the in-process model: every conversation and reflection
+/// of the fixture, searched by its own text, comes back first — by vector (the query embedded here must land on
+/// the vector Session-Buddy stored), by text and hybrid; filters exclude what they should; a record that
+/// arrives without an embedding is embedded in the background and found by meaning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixture_texts_find_their_own_records_first() -> Result<()> {
+    let model = std::path::PathBuf::from(std::env::var("HOME")?).join(".akosha/models/all-MiniLM-L6-v2");
+    if !model.join("model.safetensors").exists() {
+        assert!(std::env::var_os("CI").is_none(), "embedding model missing (run scripts/setup.sh)");
+        eprintln!("skipping: no embedding model");
+        return Ok(());
+    }
+    let site = Site::new()?;
+    let agg = Aggregator::start_configured(&site, "aggregator", "", "").await?;
+    let sb = site.session_buddy_data(&["reflection.duckdb"])?;
+    let options = AgentOptions {
+        sources: format!(
+            "{{session_buddy: {{snapshots: true, data_dir: {}, interval: 1s, timezone: UTC}}}}",
+            sb.display()
+        ),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::start(&site, "agent", "edge-host-1", agg.quic_port, &options).await?;
+    agg.wait_total(28, Duration::from_secs(60)).await?;
+    wait_indexed(&agg, 28).await?;
+
+    let copy = site.path("fixture-copy.duckdb");
+    std::fs::copy(sb.join("reflection.duckdb"), &copy)?;
+    let texts: Vec<(String, String, String)> = {
+        let conn = duckdb::Connection::open(&copy)?;
+        let mut out = Vec::new();
+        for (table, kind) in [("conversations_v2", "conversation"), ("reflections_v2", "reflection")] {
+            let mut stmt = conn.prepare(&format!("SELECT id, content FROM {table}"))?;
+            let rows =
+                stmt.query_map([], |row| Ok((kind.to_string(), row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        out
+    };
+    assert_eq!(texts.len(), 28);
+    for (kind, id, content) in &texts {
+        let (status, r) = search(&agg, "vector", json!({"query": content, "limit": 3})).await?;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(ids(&r).first(), Some(id), "vector search for {kind} {id}: {r}");
+        assert!(r["results"][0]["similarity"].as_f64().unwrap() > 0.999, "{r}");
+        let (_, r) = search(&agg, "hybrid", json!({"query": content, "limit": 3})).await?;
+        assert_eq!(ids(&r).first(), Some(id), "hybrid search for {kind} {id}: {r}");
+        let (_, r) = search(&agg, "vector", json!({"query": content, "limit": 3, "kinds": [if kind == "conversation" { "reflection" } else { "conversation" }]})).await?;
+        assert!(!ids(&r).contains(id), "the kind filter excludes {id}: {r}");
+        let (_, r) = search(&agg, "vector", json!({"query": content, "system_id": "someone-else"})).await?;
+        assert_eq!(r["count"], 0, "{r}");
+    }
+    // A record without a vector: embedded in the background, then found by meaning, not by shared words.
+    let line = json!({"id": "fresh", "kind": "reflection", "text": "Our cat Whiskers loves sleeping on the warm laptop keyboard every afternoon."});
+    let (status, _, _) = agent.post(format!("{line}\n")).await?;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, r) = search(&agg, "vector", json!({"query": "a pet kitten napping on a computer", "limit": 1})).await?;
+        if ids(&r) == ["fresh"] {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the backfilled record was never found by meaning: {r}; stats {}", agg.stats().await?);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stats = agg.stats().await?;
+    assert!(stats["embeddings"]["backfill_embedded"].as_u64() >= Some(1), "{stats}");
     Ok(())
 }
