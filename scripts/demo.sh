@@ -26,7 +26,7 @@ done
 # Replay what Session-Buddy's sync_to_akosha really sent (49 HTTP requests) against the agent, as it would.
 echo "== replaying Session-Buddy's HTTP push ($FIXTURE) against the agent"
 python3 - "$FIXTURE" <<'PY'
-import json, sys, urllib.request
+import json, sys, urllib.error, urllib.request
 sent = 0
 for line in open(sys.argv[1]):
     req = json.loads(line)
@@ -53,7 +53,7 @@ for _ in $(seq 200); do
   pending=$(curl -fs http://127.0.0.1:8683/v1/stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["hot"]["index_pending"])')
   [ "$pending" -eq 0 ] && break; sleep 0.1
 done
-echo "== searches: words of that memory (BM25), and its own embedding (HNSW)"
+echo "== searches: words of that memory (BM25), its own embedding (HNSW), and a question embedded in-process"
 curl -fsS "http://127.0.0.1:8683/v1/records/$AKOSHA_SYSTEM_ID/conversation/d55603a5851028e1" | python3 -c '
 import json, sys, urllib.request
 record = json.load(sys.stdin)
@@ -69,4 +69,11 @@ for hit in search("text", {"query": words, "limit": 3})["results"]:
 print("vector search with its embedding:")
 for hit in search("vector", {"embedding": record["embedding"], "limit": 3})["results"]:
     print("  %-18s %6.3f  %s" % (hit["record"]["id"], hit["similarity"], (hit["record"].get("text") or "")[:90].replace("\n", " ")))
+question = "why were batches lost at shutdown?"
+print("hybrid search for the question %r (all-MiniLM-L6-v2 in the aggregator):" % question)
+try:
+    for hit in search("hybrid", {"query": question, "limit": 3})["results"]:
+        print("  %-18s %6.3f  %s" % (hit["record"]["id"], hit.get("similarity") or 0, (hit["record"].get("text") or "")[:90].replace("\n", " ")))
+except urllib.error.HTTPError as e:
+    print("  (no embedding model: run scripts/setup.sh) %s" % e.read().decode())
 '
