@@ -366,30 +366,30 @@ fn validate_auth(raw: &RawAuth, mode: Mode) -> Result<crate::auth::AuthConfig, C
     let mut names = std::collections::HashSet::new();
     for (i, t) in raw.tokens.iter().enumerate() {
         let key = |field: &str| format!("auth.tokens[{i}].{field}");
-        let name = t.name.clone().ok_or_else(|| ConfigError::invalid(&key("name"), "every token needs a name"))?;
+        let name = t.name.clone().ok_or_else(|| ConfigError::invalid(key("name"), "every token needs a name"))?;
         if !names.insert(name.clone()) {
-            return Err(ConfigError::invalid(&key("name"), format!("`{name}` is used by two tokens")));
+            return Err(ConfigError::invalid(key("name"), format!("`{name}` is used by two tokens")));
         }
         let sha256 = match (&t.token, &t.token_sha256) {
             (Some(secret), None) if secret.len() >= 16 => hash_token(secret),
             (Some(_), None) => {
-                return Err(ConfigError::invalid(&key("token"), "must be at least 16 characters (or unset variable?)"));
+                return Err(ConfigError::invalid(key("token"), "must be at least 16 characters (or unset variable?)"));
             }
-            (None, Some(hex)) => parse_sha256(hex).map_err(|e| ConfigError::invalid(&key("token_sha256"), e))?,
-            _ => return Err(ConfigError::invalid(&key("token"), "give exactly one of `token` and `token_sha256`")),
+            (None, Some(hex)) => parse_sha256(hex).map_err(|e| ConfigError::invalid(key("token_sha256"), e))?,
+            _ => return Err(ConfigError::invalid(key("token"), "give exactly one of `token` and `token_sha256`")),
         };
         if t.scopes.is_empty() {
-            return Err(ConfigError::invalid(&key("scopes"), "list at least one of read, write, admin"));
+            return Err(ConfigError::invalid(key("scopes"), "list at least one of read, write, admin"));
         }
         let scopes = t
             .scopes
             .iter()
-            .map(|s| Scope::parse(s).map_err(|e| ConfigError::invalid(&key("scopes"), e)))
+            .map(|s| Scope::parse(s).map_err(|e| ConfigError::invalid(key("scopes"), e)))
             .collect::<Result<_, _>>()?;
         let rate_limit = t
             .rate_limit
             .as_deref()
-            .map(|r| RateLimit::parse(r, t.burst).map_err(|e| ConfigError::invalid(&key("rate_limit"), e)))
+            .map(|r| RateLimit::parse(r, t.burst).map_err(|e| ConfigError::invalid(key("rate_limit"), e)))
             .transpose()?;
         tokens.push(TokenConfig { name, sha256, scopes, rate_limit });
     }

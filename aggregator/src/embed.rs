@@ -90,7 +90,7 @@ impl Embedder {
         {
             return Err(EmbedError::Config(format!("activation `{act}` is not supported (only gelu)")));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(EmbedError::Config("hidden_size is not a multiple of num_attention_heads".into()));
         }
         let max_tokens = max_tokens.clamp(8, config.max_position_embeddings);

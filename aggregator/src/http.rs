@@ -475,14 +475,14 @@ impl Params {
 
 type QueryParams = Result<axum::extract::Query<Params>, axum::extract::rejection::QueryRejection>;
 
-fn params(q: QueryParams) -> Result<Params, Response> {
-    q.map(|axum::extract::Query(p)| p).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()))
+fn params(q: QueryParams) -> Result<Params, QueryError> {
+    q.map(|axum::extract::Query(p)| p).map_err(|e| QueryError::Invalid(e.body_text()))
 }
 
 async fn list_records(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     let p = match params(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return query_error(e),
     };
     let build = || -> Result<ListQuery, QueryError> {
         let kind = p.kind.as_deref().unwrap_or("conversation");
@@ -507,14 +507,14 @@ async fn list_records(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Res
 async fn project_stats(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     match params(q) {
         Ok(p) => blocking(&agg, move |s| Ok(json!({"projects": s.project_counts(&p.systems())?}))).await,
-        Err(r) => r,
+        Err(e) => query_error(e),
     }
 }
 
 async fn graph_neighbours(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     let p = match params(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return query_error(e),
     };
     blocking(&agg, move |s| {
         let entity = p.entity.as_deref().ok_or_else(|| QueryError::Invalid("`entity` is required".into()))?;
@@ -526,7 +526,7 @@ async fn graph_neighbours(State(agg): State<Arc<Aggregator>>, q: QueryParams) ->
 async fn graph_path(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     let p = match params(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return query_error(e),
     };
     blocking(&agg, move |s| {
         let (Some(from), Some(to)) = (p.from.as_deref(), p.to.as_deref()) else {
@@ -541,14 +541,14 @@ async fn graph_path(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respo
 async fn graph_stats(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     match params(q) {
         Ok(p) => blocking(&agg, move |s| s.graph_stats(&p.systems())).await,
-        Err(r) => r,
+        Err(e) => query_error(e),
     }
 }
 
 async fn metric_names(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     let p = match params(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return query_error(e),
     };
     blocking(&agg, move |s| {
         let since = p.time("since", p.since.as_ref())?;
@@ -568,7 +568,7 @@ enum Analysis {
 async fn metric_analysis(State(agg): State<Arc<Aggregator>>, q: QueryParams, analysis: Analysis) -> Response {
     let p = match params(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(e) => return query_error(e),
     };
     blocking(&agg, move |s| {
         let q = p.series()?;
