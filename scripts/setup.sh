@@ -9,7 +9,8 @@ need_root() { if [ "$(id -u)" -ne 0 ]; then echo sudo; fi; }
 SUDO=$(need_root)
 
 # System packages: a C/C++ toolchain for DuckDB's bundled sources and zstd, curl for the demo.
-APT_PACKAGES=(build-essential pkg-config curl ca-certificates python3)
+# redis-server: the cache tests start their own (the aggregator only uses Redis when cache.redis_url is set).
+APT_PACKAGES=(build-essential pkg-config curl ca-certificates python3 redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

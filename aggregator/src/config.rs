@@ -25,6 +25,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("AKOSHA_WAL_DIR", "wal.dir"),
     ("AKOSHA_LOG_LEVEL", "log.level"),
     ("AKOSHA_LOG_FORMAT", "log.format"),
+    ("AKOSHA_REDIS_URL", "cache.redis_url"),
 ];
 
 const ENV_PREFIX: &str = "AKOSHA_AGGREGATOR__";
@@ -50,6 +51,18 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     embeddings: RawEmbeddings,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    enabled: Option<bool>,
+    redis_url: Option<String>,
+    namespace: Option<String>,
+    ttl: Option<String>,
+    max_entries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +190,8 @@ pub struct AggregatorConfig {
     pub auth: crate::auth::AuthConfig,
     /// In-process embedding model.
     pub embeddings: EmbeddingsConfig,
+    /// Query cache.
+    pub cache: crate::cache::CacheConfig,
 }
 
 /// In-process embeddings.
@@ -341,7 +356,29 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         return Err(ConfigError::invalid("embeddings.max_tokens", "must be between 8 and 512"));
     }
 
+    let c = &raw.cache;
+    let redis_url = c.redis_url.clone().filter(|u| !u.trim().is_empty());
+    if let Some(url) = &redis_url
+        && !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+    {
+        return Err(ConfigError::invalid(
+            "cache.redis_url",
+            format!("`{url}` is not a redis://, rediss:// or unix:// URL"),
+        ));
+    }
+    let cache = crate::cache::CacheConfig {
+        enabled: c.enabled.unwrap_or(true),
+        redis_url,
+        namespace: c.namespace.clone().unwrap_or_else(|| "akosha:v1".into()),
+        ttl: duration("cache.ttl", c.ttl.as_ref(), "60s")?,
+        max_entries: c.max_entries.unwrap_or(10_000).max(1),
+    };
+    if cache.ttl.is_zero() || cache.ttl > Duration::from_secs(86_400) {
+        return Err(ConfigError::invalid("cache.ttl", "must be between 1s and 24h"));
+    }
+
     Ok(AggregatorConfig {
+        cache,
         http_max_body_bytes: http_max_body_bytes as usize,
         auth,
         embeddings,
@@ -468,6 +505,8 @@ mod tests {
             ),
             ("auth: {tokens: [{token: 0123456789abcdef0, scopes: [read]}]}", "auth.tokens[0].name"),
             ("http: {max_body_bytes: 10}", "http.max_body_bytes"),
+            ("cache: {redis_url: localhost:6379}", "cache.redis_url"),
+            ("cache: {ttl: 0s}", "cache.ttl"),
             ("embeddings: {max_tokens: 4096}", "embeddings.max_tokens"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();

@@ -70,8 +70,24 @@ const COLUMNS: &[(&str, &str)] = &[
     ("value", "DOUBLE"),
 ];
 
+/// Called with the systems whose data changed (applied to the table, or made searchable).
+pub type ChangeHook = Box<dyn Fn(Vec<String>) + Send + Sync>;
+
+fn notify(hook: &std::sync::OnceLock<ChangeHook>, records: impl Iterator<Item = String>) {
+    if let Some(hook) = hook.get() {
+        let mut systems: Vec<String> = records.collect();
+        systems.sort();
+        systems.dedup();
+        if !systems.is_empty() {
+            hook(systems);
+        }
+    }
+}
+
 /// The hot tier.
 pub struct HotTier {
+    /// Told about every change (cache invalidation).
+    on_change: Arc<std::sync::OnceLock<ChangeHook>>,
     writer: Mutex<Writer>,
     indexes: Arc<SearchIndexes>,
     indexer: Indexer,
@@ -108,6 +124,7 @@ impl Indexer {
         indexes: Arc<SearchIndexes>,
         conn: Connection,
         backfill: Arc<std::sync::OnceLock<crate::embed::Backfill>>,
+        on_change: Arc<std::sync::OnceLock<ChangeHook>>,
     ) -> std::io::Result<Indexer> {
         let (queue, rx) = std::sync::mpsc::channel::<IndexJob>();
         let pending = Arc::new(AtomicU64::new(0));
@@ -142,6 +159,7 @@ impl Indexer {
                 let result = records.map_err(SearchOrHot::Hot).and_then(|records| {
                     let keyed: Vec<(u64, &Record)> = records.iter().map(|(k, r)| (*k, r)).collect();
                     indexes.upsert(&keyed).and_then(|()| indexes.commit()).map_err(SearchOrHot::Search)?;
+                    notify(&on_change, records.iter().map(|(_, r)| r.system_id.clone()));
                     if let Some(backfill) = backfill.get() {
                         for (key, r) in &records {
                             if r.embedding.is_none()
@@ -287,9 +305,11 @@ impl HotTier {
         let reader = writer.try_clone()?;
         let indexes = Arc::new(SearchIndexes::new(EMBEDDING_DIM)?);
         let backfill = Arc::new(std::sync::OnceLock::new());
-        let indexer = Indexer::start(indexes.clone(), writer.try_clone()?, backfill.clone())
+        let on_change = Arc::new(std::sync::OnceLock::new());
+        let indexer = Indexer::start(indexes.clone(), writer.try_clone()?, backfill.clone(), on_change.clone())
             .map_err(|e| HotError::Thread(e.to_string()))?;
         Ok(HotTier {
+            on_change,
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
             indexes,
             indexer,
@@ -435,7 +455,9 @@ impl HotTier {
                     }
                 }
                 let n = records.len() as u64;
-                if let Err(e) = hot.insert(&records) {
+                let result = hot.insert(&records);
+                notify(&hot.on_change, records.iter().map(|r| r.system_id.clone()));
+                if let Err(e) = result {
                     hot.failed_batches.fetch_add(1, Ordering::Relaxed);
                     error!(message = "Hot tier insert failed; the records stay in the write-ahead log and return on restart.", error = %e, records = n);
                 }
@@ -495,6 +517,11 @@ impl HotTier {
             out.insert(key, row_json(row, kind)?);
         }
         Ok(out)
+    }
+
+    /// Registers the hook told about changed systems (once; later calls change nothing).
+    pub fn on_change(&self, hook: ChangeHook) {
+        let _ = self.on_change.set(hook);
     }
 
     /// Starts embedding records that arrive without a vector (once; later calls change nothing).

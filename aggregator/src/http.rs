@@ -45,6 +45,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/mcp", post(crate::mcp::post).get(crate::mcp::get).delete(crate::mcp::get))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        // Inside the auth layer: a cached answer is served only to a caller allowed to ask.
+        .layer(axum::middleware::from_fn_with_state(aggregator.clone(), cached))
         .layer(axum::middleware::from_fn_with_state(aggregator.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(aggregator)
@@ -69,6 +71,102 @@ async fn authorize(
         }
         Err(e) => auth_error(&e),
     }
+}
+
+/// Whether answers of `path` may be cached: queries and lookups, not operations, writes or MCP.
+fn cacheable(method: &axum::http::Method, path: &str) -> bool {
+    match *method {
+        axum::http::Method::GET => {
+            path.starts_with("/v1/records")
+                || path.starts_with("/v1/graph/")
+                || path.starts_with("/v1/metrics")
+                || path == "/v1/stats/projects"
+        }
+        axum::http::Method::POST => path.starts_with("/v1/search/"),
+        _ => false,
+    }
+}
+
+/// The systems a request covers (empty: all), from the path, the `system_id` parameter or the search body.
+fn covered_systems(path: &str, query: Option<&str>, body: &[u8]) -> Vec<String> {
+    if let Some(rest) = path.strip_prefix("/v1/records/")
+        && let Some((system, _)) = rest.split_once('/')
+    {
+        return vec![system.to_owned()];
+    }
+    let mut systems: Vec<String> = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.strip_prefix("system_id="))
+        .flat_map(|v| v.split("%2C").flat_map(|v| v.split(',')).map(str::to_owned).collect::<Vec<_>>())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) {
+        systems.extend(body.get("system_id").and_then(|v| v.as_str()).map(str::to_owned));
+        systems.extend(
+            body.get("system_ids")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned)),
+        );
+    }
+    systems.sort();
+    systems.dedup();
+    systems
+}
+
+/// Serves repeated queries from the cache and stores fresh successful answers. Percent-encoded system ids in
+/// the query string are compared as sent; such a request only misses the cache more often, never reads a
+/// wrong answer (its key includes the bytes of the query).
+async fn cached(
+    State(agg): State<Arc<Aggregator>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if agg.cache.kind() == "off" || !cacheable(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, agg.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "the request body exceeds http.max_body_bytes");
+        }
+    };
+    let path = parts.uri.path().to_owned();
+    let systems = covered_systems(&path, parts.uri.query(), &body);
+    let mut key = Vec::with_capacity(64 + body.len());
+    key.extend_from_slice(parts.method.as_str().as_bytes());
+    key.push(b' ');
+    key.extend_from_slice(parts.uri.to_string().as_bytes());
+    key.push(b'\n');
+    key.extend_from_slice(&body);
+    let lookup = agg.cache.lookup(&systems, &key).await;
+    if let crate::cache::Lookup::Hit(answer) = lookup {
+        return (
+            [(header::CONTENT_TYPE, "application/json"), (header::HeaderName::from_static("x-akosha-cache"), "hit")],
+            answer,
+        )
+            .into_response();
+    }
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+    let response = next.run(request).await;
+    let crate::cache::Lookup::Miss(key) = lookup else {
+        let mut response = response;
+        response.headers_mut().insert("x-akosha-cache", header::HeaderValue::from_static("bypass"));
+        return response;
+    };
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, crate::cache::MAX_ENTRY_BYTES * 4).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "answer too large to buffer");
+    };
+    agg.cache.store(key, bytes.to_vec()).await;
+    parts.headers.insert("x-akosha-cache", header::HeaderValue::from_static("miss"));
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 fn auth_error(e: &AuthError) -> Response {
@@ -167,6 +265,13 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
         },
         "wal": {"bytes": r.wal.size_bytes(), "segments": r.wal.segments(), "queued": r.wal.queued(), "failed": r.wal.failed()},
         "sessions": r.metrics.active(),
+        "cache": {
+            "kind": agg.cache.kind(),
+            "hits": agg.cache.metrics.hits.get(),
+            "misses": agg.cache.metrics.misses.get(),
+            "bypassed": agg.cache.metrics.bypassed.get(),
+            "breaker_open": agg.cache.breaker_open(),
+        },
     }))
     .into_response()
 }
@@ -245,6 +350,23 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         "Records dropped because an equal or newer version was stored.",
         r.hot.duplicates(),
     );
+    let c = &agg.cache.metrics;
+    counter(&mut e, "akosha_cache_hits_total", "Answers served from the query cache.", c.hits.get());
+    counter(&mut e, "akosha_cache_misses_total", "Query cache lookups that found nothing.", c.misses.get());
+    counter(
+        &mut e,
+        "akosha_cache_bypassed_total",
+        "Cache lookups and stores skipped because Redis failed.",
+        c.bypassed.get(),
+    );
+    counter(&mut e, "akosha_cache_errors_total", "Redis calls that failed or timed out.", c.errors.get());
+    counter(
+        &mut e,
+        "akosha_cache_breaker_opened_total",
+        "Times the Redis circuit breaker opened.",
+        c.breaker_opened.get(),
+    );
+    gauge(&mut e, "akosha_cache_breaker_open", "1 while Redis is bypassed.", u64::from(agg.cache.breaker_open()));
     if let Some(b) = r.hot.backfill() {
         gauge(&mut e, "akosha_embed_backfill_queue", "Records waiting for an embedding.", b.queued());
         counter(&mut e, "akosha_embed_backfill_embedded_total", "Records embedded in the background.", b.embedded());

@@ -6,6 +6,7 @@
 //! in-process on port 0; `main` only parses arguments.
 
 pub mod auth;
+pub mod cache;
 pub mod certs;
 pub mod config;
 pub mod embed;
@@ -69,6 +70,8 @@ pub struct Aggregator {
     pub auth: auth::Auth,
     /// Largest HTTP request body.
     pub max_body_bytes: usize,
+    /// Query-result cache.
+    pub cache: Arc<cache::Cache>,
 }
 
 impl Aggregator {
@@ -95,12 +98,20 @@ impl Aggregator {
         let server_config = certs::server_config(&config.ca_cert, &config.server_cert, &config.server_key, transport)?;
 
         // HTTP first, so that `/health` answers (and `/ready` says 503) while a long log is replayed.
-        let aggregator = Arc::new(Aggregator {
-            receiver: std::sync::OnceLock::new(),
-            embedder: std::sync::OnceLock::new(),
-            auth: auth::Auth::new(&config.auth),
-            max_body_bytes: config.http_max_body_bytes,
-        });
+        let aggregator =
+            Arc::new(Aggregator {
+                receiver: std::sync::OnceLock::new(),
+                embedder: std::sync::OnceLock::new(),
+                auth: auth::Auth::new(&config.auth),
+                max_body_bytes: config.http_max_body_bytes,
+                cache: Arc::new(cache::Cache::new(config.cache.clone()).map_err(|e| RunError::Io {
+                    context: "invalid cache.redis_url",
+                    source: std::io::Error::other(e),
+                })?),
+            });
+        if config.mode != config::Mode::Lite && config.cache.enabled && config.cache.redis_url.is_none() {
+            warn!(message = "No cache.redis_url: caching in-process only (replicas will not share it).");
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut http_stop = stop_rx.clone();
         let http_addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -139,6 +150,25 @@ impl Aggregator {
                 });
             }
         };
+        // Writes and index commits make cached answers about those systems stale.
+        let (changed_tx, mut changed_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        let cache = aggregator.cache.clone();
+        hot.on_change(Box::new(move |systems| {
+            if !cache.invalidate_now(&systems) {
+                let _ = changed_tx.send(systems);
+            }
+        }));
+        let cache = aggregator.cache.clone();
+        tokio::spawn(async move {
+            while let Some(mut systems) = changed_rx.recv().await {
+                while let Ok(more) = changed_rx.try_recv() {
+                    systems.extend(more);
+                }
+                systems.sort();
+                systems.dedup();
+                cache.invalidate(&systems).await;
+            }
+        });
         hot.spawn_writer(durable_rx)
             .map_err(|source| RunError::Io { context: "cannot start the hot-tier writer", source })?;
 

@@ -188,6 +188,59 @@ impl Drop for Proc {
     }
 }
 
+/// A real Redis server on a free loopback port, in the site's temp dir, without persistence.
+pub struct RedisServer {
+    /// The process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` (installed by scripts/setup.sh) and waits until it accepts connections.
+    pub async fn start(site: &Site) -> Result<RedisServer> {
+        let port = free_tcp_port();
+        let dir = site.path("redis");
+        std::fs::create_dir_all(&dir)?;
+        let proc = Proc::spawn(
+            "redis",
+            PathBuf::from("redis-server"),
+            ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([dir.display().to_string()])
+                .collect(),
+            dir.join("redis.log"),
+            vec![],
+        )?;
+        let server = RedisServer { proc, port };
+        server.wait_up().await?;
+        Ok(server)
+    }
+
+    /// Starts it again after a kill, on the same port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.proc.start()?;
+        self.wait_up().await
+    }
+
+    async fn wait_up(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not start: {}", self.proc.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
 /// A running aggregator process.
 pub struct Aggregator {
     /// The process.
