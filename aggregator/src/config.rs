@@ -26,6 +26,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("AKOSHA_LOG_LEVEL", "log.level"),
     ("AKOSHA_LOG_FORMAT", "log.format"),
     ("AKOSHA_REDIS_URL", "cache.redis_url"),
+    ("AKOSHA_WARM_PATH", "warm.path"),
 ];
 
 const ENV_PREFIX: &str = "AKOSHA_AGGREGATOR__";
@@ -53,6 +54,17 @@ struct RawConfig {
     embeddings: RawEmbeddings,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    warm: RawWarm,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWarm {
+    enabled: Option<bool>,
+    path: Option<String>,
+    hot_window: Option<String>,
+    move_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +204,8 @@ pub struct AggregatorConfig {
     pub embeddings: EmbeddingsConfig,
     /// Query cache.
     pub cache: crate::cache::CacheConfig,
+    /// Warm tier.
+    pub warm: crate::warm::WarmConfig,
 }
 
 /// In-process embeddings.
@@ -377,7 +391,19 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         return Err(ConfigError::invalid("cache.ttl", "must be between 1s and 24h"));
     }
 
+    let w = &raw.warm;
+    let warm = crate::warm::WarmConfig {
+        enabled: w.enabled.unwrap_or(true),
+        path: w.path.as_deref().map_or_else(|| data_dir.join("warm/warm.duckdb"), path),
+        hot_window: duration("warm.hot_window", w.hot_window.as_ref(), "7d")?,
+        move_interval: duration("warm.move_interval", w.move_interval.as_ref(), "10m")?,
+    };
+    if warm.move_interval < Duration::from_secs(1) {
+        return Err(ConfigError::invalid("warm.move_interval", "must be at least 1s"));
+    }
+
     Ok(AggregatorConfig {
+        warm,
         cache,
         http_max_body_bytes: http_max_body_bytes as usize,
         auth,
@@ -458,6 +484,8 @@ mod tests {
         assert_eq!(c.wal.dir, PathBuf::from("/home/u/.akosha/dev/wal"));
         assert_eq!(c.quic.listen, "127.0.0.1:8684".parse().unwrap());
         assert_eq!(c.http_listen, "127.0.0.1:8683".parse().unwrap());
+        assert_eq!(c.warm.path, PathBuf::from("/home/u/.akosha/dev/warm/warm.duckdb"));
+        assert_eq!(c.warm.hot_window, Duration::from_secs(7 * 86_400));
     }
 
     #[test]
@@ -507,6 +535,8 @@ mod tests {
             ("http: {max_body_bytes: 10}", "http.max_body_bytes"),
             ("cache: {redis_url: localhost:6379}", "cache.redis_url"),
             ("cache: {ttl: 0s}", "cache.ttl"),
+            ("warm: {hot_window: soon}", "warm.hot_window"),
+            ("warm: {move_interval: 0s}", "warm.move_interval"),
             ("embeddings: {max_tokens: 4096}", "embeddings.max_tokens"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();

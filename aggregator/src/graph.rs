@@ -129,7 +129,7 @@ pub fn resolve(conn: &Connection, entity: &str, systems: &[String]) -> Result<Ve
     let mut params: Vec<&dyn ToSql> = vec![&entity, &entity];
     let clause = system_clause("system_id", systems, &mut params);
     let sql = format!(
-        "SELECT system_id, id, name, category FROM entity WHERE (id = ? OR lower(name) = lower(?)){clause} \
+        "SELECT system_id, id, name, category FROM all_entity WHERE (id = ? OR lower(name) = lower(?)){clause} \
          ORDER BY system_id, id LIMIT 1000"
     );
     let mut stmt = conn.prepare(&sql)?;
@@ -144,11 +144,11 @@ fn edges_of(conn: &Connection, frontier: &[Key], relation_type: Option<&str>) ->
     stage_keys(conn, "lookup_keys", frontier.iter().map(|(s, i)| (s.as_str(), i.as_str())))?;
     let type_clause = if relation_type.is_some() { " AND r.relation_type = ?" } else { "" };
     let sql = format!(
-        "SELECT r.system_id, r.id, r.from_id, r.to_id, r.relation_type, r.weight FROM relation r \
+        "SELECT r.system_id, r.id, r.from_id, r.to_id, r.relation_type, r.weight FROM all_relation r \
          JOIN lookup_keys k ON r.system_id = k.system_id AND r.from_id = k.id WHERE r.from_id IS NOT NULL \
          AND r.to_id IS NOT NULL{type_clause} \
          UNION \
-         SELECT r.system_id, r.id, r.from_id, r.to_id, r.relation_type, r.weight FROM relation r \
+         SELECT r.system_id, r.id, r.from_id, r.to_id, r.relation_type, r.weight FROM all_relation r \
          JOIN lookup_keys k ON r.system_id = k.system_id AND r.to_id = k.id WHERE r.from_id IS NOT NULL \
          AND r.to_id IS NOT NULL{type_clause} \
          ORDER BY 1, 2"
@@ -177,7 +177,7 @@ fn edges_of(conn: &Connection, frontier: &[Key], relation_type: Option<&str>) ->
 fn describe(conn: &Connection, keys: &[(Key, u32)]) -> Result<Vec<Node>, HotError> {
     stage_keys(conn, "lookup_keys", keys.iter().map(|((s, i), _)| (s.as_str(), i.as_str())))?;
     let mut stmt =
-        conn.prepare("SELECT system_id, id, name, category FROM entity JOIN lookup_keys USING (system_id, id)")?;
+        conn.prepare("SELECT system_id, id, name, category FROM all_entity JOIN lookup_keys USING (system_id, id)")?;
     let mut found: HashMap<Key, (Option<String>, Option<String>)> = HashMap::new();
     let rows = stmt.query_map([], |row| Ok(((row.get(0)?, row.get(1)?), (row.get(2)?, row.get(3)?))))?;
     for row in rows {
@@ -312,13 +312,13 @@ pub fn statistics(conn: &Connection, systems: &[String]) -> Result<GraphStats, H
             stmt.query_map(params.as_slice(), |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     };
-    let entity_counts = pairs(format!("SELECT system_id, count(*) FROM entity{where_clause} GROUP BY 1"))?;
-    let relation_counts = pairs(format!("SELECT system_id, count(*) FROM relation{where_clause} GROUP BY 1"))?;
+    let entity_counts = pairs(format!("SELECT system_id, count(*) FROM all_entity{where_clause} GROUP BY 1"))?;
+    let relation_counts = pairs(format!("SELECT system_id, count(*) FROM all_relation{where_clause} GROUP BY 1"))?;
     let entity_types = pairs(format!(
-        "SELECT coalesce(category, '(none)'), count(*) FROM entity{where_clause} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
+        "SELECT coalesce(category, '(none)'), count(*) FROM all_entity{where_clause} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
     ))?;
     let relation_types = pairs(format!(
-        "SELECT coalesce(relation_type, '(none)'), count(*) FROM relation{where_clause} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
+        "SELECT coalesce(relation_type, '(none)'), count(*) FROM all_relation{where_clause} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
     ))?;
     let mut systems_out: HashMap<String, SystemGraphCount> = HashMap::new();
     for (system_id, n) in &entity_counts {
@@ -350,7 +350,7 @@ pub fn statistics(conn: &Connection, systems: &[String]) -> Result<GraphStats, H
         })
     };
     {
-        let mut stmt = conn.prepare(&format!("SELECT system_id, id FROM entity{where_clause}"))?;
+        let mut stmt = conn.prepare(&format!("SELECT system_id, id FROM all_entity{where_clause}"))?;
         let mut rows = stmt.query(params.as_slice())?;
         while let Some(row) = rows.next()? {
             let i = slot((row.get(0)?, row.get(1)?), &mut index, &mut parent);
@@ -361,7 +361,7 @@ pub fn statistics(conn: &Connection, systems: &[String]) -> Result<GraphStats, H
     let mut dangling = 0;
     {
         let sql = format!(
-            "SELECT system_id, from_id, to_id FROM relation{} from_id IS NOT NULL AND to_id IS NOT NULL",
+            "SELECT system_id, from_id, to_id FROM all_relation{} from_id IS NOT NULL AND to_id IS NOT NULL",
             if where_clause.is_empty() { " WHERE".to_string() } else { format!("{where_clause} AND") }
         );
         let mut stmt = conn.prepare(&sql)?;

@@ -46,6 +46,9 @@ pub enum HotError {
     /// A worker thread could not be started.
     #[error("hot tier thread: {0}")]
     Thread(String),
+    /// A file outside DuckDB (warm tier manifest, directories) failed.
+    #[error("{0}")]
+    Io(String),
 }
 
 /// Columns shared by every kind's table, in staging order.
@@ -86,6 +89,8 @@ fn notify(hook: &std::sync::OnceLock<ChangeHook>, records: impl Iterator<Item = 
 
 /// The hot tier.
 pub struct HotTier {
+    /// The warm tier, once attached.
+    warm: std::sync::OnceLock<Arc<crate::warm::WarmTier>>,
     /// Told about every change (cache invalidation).
     on_change: Arc<std::sync::OnceLock<ChangeHook>>,
     writer: Mutex<Writer>,
@@ -209,11 +214,23 @@ pub(crate) fn stage_keys<'a>(
 /// The current rows of `keys` (`(system_id, id)` of one kind); keys no longer in the table are skipped.
 fn load_rows(conn: &Connection, kind: RecordKind, keys: &[(String, String)]) -> Result<Vec<Record>, HotError> {
     stage_keys(conn, "index_keys", keys.iter().map(|(s, i)| (s.as_str(), i.as_str())))?;
-    let sql = format!(
-        "SELECT t.system_id, t.id, epoch_us(t.ts), t.project, t.category, t.text, t.name, t.tags, t.embedding \
-         FROM {} t JOIN index_keys k ON t.system_id = k.system_id AND t.id = k.id",
-        kind.as_str()
-    );
+    let from = format!("FROM {} t JOIN index_keys k ON t.system_id = k.system_id AND t.id = k.id", kind.as_str());
+    let records = index_records(conn, &from, kind, true)?;
+    conn.execute_batch("DELETE FROM index_keys")?;
+    Ok(records)
+}
+
+/// What the search indexes need of the rows `from` selects (a `FROM … t [JOIN …] [WHERE …]` clause over a
+/// table of `kind`): filter fields always, text and embedding when `with_content`.
+pub(crate) fn index_records(
+    conn: &Connection,
+    from: &str,
+    kind: RecordKind,
+    with_content: bool,
+) -> Result<Vec<Record>, HotError> {
+    let content =
+        if with_content { "t.text, t.name, t.embedding" } else { "NULL::VARCHAR, NULL::VARCHAR, NULL::FLOAT[]" };
+    let sql = format!("SELECT t.system_id, t.id, epoch_us(t.ts), t.project, t.category, t.tags, {content} {from}");
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map([], |row| {
         Ok(Record {
@@ -223,9 +240,7 @@ fn load_rows(conn: &Connection, kind: RecordKind, keys: &[(String, String)]) -> 
             ts: row.get(2)?,
             project: row.get(3)?,
             category: row.get(4)?,
-            text: row.get(5)?,
-            name: row.get(6)?,
-            tags: match row.get::<_, duckdb::types::Value>(7)? {
+            tags: match row.get::<_, duckdb::types::Value>(5)? {
                 duckdb::types::Value::List(values) => values
                     .into_iter()
                     .filter_map(|v| match v {
@@ -235,6 +250,8 @@ fn load_rows(conn: &Connection, kind: RecordKind, keys: &[(String, String)]) -> 
                     .collect(),
                 _ => Vec::new(),
             },
+            text: row.get(6)?,
+            name: row.get(7)?,
             embedding: match row.get::<_, duckdb::types::Value>(8)? {
                 duckdb::types::Value::Array(values) | duckdb::types::Value::List(values) => Some(
                     values
@@ -250,9 +267,12 @@ fn load_rows(conn: &Connection, kind: RecordKind, keys: &[(String, String)]) -> 
             ..Record::default()
         })
     })?;
-    let records = rows.collect::<Result<Vec<_>, _>>()?;
-    conn.execute_batch("DELETE FROM index_keys")?;
-    Ok(records)
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The column definitions every tier's tables share.
+pub(crate) fn column_ddl() -> String {
+    COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Records travelling to the indexer with their contents (≈ 250 MB); beyond this, only their keys travel.
@@ -294,6 +314,8 @@ impl HotTier {
             let table = kind.as_str();
             ddl.push_str(&format!("CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL);\n", columns.join(", ")));
             ddl.push_str(&format!("CREATE TABLE replaced_{table} (system_id VARCHAR, id VARCHAR);\n"));
+            // Every tier's rows; the warm tier replaces this view with one that includes its table.
+            ddl.push_str(&format!("CREATE VIEW all_{table} AS SELECT *, 'hot' AS tier FROM main.{table};\n"));
         }
         // The indexer's own scratch table (rows it reads back by key).
         ddl.push_str("CREATE TABLE index_keys (system_id VARCHAR, id VARCHAR);\n");
@@ -309,6 +331,7 @@ impl HotTier {
         let indexer = Indexer::start(indexes.clone(), writer.try_clone()?, backfill.clone(), on_change.clone())
             .map_err(|e| HotError::Thread(e.to_string()))?;
         Ok(HotTier {
+            warm: std::sync::OnceLock::new(),
             on_change,
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
             indexes,
@@ -490,7 +513,11 @@ impl HotTier {
     /// One record as JSON, or `None`.
     pub fn get(&self, system_id: &str, kind: RecordKind, id: &str) -> Result<Option<serde_json::Value>, HotError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let sql = format!("SELECT {RECORD_COLUMNS} FROM {} WHERE system_id = ? AND id = ?", kind.as_str());
+        // Every tier; during a move a key may briefly be in two, and the newer version wins.
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS}, tier FROM all_{} WHERE system_id = ? AND id = ? ORDER BY ts DESC, tier LIMIT 1",
+            kind.as_str()
+        );
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(duckdb::params![system_id, id])?;
         let Some(row) = rows.next()? else { return Ok(None) };
@@ -509,14 +536,102 @@ impl HotTier {
         }
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         stage_keys(&conn, "lookup_keys", keys.iter().copied())?;
-        let sql = format!("SELECT {RECORD_COLUMNS} FROM {} JOIN lookup_keys USING (system_id, id)", kind.as_str());
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS}, tier FROM all_{} JOIN lookup_keys USING (system_id, id) ORDER BY ts, tier DESC",
+            kind.as_str()
+        );
         let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt.query([])?;
+        // Ascending by time: the newest version of a key (in whichever tier) is inserted last and wins.
         while let Some(row) = rows.next()? {
             let key = (row.get::<_, String>(0)?, row.get::<_, String>(1)?);
             out.insert(key, row_json(row, kind)?);
         }
         Ok(out)
+    }
+
+    /// Attaches the warm tier (once) and returns it.
+    pub fn attach_warm(&self, config: crate::warm::WarmConfig) -> Result<Arc<crate::warm::WarmTier>, HotError> {
+        if let Some(warm) = self.warm.get() {
+            return Ok(warm.clone());
+        }
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let warm = Arc::new(crate::warm::WarmTier::open(&writer.conn, config)?);
+        let _ = self.warm.set(warm.clone());
+        Ok(warm)
+    }
+
+    /// The warm tier, if attached.
+    pub fn warm(&self) -> Option<&Arc<crate::warm::WarmTier>> {
+        self.warm.get()
+    }
+
+    /// Moves every record older than `cutoff_us` to the warm tier (see [`crate::warm`] for the protocol).
+    /// Ingest waits while it runs. `None` when there is no warm tier or nothing to move.
+    pub fn move_to_warm(&self, cutoff_us: i64) -> Result<Option<crate::warm::MoveReport>, HotError> {
+        let Some(warm) = self.warm.get().cloned() else { return Ok(None) };
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        // Index jobs still queued could re-add moved keys to the hot indexes after their removal.
+        self.wait_indexed(std::time::Duration::from_secs(300));
+        let started = std::time::Instant::now();
+        let id = jiff::Timestamp::now().as_microsecond();
+        let mut report = crate::warm::MoveReport { id, cutoff_us, ..Default::default() };
+        let Writer { conn, keys } = &mut *writer;
+        let result = (|| -> Result<(), HotError> {
+            for kind in RecordKind::ALL {
+                let t = kind.as_str();
+                let due: i64 = conn.query_row(
+                    &format!("SELECT count(*) FROM main.{t} WHERE ts < make_timestamp(?)"),
+                    [cutoff_us],
+                    |r| r.get(0),
+                )?;
+                if due == 0 {
+                    continue;
+                }
+                crate::warm::WarmTier::journal(conn, id, kind, cutoff_us, "copying", due as u64, None)?;
+                warm.copy(conn, id, kind, cutoff_us)?;
+                let verified = match crate::warm::WarmTier::verify(conn, kind, cutoff_us)? {
+                    Ok(v) => v,
+                    Err(problem) => {
+                        crate::warm::WarmTier::set_state(conn, id, kind, "failed", Some(&problem))?;
+                        return Err(HotError::Io(format!("warm move verification failed: {problem}")));
+                    }
+                };
+                conn.execute(
+                    "UPDATE warm.moves SET state = 'verified', records = ?, checksum = ? WHERE id = ? AND kind = ?",
+                    duckdb::params![verified.rows as i64, verified.checksum, id, t],
+                )?;
+                let moved = index_records(
+                    conn,
+                    &format!("FROM main.{t} t WHERE t.ts < make_timestamp({cutoff_us})"),
+                    kind,
+                    true,
+                )?;
+                warm.index(&moved)?;
+                conn.execute(&format!("DELETE FROM main.{t} WHERE ts < make_timestamp(?)"), [cutoff_us])?;
+                let hashes: Vec<u64> = moved.iter().map(key_hash).collect();
+                for h in &hashes {
+                    keys.remove(h);
+                }
+                self.indexes.remove(&hashes)?;
+                self.indexes.commit()?;
+                crate::warm::WarmTier::set_state(conn, id, kind, "done", None)?;
+                report.records.push((t, verified.rows));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            warm.failed(&e.to_string());
+            return Err(e);
+        }
+        if report.records.is_empty() {
+            return Ok(None);
+        }
+        report.took_ms = started.elapsed().as_millis() as u64;
+        warm.finish(conn, report.clone())?;
+        // The answers stay the same records; only their `tier` changed.
+        notify(&self.on_change, std::iter::once(String::from("*")));
+        Ok(Some(report))
     }
 
     /// Registers the hook told about changed systems (once; later calls change nothing).
@@ -623,7 +738,7 @@ pub(crate) fn row_json(row: &duckdb::Row<'_>, kind: RecordKind) -> Result<serde_
         "weight": float(16)?,
         "value": float(17)?,
         "ingested_at": row.get::<_, i64>(18)?,
-        "tier": "hot",
+        "tier": row.get::<_, String>(19).unwrap_or_else(|_| "hot".into()),
     });
     if let Some(map) = out.as_object_mut() {
         map.retain(|_, v| !v.is_null());
@@ -632,7 +747,7 @@ pub(crate) fn row_json(row: &duckdb::Row<'_>, kind: RecordKind) -> Result<serde_
 }
 
 /// Identity of a record's key: `(kind, system_id, id)`.
-fn key_hash(record: &Record) -> u64 {
+pub(crate) fn key_hash(record: &Record) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (record.kind as u8, &record.system_id, &record.id).hash(&mut h);
     h.finish()
@@ -749,7 +864,7 @@ mod tests {
             hot.insert(&[rec("a", 10, "the walrus sleeps"), other]).unwrap();
             hot.insert(&[rec("a", 20, "the walrus wakes")]).unwrap();
             assert!(hot.wait_indexed(std::time::Duration::from_secs(30)));
-            let text = hot.indexes().text_search("walrus", 5, &Filters::default()).unwrap();
+            let text = hot.indexes().text_search("walrus", 5, &Filters::default(), &[]).unwrap();
             assert_eq!(text.len(), 1, "backlog {backlog}");
             assert_eq!(&*text[0].0.id, "a");
             assert!(text[0].2.html.contains("wakes"), "latest version: {:?}", text[0].2);

@@ -43,6 +43,7 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/metrics/anomalies", get(|s, q| metric_analysis(s, q, Analysis::Anomalies)))
         .route("/v1/metrics/correlation", get(|s, q| metric_analysis(s, q, Analysis::Correlation)))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/admin/warm/move", post(warm_move))
         .route("/mcp", post(crate::mcp::post).get(crate::mcp::get).delete(crate::mcp::get))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         // Inside the auth layer: a cached answer is served only to a caller allowed to ask.
@@ -63,8 +64,9 @@ async fn authorize(
         return next.run(request).await;
     }
     // Every route reads; storing is checked per tool inside MCP (a token needs `write` for the store tools).
+    let scope = if path.starts_with("/v1/admin/") { Scope::Admin } else { Scope::Read };
     let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match agg.auth.check(header, Some(Scope::Read)) {
+    match agg.auth.check(header, Some(scope)) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -231,11 +233,27 @@ async fn get_record(
 async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
     let Some(r) = agg.receiver() else { return starting() };
     let hot = r.hot.clone();
-    let counts = match tokio::task::spawn_blocking(move || hot.counts()).await {
+    let counts = match tokio::task::spawn_blocking(move || {
+        let mut counts = hot.counts()?;
+        let warm = if hot.warm().is_some() { hot.read(crate::warm::WarmTier::counts)? } else { Vec::new() };
+        let warm_total: u64 = warm.iter().map(|(_, _, n)| n).sum();
+        let journal =
+            if hot.warm().is_some() { hot.read(|c| crate::warm::WarmTier::journal_tail(c, 10))? } else { Vec::new() };
+        for (system_id, kind, records) in warm {
+            match counts.iter_mut().find(|c| c.system_id == system_id && c.kind == kind) {
+                Some(c) => c.records += records,
+                None => counts.push(crate::hot::KindCount { system_id, kind, records }),
+            }
+        }
+        Ok::<_, crate::hot::HotError>((counts, warm_total, journal))
+    })
+    .await
+    {
         Ok(Ok(counts)) => counts,
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
     };
+    let (counts, warm_total, journal) = counts;
     let mut systems = serde_json::Map::new();
     let mut total = 0;
     for c in &counts {
@@ -247,7 +265,7 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
         "total_records": total,
         "systems": systems,
         "hot": {
-            "records": total,
+            "records": total - warm_total,
             "pending": r.hot.pending(),
             "failed_batches": r.hot.failed_batches(),
             "duplicates_dropped": r.hot.duplicates(),
@@ -263,6 +281,21 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
             "backfill_failed": r.hot.backfill().map_or(0, |b| b.failed()),
             "backfill_skipped": r.hot.backfill().map_or(0, |b| b.skipped()),
         },
+        "warm": r.hot.warm().map(|w| json!({
+            "records": warm_total,
+            "path": w.config.path,
+            "bytes": w.size_bytes(),
+            "hot_window_s": w.config.hot_window.as_secs(),
+            "indexed": w.indexes().sizes().0,
+            "indexed_vectors": w.indexes().sizes().1,
+            "moves_done": w.moves_done.load(std::sync::atomic::Ordering::Relaxed),
+            "moves_failed": w.moves_failed.load(std::sync::atomic::Ordering::Relaxed),
+            "records_moved": w.records_moved.load(std::sync::atomic::Ordering::Relaxed),
+            "interrupted_at_start": w.interrupted,
+            "last_move": w.last_move(),
+            "last_error": w.last_error(),
+            "journal": journal,
+        })),
         "wal": {"bytes": r.wal.size_bytes(), "segments": r.wal.segments(), "queued": r.wal.queued(), "failed": r.wal.failed()},
         "sessions": r.metrics.active(),
         "cache": {
@@ -350,6 +383,30 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         "Records dropped because an equal or newer version was stored.",
         r.hot.duplicates(),
     );
+    if let Some(w) = r.hot.warm() {
+        let (indexed, vectors) = w.indexes().sizes();
+        gauge(&mut e, "akosha_warm_indexed_records", "Warm records in the search indexes.", indexed as u64);
+        gauge(&mut e, "akosha_warm_indexed_vectors", "Warm records in the vector index.", vectors as u64);
+        gauge(&mut e, "akosha_warm_bytes", "Size of the warm DuckDB file.", w.size_bytes());
+        counter(
+            &mut e,
+            "akosha_warm_moves_total",
+            "Completed hot-to-warm moves.",
+            w.moves_done.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        counter(
+            &mut e,
+            "akosha_warm_moves_failed_total",
+            "Failed hot-to-warm moves.",
+            w.moves_failed.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        counter(
+            &mut e,
+            "akosha_warm_moved_records_total",
+            "Records moved from hot to warm.",
+            w.records_moved.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
     let c = &agg.cache.metrics;
     counter(&mut e, "akosha_cache_hits_total", "Answers served from the query cache.", c.hits.get());
     counter(&mut e, "akosha_cache_misses_total", "Query cache lookups that found nothing.", c.misses.get());
@@ -561,6 +618,7 @@ struct Params {
     threshold: Option<f64>,
     robust: Option<bool>,
     min_r: Option<f64>,
+    older_than: Option<String>,
 }
 
 impl Params {
@@ -707,6 +765,25 @@ async fn metric_analysis(State(agg): State<Arc<Aggregator>>, q: QueryParams, ana
             Analysis::Correlation => out["correlations"] = json!(s.correlate(&q, p.min_r.unwrap_or(0.0))?),
         }
         Ok(out)
+    })
+    .await
+}
+
+/// `POST /v1/admin/warm/move?older_than=1h`: moves records older than that (default: the configured hot window)
+/// to the warm tier now.
+async fn warm_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(e) => return query_error(e),
+    };
+    let older_than = match p.older_than.as_deref().map(akosha_protocol::settings::parse_duration).transpose() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("`older_than`: {e}")),
+    };
+    let window = agg.receiver().and_then(|r| r.hot.warm().map(|w| w.config.hot_window));
+    blocking(&agg, move |s| {
+        let report = s.move_to_warm(older_than.or(window).unwrap_or_default())?;
+        Ok(json!({"moved": report.is_some(), "report": report}))
     })
     .await
 }

@@ -23,6 +23,7 @@ pub mod receiver;
 pub mod search;
 pub mod timeseries;
 pub mod wal;
+pub mod warm;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -190,6 +191,24 @@ impl Aggregator {
             http = %http_addr,
         );
         let quic_task = tokio::spawn(receiver.clone().serve(endpoint, stop_rx.clone()));
+        if let Some(warm) = receiver.hot.warm().cloned() {
+            let hot = receiver.hot.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(warm.config.move_interval);
+                every.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    let hot = hot.clone();
+                    let cutoff = jiff::Timestamp::now().as_microsecond() - warm.config.hot_window.as_micros() as i64;
+                    // Failures are counted and logged by the warm tier; the next round retries.
+                    let _ = tokio::task::spawn_blocking(move || hot.move_to_warm(cutoff)).await;
+                }
+            });
+        }
         shutdown.await;
         info!(message = "Shutting down: draining agent sessions.");
         let _ = stop_tx.send(true);
@@ -266,6 +285,15 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
         return Err(e.into());
     }
     hot.insert(&replay_batch)?;
+    if config.warm.enabled {
+        let warm = hot.attach_warm(config.warm.clone())?;
+        // Records the log brought back that belong in warm (all of them after a crash mid-move) go there now.
+        let cutoff = jiff::Timestamp::now().as_microsecond() - config.warm.hot_window.as_micros() as i64;
+        if let Err(e) = hot.move_to_warm(cutoff) {
+            warn!(message = "Start-up move to the warm tier failed; the records stay hot.", error = %e);
+        }
+        info!(message = "Warm tier attached.", path = %warm.config.path.display());
+    }
     info!(message = "Hot tier rebuilt from the write-ahead log.", entries = report.entries, records = hot.inserted());
     Ok((wal, hot, durable_rx, embedder))
 }

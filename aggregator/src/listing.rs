@@ -88,7 +88,7 @@ pub struct Page {
 pub fn list(conn: &Connection, q: &ListQuery) -> Result<Page, HotError> {
     let limit = q.limit.clamp(1, MAX_PAGE);
     let mut params: Vec<&dyn ToSql> = Vec::new();
-    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM {} WHERE TRUE", q.kind.as_str());
+    let mut sql = format!("SELECT {RECORD_COLUMNS}, tier FROM all_{} WHERE TRUE", q.kind.as_str());
     sql.push_str(&system_clause("system_id", &q.systems, &mut params));
     if let Some(project) = &q.project {
         sql.push_str(" AND project = ?");
@@ -161,7 +161,7 @@ pub fn project_counts(conn: &Connection, systems: &[String]) -> Result<Vec<Proje
         let mut params: Vec<&dyn ToSql> = Vec::new();
         let clause = system_clause("system_id", systems, &mut params);
         let sql = format!(
-            "SELECT system_id, project, count(*), epoch_us(min(ts)), epoch_us(max(ts)) FROM {} WHERE TRUE{clause} \
+            "SELECT system_id, project, count(*), epoch_us(min(ts)), epoch_us(max(ts)) FROM all_{} WHERE TRUE{clause} \
              GROUP BY 1, 2 ORDER BY 1, 2 NULLS LAST",
             kind.as_str()
         );

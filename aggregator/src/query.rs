@@ -98,6 +98,15 @@ impl QueryService {
         Ok(self.hot.get(system_id, kind, id)?)
     }
 
+    /// Moves records older than `older_than` from hot to warm now.
+    pub fn move_to_warm(&self, older_than: std::time::Duration) -> Result<Option<crate::warm::MoveReport>, QueryError> {
+        if self.hot.warm().is_none() {
+            return Err(QueryError::Unavailable("the warm tier is disabled (`warm.enabled`)".into()));
+        }
+        let cutoff = jiff::Timestamp::now().as_microsecond() - older_than.as_micros() as i64;
+        Ok(self.hot.move_to_warm(cutoff)?)
+    }
+
     /// A page of records.
     pub fn list(&self, q: &ListQuery) -> Result<Page, QueryError> {
         Ok(self.hot.read(|conn| listing::list(conn, q))?)
@@ -187,7 +196,7 @@ impl QueryService {
     /// The `limit` records nearest to `embedding` that pass `filters`, most similar first.
     pub fn vector(&self, embedding: &[f32], limit: usize, filters: &Filters) -> Result<Vec<Hit>, QueryError> {
         let limit = check_limit(limit)?;
-        let found = self.hot.indexes().vector_search(embedding, limit, filters)?;
+        let found = self.vector_found(embedding, limit, filters)?;
         self.assemble(found.into_iter().map(|(doc, similarity)| Found {
             doc,
             score: similarity,
@@ -202,7 +211,7 @@ impl QueryService {
         if query.trim().is_empty() {
             return Err(QueryError::Invalid("`query` is empty".into()));
         }
-        let found = self.hot.indexes().text_search(query, limit, filters)?;
+        let found = self.text_found(query, limit, filters)?;
         self.assemble(found.into_iter().map(|(doc, score, snippet)| Found {
             doc,
             score,
@@ -223,9 +232,8 @@ impl QueryService {
         let limit = check_limit(limit)?;
         // Each side looks deeper than the final list, so that fusion has candidates to agree on.
         let depth = (limit * 4).clamp(20, MAX_LIMIT);
-        let by_vector = self.hot.indexes().vector_search(embedding, depth, filters)?;
-        let by_text =
-            if query.trim().is_empty() { Vec::new() } else { self.hot.indexes().text_search(query, depth, filters)? };
+        let by_vector = self.vector_found(embedding, depth, filters)?;
+        let by_text = if query.trim().is_empty() { Vec::new() } else { self.text_found(query, depth, filters)? };
         let mut fused: HashMap<(Arc<str>, u8, Box<str>), Found> = HashMap::new();
         let key = |d: &DocMeta| (d.system_id.clone(), d.kind as u8, d.id.clone());
         for (rank, (doc, similarity)) in by_vector.into_iter().enumerate() {
@@ -242,6 +250,24 @@ impl QueryService {
         ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.doc.id.cmp(&b.doc.id)));
         ranked.truncate(limit);
         self.assemble(ranked.into_iter())
+    }
+
+    /// The `k` nearest records across tiers (hot, then warm), best first, each key once.
+    fn vector_found(&self, embedding: &[f32], k: usize, filters: &Filters) -> Result<Vec<(DocMeta, f32)>, QueryError> {
+        let mut found = self.hot.indexes().vector_search(embedding, k, filters)?;
+        if let Some(warm) = self.hot.warm() {
+            found.extend(warm.indexes().vector_search(embedding, k, filters)?);
+        }
+        Ok(best_once(found, k, |(doc, score)| (doc, *score)))
+    }
+
+    /// The `k` best text matches across tiers, best first, each key once; both tiers score with their combined
+    /// term statistics, so the merged ranking is the one a single index would give.
+    fn text_found(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<(DocMeta, f32, Snippet)>, QueryError> {
+        let Some(warm) = self.hot.warm() else { return Ok(self.hot.indexes().text_search(query, k, filters, &[])?) };
+        let mut found = self.hot.indexes().text_search(query, k, filters, &[warm.indexes()])?;
+        found.extend(warm.indexes().text_search(query, k, filters, &[self.hot.indexes()])?);
+        Ok(best_once(found, k, |(doc, score, _)| (doc, *score)))
     }
 
     /// Records written to the hot tier but not yet searchable.
@@ -272,6 +298,22 @@ impl QueryService {
             })
             .collect())
     }
+}
+
+/// The `k` best-scored entries, a key found in two tiers (briefly, during a move) counted once.
+fn best_once<T>(mut found: Vec<T>, k: usize, key: impl Fn(&T) -> (&DocMeta, f32)) -> Vec<T> {
+    found.sort_by(|a, b| {
+        let ((da, sa), (db, sb)) = (key(a), key(b));
+        sb.total_cmp(&sa)
+            .then_with(|| (&da.system_id, da.kind as u8, &da.id).cmp(&(&db.system_id, db.kind as u8, &db.id)))
+    });
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|item| {
+        let (d, _) = key(item);
+        seen.insert((d.system_id.clone(), d.kind as u8, d.id.clone()))
+    });
+    found.truncate(k);
+    found
 }
 
 /// An index entry on its way to becoming a [`Hit`].

@@ -178,7 +178,7 @@ fn series_sql<'a>(q: &'a SeriesQuery, params: &mut Vec<&'a dyn ToSql>) -> String
     params.push(&q.name);
     let mut sql = format!(
         "SELECT system_id, {} AS b, avg(value) AS v, min(value) AS lo, max(value) AS hi, count(*) AS n \
-         FROM metric WHERE name = ? AND value IS NOT NULL AND isfinite(value)",
+         FROM all_metric WHERE name = ? AND value IS NOT NULL AND isfinite(value)",
         q.resolution.bucket_sql()
     );
     sql.push_str(&system_clause("system_id", &q.systems, params));
@@ -332,7 +332,7 @@ pub fn summaries(conn: &Connection, systems: &[String], since_us: Option<i64>) -
     let mut params: Vec<&dyn ToSql> = Vec::new();
     let mut sql = String::from(
         "SELECT system_id, name, count(*), arg_max(value, ts), avg(value), min(value), max(value), \
-         epoch_us(min(ts)), epoch_us(max(ts)) FROM metric WHERE name IS NOT NULL AND value IS NOT NULL",
+         epoch_us(min(ts)), epoch_us(max(ts)) FROM all_metric WHERE name IS NOT NULL AND value IS NOT NULL",
     );
     sql.push_str(&system_clause("system_id", systems, &mut params));
     if let Some(since) = &since_us {

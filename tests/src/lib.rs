@@ -134,6 +134,11 @@ impl Proc {
         Ok(())
     }
 
+    /// Replaces the environment of the next start.
+    pub fn set_env(&mut self, envs: Vec<(String, String)>) {
+        self.envs = envs;
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -268,6 +273,17 @@ impl Aggregator {
     /// Like [`Aggregator::start_with`], with `extra` top-level YAML appended to the configuration (its sections
     /// must not repeat the ones the harness writes: tls, quic, http, hot).
     pub async fn start_configured(site: &Site, name: &str, quic_extra: &str, extra: &str) -> Result<Aggregator> {
+        Self::start_full(site, name, quic_extra, extra, vec![]).await
+    }
+
+    /// Like [`Aggregator::start_configured`], with environment variables for the process (fault injection).
+    pub async fn start_full(
+        site: &Site,
+        name: &str,
+        quic_extra: &str,
+        extra: &str,
+        envs: Vec<(String, String)>,
+    ) -> Result<Aggregator> {
         let quic_port = free_udp_port();
         let http_port = free_tcp_port();
         let data = site.path(name);
@@ -289,7 +305,7 @@ impl Aggregator {
             binary("akosha-aggregator"),
             vec!["--config".into(), config.display().to_string(), "run".into()],
             data.join("aggregator.log"),
-            vec![],
+            envs,
         )?;
         let agg = Aggregator { proc, quic_port, url: format!("http://127.0.0.1:{http_port}") };
         agg.wait_ready(Duration::from_secs(60)).await?;

@@ -77,7 +77,19 @@ impl Interner {
     }
 }
 
-/// The hot tier's search indexes.
+fn meta(interner: &mut Interner, r: &Record) -> DocMeta {
+    DocMeta {
+        system_id: interner.get(&r.system_id),
+        kind: r.kind,
+        id: Box::from(r.id.as_str()),
+        project: r.project.as_deref().map(|p| interner.get(p)),
+        category: r.category.as_deref().map(|c| interner.get(c)),
+        tags: r.tags.iter().map(|t| interner.get(t)).collect(),
+        ts: r.ts,
+    }
+}
+
+/// A tier's search indexes.
 pub struct SearchIndexes {
     docs: RwLock<HashMap<u64, DocMeta>>,
     interner: std::sync::Mutex<Interner>,
@@ -100,6 +112,50 @@ impl SearchIndexes {
         })
     }
 
+    /// Indexes kept under `dir`: the text index in place, the vectors from the last [`SearchIndexes::save`].
+    /// Errors mean the files are missing, torn or foreign: the caller rebuilds.
+    pub fn open(dir: &std::path::Path, dimensions: usize) -> Result<SearchIndexes, SearchError> {
+        Ok(SearchIndexes {
+            docs: RwLock::new(HashMap::new()),
+            interner: std::sync::Mutex::new(Interner::default()),
+            vectors: VectorIndex::load(dir, dimensions)?,
+            text: TextIndex::open(&dir.join("text"))?,
+            vector_writes: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Empty indexes kept under `dir` (whatever was there is deleted).
+    pub fn create(dir: &std::path::Path, dimensions: usize) -> Result<SearchIndexes, SearchError> {
+        let io = |e: std::io::Error| SearchError::Vector(format!("{}: {e}", dir.display()));
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        Ok(SearchIndexes {
+            docs: RwLock::new(HashMap::new()),
+            interner: std::sync::Mutex::new(Interner::default()),
+            vectors: VectorIndex::new(dimensions)?,
+            text: TextIndex::open(&dir.join("text"))?,
+            vector_writes: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Persists the vectors under `dir` (the text index persists on every commit).
+    pub fn save(&self, dir: &std::path::Path) -> Result<(), SearchError> {
+        let _writes = self.vector_writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.vectors.save(dir)
+    }
+
+    /// Registers what filters need of records whose vectors and text are already indexed (loading persisted
+    /// indexes: the registry itself is rebuilt from the table).
+    pub fn register(&self, records: &[(u64, &Record)]) {
+        let mut interner = self.interner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut docs = self.docs.write().unwrap_or_else(|p| p.into_inner());
+        for (key, r) in records {
+            docs.insert(*key, meta(&mut interner, r));
+        }
+    }
+
     /// Indexes records that were just written to the table (new keys or replacements of stored ones).
     pub fn upsert(&self, records: &[(u64, &Record)]) -> Result<(), SearchError> {
         if records.is_empty() {
@@ -109,16 +165,7 @@ impl SearchIndexes {
             let mut interner = self.interner.lock().unwrap_or_else(|p| p.into_inner());
             let mut docs = self.docs.write().unwrap_or_else(|p| p.into_inner());
             for (key, r) in records {
-                let meta = DocMeta {
-                    system_id: interner.get(&r.system_id),
-                    kind: r.kind,
-                    id: Box::from(r.id.as_str()),
-                    project: r.project.as_deref().map(|p| interner.get(p)),
-                    category: r.category.as_deref().map(|c| interner.get(c)),
-                    tags: r.tags.iter().map(|t| interner.get(t)).collect(),
-                    ts: r.ts,
-                };
-                docs.insert(*key, meta);
+                docs.insert(*key, meta(&mut interner, r));
             }
         }
         let _writes = self.vector_writes.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,14 +226,17 @@ impl SearchIndexes {
             .collect())
     }
 
-    /// The `k` best BM25 matches for `query` that pass `filters`, with a highlighted snippet each.
+    /// The `k` best BM25 matches for `query` that pass `filters`, with a highlighted snippet each; `peers` (other
+    /// tiers' indexes) contribute their term statistics so that scores compare across tiers.
     pub fn text_search(
         &self,
         query: &str,
         k: usize,
         filters: &Filters,
+        peers: &[&SearchIndexes],
     ) -> Result<Vec<(DocMeta, f32, text::Snippet)>, SearchError> {
-        let hits = self.text.search(query, k, filters)?;
+        let peers: Vec<tantivy::Searcher> = peers.iter().map(|p| p.text.searcher()).collect();
+        let hits = self.text.search(query, k, filters, &peers)?;
         let docs = self.docs.read().unwrap_or_else(|p| p.into_inner());
         Ok(hits
             .into_iter()

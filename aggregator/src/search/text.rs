@@ -55,6 +55,38 @@ pub struct TextIndex {
 impl TextIndex {
     /// An empty in-memory index.
     pub fn new() -> Result<TextIndex, SearchError> {
+        let (schema, fields) = Self::schema();
+        Self::with_index(Index::create_in_ram(schema), fields)
+    }
+
+    /// The index kept in `dir` (created when empty). Committed documents survive restarts.
+    pub fn open(dir: &std::path::Path) -> Result<TextIndex, SearchError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SearchError::Text(tantivy::TantivyError::SystemError(format!("{}: {e}", dir.display()))))?;
+        let (schema, fields) = Self::schema();
+        let directory = tantivy::directory::MmapDirectory::open(dir)
+            .map_err(|e| SearchError::Text(tantivy::TantivyError::SystemError(e.to_string())))?;
+        let index = Index::open_or_create(directory, schema)?;
+        Self::with_index(index, fields)
+    }
+
+    /// Documents committed.
+    pub fn len(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+
+    /// Whether no document is committed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Deletes every document (committed with the next [`TextIndex::commit`]).
+    pub fn clear(&self) -> Result<(), SearchError> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).delete_all_documents()?;
+        Ok(())
+    }
+
+    fn schema() -> (Schema, Fields) {
         let mut schema = Schema::builder();
         let prose = TextOptions::default().set_stored().set_indexing_options(
             TextFieldIndexing::default()
@@ -72,7 +104,10 @@ impl TextIndex {
             text: schema.add_text_field("text", prose.clone()),
             name: schema.add_text_field("name", prose),
         };
-        let index = Index::create_in_ram(schema.build());
+        (schema.build(), fields)
+    }
+
+    fn with_index(index: Index, fields: Fields) -> Result<TextIndex, SearchError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
         let writer = index.writer_with_num_threads(threads, WRITER_BUDGET * threads)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
@@ -130,9 +165,21 @@ impl TextIndex {
         Ok(())
     }
 
+    /// A point-in-time view, for sharing term statistics with another index.
+    pub fn searcher(&self) -> tantivy::Searcher {
+        self.reader.searcher()
+    }
+
     /// The `k` best matches for `query` (tantivy query syntax, parsed leniently: stray syntax is taken as
-    /// words), keys with BM25 scores and snippets, best first.
-    pub fn search(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<(u64, f32, Snippet)>, SearchError> {
+    /// words), keys with BM25 scores and snippets, best first. With `peers` (the other tiers' searchers), BM25
+    /// uses the statistics of all of them together, so scores rank across tiers exactly as one index would.
+    pub fn search(
+        &self,
+        query: &str,
+        k: usize,
+        filters: &Filters,
+        peers: &[tantivy::Searcher],
+    ) -> Result<Vec<(u64, f32, Snippet)>, SearchError> {
         let f = &self.fields;
         let mut parser = QueryParser::for_index(&self.index, vec![f.text, f.name]);
         parser.set_field_boost(f.name, 2.0);
@@ -166,7 +213,14 @@ impl TextIndex {
         }
         let combined = BooleanQuery::new(clauses);
         let searcher = self.reader.searcher();
-        let top = searcher.search(&combined, &TopDocs::with_limit(k.max(1)).order_by_score())?;
+        let collector = TopDocs::with_limit(k.max(1)).order_by_score();
+        let top = if peers.is_empty() {
+            searcher.search(&combined, &collector)?
+        } else {
+            let mut all = peers.to_vec();
+            all.push(searcher.clone());
+            searcher.search_with_statistics_provider(&combined, &collector, &SharedStatistics(all))?
+        };
         let snippets = SnippetGenerator::create(&searcher, &*user_query, f.text).map(|mut g| {
             g.set_max_num_chars(SNIPPET_CHARS);
             g
@@ -184,6 +238,23 @@ impl TextIndex {
             ));
         }
         Ok(hits)
+    }
+}
+
+/// BM25 statistics summed over several indexes with the same schema.
+struct SharedStatistics(Vec<tantivy::Searcher>);
+
+impl tantivy::query::Bm25StatisticsProvider for SharedStatistics {
+    fn total_num_tokens(&self, field: Field) -> tantivy::Result<u64> {
+        self.0.iter().map(|s| s.total_num_tokens(field)).sum()
+    }
+
+    fn total_num_docs(&self) -> tantivy::Result<u64> {
+        self.0.iter().map(|s| s.total_num_docs()).sum()
+    }
+
+    fn doc_freq(&self, term: &Term) -> tantivy::Result<u64> {
+        self.0.iter().map(|s| s.doc_freq(term)).sum()
     }
 }
 
@@ -214,7 +285,7 @@ mod tests {
         let c = rec("c", "Unrelated notes about lunch.", "akosha", 30);
         index.upsert(&[(1, &a), (2, &b), (3, &c)]).unwrap();
         index.commit().unwrap();
-        let hits = index.search("replays restart", 10, &Filters::default()).unwrap();
+        let hits = index.search("replays restart", 10, &Filters::default(), &[]).unwrap();
         let keys: Vec<u64> = hits.iter().map(|h| h.0).collect();
         assert_eq!(keys.len(), 2, "{hits:?}");
         assert!(keys.contains(&1) && keys.contains(&2));
@@ -222,23 +293,23 @@ mod tests {
         let snippet = &hits.iter().find(|h| h.0 == 2).unwrap().2;
         assert!(snippet.html.contains("<b>restarting</b>"), "{snippet:?}");
         let only_web = Filters { project: Some("web".into()), ..Filters::default() };
-        assert_eq!(index.search("replays", 10, &only_web).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(), [2]);
+        assert_eq!(index.search("replays", 10, &only_web, &[]).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(), [2]);
         let early = Filters { until_us: Some(15), ..Filters::default() };
-        assert_eq!(index.search("replays", 10, &early).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(), [1]);
+        assert_eq!(index.search("replays", 10, &early, &[]).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(), [1]);
         // Replacing a key's text; deleting a key.
         let a2 = rec("a", "Now about lunch only.", "akosha", 40);
         index.upsert(&[(1, &a2)]).unwrap();
         index.remove(&[3]).unwrap();
         index.commit().unwrap();
         assert_eq!(
-            index.search("replays", 10, &Filters::default()).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(),
+            index.search("replays", 10, &Filters::default(), &[]).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(),
             [2]
         );
         assert_eq!(
-            index.search("lunch", 10, &Filters::default()).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(),
+            index.search("lunch", 10, &Filters::default(), &[]).unwrap().iter().map(|h| h.0).collect::<Vec<_>>(),
             [1]
         );
         // Query syntax errors are taken leniently.
-        assert!(index.search("lunch AND (", 10, &Filters::default()).is_ok());
+        assert!(index.search("lunch AND (", 10, &Filters::default(), &[]).is_ok());
     }
 }

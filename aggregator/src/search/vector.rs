@@ -118,6 +118,79 @@ impl VectorIndex {
         Ok(())
     }
 
+    /// Writes the graph and the exact vectors under `dir` (`vectors.usearch`, `vectors.exact`), each through a
+    /// temporary file renamed into place, so a crash leaves the previous save or the new one.
+    pub fn save(&self, dir: &std::path::Path) -> Result<(), SearchError> {
+        let graph = dir.join("vectors.usearch");
+        let graph_tmp = dir.join("vectors.usearch.tmp");
+        let graph_tmp_str = graph_tmp.to_str().ok_or_else(|| err("index path is not UTF-8"))?;
+        self.index.read().unwrap_or_else(|p| p.into_inner()).save(graph_tmp_str).map_err(err)?;
+        let exact = self.exact.read().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = Vec::with_capacity(24 + exact.len() * (8 + 4 * self.dimensions));
+        bytes.extend_from_slice(EXACT_MAGIC);
+        bytes.extend_from_slice(&(self.dimensions as u32).to_le_bytes());
+        bytes.extend_from_slice(&(exact.len() as u64).to_le_bytes());
+        for (key, vector) in exact.iter() {
+            bytes.extend_from_slice(&key.to_le_bytes());
+            for v in vector {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        drop(exact);
+        let exact_tmp = dir.join("vectors.exact.tmp");
+        let io = |e: std::io::Error| err(format!("saving vectors under {}: {e}", dir.display()));
+        write_synced(&exact_tmp, &bytes).map_err(io)?;
+        std::fs::rename(&graph_tmp, &graph).map_err(io)?;
+        std::fs::rename(&exact_tmp, dir.join("vectors.exact")).map_err(io)?;
+        Ok(())
+    }
+
+    /// Reads what [`VectorIndex::save`] wrote; an error (missing, torn or foreign files) means: rebuild.
+    pub fn load(dir: &std::path::Path, dimensions: usize) -> Result<VectorIndex, SearchError> {
+        let index = VectorIndex::new(dimensions)?;
+        let graph = dir.join("vectors.usearch");
+        let graph_str = graph.to_str().ok_or_else(|| err("index path is not UTF-8"))?;
+        {
+            let native = index.index.write().unwrap_or_else(|p| p.into_inner());
+            native.load(graph_str).map_err(err)?;
+            // A loaded index has exactly its own size as capacity; inserts need room and per-thread state.
+            let size = native.size();
+            native.reserve_capacity_and_threads((size + 1024).next_power_of_two(), THREADS).map_err(err)?;
+            native.change_expansion_search(EXPANSION_SEARCH);
+        }
+        let bytes = std::fs::read(dir.join("vectors.exact")).map_err(|e| err(format!("vectors.exact: {e}")))?;
+        let corrupt = || err("vectors.exact is torn or not ours");
+        if bytes.len() < 24 || &bytes[..8] != EXACT_MAGIC {
+            return Err(corrupt());
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(corrupt());
+        }
+        let dims = u32::from_le_bytes(body[8..12].try_into().map_err(|_| corrupt())?) as usize;
+        let count = u64::from_le_bytes(body[12..20].try_into().map_err(|_| corrupt())?) as usize;
+        let entry = 8 + 4 * dims;
+        if dims != dimensions || body.len() != 20 + count * entry {
+            return Err(corrupt());
+        }
+        {
+            let mut exact = index.exact.write().unwrap_or_else(|p| p.into_inner());
+            let mut vector = vec![0f32; dims];
+            for chunk in body[20..].chunks_exact(entry) {
+                let key = u64::from_le_bytes(chunk[..8].try_into().map_err(|_| corrupt())?);
+                for (v, b) in vector.iter_mut().zip(chunk[8..].chunks_exact(4)) {
+                    *v = f32::from_le_bytes(b.try_into().map_err(|_| corrupt())?);
+                }
+                exact.insert(key, &vector);
+            }
+        }
+        if index.exact.read().unwrap_or_else(|p| p.into_inner()).len() != index.len() {
+            return Err(err("the graph and the exact vectors disagree"));
+        }
+        Ok(index)
+    }
+
     /// Whether `key` has a vector.
     pub fn contains(&self, key: u64) -> bool {
         self.index.read().unwrap_or_else(|p| p.into_inner()).contains(key)
@@ -172,6 +245,15 @@ impl VectorIndex {
     pub fn set_expansion_search(&self, expansion: usize) {
         self.index.read().unwrap_or_else(|p| p.into_inner()).change_expansion_search(expansion);
     }
+}
+
+const EXACT_MAGIC: &[u8; 8] = b"AKVEC001";
+
+fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 /// Vectors of one size in one allocation (no per-vector allocation, scans run at memory speed), with a free
