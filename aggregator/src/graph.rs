@@ -124,6 +124,24 @@ pub(crate) fn system_clause<'a>(column: &str, systems: &'a [String], params: &mu
     format!(" AND {column} IN ({})", vec!["?"; systems.len()].join(", "))
 }
 
+/// `AND ts >= … AND ts < …` for the bounds given (microseconds since the epoch), with their parameters.
+pub(crate) fn time_clause<'a>(
+    since_us: &'a Option<i64>,
+    until_us: &'a Option<i64>,
+    params: &mut Vec<&'a dyn ToSql>,
+) -> String {
+    let mut sql = String::new();
+    if let Some(since) = since_us {
+        sql.push_str(" AND ts >= make_timestamp(?)");
+        params.push(since);
+    }
+    if let Some(until) = until_us {
+        sql.push_str(" AND ts < make_timestamp(?)");
+        params.push(until);
+    }
+    sql
+}
+
 /// The entities `entity` names (an id, or a name compared case-insensitively).
 pub fn resolve(conn: &Connection, entity: &str, systems: &[String]) -> Result<Vec<Node>, HotError> {
     let mut params: Vec<&dyn ToSql> = vec![&entity, &entity];

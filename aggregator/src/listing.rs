@@ -8,7 +8,7 @@ use akosha_protocol::RecordKind;
 use duckdb::{Connection, ToSql};
 use serde::Serialize;
 
-use crate::graph::system_clause;
+use crate::graph::{system_clause, time_clause};
 use crate::hot::{HotError, RECORD_COLUMNS, row_json};
 
 /// Most records one page may hold.
@@ -98,14 +98,7 @@ pub fn list(conn: &Connection, q: &ListQuery) -> Result<Page, HotError> {
         sql.push_str(" AND category = ?");
         params.push(category);
     }
-    if let Some(since) = &q.since_us {
-        sql.push_str(" AND ts >= make_timestamp(?)");
-        params.push(since);
-    }
-    if let Some(until) = &q.until_us {
-        sql.push_str(" AND ts < make_timestamp(?)");
-        params.push(until);
-    }
+    sql.push_str(&time_clause(&q.since_us, &q.until_us, &mut params));
     if let Some(c) = &q.cursor {
         // Descending order: the next page holds rows strictly before the cursor's key.
         sql.push_str(" AND (epoch_us(ts) < ? OR (epoch_us(ts) = ? AND (system_id < ? OR (system_id = ? AND id < ?))))");

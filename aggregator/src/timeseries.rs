@@ -9,7 +9,7 @@
 use duckdb::{Connection, ToSql};
 use serde::Serialize;
 
-use crate::graph::system_clause;
+use crate::graph::{system_clause, time_clause};
 use crate::hot::HotError;
 
 /// Resolution of a series.
@@ -182,14 +182,7 @@ fn series_sql<'a>(q: &'a SeriesQuery, params: &mut Vec<&'a dyn ToSql>) -> String
         q.resolution.bucket_sql()
     );
     sql.push_str(&system_clause("system_id", &q.systems, params));
-    if let Some(since) = &q.since_us {
-        sql.push_str(" AND ts >= make_timestamp(?)");
-        params.push(since);
-    }
-    if let Some(until) = &q.until_us {
-        sql.push_str(" AND ts < make_timestamp(?)");
-        params.push(until);
-    }
+    sql.push_str(&time_clause(&q.since_us, &q.until_us, params));
     sql.push_str(" GROUP BY ALL");
     sql
 }
