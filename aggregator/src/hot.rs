@@ -89,6 +89,8 @@ fn notify(hook: &std::sync::OnceLock<ChangeHook>, records: impl Iterator<Item = 
 
 /// The hot tier.
 pub struct HotTier {
+    /// Vectors written but not yet indexed, searched exactly.
+    tail: Arc<crate::search::Tail>,
     /// The warm tier, once attached.
     warm: std::sync::OnceLock<Arc<crate::warm::WarmTier>>,
     /// Told about every change (cache invalidation).
@@ -130,6 +132,7 @@ impl Indexer {
         conn: Connection,
         backfill: Arc<std::sync::OnceLock<crate::embed::Backfill>>,
         on_change: Arc<std::sync::OnceLock<ChangeHook>>,
+        tail: Arc<crate::search::Tail>,
     ) -> std::io::Result<Indexer> {
         let (queue, rx) = std::sync::mpsc::channel::<IndexJob>();
         let pending = Arc::new(AtomicU64::new(0));
@@ -163,7 +166,10 @@ impl Indexer {
                 // indexes are whole again after the next restart's replay.
                 let result = records.map_err(SearchOrHot::Hot).and_then(|records| {
                     let keyed: Vec<(u64, &Record)> = records.iter().map(|(k, r)| (*k, r)).collect();
-                    indexes.upsert(&keyed).and_then(|()| indexes.commit()).map_err(SearchOrHot::Search)?;
+                    let indexed = indexes.upsert(&keyed).and_then(|()| indexes.commit());
+                    // Indexed or failed, these versions leave the tail (a failure is counted and logged below).
+                    tail.indexed(&keyed);
+                    indexed.map_err(SearchOrHot::Search)?;
                     notify(&on_change, records.iter().map(|(_, r)| r.system_id.clone()));
                     if let Some(backfill) = backfill.get() {
                         for (key, r) in &records {
@@ -328,9 +334,12 @@ impl HotTier {
         let indexes = Arc::new(SearchIndexes::new(EMBEDDING_DIM)?);
         let backfill = Arc::new(std::sync::OnceLock::new());
         let on_change = Arc::new(std::sync::OnceLock::new());
-        let indexer = Indexer::start(indexes.clone(), writer.try_clone()?, backfill.clone(), on_change.clone())
-            .map_err(|e| HotError::Thread(e.to_string()))?;
+        let tail = Arc::new(crate::search::Tail::default());
+        let indexer =
+            Indexer::start(indexes.clone(), writer.try_clone()?, backfill.clone(), on_change.clone(), tail.clone())
+                .map_err(|e| HotError::Thread(e.to_string()))?;
         Ok(HotTier {
+            tail,
             warm: std::sync::OnceLock::new(),
             on_change,
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
@@ -417,7 +426,9 @@ impl HotTier {
             }
             // After the commit: an index entry never points at a row that is not there.
             let job = if self.indexer.pending.load(Ordering::Relaxed) < self.index_backlog.load(Ordering::Relaxed) {
-                IndexJob::Records(rows.iter().map(|r| (key_hash(r), (*r).clone())).collect())
+                let keyed: Vec<(u64, Record)> = rows.iter().map(|r| (key_hash(r), (*r).clone())).collect();
+                self.tail.add(&keyed.iter().map(|(k, r)| (*k, r)).collect::<Vec<_>>());
+                IndexJob::Records(keyed)
             } else {
                 IndexJob::Keys(kind, rows.iter().map(|r| (r.system_id.clone(), r.id.clone())).collect())
             };
@@ -430,6 +441,11 @@ impl HotTier {
         self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Vectors written but not yet in the ANN index.
+    pub fn tail(&self) -> &crate::search::Tail {
+        &self.tail
     }
 
     /// The search indexes over this tier's records.
@@ -748,8 +764,13 @@ pub(crate) fn row_json(row: &duckdb::Row<'_>, kind: RecordKind) -> Result<serde_
 
 /// Identity of a record's key: `(kind, system_id, id)`.
 pub(crate) fn key_hash(record: &Record) -> u64 {
+    key_hash_of(record.kind, &record.system_id, &record.id)
+}
+
+/// [`key_hash`] from the key's parts.
+pub(crate) fn key_hash_of(kind: RecordKind, system_id: &str, id: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (record.kind as u8, &record.system_id, &record.id).hash(&mut h);
+    (kind as u8, system_id, id).hash(&mut h);
     h.finish()
 }
 
@@ -875,6 +896,45 @@ mod tests {
             assert_eq!(hot.indexes().sizes(), (2, 2));
             assert_eq!(hot.index_failures(), 0);
         }
+    }
+
+    #[test]
+    fn a_burst_is_searchable_before_the_index_catches_up() {
+        use crate::query::QueryService;
+        use crate::search::Filters;
+        let hot = Arc::new(HotTier::open("1GB", 1, None).unwrap());
+        // 20,000 vectors take the one indexer thread seconds; the last one is searched for at once.
+        let vector = |i: usize| -> Vec<f32> {
+            let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            (0..EMBEDDING_DIM)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 1000) as f32 / 1000.0 - 0.5
+                })
+                .collect()
+        };
+        let records: Vec<Record> = (0..20_000)
+            .map(|i| {
+                let mut r = rec(&format!("r{i}"), 10, "burst");
+                r.embedding = Some(vector(i));
+                r
+            })
+            .collect();
+        hot.insert(&records).unwrap();
+        let service = QueryService::new(hot.clone(), None);
+        let waiting = hot.index_pending();
+        let hits = service.vector(&vector(19_999), 3, &Filters::default()).unwrap();
+        assert_eq!(hits[0].record["id"], "r19999", "found while {waiting} records wait for the index");
+        assert!(hits[0].similarity.unwrap() > 0.9999);
+        // A filter applies to the waiting records too.
+        let only_other = Filters { system_ids: vec!["elsewhere".into()], ..Filters::default() };
+        assert!(service.vector(&vector(19_999), 3, &only_other).unwrap().is_empty());
+        assert!(hot.wait_indexed(std::time::Duration::from_secs(120)));
+        assert!(hot.tail().is_empty(), "indexed versions leave the tail");
+        let hits = service.vector(&vector(19_999), 1, &Filters::default()).unwrap();
+        assert_eq!(hits[0].record["id"], "r19999");
     }
 
     #[test]

@@ -272,6 +272,7 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
             "indexed": r.hot.indexes().sizes().0,
             "indexed_vectors": r.hot.indexes().sizes().1,
             "index_pending": r.hot.index_pending(),
+            "searched_exactly": r.hot.tail().len(),
             "index_failures": r.hot.index_failures(),
         },
         "embeddings": {
@@ -375,6 +376,12 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         "akosha_hot_index_pending_records",
         "Hot records readable but not yet searchable.",
         r.hot.index_pending(),
+    );
+    gauge(
+        &mut e,
+        "akosha_hot_tail_vectors",
+        "Vectors written but not yet in the ANN index, searched exactly meanwhile.",
+        r.hot.tail().len() as u64,
     );
     counter(&mut e, "akosha_hot_index_failures_total", "Records whose index update failed.", r.hot.index_failures());
     counter(

@@ -258,6 +258,12 @@ impl QueryService {
         if let Some(warm) = self.hot.warm() {
             found.extend(warm.indexes().vector_search(embedding, k, filters)?);
         }
+        // Records not yet indexed are compared exactly; for their keys the waiting version is the current one.
+        let tail = self.hot.tail();
+        if !tail.is_empty() {
+            found.retain(|(d, _)| !tail.contains(crate::hot::key_hash_of(d.kind, &d.system_id, &d.id)));
+            found.extend(tail.search(embedding, k, filters).into_iter().map(|(_, d, s)| (d, s)));
+        }
         Ok(best_once(found, k, |(doc, score)| (doc, *score)))
     }
 

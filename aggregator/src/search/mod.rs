@@ -62,6 +62,89 @@ pub struct DocMeta {
     pub ts: i64,
 }
 
+impl DocMeta {
+    /// The filterable fields of `r` (not interned: for short-lived entries).
+    pub fn of(r: &Record) -> DocMeta {
+        DocMeta {
+            system_id: Arc::from(r.system_id.as_str()),
+            kind: r.kind,
+            id: Box::from(r.id.as_str()),
+            project: r.project.as_deref().map(Arc::from),
+            category: r.category.as_deref().map(Arc::from),
+            tags: r.tags.iter().map(|t| Arc::from(t.as_str())).collect(),
+            ts: r.ts,
+        }
+    }
+}
+
+/// Vectors written to the table but not yet in the ANN index, searched exactly, so that a burst faster than the
+/// indexer is searchable at once. Entries leave when the indexer has taken in their version.
+#[derive(Default)]
+pub struct Tail {
+    entries: RwLock<HashMap<u64, (DocMeta, Vec<f32>)>>,
+}
+
+impl Tail {
+    /// Adds the vectors of records just written (replacing older versions of the same keys).
+    pub fn add(&self, records: &[(u64, &Record)]) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        for (key, r) in records {
+            if let Some(e) = r.embedding.as_deref() {
+                let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let unit =
+                    if norm > 0.0 && norm.is_finite() { e.iter().map(|x| x / norm).collect() } else { e.to_vec() };
+                entries.insert(*key, (DocMeta::of(r), unit));
+            }
+        }
+    }
+
+    /// Removes keys whose version `ts` (or a newer one) is now indexed.
+    pub fn indexed(&self, records: &[(u64, &Record)]) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if entries.is_empty() {
+            return;
+        }
+        for (key, r) in records {
+            if entries.get(key).is_some_and(|(d, _)| d.ts <= r.ts) {
+                entries.remove(key);
+            }
+        }
+    }
+
+    /// Entries waiting.
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `key` has a version waiting (its indexed version, if any, is stale).
+    pub fn contains(&self, key: u64) -> bool {
+        self.entries.read().unwrap_or_else(|p| p.into_inner()).contains_key(&key)
+    }
+
+    /// The `k` nearest waiting records passing `filters`, exactly.
+    pub fn search(&self, query: &[f32], k: usize, filters: &Filters) -> Vec<(u64, DocMeta, f32)> {
+        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let norm = query.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        let mut hits: Vec<(u64, DocMeta, f32)> = entries
+            .iter()
+            .filter(|(_, (d, v))| v.len() == query.len() && filters.matches(d))
+            .map(|(key, (d, v))| (*key, d.clone(), v.iter().zip(query).map(|(a, b)| a * b).sum::<f32>() / norm))
+            .filter(|(_, _, s)| filters.min_similarity.is_none_or(|min| *s >= min))
+            .collect();
+        hits.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        hits.truncate(k);
+        hits
+    }
+}
+
 /// Strings that repeat across records (systems, projects, categories, tags) are stored once.
 #[derive(Default)]
 struct Interner(HashMap<Box<str>, Arc<str>>);
