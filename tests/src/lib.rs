@@ -552,6 +552,23 @@ pub fn ndjson(ids: impl IntoIterator<Item = u64>, kind: &str) -> String {
     out
 }
 
+/// A deterministic unit vector for `seed`: uniform noise in `[-0.5, 0.5)` per dimension plus `weight` on the
+/// dimensions `in_cluster` selects, normalised — records sharing a cluster are each other's neighbours, and no two
+/// seeds give the same vector (so rankings have no ties).
+pub fn clustered_vector(seed: u64, dims: usize, in_cluster: impl Fn(usize) -> bool, weight: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..dims)
+        .map(|d| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 1000) as f32 / 1000.0 - 0.5 + if in_cluster(d) { weight } else { 0.0 }
+        })
+        .collect();
+    let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.into_iter().map(|a| a / norm).collect()
+}
+
 /// A Session-Buddy-shaped record: ~1 KB of varied English-like text and a 384-float embedding of pseudo-random
 /// values (real embeddings are close to incompressible; a smooth function of `i` would flatter every codec).
 pub fn bench_record(i: usize) -> akosha_protocol::Record {

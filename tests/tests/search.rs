@@ -12,20 +12,7 @@ const TOPICS: [&str; 5] = ["parser", "buffer", "certificate", "embedding", "comp
 
 /// A deterministic unit vector per record, clustered by topic so that neighbours share a topic.
 fn embedding(i: u64) -> Vec<f32> {
-    let topic = (i % 5) as usize;
-    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..384)
-        .map(|d| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let noise = (x % 1000) as f32 / 1000.0 - 0.5;
-            let centre = if d % 5 == topic { 2.0 } else { 0.0 };
-            centre + noise
-        })
-        .collect();
-    let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
-    v.into_iter().map(|a| a / norm).collect()
+    akosha_e2e::clustered_vector(i, 384, |d| d % 5 == (i % 5) as usize, 2.0)
 }
 
 fn line(i: u64, kind: &str, text: &str, project: &str, ts: i64) -> String {

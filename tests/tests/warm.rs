@@ -13,17 +13,7 @@ const SYSTEM: &str = "warm-host";
 const DAY_US: i64 = 86_400_000_000;
 
 fn embedding(i: u64) -> Vec<f32> {
-    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..384)
-        .map(|d| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 1000) as f32 / 1000.0 + if d == (i % 11) as usize { 3.0 } else { 0.0 }
-        })
-        .collect();
-    let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
-    v.into_iter().map(|a| a / norm).collect()
+    akosha_e2e::clustered_vector(i, 384, |d| d == (i % 11) as usize, 3.0)
 }
 
 fn corpus(now_us: i64) -> String {
