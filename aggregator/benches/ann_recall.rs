@@ -1,6 +1,7 @@
 //! Recall of the hot tier's HNSW index against exact search, on random-but-clustered 384-dim vectors.
 //!
-//! `cargo bench --profile release --workspace --bench ann_recall -- [vectors, default 1000000]`
+//! `cargo bench --profile release --workspace --bench ann_recall -- [vectors, default 1000000] [connectivity
+//! expansion_add, default the aggregator's]`
 //!
 //! Vectors: 2,000 random unit centres, each point a centre plus Gaussian-ish noise (σ chosen so that a point's
 //! cluster-mates are its nearest neighbours but far from identical), normalised. Queries: 300 fresh points
@@ -60,14 +61,21 @@ fn append(duck: &duckdb::Connection, first: usize, batch: &[Vec<f32>]) {
 }
 
 fn main() {
-    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let numbers: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let n = numbers.first().copied().unwrap_or(1_000_000);
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
     let centres: Vec<Vec<f32>> = (0..CLUSTERS).map(|_| normalise((0..DIMS).map(|_| rng.gauss()).collect())).collect();
     let point = |rng: &mut Rng| -> Vec<f32> {
         let c = &centres[(rng.next() % CLUSTERS as u64) as usize];
         normalise(c.iter().map(|x| x + 0.06 * rng.gauss()).collect())
     };
-    let index = VectorIndex::new(DIMS).expect("index");
+    let index = match numbers.get(1..3) {
+        Some([connectivity, expansion_add]) => {
+            println!("graph: connectivity {connectivity}, expansion_add {expansion_add}");
+            VectorIndex::with_graph(DIMS, *connectivity, *expansion_add).expect("index")
+        }
+        _ => VectorIndex::new(DIMS).expect("index"),
+    };
     let duck = duckdb::Connection::open_in_memory().expect("duckdb");
     duck.execute_batch(&format!("CREATE TABLE v (id BIGINT, embedding FLOAT[{DIMS}]);")).expect("table");
     let started = Instant::now();
