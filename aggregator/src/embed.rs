@@ -232,20 +232,29 @@ impl Bert {
     }
 }
 
+/// A linear layer over every token at once: `(batch, tokens, in)` as one `(batch·tokens, in)` matrix, one
+/// large matmul instead of a batch of small ones against a broadcast weight.
+fn dense(layer: &Linear, x: &Tensor) -> Result<Tensor, candle_core::Error> {
+    let (batch, len, width) = x.dims3()?;
+    let out = layer.forward(&x.reshape((batch * len, width))?)?;
+    let out_width = out.dim(1)?;
+    out.reshape((batch, len, out_width))
+}
+
 impl Layer {
     fn forward(&self, x: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor, candle_core::Error> {
         let (batch, len, hidden) = x.dims3()?;
         let head_dim = hidden / heads;
         let split = |t: Tensor| t.reshape((batch, len, heads, head_dim))?.transpose(1, 2)?.contiguous();
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let q = split(dense(&self.query, x)?)?;
+        let k = split(dense(&self.key, x)?)?;
+        let v = split(dense(&self.value, x)?)?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? / (head_dim as f64).sqrt())?.broadcast_add(bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((batch, len, hidden))?;
-        let attended = self.attention_norm.forward(&(self.attention_out.forward(&context)? + x)?)?;
-        let inner = self.intermediate.forward(&attended)?.gelu_erf()?;
-        self.output_norm.forward(&(self.output.forward(&inner)? + &attended)?)
+        let attended = self.attention_norm.forward(&(dense(&self.attention_out, &context)? + x)?)?;
+        let inner = dense(&self.intermediate, &attended)?.gelu_erf()?;
+        self.output_norm.forward(&(dense(&self.output, &inner)? + &attended)?)
     }
 }
 
