@@ -22,14 +22,11 @@ use arrow::record_batch::RecordBatch;
 const DIMS: usize = 384;
 const CLUSTERS: usize = 2_000;
 
-struct Rng(u64);
+struct Rng(akosha_e2e::Xorshift);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.next()
     }
     /// Roughly normal (sum of four uniforms), mean 0, variance 1/3.
     fn gauss(&mut self) -> f32 {
@@ -63,7 +60,7 @@ fn append(duck: &duckdb::Connection, first: usize, batch: &[Vec<f32>]) {
 fn main() {
     let numbers: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let n = numbers.first().copied().unwrap_or(1_000_000);
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+    let mut rng = Rng(akosha_e2e::Xorshift(0x2545_F491_4F6C_DD1D));
     let centres: Vec<Vec<f32>> = (0..CLUSTERS).map(|_| normalise((0..DIMS).map(|_| rng.gauss()).collect())).collect();
     let point = |rng: &mut Rng| -> Vec<f32> {
         let c = &centres[(rng.next() % CLUSTERS as u64) as usize];

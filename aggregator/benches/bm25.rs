@@ -12,14 +12,11 @@ use akosha_aggregator::search::Filters;
 use akosha_aggregator::search::text::TextIndex;
 use akosha_protocol::{Record, RecordKind};
 
-struct Rng(u64);
+struct Rng(akosha_e2e::Xorshift);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.next()
     }
 
     /// A word index with P(i) ∝ 1/(i+1): squaring a uniform draw skews towards the head of the vocabulary.
@@ -48,7 +45,7 @@ fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
     const VOCABULARY: usize = 20_000;
     let words: Vec<String> = (0..VOCABULARY).map(word).collect();
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng(akosha_e2e::Xorshift(0x9E37_79B9_7F4A_7C15));
     let index = TextIndex::new().expect("index");
     let started = Instant::now();
     let chunk = 50_000;

@@ -50,15 +50,13 @@ fn main() {
         "the",
         "regression",
     ];
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = akosha_e2e::Xorshift(0x2545_F491_4F6C_DD1D);
     let texts: Vec<String> = (0..n)
         .map(|_| {
             let mut t = String::from("User: ");
-            while t.len() < 150 + (x % 150) as usize {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                t.push_str(WORDS[(x % WORDS.len() as u64) as usize]);
+            let target = 150 + (rng.next() % 150) as usize;
+            while t.len() < target {
+                t.push_str(WORDS[(rng.next() % WORDS.len() as u64) as usize]);
                 t.push(' ');
             }
             t

@@ -552,18 +552,28 @@ pub fn ndjson(ids: impl IntoIterator<Item = u64>, kind: &str) -> String {
     out
 }
 
+/// xorshift64: deterministic, seedable, fast — benches and tests generate their data with it.
+#[derive(Debug, Clone)]
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// A deterministic unit vector for `seed`: uniform noise in `[-0.5, 0.5)` per dimension plus `weight` on the
 /// dimensions `in_cluster` selects, normalised — records sharing a cluster are each other's neighbours, and no two
 /// seeds give the same vector (so rankings have no ties).
 pub fn clustered_vector(seed: u64, dims: usize, in_cluster: impl Fn(usize) -> bool, weight: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = Xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let v: Vec<f32> = (0..dims)
-        .map(|d| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 1000) as f32 / 1000.0 - 0.5 + if in_cluster(d) { weight } else { 0.0 }
-        })
+        .map(|d| (rng.next() % 1000) as f32 / 1000.0 - 0.5 + if in_cluster(d) { weight } else { 0.0 })
         .collect();
     let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
     v.into_iter().map(|a| a / norm).collect()
