@@ -534,7 +534,21 @@ impl SearchRequest {
     }
 }
 
-async fn search(State(agg): State<Arc<Aggregator>>, body: axum::body::Bytes, mode: Mode) -> Response {
+/// A request body, or the JSON error saying why it could not be read (too large, cut short).
+pub(crate) type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
+
+/// The JSON error for a body that could not be read.
+pub(crate) fn body_error(rejection: axum::extract::rejection::BytesRejection) -> Response {
+    let status = rejection.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_request" };
+    error(status, code, &rejection.body_text())
+}
+
+async fn search(State(agg): State<Arc<Aggregator>>, body: Body, mode: Mode) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return body_error(rejection),
+    };
     let request: SearchRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("invalid search request: {e}")),
@@ -796,7 +810,11 @@ async fn warm_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
 }
 
 /// `POST /v1/embeddings`, OpenAI-compatible: `{"input": "text" | ["text", …]}`.
-async fn embeddings(State(agg): State<Arc<Aggregator>>, body: axum::body::Bytes) -> Response {
+async fn embeddings(State(agg): State<Arc<Aggregator>>, body: Body) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return body_error(rejection),
+    };
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Input {
@@ -836,6 +854,46 @@ async fn embeddings(State(agg): State<Arc<Aggregator>>, body: axum::body::Bytes)
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::router;
+    use crate::Aggregator;
+
+    /// A body over `http.max_body_bytes` is refused with the JSON error, on cached and uncached routes alike.
+    #[tokio::test]
+    async fn oversized_bodies_get_a_json_413() {
+        let config = crate::config::AggregatorConfig::parse(
+            "http: {max_body_bytes: 2KiB}\ncache: {enabled: false}",
+            |_| None,
+            &[],
+        )
+        .unwrap();
+        // No receiver: the handlers would answer `starting`, so a 413 proves the body limit answered first.
+        let agg = Arc::new(Aggregator {
+            receiver: std::sync::OnceLock::new(),
+            embedder: std::sync::OnceLock::new(),
+            auth: crate::auth::Auth::new(&config.auth),
+            max_body_bytes: config.http_max_body_bytes,
+            cache: Arc::new(crate::cache::Cache::new(config.cache.clone()).unwrap()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router(agg)).await });
+        let client = reqwest::Client::new();
+        for path in ["/v1/search/text", "/v1/embeddings", "/mcp"] {
+            let response = client
+                .post(format!("http://{addr}{path}"))
+                .header("content-type", "application/json")
+                .body(vec![b' '; 4096])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), 413, "{path}");
+            let json: serde_json::Value = response.json().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(json["error"], "too_large", "{path}");
+        }
+    }
+
     /// Every route the router serves is described in docs/openapi.yaml, and nothing more.
     #[test]
     fn openapi_describes_every_route() {

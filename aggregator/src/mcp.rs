@@ -159,7 +159,15 @@ pub async fn get() -> Response {
 }
 
 /// `POST /mcp`.
-pub async fn post(State(agg): State<Arc<Aggregator>>, caller: Option<Extension<Caller>>, body: Bytes) -> Response {
+pub async fn post(
+    State(agg): State<Arc<Aggregator>>,
+    caller: Option<Extension<Caller>>,
+    body: crate::http::Body,
+) -> Response {
+    let body: Bytes = match body {
+        Ok(b) => b,
+        Err(rejection) => return crate::http::body_error(rejection),
+    };
     let caller = caller.map(|Extension(c)| c);
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

@@ -237,18 +237,37 @@ async fn fixture_texts_find_their_own_records_first() -> Result<()> {
         out
     };
     assert_eq!(texts.len(), 28);
+    let mut hot_answers = Vec::new();
     for (kind, id, content) in &texts {
         let (status, r) = search(&agg, "vector", json!({"query": content, "limit": 3})).await?;
         assert_eq!(status, 200, "{r}");
         assert_eq!(ids(&r).first(), Some(id), "vector search for {kind} {id}: {r}");
         assert!(r["results"][0]["similarity"].as_f64().unwrap() > 0.999, "{r}");
-        let (_, r) = search(&agg, "hybrid", json!({"query": content, "limit": 3})).await?;
-        assert_eq!(ids(&r).first(), Some(id), "hybrid search for {kind} {id}: {r}");
+        let (_, h) = search(&agg, "hybrid", json!({"query": content, "limit": 3})).await?;
+        assert_eq!(ids(&h).first(), Some(id), "hybrid search for {kind} {id}: {h}");
+        hot_answers.push((ids(&r), ids(&h)));
         let (_, r) = search(&agg, "vector", json!({"query": content, "limit": 3, "kinds": [if kind == "conversation" { "reflection" } else { "conversation" }]})).await?;
         assert!(!ids(&r).contains(id), "the kind filter excludes {id}: {r}");
         let (_, r) = search(&agg, "vector", json!({"query": content, "system_id": "someone-else"})).await?;
         assert_eq!(r["count"], 0, "{r}");
     }
+    // Everything to the warm tier: the same queries give the same ids from warm only.
+    let moved: Value = reqwest::Client::new()
+        .post(format!("{}/v1/admin/warm/move?older_than=0s", agg.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(moved["moved"], true, "{moved}");
+    assert_eq!(agg.stats().await?["warm"]["records"], 28);
+    for ((_, id, content), (vector, hybrid)) in texts.iter().zip(&hot_answers) {
+        let (_, r) = search(&agg, "vector", json!({"query": content, "limit": 3})).await?;
+        assert_eq!(&ids(&r), vector, "warm-only vector answer for {id}");
+        assert_eq!(r["results"][0]["record"]["tier"], "warm");
+        let (_, h) = search(&agg, "hybrid", json!({"query": content, "limit": 3})).await?;
+        assert_eq!(&ids(&h), hybrid, "warm-only hybrid answer for {id}");
+    }
+
     // A record without a vector: embedded in the background, then found by meaning, not by shared words.
     let line = json!({"id": "fresh", "kind": "reflection", "text": "Our cat Whiskers loves sleeping on the warm laptop keyboard every afternoon."});
     let (status, _, _) = agent.post(format!("{line}\n")).await?;
