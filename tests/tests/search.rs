@@ -287,3 +287,93 @@ async fn fixture_texts_find_their_own_records_first() -> Result<()> {
     assert!(stats["embeddings"]["backfill_embedded"].as_u64() >= Some(1), "{stats}");
     Ok(())
 }
+
+/// `embeddings.endpoint`: an aggregator without the model embeds through another one's OpenAI-compatible
+/// `/v1/embeddings` (bearer key included) — same vectors as the model, backfill and text queries work — and says
+/// which endpoint failed when it goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_embeddings_endpoint_stands_in_for_the_model() -> Result<()> {
+    let model = std::path::PathBuf::from(std::env::var("HOME")?).join(".akosha/models/all-MiniLM-L6-v2");
+    if !model.join("model.safetensors").exists() {
+        assert!(std::env::var_os("CI").is_none(), "embedding model missing (run scripts/setup.sh)");
+        eprintln!("skipping: no embedding model");
+        return Ok(());
+    }
+    let site = Site::new()?;
+    let key = "remote-embeddings-key-0001";
+    let mut embedder = Aggregator::start_configured(
+        &site,
+        "embedder",
+        "",
+        &format!("auth: {{tokens: [{{name: front, token: {key}, scopes: [read]}}]}}\n"),
+    )
+    .await?;
+    let endpoint = format!("{}/v1/embeddings", embedder.url);
+    let front = Aggregator::start_configured(
+        &site,
+        "front",
+        "",
+        &format!("embeddings: {{endpoint: '{endpoint}', api_key: {key}, timeout: 10s, batch_size: 8}}\n"),
+    )
+    .await?;
+    let stats = front.stats().await?;
+    assert_eq!(stats["embeddings"]["source"], endpoint.as_str(), "{stats}");
+
+    // The front's vectors are the model's.
+    let text = "how do I rotate the TLS certificates of an agent";
+    let direct: Value = reqwest::Client::new()
+        .post(&endpoint)
+        .bearer_auth(key)
+        .json(&json!({"input": text}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let relayed: Value = reqwest::Client::new()
+        .post(format!("{}/v1/embeddings", front.url))
+        .json(&json!({"input": [text]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let vector = |v: &Value| -> Vec<f64> {
+        v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    let (a, b) = (vector(&direct), vector(&relayed));
+    assert_eq!(a.len(), 384, "{direct}");
+    let cosine: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    assert!(cosine > 0.99999, "cosine {cosine}");
+
+    // Records without vectors are backfilled through the endpoint and found by meaning.
+    let agent = Agent::start(&site, "agent", SYSTEM, front.quic_port, &AgentOptions::default()).await?;
+    let lines = [
+        json!({"id": "cat", "kind": "reflection", "text": "Our cat Whiskers loves sleeping on the warm laptop keyboard every afternoon."}),
+        json!({"id": "tax", "kind": "reflection", "text": "Quarterly VAT returns are due at the end of the month."}),
+    ];
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let (status, _, _) = agent.post(body).await?;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, r) =
+            search(&front, "vector", json!({"query": "a pet kitten napping on a computer", "limit": 1})).await?;
+        assert_eq!(status, 200, "{r}");
+        if ids(&r) == ["cat"] {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the backfilled record was never found by meaning: {r}; stats {}", front.stats().await?);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(front.stats().await?["embeddings"]["backfill_embedded"].as_u64() >= Some(2));
+
+    // The endpoint gone: text queries fail with the endpoint named; vector queries still answer.
+    embedder.proc.terminate(Duration::from_secs(10))?;
+    let (status, r) = search(&front, "vector", json!({"query": "kitten", "limit": 1})).await?;
+    assert_eq!(status, 503, "{r}");
+    assert!(r["message"].as_str().unwrap().contains(&endpoint), "{r}");
+    let (status, r) = search(&front, "text", json!({"query": "Whiskers", "limit": 1})).await?;
+    assert_eq!((status, ids(&r)), (200, vec!["cat".to_owned()]), "{r}");
+    Ok(())
+}
