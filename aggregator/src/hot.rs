@@ -319,6 +319,8 @@ impl HotTier {
         for kind in RecordKind::ALL {
             let table = kind.as_str();
             ddl.push_str(&format!("CREATE TABLE {table} ({}, ingested_at TIMESTAMP NOT NULL);\n", columns.join(", ")));
+            // Point lookups (search results, `get`) probe this instead of scanning the table.
+            ddl.push_str(&format!("CREATE INDEX {table}_id ON main.{table} (id);\n"));
             ddl.push_str(&format!("CREATE TABLE replaced_{table} (system_id VARCHAR, id VARCHAR);\n"));
             // Every tier's rows; the warm tier replaces this view with one that includes its table.
             ddl.push_str(&format!("CREATE VIEW all_{table} AS SELECT *, 'hot' AS tier FROM main.{table};\n"));
@@ -528,42 +530,64 @@ impl HotTier {
 
     /// One record as JSON, or `None`.
     pub fn get(&self, system_id: &str, kind: RecordKind, id: &str) -> Result<Option<serde_json::Value>, HotError> {
-        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        // Every tier; during a move a key may briefly be in two, and the newer version wins.
-        let sql = format!(
-            "SELECT {RECORD_COLUMNS}, tier FROM all_{} WHERE system_id = ? AND id = ? ORDER BY ts DESC, tier LIMIT 1",
-            kind.as_str()
-        );
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(duckdb::params![system_id, id])?;
-        let Some(row) = rows.next()? else { return Ok(None) };
-        Ok(Some(row_json(row, kind)?))
+        Ok(self.get_many(kind, &[(system_id, id)], true)?.into_values().next())
     }
 
-    /// Many records of one kind in one join, keyed by `(system_id, id)`; keys not stored are absent.
+    /// Many records of one kind, keyed by `(system_id, id)`; keys not stored are absent. `with_embedding: false`
+    /// leaves the vectors out (search results do not show them, and they are most of a row).
+    ///
+    /// Each tier's table is probed through its index on `id` (`id IN (…)`), table by table: DuckDB does not take
+    /// an index through the `all_<kind>` union, and a scan costs ~50 ms at a million rows. During a move a key can
+    /// briefly be in both tiers; the newer version wins, hot on a tie.
     pub fn get_many(
         &self,
         kind: RecordKind,
         keys: &[(&str, &str)],
+        with_embedding: bool,
     ) -> Result<HashMap<(String, String), serde_json::Value>, HotError> {
-        let mut out = HashMap::with_capacity(keys.len());
+        let mut best: HashMap<(String, String), (i64, serde_json::Value)> = HashMap::with_capacity(keys.len());
         if keys.is_empty() {
-            return Ok(out);
+            return Ok(HashMap::new());
+        }
+        let wanted: std::collections::HashSet<(&str, &str)> = keys.iter().copied().collect();
+        let mut ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let columns = if with_embedding {
+            RECORD_COLUMNS.to_owned()
+        } else {
+            RECORD_COLUMNS.replacen("embedding", "NULL::FLOAT[1] AS embedding", 1)
+        };
+        let mut tables = vec![(format!("main.{}", kind.as_str()), "hot")];
+        if self.warm.get().is_some() {
+            tables.push((format!("warm.{}", kind.as_str()), "warm"));
         }
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        stage_keys(&conn, "lookup_keys", keys.iter().copied())?;
-        let sql = format!(
-            "SELECT {RECORD_COLUMNS}, tier FROM all_{} JOIN lookup_keys USING (system_id, id) ORDER BY ts, tier DESC",
-            kind.as_str()
-        );
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query([])?;
-        // Ascending by time: the newest version of a key (in whichever tier) is inserted last and wins.
-        while let Some(row) = rows.next()? {
-            let key = (row.get::<_, String>(0)?, row.get::<_, String>(1)?);
-            out.insert(key, row_json(row, kind)?);
+        // Warm first, so that a hot version with the same timestamp replaces it.
+        for (table, tier) in tables.iter().rev() {
+            for chunk in ids.chunks(LOOKUP_SLOTS[LOOKUP_SLOTS.len() - 1]) {
+                // A few fixed list lengths (the last id repeated) keep the cached statements few.
+                let slots = LOOKUP_SLOTS.iter().copied().find(|&n| n >= chunk.len()).unwrap_or(chunk.len());
+                let list = vec!["?"; slots].join(", ");
+                let sql = format!("SELECT {columns}, '{tier}' AS tier FROM {table} WHERE id IN ({list})");
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let params: Vec<&str> =
+                    chunk.iter().copied().chain(std::iter::repeat(chunk[chunk.len() - 1])).take(slots).collect();
+                let mut rows = stmt.query(duckdb::params_from_iter(params))?;
+                while let Some(row) = rows.next()? {
+                    let (system_id, id): (String, String) = (row.get(0)?, row.get(1)?);
+                    if !wanted.contains(&(system_id.as_str(), id.as_str())) {
+                        continue;
+                    }
+                    let ts: i64 = row.get(2)?;
+                    let key = (system_id, id);
+                    if best.get(&key).is_none_or(|(seen, _)| ts >= *seen) {
+                        best.insert(key, (ts, row_json(row, kind)?));
+                    }
+                }
+            }
         }
-        Ok(out)
+        Ok(best.into_iter().map(|(key, (_, record))| (key, record)).collect())
     }
 
     /// Attaches the warm tier (once) and returns it.
@@ -696,6 +720,9 @@ impl HotTier {
 }
 
 /// Columns of a stored record, in the order [`row_json`] reads them.
+/// List lengths of the `id IN (…)` lookups.
+const LOOKUP_SLOTS: [usize; 4] = [1, 16, 64, 256];
+
 pub(crate) const RECORD_COLUMNS: &str = "system_id, id, epoch_us(ts), project, namespace, category, text, name, embedding, tags, \
      metadata, importance, residency, from_id, to_id, relation_type, weight, value, epoch_us(ingested_at)";
 
@@ -958,11 +985,33 @@ mod tests {
         // Many at once: stored keys come back whole, missing ones are absent; quotes in ids are just data.
         hot.insert(&[rec("it's", 1, "quoted")]).unwrap();
         let many = hot
-            .get_many(RecordKind::Conversation, &[("host-1", "a"), ("host-1", "it's"), ("host-1", "nope"), ("h2", "b")])
+            .get_many(
+                RecordKind::Conversation,
+                &[("host-1", "a"), ("host-1", "it's"), ("host-1", "nope"), ("h2", "b")],
+                true,
+            )
             .unwrap();
         assert_eq!(many.len(), 2);
         assert_eq!(many[&("host-1".to_owned(), "a".to_owned())], a);
         assert_eq!(many[&("host-1".to_owned(), "it's".to_owned())]["text"], "quoted");
+        let lean = hot.get_many(RecordKind::Conversation, &[("host-1", "a")], false).unwrap();
+        let lean = &lean[&("host-1".to_owned(), "a".to_owned())];
+        assert!(lean.get("embedding").is_none() && lean["text"] == "newest in same batch", "{lean}");
+
+        // More keys than one lookup list holds, the same id under two systems, and ids that are not stored.
+        let records: Vec<Record> = (0..600i64).map(|i| rec(&format!("k{i}"), 100 + i, "bulk")).collect();
+        hot.insert(&records).unwrap();
+        let mut other = rec("k7", 5, "other system");
+        other.system_id = "host-2".into();
+        hot.insert(&[other]).unwrap();
+        let ids: Vec<String> = (0..650).map(|i| format!("k{i}")).collect();
+        let keys: Vec<(&str, &str)> = ids.iter().map(|id| ("host-1", id.as_str())).collect();
+        let many = hot.get_many(RecordKind::Conversation, &keys, false).unwrap();
+        assert_eq!(many.len(), 600);
+        assert_eq!(many[&("host-1".to_owned(), "k599".to_owned())]["ts"], 699);
+        let both = hot.get_many(RecordKind::Conversation, &[("host-1", "k7"), ("host-2", "k7")], false).unwrap();
+        assert_eq!(both[&("host-2".to_owned(), "k7".to_owned())]["text"], "other system");
+        assert_eq!(both[&("host-1".to_owned(), "k7".to_owned())]["text"], "bulk");
     }
 }
 

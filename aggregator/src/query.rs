@@ -289,17 +289,14 @@ impl QueryService {
         for kind in RecordKind::ALL {
             let keys: Vec<(&str, &str)> =
                 found.iter().filter(|f| f.doc.kind == kind).map(|f| (&*f.doc.system_id, &*f.doc.id)).collect();
-            for ((system_id, id), record) in self.hot.get_many(kind, &keys)? {
+            for ((system_id, id), record) in self.hot.get_many(kind, &keys, false)? {
                 records.insert((kind, system_id, id), record);
             }
         }
         Ok(found
             .into_iter()
             .filter_map(|f| {
-                let mut record = records.remove(&(f.doc.kind, f.doc.system_id.to_string(), f.doc.id.to_string()))?;
-                if let Some(map) = record.as_object_mut() {
-                    map.remove("embedding");
-                }
+                let record = records.remove(&(f.doc.kind, f.doc.system_id.to_string(), f.doc.id.to_string()))?;
                 Some(Hit { record, score: f.score, similarity: f.similarity, snippet: f.snippet })
             })
             .collect())

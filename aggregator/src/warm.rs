@@ -111,7 +111,8 @@ impl WarmTier {
         for kind in RecordKind::ALL {
             let t = kind.as_str();
             ddl.push_str(&format!(
-                "CREATE TABLE IF NOT EXISTS warm.{t} ({columns}, ingested_at TIMESTAMP NOT NULL);\n"
+                "CREATE TABLE IF NOT EXISTS warm.{t} ({columns}, ingested_at TIMESTAMP NOT NULL);\n\
+                 CREATE INDEX IF NOT EXISTS {t}_id ON warm.{t} (id);\n"
             ));
             ddl.push_str(&format!(
                 "CREATE OR REPLACE VIEW main.all_{t} AS SELECT *, 'hot' AS tier FROM main.{t} \
