@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/akosha-target}"
 cargo build --release --workspace --bins
 bash scripts/build-plugins.sh >/dev/null
-for bench in buffer_ingest transport pipeline footprint residency ann_recall bm25 embed; do
+for bench in buffer_ingest transport pipeline footprint residency ann_recall bm25 lookup embed peer; do
   echo "== $bench"
   cargo bench --profile release --workspace --bench "$bench" -q -- "$@"
 done
