@@ -207,9 +207,20 @@ impl RemoteEmbedder {
         if let Some(key) = &self.config.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|e| Attempt::Retry(self.fail(format!("request failed: {e}"))))?;
+        let mut response =
+            request.send().await.map_err(|e| Attempt::Retry(self.fail(format!("request failed: {e}"))))?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| Attempt::Retry(self.fail(format!("reading the answer: {e}"))))?;
+        // Floats as JSON text take ~20 bytes each: anything far beyond that for this batch is not an answer to it.
+        let limit = 1_048_576 + texts.len() * DIMENSIONS * 32;
+        let mut body = Vec::new();
+        while let Some(chunk) =
+            response.chunk().await.map_err(|e| Attempt::Retry(self.fail(format!("reading the answer: {e}"))))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(Attempt::Final(self.fail(format!("the answer exceeds {limit} bytes"))));
+            }
+            body.extend_from_slice(&chunk);
+        }
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
             let e = self.fail(format!("answered {status}: {text}"));
@@ -724,6 +735,7 @@ mod tests {
             (Box::new(|b| answer(b, 768)), "768 dimensions"),
             (Box::new(|_| serde_json::json!({"data": []}).to_string()), "0 embeddings for 2 inputs"),
             (Box::new(|_| "not json".into()), "not an embeddings list"),
+            (Box::new(|_| " ".repeat(4 << 20)), "exceeds"),
             (
                 Box::new(|_| {
                     let v = vec![0.5f32; DIMENSIONS];
