@@ -27,6 +27,7 @@ pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("AKOSHA_LOG_FORMAT", "log.format"),
     ("AKOSHA_REDIS_URL", "cache.redis_url"),
     ("AKOSHA_WARM_PATH", "warm.path"),
+    ("AKOSHA_COLD_URL", "cold.url"),
 ];
 
 const ENV_PREFIX: &str = "AKOSHA_AGGREGATOR__";
@@ -56,6 +57,26 @@ struct RawConfig {
     cache: RawCache,
     #[serde(default)]
     warm: RawWarm,
+    #[serde(default)]
+    cold: RawCold,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCold {
+    enabled: Option<bool>,
+    url: Option<String>,
+    #[serde(default)]
+    options: std::collections::BTreeMap<String, String>,
+    warm_window: Option<String>,
+    move_interval: Option<String>,
+    cache_dir: Option<String>,
+    cache_max_bytes: Option<String>,
+    row_group_rows: Option<usize>,
+    parallel_fetches: Option<usize>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown: Option<String>,
+    retry_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,6 +271,8 @@ pub struct AggregatorConfig {
     pub cache: crate::cache::CacheConfig,
     /// Warm tier.
     pub warm: crate::warm::WarmConfig,
+    /// Cold tier.
+    pub cold: crate::cold::ColdConfig,
 }
 
 /// In-process embeddings.
@@ -449,7 +472,58 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         return Err(ConfigError::invalid("warm.move_interval", "must be at least 1s"));
     }
 
+    let c = &raw.cold;
+    let cold = crate::cold::ColdConfig {
+        // On by default wherever warm is (a local directory needs no service); asked for without warm, an error.
+        enabled: c.enabled.unwrap_or(warm.enabled),
+        url: c.url.as_deref().map_or_else(
+            || data_dir.join("cold").display().to_string(),
+            |u| {
+                if u.contains("://") { u.to_owned() } else { path(u).display().to_string() }
+            },
+        ),
+        options: c.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        warm_window: duration("cold.warm_window", c.warm_window.as_ref(), "90d")?,
+        move_interval: duration("cold.move_interval", c.move_interval.as_ref(), "1h")?,
+        cache_dir: under(c.cache_dir.as_ref(), "cold-cache"),
+        cache_max_bytes: size("cold.cache_max_bytes", c.cache_max_bytes.as_ref(), "2GiB")?,
+        row_group_rows: c.row_group_rows.unwrap_or(122_880),
+        parallel_fetches: c.parallel_fetches.unwrap_or(8),
+        breaker_failures: c.breaker_failures.unwrap_or(5),
+        breaker_cooldown: duration("cold.breaker_cooldown", c.breaker_cooldown.as_ref(), "30s")?,
+        retry_timeout: duration("cold.retry_timeout", c.retry_timeout.as_ref(), "30s")?,
+    };
+    if cold.enabled {
+        if !warm.enabled {
+            return Err(ConfigError::invalid(
+                "cold.enabled",
+                "the cold tier needs the warm tier (`warm.enabled: true`)",
+            ));
+        }
+        if cold.warm_window <= warm.hot_window {
+            return Err(ConfigError::invalid("cold.warm_window", "must be longer than `warm.hot_window`"));
+        }
+        if cold.move_interval < Duration::from_secs(1) {
+            return Err(ConfigError::invalid("cold.move_interval", "must be at least 1s"));
+        }
+        if !(1_000..=10_000_000).contains(&cold.row_group_rows) {
+            return Err(ConfigError::invalid("cold.row_group_rows", "must be between 1000 and 10000000"));
+        }
+        if !(1..=64).contains(&cold.parallel_fetches) {
+            return Err(ConfigError::invalid("cold.parallel_fetches", "must be between 1 and 64"));
+        }
+        if cold.breaker_failures == 0 {
+            return Err(ConfigError::invalid("cold.breaker_failures", "must be at least 1"));
+        }
+        if cold.cache_max_bytes < 16 << 20 {
+            return Err(ConfigError::invalid("cold.cache_max_bytes", "must be at least 16MiB"));
+        }
+        // The URL and options are checked by opening the location (no request is made).
+        crate::objects::open(&cold.url, &cold.options).map_err(|e| ConfigError::invalid("cold.url", e.to_string()))?;
+    }
+
     Ok(AggregatorConfig {
+        cold,
         warm,
         cache,
         http_max_body_bytes: http_max_body_bytes as usize,

@@ -93,6 +93,8 @@ pub struct HotTier {
     tail: Arc<crate::search::Tail>,
     /// The warm tier, once attached.
     warm: std::sync::OnceLock<Arc<crate::warm::WarmTier>>,
+    /// The cold tier, once attached (after the warm tier, whose file holds its catalog).
+    cold: std::sync::OnceLock<Arc<crate::cold::ColdTier>>,
     /// Told about every change (cache invalidation).
     on_change: Arc<std::sync::OnceLock<ChangeHook>>,
     writer: Mutex<Writer>,
@@ -277,6 +279,11 @@ pub(crate) fn index_records(
 }
 
 /// The column definitions every tier's tables share.
+/// The stored columns' names (without `ingested_at`), in table order.
+pub(crate) fn column_names() -> Vec<&'static str> {
+    COLUMNS.iter().map(|(name, _)| *name).collect()
+}
+
 pub(crate) fn column_ddl() -> String {
     COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect::<Vec<_>>().join(", ")
 }
@@ -343,6 +350,7 @@ impl HotTier {
         Ok(HotTier {
             tail,
             warm: std::sync::OnceLock::new(),
+            cold: std::sync::OnceLock::new(),
             on_change,
             writer: Mutex::new(Writer { conn: writer, keys: HashMap::new() }),
             indexes,
@@ -606,11 +614,90 @@ impl HotTier {
         self.warm.get()
     }
 
+    /// Attaches the cold tier (once; the warm tier must be attached, its file holds the catalog).
+    pub fn attach_cold(
+        &self,
+        config: crate::cold::ColdConfig,
+    ) -> Result<Arc<crate::cold::ColdTier>, crate::cold::ColdError> {
+        if let Some(cold) = self.cold.get() {
+            return Ok(cold.clone());
+        }
+        if self.warm.get().is_none() {
+            return Err(crate::cold::ColdError::Io("the cold tier needs the warm tier (`warm.enabled`)".into()));
+        }
+        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner()).conn.try_clone()?;
+        let cold = Arc::new(crate::cold::ColdTier::open(&conn, config)?);
+        let _ = self.cold.set(cold.clone());
+        Ok(cold)
+    }
+
+    /// The cold tier, if attached.
+    pub fn cold(&self) -> Option<&Arc<crate::cold::ColdTier>> {
+        self.cold.get()
+    }
+
+    /// Moves every warm record older than `cutoff_us` to the cold tier (see [`crate::cold`]). Ingest goes on
+    /// meanwhile. `None` when there is no cold tier or nothing to move.
+    pub fn move_to_cold(&self, cutoff_us: i64) -> Result<Option<crate::cold::ColdMoveReport>, crate::cold::ColdError> {
+        let (Some(warm), Some(cold)) = (self.warm.get(), self.cold.get()) else { return Ok(None) };
+        let report = cold.move_from_warm(warm, cutoff_us)?;
+        if report.is_some() {
+            notify(&self.on_change, std::iter::once(String::from("*")));
+        }
+        Ok(report)
+    }
+
+    /// Runs `f` on the query connection with `all_<kind>` spanning the cold tier too, for each of `kinds` that has
+    /// cold objects for `systems` (all when empty) in `[since, until)`: the objects are fetched into the cache
+    /// first, and a key in several tiers shows its newest version (hot or warm on a tie).
+    pub fn read_spanning<T>(
+        &self,
+        kinds: &[RecordKind],
+        systems: &[String],
+        since_us: Option<i64>,
+        until_us: Option<i64>,
+        f: impl FnOnce(&Connection) -> Result<T, HotError>,
+    ) -> Result<T, HotError> {
+        let Some(cold) = self.cold.get() else { return self.read(f) };
+        let cold_err = |e: crate::cold::ColdError| HotError::Io(e.to_string());
+        let mut leases = Vec::new();
+        for &kind in kinds {
+            let objects = cold.objects(kind, systems, since_us, until_us).map_err(cold_err)?;
+            if !objects.is_empty() {
+                leases.push((kind, cold.lease(&objects).map_err(cold_err)?));
+            }
+        }
+        if leases.is_empty() {
+            return self.read(f);
+        }
+        self.read(|conn| {
+            // Unqualified, `main` would name the temp catalog's schema, where the view being created lives.
+            let database: String = conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
+            let mut views = String::new();
+            for (kind, lease) in &leases {
+                let t = kind.as_str();
+                views.push_str(&format!(
+                    "CREATE OR REPLACE TEMP VIEW all_{t} AS SELECT * FROM (SELECT * FROM \"{database}\".main.all_{t} \
+                     UNION ALL SELECT *, 'cold' AS tier FROM {}) \
+                     QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC, tier = 'cold') = 1;\n",
+                    crate::cold::parquet_source(&lease.paths)
+                ));
+            }
+            conn.execute_batch(&views)?;
+            let result = f(conn);
+            let drop: String =
+                leases.iter().map(|(kind, _)| format!("DROP VIEW IF EXISTS temp.all_{};\n", kind.as_str())).collect();
+            conn.execute_batch(&drop)?;
+            result
+        })
+    }
+
     /// Moves every record older than `cutoff_us` to the warm tier (see [`crate::warm`] for the protocol).
     /// Ingest waits while it runs. `None` when there is no warm tier or nothing to move.
     pub fn move_to_warm(&self, cutoff_us: i64) -> Result<Option<crate::warm::MoveReport>, HotError> {
         let Some(warm) = self.warm.get().cloned() else { return Ok(None) };
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _moving = warm.lock_moves();
         // Index jobs still queued could re-add moved keys to the hot indexes after their removal.
         self.wait_indexed(std::time::Duration::from_secs(300));
         let started = std::time::Instant::now();

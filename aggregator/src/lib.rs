@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cache;
 pub mod certs;
+pub mod cold;
 pub mod config;
 pub mod embed;
 pub mod graph;
@@ -214,6 +215,29 @@ impl Aggregator {
                 }
             });
         }
+        if let Some(cold) = receiver.hot.cold().cloned() {
+            let hot = receiver.hot.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(cold.config.move_interval);
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                    let hot = hot.clone();
+                    let cold = cold.clone();
+                    let cutoff = jiff::Timestamp::now().as_microsecond() - cold.config.warm_window.as_micros() as i64;
+                    // Failures are counted and logged by the cold tier; the next round retries.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if hot.move_to_cold(cutoff).is_ok() {
+                            let _ = cold.compact();
+                        }
+                    })
+                    .await;
+                }
+            });
+        }
         shutdown.await;
         info!(message = "Shutting down: draining agent sessions.");
         let _ = stop_tx.send(true);
@@ -319,6 +343,13 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
             warn!(message = "Start-up move to the warm tier failed; the records stay hot.", error = %e);
         }
         info!(message = "Warm tier attached.", path = %warm.config.path.display());
+        if config.cold.enabled {
+            let cold = hot.attach_cold(config.cold.clone()).map_err(|e| RunError::Io {
+                context: "cannot open the cold tier",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            info!(message = "Cold tier attached.", url = %cold.location().url, interrupted_moves = cold.interrupted);
+        }
     }
     info!(message = "Hot tier rebuilt from the write-ahead log.", entries = report.entries, records = hot.inserted());
     Ok((wal, hot, durable_rx, embedder))

@@ -62,6 +62,15 @@ impl Location {
 
 /// Opens the location a URL names, with extra backend options.
 pub fn open(url: &str, options: &[(String, String)]) -> Result<Location, ObjectsError> {
+    open_with_retry(url, options, None)
+}
+
+/// [`open`] with the remote backends' retry policy (backoff with jitter, attempts, total time) set.
+pub fn open_with_retry(
+    url: &str,
+    options: &[(String, String)],
+    retry: Option<object_store::RetryConfig>,
+) -> Result<Location, ObjectsError> {
     let bad = |reason: String| ObjectsError::BadUrl { url: url.to_owned(), reason };
     let parsed = match url::Url::parse(url) {
         Ok(parsed) => parsed,
@@ -82,6 +91,9 @@ pub fn open(url: &str, options: &[(String, String)]) -> Result<Location, Objects
                 let key = key.parse().map_err(|_| ObjectsError::UnknownOption { backend: "S3", key: key.clone() })?;
                 builder = builder.with_config(key, value);
             }
+            if let Some(retry) = &retry {
+                builder = builder.with_retry(retry.clone());
+            }
             Arc::new(builder.build().map_err(build)?)
         }
         ObjectStoreScheme::GoogleCloudStorage => {
@@ -92,6 +104,9 @@ pub fn open(url: &str, options: &[(String, String)]) -> Result<Location, Objects
                     .map_err(|_| ObjectsError::UnknownOption { backend: "Google Cloud Storage", key: key.clone() })?;
                 builder = builder.with_config(key, value);
             }
+            if let Some(retry) = &retry {
+                builder = builder.with_retry(retry.clone());
+            }
             Arc::new(builder.build().map_err(build)?)
         }
         ObjectStoreScheme::MicrosoftAzure => {
@@ -101,6 +116,9 @@ pub fn open(url: &str, options: &[(String, String)]) -> Result<Location, Objects
                     .parse()
                     .map_err(|_| ObjectsError::UnknownOption { backend: "Azure Blob Storage", key: key.clone() })?;
                 builder = builder.with_config(key, value);
+            }
+            if let Some(retry) = &retry {
+                builder = builder.with_retry(retry.clone());
             }
             Arc::new(builder.build().map_err(build)?)
         }

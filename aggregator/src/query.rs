@@ -95,7 +95,20 @@ impl QueryService {
 
     /// One record by key.
     pub fn get(&self, system_id: &str, kind: RecordKind, id: &str) -> Result<Option<serde_json::Value>, QueryError> {
-        Ok(self.hot.get(system_id, kind, id)?)
+        let stored = self.hot.get(system_id, kind, id)?;
+        let Some(cold) = self.hot.cold() else { return Ok(stored) };
+        let objects = cold.objects(kind, &[system_id.to_owned()], None, None).map_err(cold_error)?;
+        if objects.is_empty() {
+            return Ok(stored);
+        }
+        let lease = cold.lease(&objects).map_err(cold_error)?;
+        let found = cold
+            .scan(|conn| crate::cold::scan::get_many(conn, &lease.paths, kind, &[(system_id, id)]))
+            .map_err(cold_error)?;
+        Ok(match (stored, found.into_iter().next()) {
+            (Some(s), Some(c)) => Some(if c["ts"].as_i64() > s["ts"].as_i64() { c } else { s }),
+            (s, c) => s.or(c),
+        })
     }
 
     /// Moves records older than `older_than` from hot to warm now.
@@ -109,12 +122,14 @@ impl QueryService {
 
     /// A page of records.
     pub fn list(&self, q: &ListQuery) -> Result<Page, QueryError> {
-        Ok(self.hot.read(|conn| listing::list(conn, q))?)
+        Ok(self.hot.read_spanning(&[q.kind], &q.systems, q.since_us, q.until_us, |conn| listing::list(conn, q))?)
     }
 
     /// Records per system, project and kind.
     pub fn project_counts(&self, systems: &[String]) -> Result<Vec<ProjectCount>, QueryError> {
-        Ok(self.hot.read(|conn| listing::project_counts(conn, systems))?)
+        Ok(self
+            .hot
+            .read_spanning(&RecordKind::ALL, systems, None, None, |conn| listing::project_counts(conn, systems))?)
     }
 
     /// Entities within `depth` relations of `entity`.
@@ -128,7 +143,9 @@ impl QueryService {
         if entity.trim().is_empty() {
             return Err(QueryError::Invalid("`entity` is empty".into()));
         }
-        Ok(self.hot.read(|conn| graph::neighbours(conn, entity, systems, relation_type, depth))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Entity, RecordKind::Relation], systems, None, None, |conn| {
+            graph::neighbours(conn, entity, systems, relation_type, depth)
+        })?)
     }
 
     /// A shortest path between two entities.
@@ -139,12 +156,16 @@ impl QueryService {
         systems: &[String],
         max_hops: u32,
     ) -> Result<Option<GraphPath>, QueryError> {
-        Ok(self.hot.read(|conn| graph::shortest_path(conn, from, to, systems, max_hops))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Entity, RecordKind::Relation], systems, None, None, |conn| {
+            graph::shortest_path(conn, from, to, systems, max_hops)
+        })?)
     }
 
     /// Graph statistics.
     pub fn graph_stats(&self, systems: &[String]) -> Result<GraphStats, QueryError> {
-        Ok(self.hot.read(|conn| graph::statistics(conn, systems))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Entity, RecordKind::Relation], systems, None, None, |conn| {
+            graph::statistics(conn, systems)
+        })?)
     }
 
     /// Metric names per system with summaries.
@@ -153,19 +174,25 @@ impl QueryService {
         systems: &[String],
         since_us: Option<i64>,
     ) -> Result<Vec<MetricSummary>, QueryError> {
-        Ok(self.hot.read(|conn| timeseries::summaries(conn, systems, since_us))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Metric], systems, since_us, None, |conn| {
+            timeseries::summaries(conn, systems, since_us)
+        })?)
     }
 
     /// A metric's series.
     pub fn series(&self, q: &SeriesQuery) -> Result<Vec<Series>, QueryError> {
         check_metric(q)?;
-        Ok(self.hot.read(|conn| timeseries::range(conn, q, 100_000))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
+            timeseries::range(conn, q, 100_000)
+        })?)
     }
 
     /// A metric's trend per system.
     pub fn trend(&self, q: &SeriesQuery) -> Result<Vec<Trend>, QueryError> {
         check_metric(q)?;
-        Ok(self.hot.read(|conn| timeseries::trend(conn, q))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
+            timeseries::trend(conn, q)
+        })?)
     }
 
     /// A metric's anomalous points.
@@ -181,7 +208,9 @@ impl QueryService {
             return Err(QueryError::Invalid(format!("`threshold` must be a positive number, not {threshold}")));
         }
         let limit = check_limit(limit)?;
-        Ok(self.hot.read(|conn| timeseries::anomalies(conn, q, threshold, robust, limit))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
+            timeseries::anomalies(conn, q, threshold, robust, limit)
+        })?)
     }
 
     /// Correlations between systems for a metric.
@@ -190,18 +219,21 @@ impl QueryService {
         if !(0.0..=1.0).contains(&min_abs_r) {
             return Err(QueryError::Invalid(format!("`min_r` must be between 0 and 1, not {min_abs_r}")));
         }
-        Ok(self.hot.read(|conn| timeseries::correlate(conn, q, min_abs_r))?)
+        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
+            timeseries::correlate(conn, q, min_abs_r)
+        })?)
     }
 
     /// The `limit` records nearest to `embedding` that pass `filters`, most similar first.
     pub fn vector(&self, embedding: &[f32], limit: usize, filters: &Filters) -> Result<Vec<Hit>, QueryError> {
         let limit = check_limit(limit)?;
         let found = self.vector_found(embedding, limit, filters)?;
-        self.assemble(found.into_iter().map(|(doc, similarity)| Found {
+        self.assemble(found.into_iter().map(|(doc, similarity, record)| Found {
             doc,
             score: similarity,
             similarity: Some(similarity),
             snippet: None,
+            record,
         }))
     }
 
@@ -212,11 +244,12 @@ impl QueryService {
             return Err(QueryError::Invalid("`query` is empty".into()));
         }
         let found = self.text_found(query, limit, filters)?;
-        self.assemble(found.into_iter().map(|(doc, score, snippet)| Found {
+        self.assemble(found.into_iter().map(|(doc, score, snippet, record)| Found {
             doc,
             score,
             similarity: None,
             snippet: Some(snippet),
+            record,
         }))
     }
 
@@ -236,13 +269,15 @@ impl QueryService {
         let by_text = if query.trim().is_empty() { Vec::new() } else { self.text_found(query, depth, filters)? };
         let mut fused: HashMap<(Arc<str>, u8, Box<str>), Found> = HashMap::new();
         let key = |d: &DocMeta| (d.system_id.clone(), d.kind as u8, d.id.clone());
-        for (rank, (doc, similarity)) in by_vector.into_iter().enumerate() {
-            let entry = fused.entry(key(&doc)).or_insert(Found { doc, score: 0.0, similarity: None, snippet: None });
+        for (rank, (doc, similarity, record)) in by_vector.into_iter().enumerate() {
+            let entry =
+                fused.entry(key(&doc)).or_insert(Found { doc, score: 0.0, similarity: None, snippet: None, record });
             entry.score += 1.0 / (RRF_K + rank as f32 + 1.0);
             entry.similarity = Some(similarity);
         }
-        for (rank, (doc, _, snippet)) in by_text.into_iter().enumerate() {
-            let entry = fused.entry(key(&doc)).or_insert(Found { doc, score: 0.0, similarity: None, snippet: None });
+        for (rank, (doc, _, snippet, record)) in by_text.into_iter().enumerate() {
+            let entry =
+                fused.entry(key(&doc)).or_insert(Found { doc, score: 0.0, similarity: None, snippet: None, record });
             entry.score += 1.0 / (RRF_K + rank as f32 + 1.0);
             entry.snippet = Some(snippet);
         }
@@ -252,28 +287,75 @@ impl QueryService {
         self.assemble(ranked.into_iter())
     }
 
-    /// The `k` nearest records across tiers (hot, then warm), best first, each key once.
-    fn vector_found(&self, embedding: &[f32], k: usize, filters: &Filters) -> Result<Vec<(DocMeta, f32)>, QueryError> {
-        let mut found = self.hot.indexes().vector_search(embedding, k, filters)?;
+    /// The `k` nearest records across tiers (hot, warm, cold), best first, each key once; cold hits come with
+    /// their record.
+    fn vector_found(&self, embedding: &[f32], k: usize, filters: &Filters) -> Result<Vec<Candidate>, QueryError> {
+        let mut found: Vec<Candidate> =
+            self.hot.indexes().vector_search(embedding, k, filters)?.into_iter().map(|(d, s)| (d, s, None)).collect();
         if let Some(warm) = self.hot.warm() {
-            found.extend(warm.indexes().vector_search(embedding, k, filters)?);
+            found.extend(warm.indexes().vector_search(embedding, k, filters)?.into_iter().map(|(d, s)| (d, s, None)));
         }
         // Records not yet indexed are compared exactly; for their keys the waiting version is the current one.
         let tail = self.hot.tail();
         if !tail.is_empty() {
-            found.retain(|(d, _)| !tail.contains(crate::hot::key_hash_of(d.kind, &d.system_id, &d.id)));
-            found.extend(tail.search(embedding, k, filters).into_iter().map(|(_, d, s)| (d, s)));
+            found.retain(|(d, _, _)| !tail.contains(crate::hot::key_hash_of(d.kind, &d.system_id, &d.id)));
+            found.extend(tail.search(embedding, k, filters).into_iter().map(|(_, d, s)| (d, s, None)));
         }
-        Ok(best_once(found, k, |(doc, score)| (doc, *score)))
+        found.extend(
+            self.cold_scan(filters, |conn, paths, kind| {
+                crate::cold::scan::vector(conn, paths, kind, embedding, k, filters)
+            })?
+            .into_iter()
+            .map(|h| (h.doc, h.score, Some(h.record))),
+        );
+        Ok(best_once(found, k, |(doc, score, _)| (doc, *score)))
+    }
+
+    /// Runs `scan` over the cold objects each kind of `filters` has in its systems and time range.
+    fn cold_scan(
+        &self,
+        filters: &Filters,
+        scan: impl Fn(
+            &duckdb::Connection,
+            &[std::path::PathBuf],
+            RecordKind,
+        ) -> Result<Vec<crate::cold::scan::ColdHit>, crate::cold::ColdError>,
+    ) -> Result<Vec<crate::cold::scan::ColdHit>, QueryError> {
+        let Some(cold) = self.hot.cold() else { return Ok(Vec::new()) };
+        let kinds = if filters.kinds.is_empty() { RecordKind::ALL.to_vec() } else { filters.kinds.clone() };
+        let mut hits = Vec::new();
+        for kind in kinds {
+            let objects =
+                cold.objects(kind, &filters.system_ids, filters.since_us, filters.until_us).map_err(cold_error)?;
+            if objects.is_empty() {
+                continue;
+            }
+            let lease = cold.lease(&objects).map_err(cold_error)?;
+            hits.extend(cold.scan(|conn| scan(conn, &lease.paths, kind)).map_err(cold_error)?);
+        }
+        Ok(hits)
     }
 
     /// The `k` best text matches across tiers, best first, each key once; both tiers score with their combined
     /// term statistics, so the merged ranking is the one a single index would give.
-    fn text_found(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<(DocMeta, f32, Snippet)>, QueryError> {
-        let Some(warm) = self.hot.warm() else { return Ok(self.hot.indexes().text_search(query, k, filters, &[])?) };
-        let mut found = self.hot.indexes().text_search(query, k, filters, &[warm.indexes()])?;
-        found.extend(warm.indexes().text_search(query, k, filters, &[self.hot.indexes()])?);
-        Ok(best_once(found, k, |(doc, score, _)| (doc, *score)))
+    ///
+    /// Cold records are matched word by word and scored with BM25 over the cold rows scanned (see
+    /// [`crate::cold::scan::text`]).
+    fn text_found(&self, query: &str, k: usize, filters: &Filters) -> Result<Vec<TextCandidate>, QueryError> {
+        let with_record = |v: Vec<(DocMeta, f32, Snippet)>| v.into_iter().map(|(d, s, n)| (d, s, n, None));
+        let mut found: Vec<TextCandidate> = match self.hot.warm() {
+            None => with_record(self.hot.indexes().text_search(query, k, filters, &[])?).collect(),
+            Some(warm) => with_record(self.hot.indexes().text_search(query, k, filters, &[warm.indexes()])?)
+                .chain(with_record(warm.indexes().text_search(query, k, filters, &[self.hot.indexes()])?))
+                .collect(),
+        };
+        for h in
+            self.cold_scan(filters, |conn, paths, kind| crate::cold::scan::text(conn, paths, kind, query, k, filters))?
+        {
+            let snippet = h.snippet.unwrap_or_else(|| crate::cold::scan::snippet("", &[]));
+            found.push((h.doc, h.score, snippet, Some(h.record)));
+        }
+        Ok(best_once(found, k, |(doc, score, _, _)| (doc, *score)))
     }
 
     /// Records written to the hot tier but not yet searchable.
@@ -283,6 +365,8 @@ impl QueryService {
 
     /// Turns ranked index entries into results: the stored records fetched in one join per kind, without
     /// embeddings; entries whose record left the tier meanwhile are skipped.
+    ///
+    /// A cold hit carries its record; a newer version of the key in hot or warm replaces it.
     fn assemble(&self, found: impl Iterator<Item = Found>) -> Result<Vec<Hit>, QueryError> {
         let found: Vec<Found> = found.collect();
         let mut records = HashMap::new();
@@ -296,7 +380,11 @@ impl QueryService {
         Ok(found
             .into_iter()
             .filter_map(|f| {
-                let record = records.remove(&(f.doc.kind, f.doc.system_id.to_string(), f.doc.id.to_string()))?;
+                let stored = records.remove(&(f.doc.kind, f.doc.system_id.to_string(), f.doc.id.to_string()));
+                let record = match (stored, f.record) {
+                    (Some(s), Some(c)) => Some(if c["ts"].as_i64() > s["ts"].as_i64() { c } else { s }),
+                    (s, c) => s.or(c),
+                }?;
                 Some(Hit { record, score: f.score, similarity: f.similarity, snippet: f.snippet })
             })
             .collect())
@@ -325,6 +413,23 @@ struct Found {
     score: f32,
     similarity: Option<f32>,
     snippet: Option<Snippet>,
+    /// Cold hits: the record itself (no index to fetch it from).
+    record: Option<serde_json::Value>,
+}
+
+/// A vector match: the entry, its similarity and (cold) its record.
+type Candidate = (DocMeta, f32, Option<serde_json::Value>);
+/// A text match: the entry, its score, the excerpt and (cold) its record.
+type TextCandidate = (DocMeta, f32, Snippet, Option<serde_json::Value>);
+
+fn cold_error(e: crate::cold::ColdError) -> QueryError {
+    match e {
+        crate::cold::ColdError::TooLarge { .. } => QueryError::Invalid(e.to_string()),
+        crate::cold::ColdError::CircuitOpen { .. } | crate::cold::ColdError::Store(_) => {
+            QueryError::Unavailable(format!("cold data is needed but unavailable: {e}"))
+        }
+        other => QueryError::Storage(HotError::Io(other.to_string())),
+    }
 }
 
 fn check_metric(q: &SeriesQuery) -> Result<(), QueryError> {

@@ -92,6 +92,8 @@ pub struct WarmTier {
     last_error: Mutex<Option<String>>,
     /// Fault injection for crash tests: pause this long after the copy commits.
     pause_after_copy: Option<Duration>,
+    /// Held while warm rows or the warm indexes change (moves in and out of warm).
+    moves: Mutex<()>,
 }
 
 fn key_probe() -> u64 {
@@ -151,6 +153,7 @@ impl WarmTier {
             last_move: Mutex::new(None),
             last_error: Mutex::new(None),
             pause_after_copy,
+            moves: Mutex::new(()),
         })
     }
 
@@ -294,6 +297,27 @@ impl WarmTier {
         self.moves_failed.fetch_add(1, Ordering::Relaxed);
         warn!(message = "A move to the warm tier failed; hot keeps the records and the next move retries.", error = %error);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
+    }
+
+    /// Excludes other moves into or out of warm while the guard lives.
+    pub(crate) fn lock_moves(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.moves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes keys that left warm (to cold) out of the warm indexes.
+    pub(crate) fn forget(&self, keys: &[u64]) -> Result<(), HotError> {
+        self.indexes.remove(keys)?;
+        self.indexes.commit()?;
+        Ok(())
+    }
+
+    /// Makes warm's current state durable after rows left it: checkpoint, vectors and manifest.
+    pub(crate) fn persist(&self, conn: &Connection) -> Result<(), HotError> {
+        let _moving = self.lock_moves();
+        conn.execute_batch("CHECKPOINT warm;")?;
+        self.indexes.save(&self.index_dir)?;
+        let last_move = self.last_move().map_or(0, |m| m.id);
+        write_manifest(&self.index_dir, &Manifest { rows: warm_rows(conn)?, last_move, key_probe: key_probe() })
     }
 
     /// Rows per kind in warm.

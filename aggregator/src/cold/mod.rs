@@ -1,0 +1,1145 @@
+//! Cold tier: Parquet objects on object storage (S3 and compatible stores, Azure Blob, GCS, a local directory),
+//! registered in a catalog inside the warm DuckDB file.
+//!
+//! ```text
+//!  <prefix>/kind=<kind>/system=<system>/date=YYYY-MM-DD/part-<uuid>.parquet
+//!  warm.cold_objects (key, kind, system_id, day, min_ts, max_ts, rows, bytes, sha256, created_at)
+//!  warm.cold_moves   (id, kind, system_id, day, object_key, state, records, started_at, finished_at, detail)
+//! ```
+//!
+//! ## A move (warm → cold), one object per kind, system and day
+//! 1. **export** (journal `exporting`): the warm rows older than the cutoff are written to a local Parquet file
+//!    (zstd, statistics, row groups of `row_group_rows`), which is read back and compared with warm (row count and
+//!    the sum of row hashes).
+//! 2. **upload** (`uploading`): a single PUT, or a multipart upload for large files; the store's client retries
+//!    5xx, SlowDown and timeouts with backoff and jitter.
+//! 3. **verify** (`verifying`): the object is read back and its sha256 compared with the local file's.
+//! 4. **register** (`done`), in one warm transaction: the catalog row is inserted and exactly the exported rows
+//!    (same key, timestamp and content) are deleted from warm — a newer version that reached warm meanwhile
+//!    stays. Then the keys leave the warm indexes and the warm tier persists them.
+//!
+//! Readers see an object only once it is in the catalog, so a half-written or unverified object is invisible.
+//! After `kill -9` before step 4 the journal row is left unfinished: at start it is marked `interrupted`, its
+//! object (if any) is deleted, and warm still has every row. After step 4 the rows are cold and the catalog says
+//! so. Objects that nothing in the catalog names (a failed delete, a crash between upload and journal) are swept
+//! by compaction, which is also when several objects of one kind, system and day are merged into one, newest
+//! version per key.
+//!
+//! Failures of the store open a circuit breaker after `breaker_failures` consecutive errors: moves and cold reads
+//! fail fast for `breaker_cooldown`, then one attempt is let through. Warm keeps its rows until a cold copy is
+//! verified, and hot and warm queries never wait for the store.
+
+pub mod cache;
+pub mod scan;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use akosha_protocol::RecordKind;
+use duckdb::Connection;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use self::cache::{Lease, ObjectCache, Wanted, hex};
+use crate::objects::Location;
+
+/// Above this size an object is uploaded in parts.
+const MULTIPART_THRESHOLD: u64 = 16 << 20;
+/// Size of one part.
+const PART_BYTES: usize = 8 << 20;
+
+/// Cold tier settings.
+#[derive(Debug, Clone)]
+pub struct ColdConfig {
+    /// Keep a cold tier at all.
+    pub enabled: bool,
+    /// Where the objects go (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///dir` or a directory).
+    pub url: String,
+    /// Backend options (`endpoint`, `region`, `access_key_id`, …); the environment supplies the rest.
+    pub options: Vec<(String, String)>,
+    /// Records older than this move from warm to cold.
+    pub warm_window: Duration,
+    /// How often moves and compaction run.
+    pub move_interval: Duration,
+    /// The local cache of objects.
+    pub cache_dir: PathBuf,
+    /// Most bytes the cache holds (one query may not need more).
+    pub cache_max_bytes: u64,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// Objects fetched at once.
+    pub parallel_fetches: usize,
+    /// Consecutive store failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker refuses store operations.
+    pub breaker_cooldown: Duration,
+    /// Store requests are retried (with backoff and jitter) for at most this long.
+    pub retry_timeout: Duration,
+}
+
+/// Cold tier failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ColdError {
+    /// The catalog or an export failed in DuckDB.
+    #[error("cold tier (DuckDB): {0}")]
+    Db(#[from] duckdb::Error),
+    /// The object store failed.
+    #[error("cold tier object store: {0}")]
+    Store(String),
+    /// The store failed repeatedly; calls are refused for a while.
+    #[error(
+        "cold tier object store is unavailable (circuit open for {remaining_s}s more after {failures} failures): {last}"
+    )]
+    CircuitOpen {
+        /// Seconds until the next attempt is let through.
+        remaining_s: u64,
+        /// Consecutive failures.
+        failures: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// An object does not match what was written.
+    #[error("cold tier verification failed: {0}")]
+    Corrupt(String),
+    /// A local file failed.
+    #[error("{0}")]
+    Io(String),
+    /// The objects one query needs do not fit in the cache.
+    #[error(
+        "the cold objects this query needs ({needed} bytes) exceed the cache budget ({budget} bytes); narrow it by system or time"
+    )]
+    TooLarge {
+        /// Bytes needed.
+        needed: u64,
+        /// `cold.cache_max_bytes`.
+        budget: u64,
+    },
+    /// The warm tier refused a step.
+    #[error(transparent)]
+    Warm(#[from] crate::hot::HotError),
+}
+
+/// One completed move or compaction.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ColdMoveReport {
+    /// Rows older than this moved (microseconds since the epoch).
+    pub cutoff_us: i64,
+    /// Objects written.
+    pub objects: u64,
+    /// Rows moved.
+    pub records: u64,
+    /// Bytes uploaded.
+    pub bytes: u64,
+    /// Wall time.
+    pub took_ms: u64,
+}
+
+/// What compaction did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompactionReport {
+    /// Groups (kind, system, day) merged.
+    pub groups: u64,
+    /// Objects replaced by the merged ones.
+    pub objects_replaced: u64,
+    /// Objects deleted because the catalog did not name them.
+    pub orphans_deleted: u64,
+}
+
+/// One catalogued object.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdObject {
+    /// Key inside the location.
+    pub key: String,
+    /// Record kind.
+    pub kind: String,
+    /// System id.
+    pub system_id: String,
+    /// Day (UTC).
+    pub day: String,
+    /// Oldest and newest `ts` (microseconds since the epoch).
+    pub min_ts: i64,
+    /// Newest `ts`.
+    pub max_ts: i64,
+    /// Rows.
+    pub rows: u64,
+    /// Size.
+    pub bytes: u64,
+    /// sha256 of the object, hex.
+    pub sha256: String,
+}
+
+struct Breaker {
+    failures: AtomicU32,
+    opened_at: Mutex<Option<Instant>>,
+    last_error: Mutex<String>,
+}
+
+/// The cold tier.
+pub struct ColdTier {
+    /// Settings.
+    pub config: ColdConfig,
+    location: Location,
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Moves and compaction, one at a time.
+    mover: Mutex<Connection>,
+    /// Catalog lookups for queries.
+    reader: Mutex<Connection>,
+    cache: Arc<ObjectCache>,
+    breaker: Breaker,
+    /// Moves completed since start.
+    pub moves_done: AtomicU64,
+    /// Moves that failed since start.
+    pub moves_failed: AtomicU64,
+    /// Rows moved to cold since start.
+    pub records_moved: AtomicU64,
+    /// Journal rows found unfinished at start.
+    pub interrupted: u64,
+    last_move: Mutex<Option<ColdMoveReport>>,
+    last_error: Mutex<Option<String>>,
+    /// Fault injection for crash tests: pause this long after each upload.
+    pause_after_upload: Option<Duration>,
+}
+
+impl Drop for ColdTier {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is not allowed inside another runtime's async context.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The stored columns, read back from Parquet with the warm tables' exact types.
+pub(crate) fn typed_columns() -> String {
+    crate::hot::column_names()
+        .iter()
+        .map(|c| {
+            if *c == "embedding" {
+                format!("embedding::FLOAT[{}] AS embedding", akosha_protocol::EMBEDDING_DIM)
+            } else {
+                (*c).to_owned()
+            }
+        })
+        .chain(std::iter::once("ingested_at".to_owned()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The content hash of a row (every stored column but `ingested_at`).
+fn row_hash(alias: &str) -> String {
+    let columns: Vec<String> = crate::hot::column_names().iter().map(|c| format!("{alias}.{c}")).collect();
+    format!("hash({})", columns.join(", "))
+}
+
+/// `read_parquet([...])` over local files, typed like the warm tables.
+pub(crate) fn parquet_source(paths: &[PathBuf]) -> String {
+    let list: Vec<String> = paths.iter().map(|p| sql_text(&p.display().to_string())).collect();
+    format!("(SELECT {} FROM read_parquet([{}]))", typed_columns(), list.join(", "))
+}
+
+/// A SQL string literal.
+pub(crate) fn sql_text(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A path segment that cannot break the Hive layout (`/`, `=`, `%` and control characters escaped).
+fn key_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex(&b);
+    format!("{}-{}-4{}-{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[16..20], &h[20..32])
+}
+
+impl ColdTier {
+    /// Opens the store and the cache, creates the catalog in warm (`conn` is a connection of the hot database with
+    /// warm attached) and cleans up after moves a crash interrupted.
+    pub fn open(conn: &Connection, config: ColdConfig) -> Result<ColdTier, ColdError> {
+        let retry = object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: 6,
+            retry_timeout: config.retry_timeout,
+        };
+        let location = crate::objects::open_with_retry(&config.url, &config.options, Some(retry))
+            .map_err(|e| ColdError::Store(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cold-io")
+            .enable_all()
+            .build()
+            .map_err(|e| ColdError::Io(format!("cannot start the cold tier's I/O threads: {e}")))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS warm.cold_objects (key VARCHAR NOT NULL, kind VARCHAR NOT NULL, \
+               system_id VARCHAR NOT NULL, day DATE NOT NULL, min_ts TIMESTAMP NOT NULL, max_ts TIMESTAMP NOT NULL, \
+               rows BIGINT NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);\n\
+             CREATE TABLE IF NOT EXISTS warm.cold_moves (id BIGINT, kind VARCHAR, system_id VARCHAR, day DATE, \
+               object_key VARCHAR, state VARCHAR, records BIGINT, started_at TIMESTAMP, finished_at TIMESTAMP, \
+               detail VARCHAR);",
+        )?;
+        let mover = conn.try_clone()?;
+        let reader = conn.try_clone()?;
+        let cache = Arc::new(ObjectCache::open(&config.cache_dir, config.cache_max_bytes)?);
+        let pause_after_upload = std::env::var("AKOSHA_FAULT_COLD_PAUSE_AFTER_UPLOAD_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        let mut tier = ColdTier {
+            config,
+            location,
+            runtime: Some(runtime),
+            mover: Mutex::new(mover),
+            reader: Mutex::new(reader),
+            cache,
+            breaker: Breaker { failures: AtomicU32::new(0), opened_at: Mutex::new(None), last_error: Mutex::default() },
+            moves_done: AtomicU64::new(0),
+            moves_failed: AtomicU64::new(0),
+            records_moved: AtomicU64::new(0),
+            interrupted: 0,
+            last_move: Mutex::new(None),
+            last_error: Mutex::new(None),
+            pause_after_upload,
+        };
+        tier.interrupted = tier.recover()?;
+        Ok(tier)
+    }
+
+    /// Marks unfinished journal rows `interrupted` and deletes the objects they may have left behind.
+    fn recover(&self) -> Result<u64, ColdError> {
+        let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare(
+            "SELECT id, object_key FROM warm.cold_moves WHERE state NOT IN ('done', 'failed', 'interrupted') \
+             AND object_key NOT IN (SELECT key FROM warm.cold_objects)",
+        )?;
+        let unfinished: Vec<(i64, String)> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        for (_, key) in &unfinished {
+            // Best effort: if the store is down now, compaction sweeps the orphan later.
+            // A store that is down must not hold up start-up for its whole retry budget.
+            let path = self.location.join(key);
+            let delete = self.location.store.delete(&path);
+            match self.block_on(async { tokio::time::timeout(Duration::from_secs(5), delete).await }) {
+                Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => {}
+                Ok(Err(e)) => {
+                    warn!(message = "Cannot delete an object left by an interrupted move yet.", key = %key, error = %e)
+                }
+                Err(_) => {
+                    warn!(message = "Cannot delete an object left by an interrupted move yet (timeout).", key = %key)
+                }
+            }
+        }
+        let n = conn.execute(
+            "UPDATE warm.cold_moves SET state = 'interrupted', finished_at = now() \
+             WHERE state NOT IN ('done', 'failed', 'interrupted')",
+            [],
+        )? as u64;
+        if n > 0 {
+            warn!(
+                message = "Moves to the cold tier were interrupted by a crash; warm kept their rows and the next move repeats them.",
+                moves = n
+            );
+        }
+        Ok(n)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match &self.runtime {
+            Some(runtime) => runtime.block_on(f),
+            None => unreachable!("the runtime is only taken on drop"),
+        }
+    }
+
+    /// The store location.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The local object cache.
+    pub fn cache(&self) -> &Arc<ObjectCache> {
+        &self.cache
+    }
+
+    /// The last completed move.
+    pub fn last_move(&self) -> Option<ColdMoveReport> {
+        self.last_move.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The last failure, if the last move failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the breaker refuses store operations now.
+    pub fn circuit_open(&self) -> bool {
+        self.check_breaker().is_err()
+    }
+
+    fn check_breaker(&self) -> Result<(), ColdError> {
+        let opened = *self.breaker.opened_at.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = opened {
+            let elapsed = at.elapsed();
+            if elapsed < self.config.breaker_cooldown {
+                return Err(ColdError::CircuitOpen {
+                    remaining_s: (self.config.breaker_cooldown - elapsed).as_secs().max(1),
+                    failures: self.breaker.failures.load(Ordering::Relaxed),
+                    last: self.breaker.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a store outcome; opens the breaker after enough consecutive failures.
+    fn record<T>(&self, result: Result<T, ColdError>) -> Result<T, ColdError> {
+        match &result {
+            Ok(_) => {
+                self.breaker.failures.store(0, Ordering::Relaxed);
+                *self.breaker.opened_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            Err(ColdError::Store(e)) => {
+                let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                *self.breaker.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.clone();
+                if failures >= self.config.breaker_failures {
+                    let mut opened = self.breaker.opened_at.lock().unwrap_or_else(|p| p.into_inner());
+                    if opened.is_none_or(|at| at.elapsed() >= self.config.breaker_cooldown) {
+                        warn!(message = "Cold tier object store keeps failing; pausing its use.", failures, cooldown_s = self.config.breaker_cooldown.as_secs(), error = %e);
+                        *opened = Some(Instant::now());
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Uploads `file` as `key` and reads it back to compare checksums.
+    fn upload_verified(&self, file: &Path, key: &str, sha256: &str, bytes: u64) -> Result<(), ColdError> {
+        self.check_breaker()?;
+        let path = self.location.join(key);
+        let store = self.location.store.clone();
+        let result = self.block_on(async {
+            let data = tokio::fs::read(file).await.map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
+            let store_err = |op: &str, e: object_store::Error| ColdError::Store(format!("{op} {key}: {e}"));
+            if bytes > MULTIPART_THRESHOLD {
+                let upload = store.put_multipart(&path).await.map_err(|e| store_err("multipart upload", e))?;
+                let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+                writer.write(&data);
+                writer.finish().await.map_err(|e| store_err("multipart upload", e))?;
+            } else {
+                store.put(&path, bytes::Bytes::from(data).into()).await.map_err(|e| store_err("PUT", e))?;
+            }
+            let back = store
+                .get(&path)
+                .await
+                .map_err(|e| store_err("GET", e))?
+                .bytes()
+                .await
+                .map_err(|e| store_err("GET", e))?;
+            let back_sha = hex(&Sha256::digest(&back));
+            if back_sha != sha256 || back.len() as u64 != bytes {
+                return Err(ColdError::Corrupt(format!(
+                    "{key} reads back as {} bytes with sha256 {back_sha}, wrote {bytes} bytes with {sha256}",
+                    back.len()
+                )));
+            }
+            Ok(())
+        });
+        self.record(result)
+    }
+
+    /// Moves every warm row older than `cutoff_us` to cold (see the module documentation).
+    pub fn move_from_warm(
+        &self,
+        warm: &crate::warm::WarmTier,
+        cutoff_us: i64,
+    ) -> Result<Option<ColdMoveReport>, ColdError> {
+        let result = self.move_inner(warm, cutoff_us);
+        match &result {
+            Ok(Some(report)) => {
+                self.moves_done.fetch_add(1, Ordering::Relaxed);
+                self.records_moved.fetch_add(report.records, Ordering::Relaxed);
+                info!(
+                    message = "Moved records from warm to cold.",
+                    records = report.records,
+                    objects = report.objects,
+                    bytes = report.bytes,
+                    took_ms = report.took_ms
+                );
+                *self.last_move.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.moves_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(message = "A move to the cold tier failed; warm keeps the records and the next move retries.", error = %e);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    fn move_inner(&self, warm: &crate::warm::WarmTier, cutoff_us: i64) -> Result<Option<ColdMoveReport>, ColdError> {
+        self.check_breaker()?;
+        let started = Instant::now();
+        let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = ColdMoveReport { cutoff_us, ..Default::default() };
+        for kind in RecordKind::ALL {
+            let t = kind.as_str();
+            let groups: Vec<(String, String)> = {
+                let mut stmt = conn.prepare(&format!(
+                    "SELECT system_id, strftime(CAST(ts AS DATE), '%Y-%m-%d') AS day FROM warm.{t} \
+                     WHERE ts < make_timestamp(?) GROUP BY ALL ORDER BY day, system_id"
+                ))?;
+                stmt.query_map([cutoff_us], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+            };
+            for (system_id, day) in groups {
+                let (rows, bytes) = self.move_group(&conn, warm, kind, &system_id, &day, cutoff_us)?;
+                report.objects += u64::from(rows > 0);
+                report.records += rows;
+                report.bytes += bytes;
+            }
+        }
+        if report.objects == 0 {
+            return Ok(None);
+        }
+        warm.persist(&conn)?;
+        report.took_ms = started.elapsed().as_millis() as u64;
+        Ok(Some(report))
+    }
+
+    /// Moves one kind, system and day; returns rows and bytes moved.
+    fn move_group(
+        &self,
+        conn: &Connection,
+        warm: &crate::warm::WarmTier,
+        kind: RecordKind,
+        system_id: &str,
+        day: &str,
+        cutoff_us: i64,
+    ) -> Result<(u64, u64), ColdError> {
+        let t = kind.as_str();
+        let id = jiff::Timestamp::now().as_microsecond();
+        let uuid = new_uuid();
+        let key = format!("kind={t}/system={}/date={day}/part-{uuid}.parquet", key_segment(system_id));
+        conn.execute(
+            "INSERT INTO warm.cold_moves VALUES (?, ?, ?, CAST(? AS DATE), ?, 'exporting', NULL, now(), NULL, NULL)",
+            duckdb::params![id, t, system_id, day, key],
+        )?;
+        let set_state = |state: &str, detail: Option<&str>| -> Result<(), ColdError> {
+            conn.execute(
+                "UPDATE warm.cold_moves SET state = ?, detail = coalesce(?, detail), \
+                 finished_at = CASE WHEN ? IN ('done', 'failed') THEN now() END WHERE id = ? AND object_key = ?",
+                duckdb::params![state, detail, state, id, key],
+            )?;
+            Ok(())
+        };
+        let selection = format!(
+            "FROM warm.{t} w WHERE w.system_id = {} AND CAST(w.ts AS DATE) = DATE {} AND w.ts < make_timestamp({cutoff_us})",
+            sql_text(system_id),
+            sql_text(day)
+        );
+        let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
+        let outcome = (|| -> Result<(u64, u64), ColdError> {
+            // Export and compare under the warm lock, so that a hot→warm move cannot change the rows in between.
+            let (rows, checksum) = {
+                let _moving = warm.lock_moves();
+                conn.execute_batch(&format!(
+                    "COPY (SELECT w.* {selection} ORDER BY w.ts, w.id) TO {} \
+                     (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                    sql_text(&file.display().to_string()),
+                    self.config.row_group_rows
+                ))?;
+                let sum = |from: &str| -> Result<(i64, String), ColdError> {
+                    Ok(conn.query_row(
+                        &format!("SELECT count(*), coalesce(sum({}::HUGEINT), 0)::VARCHAR {from}", row_hash("w")),
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?)
+                };
+                let in_warm = sum(&selection)?;
+                let in_file = sum(&format!("FROM {} w", parquet_source(std::slice::from_ref(&file))))?;
+                if in_warm != in_file {
+                    return Err(ColdError::Corrupt(format!(
+                        "{key}: exported {} rows (checksum {}), warm has {} (checksum {})",
+                        in_file.0, in_file.1, in_warm.0, in_warm.1
+                    )));
+                }
+                (in_file.0 as u64, in_file.1)
+            };
+            if rows == 0 {
+                return Ok((0, 0));
+            }
+            let data = std::fs::read(&file).map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
+            let sha256 = hex(&Sha256::digest(&data));
+            let bytes = data.len() as u64;
+            drop(data);
+            set_state("uploading", None)?;
+            self.upload_verified(&file, &key, &sha256, bytes)?;
+            if let Some(pause) = self.pause_after_upload {
+                warn!(message = "Fault injection: pausing after a cold upload.", ms = pause.as_millis() as u64);
+                std::thread::sleep(pause);
+            }
+            // Register and delete in one transaction, under the warm lock (the warm indexes change too).
+            let _moving = warm.lock_moves();
+            let source = parquet_source(std::slice::from_ref(&file));
+            conn.execute_batch("BEGIN TRANSACTION")?;
+            let registered = (|| -> Result<Vec<(String, String)>, ColdError> {
+                conn.execute(
+                    &format!(
+                        "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now() \
+                         FROM {source}"
+                    ),
+                    duckdb::params![key, t, system_id, day, bytes as i64, sha256],
+                )?;
+                let matching = format!(
+                    "FROM warm.{t} w WHERE EXISTS (SELECT 1 FROM (SELECT system_id, id, ts, {} AS h FROM {source} p) p \
+                     WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.h = {})",
+                    row_hash("p"),
+                    row_hash("w")
+                );
+                let keys: Vec<(String, String)> = {
+                    let mut stmt = conn.prepare(&format!("SELECT w.system_id, w.id {matching}"))?;
+                    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+                };
+                conn.execute(&format!("DELETE {matching}"), [])?;
+                conn.execute(
+                    "UPDATE warm.cold_moves SET state = 'done', records = ?, detail = ?, finished_at = now() \
+                     WHERE id = ? AND object_key = ?",
+                    duckdb::params![rows as i64, checksum, id, key],
+                )?;
+                Ok(keys)
+            })();
+            let keys = match registered {
+                Ok(keys) => {
+                    conn.execute_batch("COMMIT")?;
+                    keys
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            };
+            let hashes: Vec<u64> = keys.iter().map(|(s, i)| crate::hot::key_hash_of(kind, s, i)).collect();
+            warm.forget(&hashes)?;
+            self.cache.adopt(&file, &sha256)?;
+            Ok((rows, bytes))
+        })();
+        let _ = std::fs::remove_file(&file);
+        match outcome {
+            Ok((0, _)) => {
+                set_state("done", Some("nothing to move"))?;
+                Ok((0, 0))
+            }
+            Ok(done) => Ok(done),
+            Err(e) => {
+                let _ = set_state("failed", Some(&e.to_string()));
+                // The object may exist without a catalog row; remove it now if the store lets us.
+                let _ = self.block_on(self.location.store.delete(&self.location.join(&key)));
+                Err(e)
+            }
+        }
+    }
+
+    /// Merges the objects of each kind, system and day that has more than one into one (newest version per key),
+    /// then deletes objects the catalog does not name.
+    pub fn compact(&self) -> Result<CompactionReport, ColdError> {
+        self.check_breaker()?;
+        let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = CompactionReport::default();
+        let groups: Vec<(String, String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT kind, system_id, strftime(day, '%Y-%m-%d') FROM warm.cold_objects GROUP BY ALL \
+                 HAVING count(*) > 1 ORDER BY 3, 1, 2",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
+        };
+        for (kind, system_id, day) in groups {
+            report.objects_replaced += self.record(self.compact_group(&conn, &kind, &system_id, &day))?;
+            report.groups += 1;
+        }
+        report.orphans_deleted = self.record(self.sweep_orphans(&conn))?;
+        if report.groups > 0 || report.orphans_deleted > 0 {
+            info!(
+                message = "Cold tier compacted.",
+                groups = report.groups,
+                objects_replaced = report.objects_replaced,
+                orphans_deleted = report.orphans_deleted
+            );
+        }
+        Ok(report)
+    }
+
+    fn compact_group(&self, conn: &Connection, kind: &str, system_id: &str, day: &str) -> Result<u64, ColdError> {
+        let objects = self.catalog_where(
+            conn,
+            &format!(
+                "kind = {} AND system_id = {} AND day = DATE {}",
+                sql_text(kind),
+                sql_text(system_id),
+                sql_text(day)
+            ),
+        )?;
+        let lease = self.lease(&objects)?;
+        let uuid = new_uuid();
+        let key = format!("kind={kind}/system={}/date={day}/part-{uuid}.parquet", key_segment(system_id));
+        let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
+        let result = (|| -> Result<u64, ColdError> {
+            conn.execute_batch(&format!(
+                "COPY (SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1 \
+                 ORDER BY ts, id) TO {} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                parquet_source(&lease.paths),
+                sql_text(&file.display().to_string()),
+                self.config.row_group_rows
+            ))?;
+            let data = std::fs::read(&file).map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
+            let sha256 = hex(&Sha256::digest(&data));
+            let bytes = data.len() as u64;
+            drop(data);
+            self.upload_verified(&file, &key, &sha256, bytes)?;
+            conn.execute_batch("BEGIN TRANSACTION")?;
+            let swapped = (|| -> Result<(), ColdError> {
+                conn.execute(
+                    &format!(
+                        "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now() FROM {}",
+                        parquet_source(std::slice::from_ref(&file))
+                    ),
+                    duckdb::params![key, kind, system_id, day, bytes as i64, sha256],
+                )?;
+                let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
+                conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
+                Ok(())
+            })();
+            match swapped {
+                Ok(()) => conn.execute_batch("COMMIT")?,
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    let _ = self.block_on(self.location.store.delete(&self.location.join(&key)));
+                    return Err(e);
+                }
+            }
+            self.cache.adopt(&file, &sha256)?;
+            Ok(objects.len() as u64)
+        })();
+        let _ = std::fs::remove_file(&file);
+        drop(lease);
+        let replaced = result?;
+        for object in &objects {
+            self.cache.forget(&object.sha256);
+            // A failed delete leaves an orphan for the next sweep.
+            if let Err(e) = self.block_on(self.location.store.delete(&self.location.join(&object.key))) {
+                warn!(message = "Cannot delete a compacted cold object yet; the next sweep will.", key = %object.key, error = %e);
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// Deletes every object under the prefix that the catalog does not name (moves are not running: the caller
+    /// holds the mover).
+    fn sweep_orphans(&self, conn: &Connection) -> Result<u64, ColdError> {
+        let listed = self.list_keys()?;
+        let known: std::collections::HashSet<String> = {
+            let mut stmt = conn.prepare("SELECT key FROM warm.cold_objects")?;
+            stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        let mut deleted = 0;
+        for key in listed.into_iter().filter(|k| !known.contains(k)) {
+            self.block_on(self.location.store.delete(&self.location.join(&key)))
+                .map_err(|e| ColdError::Store(format!("DELETE {key}: {e}")))?;
+            info!(message = "Deleted an orphan cold object.", key = %key);
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Every object key under the prefix (relative to it).
+    pub fn list_keys(&self) -> Result<Vec<String>, ColdError> {
+        use futures_util::TryStreamExt;
+        let prefix = self.location.prefix.clone();
+        let listed: Vec<object_store::ObjectMeta> = self
+            .block_on(
+                self.location.store.list(if prefix.as_ref().is_empty() { None } else { Some(&prefix) }).try_collect(),
+            )
+            .map_err(|e| ColdError::Store(format!("LIST: {e}")))?;
+        let strip = if prefix.as_ref().is_empty() { String::new() } else { format!("{}/", prefix.as_ref()) };
+        Ok(listed
+            .into_iter()
+            .map(|m| m.location.as_ref().strip_prefix(&strip).unwrap_or(m.location.as_ref()).to_owned())
+            .collect())
+    }
+
+    /// Catalog rows matching a SQL condition (built by this module only).
+    fn catalog_where(&self, conn: &Connection, condition: &str) -> Result<Vec<ColdObject>, ColdError> {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT key, kind, system_id, strftime(day, '%Y-%m-%d'), epoch_us(min_ts), epoch_us(max_ts), rows, bytes, sha256 \
+             FROM warm.cold_objects WHERE {condition} ORDER BY day, key"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ColdObject {
+                key: r.get(0)?,
+                kind: r.get(1)?,
+                system_id: r.get(2)?,
+                day: r.get(3)?,
+                min_ts: r.get(4)?,
+                max_ts: r.get(5)?,
+                rows: r.get::<_, i64>(6)? as u64,
+                bytes: r.get::<_, i64>(7)? as u64,
+                sha256: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The catalogued objects of `kind` that may hold rows of `systems` (all when empty) in `[since, until)`.
+    pub fn objects(
+        &self,
+        kind: RecordKind,
+        systems: &[String],
+        since_us: Option<i64>,
+        until_us: Option<i64>,
+    ) -> Result<Vec<ColdObject>, ColdError> {
+        let mut condition = format!("kind = {}", sql_text(kind.as_str()));
+        if !systems.is_empty() {
+            let list: Vec<String> = systems.iter().map(|s| sql_text(s)).collect();
+            condition.push_str(&format!(" AND system_id IN ({})", list.join(", ")));
+        }
+        if let Some(since) = since_us {
+            condition.push_str(&format!(" AND max_ts >= make_timestamp({since})"));
+        }
+        if let Some(until) = until_us {
+            condition.push_str(&format!(" AND min_ts < make_timestamp({until})"));
+        }
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.catalog_where(&conn, &condition)
+    }
+
+    /// Every catalogued object.
+    pub fn catalog(&self) -> Result<Vec<ColdObject>, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.catalog_where(&conn, "TRUE")
+    }
+
+    /// Makes `objects` local and pins them.
+    pub fn lease(&self, objects: &[ColdObject]) -> Result<Lease, ColdError> {
+        self.check_breaker()?;
+        let wanted: Vec<Wanted> =
+            objects.iter().map(|o| Wanted { key: o.key.clone(), sha256: o.sha256.clone(), bytes: o.bytes }).collect();
+        let cache = self.cache.clone();
+        let result = self.block_on(cache.lease(&self.location, &wanted, self.config.parallel_fetches));
+        self.record(result)
+    }
+
+    /// The journal's latest rows, newest first.
+    pub fn journal_tail(&self, limit: usize) -> Result<Vec<serde_json::Value>, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, system_id, strftime(day, '%Y-%m-%d'), object_key, state, records, epoch_us(started_at), \
+             epoch_us(finished_at), detail FROM warm.cold_moves ORDER BY started_at DESC, id DESC LIMIT ?",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(serde_json::json!({
+                "id": r.get::<_, i64>(0)?, "kind": r.get::<_, String>(1)?, "system_id": r.get::<_, String>(2)?,
+                "day": r.get::<_, String>(3)?, "object": r.get::<_, String>(4)?, "state": r.get::<_, String>(5)?,
+                "records": r.get::<_, Option<i64>>(6)?, "started_at": r.get::<_, Option<i64>>(7)?,
+                "finished_at": r.get::<_, Option<i64>>(8)?, "detail": r.get::<_, Option<String>>(9)?,
+            }))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Objects, rows and bytes in the catalog.
+    pub fn totals(&self) -> Result<(u64, u64, u64), ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(conn.query_row(
+            "SELECT count(*), coalesce(sum(rows), 0)::BIGINT, coalesce(sum(bytes), 0)::BIGINT FROM warm.cold_objects",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+        )?)
+    }
+}
+
+impl ColdTier {
+    /// Runs a scan of local cold files on the tier's own connection (hot and warm queries are not held up).
+    pub fn scan<T>(&self, f: impl FnOnce(&Connection) -> Result<T, ColdError>) -> Result<T, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use akosha_protocol::{EMBEDDING_DIM, Record};
+
+    use super::*;
+    use crate::hot::HotTier;
+    use crate::listing::ListQuery;
+    use crate::query::QueryService;
+    use crate::search::Filters;
+    use crate::warm::WarmConfig;
+
+    const DAY: i64 = 86_400_000_000;
+
+    fn record(i: u64, ts: i64) -> Record {
+        let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let embedding: Vec<f32> = (0..EMBEDDING_DIM)
+            .map(|d| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 1000) as f32 / 1000.0 + if d == (i % 7) as usize { 3.0 } else { 0.0 }
+            })
+            .collect();
+        Record {
+            system_id: format!("s{}", i % 3),
+            kind: if i.is_multiple_of(2) { RecordKind::Conversation } else { RecordKind::Reflection },
+            id: format!("r{i}"),
+            ts,
+            project: Some(format!("p{}", i % 2)),
+            text: Some(format!("record {i} mentions topic{} and more words", i % 7)),
+            tags: vec![format!("t{}", i % 4)],
+            embedding: Some(embedding),
+            ..Record::default()
+        }
+    }
+
+    fn cold_config(dir: &Path) -> ColdConfig {
+        ColdConfig {
+            enabled: true,
+            url: dir.join("bucket").display().to_string(),
+            options: Vec::new(),
+            warm_window: Duration::from_secs(90 * 86_400),
+            move_interval: Duration::from_secs(60),
+            cache_dir: dir.join("cache"),
+            cache_max_bytes: 1 << 30,
+            row_group_rows: 10_000,
+            parallel_fetches: 4,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(30),
+            retry_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn open(dir: &Path, tiers: bool) -> Arc<HotTier> {
+        let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
+        if tiers {
+            std::fs::create_dir_all(dir.join("bucket")).unwrap();
+            hot.attach_warm(WarmConfig {
+                enabled: true,
+                path: dir.join("warm.duckdb"),
+                hot_window: Duration::from_secs(7 * 86_400),
+                move_interval: Duration::from_secs(60),
+            })
+            .unwrap();
+            hot.attach_cold(cold_config(dir)).unwrap();
+        }
+        hot
+    }
+
+    /// The answers the tests compare: ids of a vector search, a text search, a listing and a filtered listing.
+    fn answers(hot: &Arc<HotTier>, probe: &[f32], now: i64) -> Vec<Vec<String>> {
+        let service = QueryService::new(hot.clone(), None);
+        let ids = |hits: Vec<crate::query::Hit>| -> Vec<String> {
+            hits.iter().map(|h| h.record["id"].as_str().unwrap().to_owned()).collect()
+        };
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let vector = ids(service.vector(probe, 10, &Filters::default()).unwrap());
+        let text = sorted(ids(service.text("topic3", 1000, &Filters::default()).unwrap()));
+        let filtered = Filters {
+            system_ids: vec!["s1".into()],
+            tags: vec!["t1".into()],
+            since_us: Some(now - 200 * DAY),
+            ..Filters::default()
+        };
+        let vector_filtered = ids(service.vector(probe, 5, &filtered).unwrap());
+        let mut listed = Vec::new();
+        for kind in [RecordKind::Conversation, RecordKind::Reflection] {
+            let q = ListQuery { kind, limit: 1000, since_us: Some(now - 300 * DAY), ..ListQuery::default() };
+            listed.extend(service.list(&q).unwrap().records.iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        }
+        vec![vector, text, vector_filtered, listed]
+    }
+
+    #[test]
+    fn records_move_through_every_tier_and_queries_give_the_same_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        // 400 records, one every day for 400 days.
+        let records: Vec<Record> = (0..400).map(|i| record(i, now - i as i64 * DAY - 1000)).collect();
+        let probe = records[250].embedding.clone().unwrap();
+
+        let reference = open(dir.path(), false);
+        reference.insert(&records).unwrap();
+        assert!(reference.wait_indexed(Duration::from_secs(30)));
+        let expected = answers(&reference, &probe, now);
+        assert_eq!(expected[0][0], "r250");
+
+        let hot = open(dir.path(), true);
+        hot.insert(&records).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        let report = hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+        assert_eq!(report.records, 310, "days 90..399");
+        let cold = hot.cold().unwrap();
+        let (objects, rows, _) = cold.totals().unwrap();
+        assert_eq!((objects, rows), (310, 310), "one object per kind, system and day");
+        let in_hot: u64 = hot.counts().unwrap().iter().map(|c| c.records).sum();
+        let in_warm =
+            hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
+        assert_eq!((in_hot, in_warm), (7, 83));
+        let key = cold.catalog().unwrap()[0].key.clone();
+        assert!(
+            key.starts_with("kind=")
+                && key.contains("/system=s")
+                && key.contains("/date=")
+                && key.ends_with(".parquet"),
+            "{key}"
+        );
+        assert_eq!(answers(&hot, &probe, now), expected, "the same answers from three tiers");
+
+        let service = QueryService::new(hot.clone(), None);
+        let r = service.get("s1", RecordKind::Reflection, "r391").unwrap().unwrap();
+        assert_eq!((r["tier"].as_str(), r["embedding"].as_array().map(Vec::len)), (Some("cold"), Some(EMBEDDING_DIM)));
+
+        // A newer version of a cold record arrives: hot shows it, and after it too goes cold, compaction keeps
+        // only it.
+        let mut updated = records[391].clone();
+        updated.text = Some("updated text about topic3".into());
+        updated.ts += 1;
+        hot.insert(std::slice::from_ref(&updated)).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        assert_eq!(service.get("s1", RecordKind::Reflection, "r391").unwrap().unwrap()["tier"], "hot");
+        hot.move_to_warm(now - 7 * DAY).unwrap();
+        hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+        assert_eq!(cold.totals().unwrap().0, 311);
+        // An object nobody registered (a crash between upload and catalog).
+        cold.block_on(cold.location.store.put(
+            &cold.location.join("kind=entity/system=x/date=2020-01-01/part-orphan.parquet"),
+            bytes::Bytes::from_static(b"x").into(),
+        ))
+        .unwrap();
+        let compacted = cold.compact().unwrap();
+        assert_eq!((compacted.groups, compacted.objects_replaced, compacted.orphans_deleted), (1, 2, 1));
+        let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
+        let listed: BTreeSet<String> = cold.list_keys().unwrap().into_iter().collect();
+        assert_eq!(catalog, listed, "the catalog matches the bucket exactly");
+        assert_eq!(cold.totals().unwrap().1, 310, "one version per key");
+        let r = service.get("s1", RecordKind::Reflection, "r391").unwrap().unwrap();
+        assert_eq!((r["tier"].as_str(), r["text"].as_str()), (Some("cold"), Some("updated text about topic3")));
+        let text = service.text("updated", 10, &Filters::default()).unwrap();
+        assert_eq!(text.len(), 1);
+        assert_eq!(text[0].snippet.as_ref().unwrap().html, "<b>updated</b> text about topic3");
+
+        // A cold cache emptied: objects come back from the store, verified.
+        drop(service);
+        drop(hot);
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+        let hot = open(dir.path(), true);
+        hot.insert(&records[..7]).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        // The only change since `expected`: r391 now mentions topic3.
+        let mut expected_after = expected.clone();
+        expected_after[1].push("r391".into());
+        expected_after[1].sort();
+        assert_eq!(answers(&hot, &probe, now), expected_after);
+        assert!(hot.cold().unwrap().cache().fetched.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn an_interrupted_move_leaves_warm_whole_and_no_object_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let records: Vec<Record> = (0..20).map(|i| record(i, now - (100 + i as i64) * DAY)).collect();
+        let hot = open(dir.path(), true);
+        hot.insert(&records).unwrap();
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        let cold = hot.cold().unwrap().clone();
+        // What a crash after the upload leaves: a journal row in `uploading` and its object in the bucket.
+        let key = "kind=reflection/system=s1/date=2020-01-01/part-crashed.parquet";
+        cold.block_on(cold.location.store.put(&cold.location.join(key), bytes::Bytes::from_static(b"partial").into()))
+            .unwrap();
+        cold.mover
+            .lock()
+            .unwrap()
+            .execute(
+                "INSERT INTO warm.cold_moves VALUES (1, 'reflection', 's1', DATE '2020-01-01', ?, 'uploading', NULL, now(), NULL, NULL)",
+                [key],
+            )
+            .unwrap();
+        drop(cold);
+        drop(hot);
+        std::thread::sleep(Duration::from_millis(200));
+        let hot = open(dir.path(), true);
+        let cold = hot.cold().unwrap();
+        assert_eq!(cold.interrupted, 1);
+        assert!(cold.list_keys().unwrap().is_empty(), "the interrupted move's object is gone");
+        let in_warm =
+            hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
+        assert_eq!(in_warm, 20);
+        assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 20);
+    }
+
+    #[test]
+    fn a_store_that_fails_opens_the_breaker_and_warm_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let records: Vec<Record> = (0..6).map(|i| record(i, now - (100 + i as i64) * DAY)).collect();
+        let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
+        hot.attach_warm(WarmConfig {
+            enabled: true,
+            path: dir.path().join("warm.duckdb"),
+            hot_window: Duration::from_secs(7 * 86_400),
+            move_interval: Duration::from_secs(60),
+        })
+        .unwrap();
+        // Nothing listens on port 9: every request fails at once.
+        let mut config = cold_config(dir.path());
+        config.url = "s3://bucket/prefix".into();
+        config.options = vec![
+            ("endpoint".into(), "http://127.0.0.1:9".into()),
+            ("allow_http".into(), "true".into()),
+            ("access_key_id".into(), "k".into()),
+            ("secret_access_key".into(), "s".into()),
+            ("region".into(), "us-east-1".into()),
+        ];
+        config.retry_timeout = Duration::from_millis(300);
+        config.breaker_failures = 2;
+        hot.attach_cold(config).unwrap();
+        hot.insert(&records).unwrap();
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        for _ in 0..2 {
+            let err = hot.move_to_cold(now - 90 * DAY).unwrap_err();
+            assert!(matches!(err, ColdError::Store(_)), "{err}");
+        }
+        let err = hot.move_to_cold(now - 90 * DAY).unwrap_err();
+        assert!(err.to_string().contains("circuit open"), "{err}");
+        let in_warm =
+            hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
+        assert_eq!(in_warm, 6, "nothing left warm without a verified cold copy");
+        let journal = hot.cold().unwrap().journal_tail(10).unwrap();
+        assert!(journal.iter().all(|j| j["state"] == "failed"), "{journal:?}");
+        // Hot and warm queries still answer.
+        let service = QueryService::new(hot.clone(), None);
+        assert_eq!(service.vector(records[0].embedding.as_ref().unwrap(), 3, &Filters::default()).unwrap().len(), 3);
+    }
+}
