@@ -44,6 +44,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/metrics/correlation", get(|s, q| metric_analysis(s, q, Analysis::Correlation)))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/admin/warm/move", post(warm_move))
+        .route("/v1/admin/cold/move", post(cold_move))
+        .route("/v1/lifecycle", get(lifecycle))
         .route("/mcp", post(crate::mcp::post).get(crate::mcp::get).delete(crate::mcp::get))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         // Inside the auth layer: a cached answer is served only to a caller allowed to ask.
@@ -220,12 +222,11 @@ async fn get_record(
         Ok(kind) => kind,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_kind", &e.to_string()),
     };
-    let Some(receiver) = agg.receiver() else { return starting() };
-    let hot = receiver.hot.clone();
-    match tokio::task::spawn_blocking(move || hot.get(&system, kind, &id)).await {
+    let Some(service) = agg.query() else { return starting() };
+    match tokio::task::spawn_blocking(move || service.get(&system, kind, &id)).await {
         Ok(Ok(Some(record))) => axum::Json(record).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "not_found", "no record with that system, kind and id"),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Ok(Err(e)) => query_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
     }
 }
@@ -245,7 +246,17 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
                 None => counts.push(crate::hot::KindCount { system_id, kind, records }),
             }
         }
-        Ok::<_, crate::hot::HotError>((counts, warm_total, journal))
+        let mut cold_total = 0;
+        if let Some(cold) = hot.cold() {
+            for (system_id, kind, records) in cold.counts().map_err(|e| crate::hot::HotError::Io(e.to_string()))? {
+                cold_total += records;
+                match counts.iter_mut().find(|c| c.system_id == system_id && c.kind == kind) {
+                    Some(c) => c.records += records,
+                    None => counts.push(crate::hot::KindCount { system_id, kind, records }),
+                }
+            }
+        }
+        Ok::<_, crate::hot::HotError>((counts, warm_total + cold_total, journal, cold_total))
     })
     .await
     {
@@ -253,7 +264,8 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
     };
-    let (counts, warm_total, journal) = counts;
+    let (counts, not_hot, journal, cold_total) = counts;
+    let warm_total = not_hot - cold_total;
     let mut systems = serde_json::Map::new();
     let mut total = 0;
     for c in &counts {
@@ -265,7 +277,7 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
         "total_records": total,
         "systems": systems,
         "hot": {
-            "records": total - warm_total,
+            "records": total - not_hot,
             "pending": r.hot.pending(),
             "failed_batches": r.hot.failed_batches(),
             "duplicates_dropped": r.hot.duplicates(),
@@ -298,6 +310,7 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
             "last_error": w.last_error(),
             "journal": journal,
         })),
+        "cold": r.hot.cold().map(|c| cold_summary(c, cold_total)),
         "wal": {"bytes": r.wal.size_bytes(), "segments": r.wal.segments(), "queued": r.wal.queued(), "failed": r.wal.failed()},
         "sessions": r.metrics.active(),
         "cache": {
@@ -413,6 +426,40 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
             "akosha_warm_moved_records_total",
             "Records moved from hot to warm.",
             w.records_moved.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+    if let Some(c) = r.hot.cold() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (objects, rows, bytes) = c.totals().unwrap_or_default();
+        gauge(&mut e, "akosha_cold_objects", "Objects in the cold catalog.", objects);
+        gauge(&mut e, "akosha_cold_records", "Rows in the cold catalog.", rows);
+        gauge(&mut e, "akosha_cold_bytes", "Bytes of the catalogued cold objects.", bytes);
+        gauge(&mut e, "akosha_cold_cache_bytes", "Bytes in the local cold-object cache.", c.cache().size_bytes());
+        counter(
+            &mut e,
+            "akosha_cold_cache_fetches_total",
+            "Cold objects downloaded into the cache.",
+            c.cache().fetched.load(Relaxed),
+        );
+        counter(
+            &mut e,
+            "akosha_cold_cache_hits_total",
+            "Cold objects a query found in the cache.",
+            c.cache().hits.load(Relaxed),
+        );
+        counter(&mut e, "akosha_cold_moves_total", "Completed warm-to-cold moves.", c.moves_done.load(Relaxed));
+        counter(&mut e, "akosha_cold_moves_failed_total", "Failed warm-to-cold moves.", c.moves_failed.load(Relaxed));
+        counter(
+            &mut e,
+            "akosha_cold_moved_records_total",
+            "Records moved from warm to cold.",
+            c.records_moved.load(Relaxed),
+        );
+        gauge(
+            &mut e,
+            "akosha_cold_circuit_open",
+            "1 while the object store's circuit breaker refuses calls.",
+            u64::from(c.circuit_open()),
         );
     }
     let c = &agg.cache.metrics;
@@ -808,6 +855,132 @@ async fn warm_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
         Ok(json!({"moved": report.is_some(), "report": report}))
     })
     .await
+}
+
+/// `POST /v1/admin/cold/move?older_than=90d`: moves warm records older than that (default: the configured warm
+/// window) to cold now, then compacts.
+async fn cold_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(e) => return query_error(e),
+    };
+    let older_than = match p.older_than.as_deref().map(akosha_protocol::settings::parse_duration).transpose() {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("`older_than`: {e}")),
+    };
+    let Some(r) = agg.receiver() else { return starting() };
+    let hot = r.hot.clone();
+    let Some(cold) = hot.cold().cloned() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cold tier is disabled (`cold.enabled`)");
+    };
+    let older_than = older_than.unwrap_or(cold.config.warm_window);
+    let cutoff = jiff::Timestamp::now().as_microsecond() - older_than.as_micros() as i64;
+    match tokio::task::spawn_blocking(move || {
+        let report = hot.move_to_cold(cutoff)?;
+        let compaction = cold.compact()?;
+        Ok::<_, crate::cold::ColdError>(json!({"moved": report.is_some(), "report": report, "compaction": compaction}))
+    })
+    .await
+    {
+        Ok(Ok(answer)) => axum::Json(answer).into_response(),
+        Ok(Err(e @ (crate::cold::ColdError::Store(_) | crate::cold::ColdError::CircuitOpen { .. }))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
+fn cold_summary(c: &crate::cold::ColdTier, records: u64) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (objects, _, bytes) = c.totals().unwrap_or_default();
+    json!({
+        "records": records,
+        "objects": objects,
+        "bytes": bytes,
+        "url": c.location().url,
+        "warm_window_s": c.config.warm_window.as_secs(),
+        "cache_bytes": c.cache().size_bytes(),
+        "moves_done": c.moves_done.load(Relaxed),
+        "moves_failed": c.moves_failed.load(Relaxed),
+        "records_moved": c.records_moved.load(Relaxed),
+        "interrupted_at_start": c.interrupted,
+        "circuit_open": c.circuit_open(),
+        "last_move": c.last_move(),
+        "last_error": c.last_error(),
+    })
+}
+
+/// `GET /v1/lifecycle`: the tiers' windows, moves pending, running and failed, and the journals' latest rows.
+async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
+    let Some(r) = agg.receiver() else { return starting() };
+    let hot = r.hot.clone();
+    let answer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        let now = jiff::Timestamp::now().as_microsecond();
+        let mut out = json!({});
+        if let Some(w) = hot.warm() {
+            let cutoff = now - w.config.hot_window.as_micros() as i64;
+            let due: u64 = hot
+                .read(|c| {
+                    let mut n = 0;
+                    for kind in RecordKind::ALL {
+                        n += c.query_row(
+                            &format!("SELECT count(*) FROM main.{} WHERE ts < make_timestamp(?)", kind.as_str()),
+                            [cutoff],
+                            |row| row.get::<_, i64>(0),
+                        )? as u64;
+                    }
+                    Ok(n)
+                })
+                .map_err(|e| e.to_string())?;
+            let journal = hot.read(|c| crate::warm::WarmTier::journal_tail(c, 50)).map_err(|e| e.to_string())?;
+            out["hot_to_warm"] = json!({
+                "window_s": w.config.hot_window.as_secs(),
+                "interval_s": w.config.move_interval.as_secs(),
+                "records_due": due,
+                "running": journal.iter().filter(|j| !matches!(j["state"].as_str(), Some("done" | "failed" | "interrupted"))).count(),
+                "failed": journal.iter().filter(|j| j["state"] == "failed").count(),
+                "last_move": w.last_move(),
+                "last_error": w.last_error(),
+                "journal": journal,
+            });
+        }
+        if let Some(c) = hot.cold() {
+            let cutoff = now - c.config.warm_window.as_micros() as i64;
+            let due: u64 = hot
+                .read(|conn| {
+                    let mut n = 0;
+                    for kind in RecordKind::ALL {
+                        n += conn.query_row(
+                            &format!("SELECT count(*) FROM warm.{} WHERE ts < make_timestamp(?)", kind.as_str()),
+                            [cutoff],
+                            |row| row.get::<_, i64>(0),
+                        )? as u64;
+                    }
+                    Ok(n)
+                })
+                .map_err(|e| e.to_string())?;
+            let journal = c.journal_tail(50).map_err(|e| e.to_string())?;
+            out["warm_to_cold"] = json!({
+                "window_s": c.config.warm_window.as_secs(),
+                "interval_s": c.config.move_interval.as_secs(),
+                "records_due": due,
+                "running": journal.iter().filter(|j| !matches!(j["state"].as_str(), Some("done" | "failed" | "interrupted"))).count(),
+                "failed": journal.iter().filter(|j| j["state"] == "failed").count(),
+                "circuit_open": c.circuit_open(),
+                "last_move": c.last_move(),
+                "last_error": c.last_error(),
+                "journal": journal,
+            });
+        }
+        Ok(out)
+    })
+    .await;
+    match answer {
+        Ok(Ok(answer)) => axum::Json(answer).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
 }
 
 /// `POST /v1/embeddings`, OpenAI-compatible: `{"input": "text" | ["text", …]}`.

@@ -62,6 +62,8 @@ enum Command {
     },
     /// Ask the running aggregator: search, records, stats, graph and metric queries.
     Query(query_cli::QueryArgs),
+    /// Data lifecycle of the running aggregator: run the tier moves now, or show what would move.
+    Lifecycle(query_cli::LifecycleArgs),
     /// Create the site CA and certificates.
     Certs {
         #[command(subcommand)]
@@ -110,6 +112,13 @@ fn main() -> anyhow::Result<()> {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
             query_cli::run(args, format!("http://{addr}"))
+        }
+        Command::Lifecycle(args) => {
+            let mut addr = config.http_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            query_cli::lifecycle(args, format!("http://{addr}"))
         }
         Command::Run => {
             init_logging(&config);

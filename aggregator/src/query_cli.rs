@@ -233,11 +233,32 @@ pub(crate) fn run(args: QueryArgs, default_url: String) -> anyhow::Result<()> {
         }
     };
     let url = format!("{base}{path}");
-    let mut request = if method_post { client.post(&url) } else { client.get(&url) }.query(&params);
-    if let Some(body) = &body {
+    let value = call(&runtime, &client, &base, args.token.as_deref(), method_post, &url, &params, body.as_ref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    print!("{}", render(&args.command, &value));
+    Ok(())
+}
+
+/// One API call; an error answer becomes an error naming its status, code and message.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn call(
+    runtime: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    post: bool,
+    url: &str,
+    params: &[(&'static str, String)],
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
+    let mut request = if post { client.post(url) } else { client.get(url) }.query(params);
+    if let Some(body) = body {
         request = request.json(body);
     }
-    if let Some(token) = &args.token {
+    if let Some(token) = token {
         request = request.bearer_auth(token);
     }
     let (status, value): (reqwest::StatusCode, Value) = runtime.block_on(async {
@@ -252,12 +273,7 @@ pub(crate) fn run(args: QueryArgs, default_url: String) -> anyhow::Result<()> {
         let code = value.get("error").and_then(Value::as_str).unwrap_or("error");
         bail!("{} ({code}): {message}", status.as_u16());
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    print!("{}", render(&args.command, &value));
-    Ok(())
+    Ok(value)
 }
 
 fn s(v: &Value, key: &str) -> String {
@@ -463,4 +479,122 @@ fn render(command: &QueryCommand, v: &Value) -> String {
         out.push_str("(nothing)\n");
     }
     out
+}
+
+/// `akosha-aggregator lifecycle …`.
+#[derive(Args)]
+pub(crate) struct LifecycleArgs {
+    /// Aggregator HTTP address (default: the configuration's http.listen).
+    #[arg(long)]
+    url: Option<String>,
+    /// Bearer token (admin scope to run moves).
+    #[arg(long, env = "AKOSHA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print the API's JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: LifecycleCommand,
+}
+
+#[derive(Subcommand)]
+enum LifecycleCommand {
+    /// Run the moves now (hot to warm, then warm to cold and compaction), or with --dry-run show what would move.
+    Run {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Pending, running and failed moves and the journals.
+    Status,
+}
+
+pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Result<()> {
+    let base = args.url.clone().unwrap_or(default_url).trim_end_matches('/').to_owned();
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    // Moves of a large backlog take a while; the server does them in one request.
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3600)).build()?;
+    let token = args.token.as_deref();
+    let get = |path: &str| call(&runtime, &client, &base, token, false, &format!("{base}{path}"), &[], None);
+    let post = |path: &str| call(&runtime, &client, &base, token, true, &format!("{base}{path}"), &[], None);
+    let status = get("/v1/lifecycle")?;
+    let due = |stage: &str| status[stage]["records_due"].as_u64();
+    let window =
+        |stage: &str| status[stage]["window_s"].as_u64().map_or_else(|| "-".into(), |s| format!("{}d", s / 86_400));
+    match args.command {
+        LifecycleCommand::Status => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(());
+            }
+            for stage in ["hot_to_warm", "warm_to_cold"] {
+                let v = &status[stage];
+                if v.is_null() {
+                    println!("{stage}: tier disabled");
+                    continue;
+                }
+                println!(
+                    "{stage}: window {}, {} records due, {} running, {} failed{}{}",
+                    window(stage),
+                    due(stage).unwrap_or(0),
+                    v["running"],
+                    v["failed"],
+                    if v["circuit_open"] == true { ", object store circuit OPEN" } else { "" },
+                    v["last_error"].as_str().map_or_else(String::new, |e| format!(", last error: {e}")),
+                );
+                for j in v["journal"].as_array().into_iter().flatten().take(10) {
+                    println!(
+                        "  {} {:<12} {:<14} {:>8} records  {}",
+                        time(j["started_at"].as_i64()),
+                        s(j, "kind"),
+                        s(j, "state"),
+                        s(j, "records"),
+                        j.get("object").and_then(Value::as_str).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        LifecycleCommand::Run { dry_run: true } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(());
+            }
+            match due("hot_to_warm") {
+                Some(n) => println!("would move {n} records older than {} from hot to warm", window("hot_to_warm")),
+                None => println!("hot to warm: the warm tier is disabled"),
+            }
+            match due("warm_to_cold") {
+                Some(n) => println!("would move {n} records older than {} from warm to cold", window("warm_to_cold")),
+                None => println!("warm to cold: the cold tier is disabled"),
+            }
+        }
+        LifecycleCommand::Run { dry_run: false } => {
+            let mut out = serde_json::json!({});
+            if !status["hot_to_warm"].is_null() {
+                out["hot_to_warm"] = post("/v1/admin/warm/move")?;
+            }
+            if !status["warm_to_cold"].is_null() {
+                out["warm_to_cold"] = post("/v1/admin/cold/move")?;
+            }
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            let moved = |v: &Value| -> u64 {
+                v["report"]["records"].as_array().map_or_else(
+                    || v["report"]["records"].as_u64().unwrap_or(0),
+                    |per_kind| per_kind.iter().filter_map(|p| p[1].as_u64()).sum(),
+                )
+            };
+            println!("hot to warm: {} records moved", moved(&out["hot_to_warm"]));
+            println!(
+                "warm to cold: {} records moved in {} objects; compaction merged {} objects, deleted {} orphans",
+                moved(&out["warm_to_cold"]),
+                out["warm_to_cold"]["report"]["objects"].as_u64().unwrap_or(0),
+                out["warm_to_cold"]["compaction"]["objects_replaced"].as_u64().unwrap_or(0),
+                out["warm_to_cold"]["compaction"]["orphans_deleted"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    Ok(())
 }

@@ -862,6 +862,22 @@ impl ColdTier {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Catalogued rows per system and kind.
+    pub fn counts(&self) -> Result<Vec<(String, &'static str, u64)>, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = conn
+            .prepare("SELECT system_id, kind, sum(rows)::BIGINT FROM warm.cold_objects GROUP BY ALL ORDER BY 1, 2")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (system, kind, n) = row?;
+            if let Ok(kind) = kind.parse::<RecordKind>() {
+                out.push((system, kind.as_str(), n as u64));
+            }
+        }
+        Ok(out)
+    }
+
     /// Objects, rows and bytes in the catalog.
     pub fn totals(&self) -> Result<(u64, u64, u64), ColdError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
