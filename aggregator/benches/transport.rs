@@ -91,7 +91,7 @@ fn main() {
             group_commit_window: Duration::ZERO,
             queue_depth: 256,
         };
-        let (wal, _) = Wal::open(wal_config, |_| {}, durable_tx).expect("wal");
+        let (wal, _) = Wal::open(wal_config, |_, _| None, durable_tx).expect("wal");
         let hot = Arc::new(HotTier::open("256MB", 1, None).expect("hot"));
         let receiver = Arc::new(Receiver::new(quic.clone(), wal.clone(), hot, Arc::new(ReceiverMetrics::default())));
         let elapsed_akosha = runtime.block_on(async {

@@ -76,6 +76,9 @@ const COLUMNS: &[(&str, &str)] = &[
 /// Called with the systems whose data changed (applied to the table, or made searchable).
 pub type ChangeHook = Box<dyn Fn(Vec<String>) + Send + Sync>;
 
+/// Called after a hot→warm move with what it made durable in warm.
+pub type WarmMoveHook = Box<dyn Fn(crate::wal::WarmMark) + Send + Sync>;
+
 fn notify(hook: &std::sync::OnceLock<ChangeHook>, records: impl Iterator<Item = String>) {
     if let Some(hook) = hook.get() {
         let mut systems: Vec<String> = records.collect();
@@ -109,6 +112,12 @@ pub struct HotTier {
     batches: AtomicU64,
     failed_batches: AtomicU64,
     pending: AtomicU64,
+    /// The log segment of the last batch applied; every segment below it is applied entirely.
+    applied_segment: AtomicU64,
+    /// Set when a durable batch could not be applied: the log must keep it, so retention stops.
+    apply_failed: std::sync::atomic::AtomicBool,
+    /// Told about each completed hot→warm move (the log releases what it covers).
+    on_warm_move: std::sync::OnceLock<WarmMoveHook>,
     duplicates: AtomicU64,
 }
 
@@ -362,6 +371,9 @@ impl HotTier {
             batches: AtomicU64::new(0),
             failed_batches: AtomicU64::new(0),
             pending: AtomicU64::new(0),
+            applied_segment: AtomicU64::new(0),
+            apply_failed: std::sync::atomic::AtomicBool::new(false),
+            on_warm_move: std::sync::OnceLock::new(),
             duplicates: AtomicU64::new(0),
         })
     }
@@ -496,17 +508,25 @@ impl HotTier {
         let hot = self.clone();
         std::thread::Builder::new().name("hot-writer".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
-                let mut records = first;
+                let mut segment = first.segment;
+                let mut records = first.records;
                 while records.len() < 50_000 {
                     match rx.try_recv() {
-                        Ok(more) => records.extend(more),
+                        Ok(more) => {
+                            segment = segment.max(more.segment);
+                            records.extend(more.records);
+                        }
                         Err(_) => break,
                     }
                 }
                 let n = records.len() as u64;
                 let result = hot.insert(&records);
                 notify(&hot.on_change, records.iter().map(|r| r.system_id.clone()));
+                if result.is_ok() && !hot.apply_failed.load(Ordering::Relaxed) {
+                    hot.applied_segment.fetch_max(segment, Ordering::Relaxed);
+                }
                 if let Err(e) = result {
+                    hot.apply_failed.store(true, Ordering::Relaxed);
                     hot.failed_batches.fetch_add(1, Ordering::Relaxed);
                     error!(message = "Hot tier insert failed; the records stay in the write-ahead log and return on restart.", error = %e, records = n);
                 }
@@ -514,6 +534,16 @@ impl HotTier {
             }
         })?;
         Ok(())
+    }
+
+    /// Notes that the log's replay applied every segment below `segment` (and `segment` so far).
+    pub fn set_applied_segment(&self, segment: u64) {
+        self.applied_segment.fetch_max(segment, Ordering::Relaxed);
+    }
+
+    /// Registers the hook told about completed hot→warm moves (once).
+    pub fn on_warm_move(&self, hook: WarmMoveHook) {
+        let _ = self.on_warm_move.set(hook);
     }
 
     /// Counts records handed to the writer and not yet applied (for metrics and readiness).
@@ -701,6 +731,9 @@ impl HotTier {
         // Index jobs still queued could re-add moved keys to the hot indexes after their removal.
         self.wait_indexed(std::time::Duration::from_secs(300));
         let started = std::time::Instant::now();
+        // Under the writer lock: every batch of the segments below this one is in the table now.
+        let mark = crate::wal::WarmMark { applied_segment: self.applied_segment.load(Ordering::Relaxed), cutoff_us };
+        let released = !self.apply_failed.load(Ordering::Relaxed);
         let id = jiff::Timestamp::now().as_microsecond();
         let mut report = crate::warm::MoveReport { id, cutoff_us, ..Default::default() };
         let Writer { conn, keys } = &mut *writer;
@@ -751,11 +784,19 @@ impl HotTier {
             warm.failed(&e.to_string());
             return Err(e);
         }
+        let tell = |mark| {
+            if let (true, Some(hook)) = (released, self.on_warm_move.get()) {
+                hook(mark);
+            }
+        };
         if report.records.is_empty() {
+            // Everything older than the cutoff was already warm (and checkpointed by the move that put it there).
+            tell(mark);
             return Ok(None);
         }
         report.took_ms = started.elapsed().as_millis() as u64;
         warm.finish(conn, report.clone())?;
+        tell(mark);
         // The answers stay the same records; only their `tier` changed.
         notify(&self.on_change, std::iter::once(String::from("*")));
         Ok(Some(report))

@@ -316,21 +316,43 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
     let (durable_tx, durable_rx) = std::sync::mpsc::sync_channel(1024);
     let mut replay_batch = Vec::new();
     let mut replay_error = None;
+    // Records that completed hot→warm moves made durable in warm stay out of hot.
+    let marks = if config.warm.enabled { Wal::warm_marks(&config.wal.dir)? } else { Vec::new() };
+    let mut already_warm = 0u64;
     let (wal, report) = Wal::open(
         config.wal.clone(),
-        |entry| {
-            match entry.records() {
-                Ok(records) => replay_batch.extend(records),
-                Err(e) => {
-                    warn!(message = "Skipping a logged batch that does not decode.", error = %e, system_id = %entry.system_id)
+        |segment, entry| {
+            let newest = match entry.records() {
+                Ok(records) => {
+                    let newest = records.iter().map(|r| r.ts).max();
+                    let before = records.len();
+                    let kept: Vec<_> =
+                        records.into_iter().filter(|r| !wal::WarmMark::covered(&marks, segment, r.ts)).collect();
+                    already_warm += (before - kept.len()) as u64;
+                    replay_batch.extend(kept);
+                    newest
                 }
-            }
+                Err(e) => {
+                    warn!(message = "Skipping a logged batch that does not decode.", error = %e, system_id = %entry.system_id);
+                    Some(i64::MIN)
+                }
+            };
             if replay_batch.len() >= 50_000 && replay_error.is_none() {
                 replay_error = hot.insert(&std::mem::take(&mut replay_batch)).err();
             }
+            newest
         },
         durable_tx,
     )?;
+    hot.set_applied_segment(wal.current_segment());
+    if config.warm.enabled {
+        let log = wal.clone();
+        hot.on_warm_move(Box::new(move |mark| {
+            if let Err(e) = log.release(mark) {
+                warn!(message = "Cannot release write-ahead log segments; they stay.", error = %e);
+            }
+        }));
+    }
     if let Some(e) = replay_error {
         return Err(e.into());
     }
@@ -351,6 +373,11 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
             info!(message = "Cold tier attached.", url = %cold.location().url, interrupted_moves = cold.interrupted);
         }
     }
-    info!(message = "Hot tier rebuilt from the write-ahead log.", entries = report.entries, records = hot.inserted());
+    info!(
+        message = "Hot tier rebuilt from the write-ahead log.",
+        entries = report.entries,
+        records = hot.inserted(),
+        already_warm
+    );
     Ok((wal, hot, durable_rx, embedder))
 }

@@ -25,10 +25,14 @@
 //! right ends that segment, and the remainder is counted as lost. Start-up never fails because of a bad entry.
 //!
 //! ## Retention
-//! While the hot tier lives only in memory the log is its only durable copy, so segments are kept. Moving data
-//! to the warm tier will checkpoint it and allow [`Wal`] to drop the segments the checkpoint covers.
+//! The hot tier lives only in memory, so the log is its durable copy until records reach the warm tier. Each
+//! completed hot→warm move leaves a [`WarmMark`]: every record older than its cutoff in a segment the hot tier
+//! had fully applied before the move is durable in warm (or beyond). [`Wal::release`] saves the marks and the
+//! agents' high-water marks to `checkpoint.json` (written atomically) and then deletes the sealed segments whose
+//! newest record a mark covers. At start the marks are read first, and records they cover are not replayed
+//! into hot — they would otherwise travel to warm, and from there to cold, a second time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -127,6 +131,41 @@ pub struct RecoveryReport {
     pub segments: u64,
 }
 
+/// A completed hot→warm move: records older than `cutoff_us` in segments below `applied_segment` are in warm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WarmMark {
+    /// Every segment below this one had been applied to the hot tier when the move started.
+    pub applied_segment: u64,
+    /// The move's cutoff (microseconds since the epoch).
+    pub cutoff_us: i64,
+}
+
+impl WarmMark {
+    /// Whether a record of `segment` with timestamp `ts` is durable in warm under any of `marks`.
+    pub fn covered(marks: &[WarmMark], segment: u64, ts: i64) -> bool {
+        marks.iter().any(|m| segment < m.applied_segment && ts < m.cutoff_us)
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    marks: Vec<WarmMark>,
+    /// `(system_id, buffer_epoch, last durable record)`.
+    high_water: Vec<(String, u64, u64)>,
+}
+
+const CHECKPOINT: &str = "checkpoint.json";
+
+fn read_checkpoint(dir: &Path) -> Result<Checkpoint, WalError> {
+    let path = dir.join(CHECKPOINT);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| WalError::Io { path, message: format!("unreadable checkpoint: {e}") }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Checkpoint::default()),
+        Err(e) => Err(WalError::io(&path, e)),
+    }
+}
+
 /// Durable, ordered storage of batches. Cheap to clone.
 #[derive(Clone)]
 pub struct Wal {
@@ -135,6 +174,12 @@ pub struct Wal {
 }
 
 struct WalShared {
+    dir: PathBuf,
+    /// Newest record timestamp per segment (`i64::MAX` when unknown).
+    segment_max_ts: Mutex<BTreeMap<u64, i64>>,
+    /// The segment being appended to.
+    current_segment: AtomicU64,
+    marks: Mutex<Vec<WarmMark>>,
     high_water: Mutex<HashMap<(String, u64), u64>>,
     bytes: AtomicU64,
     segments: AtomicU64,
@@ -149,31 +194,48 @@ struct WalRequest {
 }
 
 /// Records that became durable, for the hot tier.
-pub type DurableBatch = Vec<Record>;
+#[derive(Debug, Clone, PartialEq)]
+pub struct DurableBatch {
+    /// The segment they were logged in.
+    pub segment: u64,
+    /// The records.
+    pub records: Vec<Record>,
+}
 
 /// Resolves when a submitted batch is durable (or failed).
 pub type Durability = oneshot::Receiver<Result<(), WalError>>;
 
 impl Wal {
-    /// Opens the log, replays every entry through `replay` (in log order), then starts the writer, which sends
-    /// the records of each durable batch to `durable`.
+    /// The marks saved by earlier [`Wal::release`] calls: records they cover need no replay.
+    pub fn warm_marks(dir: &Path) -> Result<Vec<WarmMark>, WalError> {
+        Ok(read_checkpoint(dir)?.marks)
+    }
+
+    /// Opens the log, replays every entry through `replay` (in log order, with its segment; `replay` returns
+    /// the entry's newest record timestamp, `None` if unknown), then starts the writer, which sends the records of
+    /// each durable batch to `durable`.
     pub fn open(
         config: WalConfig,
-        mut replay: impl FnMut(&WalEntry),
+        mut replay: impl FnMut(u64, &WalEntry) -> Option<i64>,
         durable: std::sync::mpsc::SyncSender<DurableBatch>,
     ) -> Result<(Wal, RecoveryReport), WalError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| WalError::io(&config.dir, e))?;
+        let checkpoint = read_checkpoint(&config.dir)?;
         let mut segments = list_segments(&config.dir)?;
         let mut report = RecoveryReport::default();
-        let mut high_water = HashMap::new();
+        // High-water marks of released segments come from the checkpoint; the log's own entries add the rest.
+        let mut high_water: HashMap<(String, u64), u64> =
+            checkpoint.high_water.into_iter().map(|(system, epoch, hw)| ((system, epoch), hw)).collect();
+        let mut segment_max_ts = BTreeMap::new();
         let mut total_bytes = 0;
         let last_index = segments.len().saturating_sub(1);
-        for (i, (_, path)) in segments.iter().enumerate() {
+        for (i, (id, path)) in segments.iter().enumerate() {
+            let max_ts = segment_max_ts.entry(*id).or_insert(i64::MIN);
             let len = replay_segment(path, i == last_index, &mut report, &mut |entry| {
                 let key = (entry.system_id.clone(), entry.buffer_epoch);
                 let hw = high_water.entry(key).or_insert(0);
                 *hw = (*hw).max(entry.last_record);
-                replay(entry);
+                *max_ts = (*max_ts).max(replay(*id, entry).unwrap_or(i64::MAX));
             })?;
             total_bytes += len;
         }
@@ -193,7 +255,12 @@ impl Wal {
             None => (1, segment_path(&config.dir, 1)),
         };
         let file = open_segment(&path)?;
+        segment_max_ts.entry(id).or_insert(i64::MIN);
         let shared = Arc::new(WalShared {
+            dir: config.dir.clone(),
+            segment_max_ts: Mutex::new(segment_max_ts),
+            current_segment: AtomicU64::new(id),
+            marks: Mutex::new(checkpoint.marks),
             high_water: Mutex::new(high_water),
             bytes: AtomicU64::new(total_bytes),
             segments: AtomicU64::new(report.segments.max(1)),
@@ -228,6 +295,70 @@ impl Wal {
     pub fn high_water(&self, system_id: &str, buffer_epoch: u64) -> Option<u64> {
         let map = self.shared.high_water.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&(system_id.to_owned(), buffer_epoch)).copied()
+    }
+
+    /// The segment being appended to.
+    pub fn current_segment(&self) -> u64 {
+        self.shared.current_segment.load(Ordering::Relaxed)
+    }
+
+    /// Records a completed hot→warm move, saves the checkpoint, and deletes the sealed segments whose records
+    /// are all durable in warm now. Returns the segments deleted.
+    pub fn release(&self, mark: WarmMark) -> Result<u64, WalError> {
+        let dir = &self.shared.dir;
+        let marks = {
+            let mut marks = self.shared.marks.lock().unwrap_or_else(|p| p.into_inner());
+            // A mark that another covers entirely adds nothing.
+            if !marks.iter().any(|m| m.applied_segment >= mark.applied_segment && m.cutoff_us >= mark.cutoff_us) {
+                marks.retain(|m| !(m.applied_segment <= mark.applied_segment && m.cutoff_us <= mark.cutoff_us));
+                marks.push(mark);
+            }
+            marks.clone()
+        };
+        let high_water: Vec<(String, u64, u64)> = {
+            let map = self.shared.high_water.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter().map(|((system, epoch), hw)| (system.clone(), *epoch, *hw)).collect()
+        };
+        // The checkpoint must be durable before any segment whose high-water marks it carries disappears.
+        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
+        let bytes = serde_json::to_vec(&Checkpoint { marks: marks.clone(), high_water })
+            .map_err(|e| WalError::Io { path: tmp.clone(), message: e.to_string() })?;
+        let write = || -> std::io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, dir.join(CHECKPOINT))?;
+            File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| WalError::io(&tmp, e))?;
+        let current = self.current_segment();
+        let releasable: Vec<u64> = {
+            let map = self.shared.segment_max_ts.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter(|(id, max_ts)| **id < current && WarmMark::covered(&marks, **id, **max_ts))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in &releasable {
+            let path = segment_path(dir, *id);
+            let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(WalError::io(&path, e)),
+            }
+            self.shared.segment_max_ts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+            self.shared.bytes.fetch_sub(len.min(self.shared.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            self.shared.segments.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !releasable.is_empty() {
+            info!(
+                message = "Write-ahead log segments released: their records are durable in the warm tier.",
+                segments = releasable.len(),
+                cutoff_us = mark.cutoff_us
+            );
+        }
+        Ok(releasable.len() as u64)
     }
 
     /// Bytes in all segments.
@@ -273,6 +404,7 @@ struct Writer {
 struct Written {
     file: Arc<File>,
     path: PathBuf,
+    segment: u64,
     group: Vec<WalRequest>,
 }
 
@@ -322,10 +454,16 @@ impl Writer {
             for request in &group {
                 encode_entry(&request.entry, &mut buf);
             }
-            let (file, path) = (self.file.clone(), self.path.clone());
+            let (file, path, segment) = (self.file.clone(), self.path.clone(), self.segment_id);
+            let newest = group.iter().flat_map(|r| &r.records).map(|r| r.ts).max().unwrap_or(i64::MIN);
+            {
+                let mut map = self.shared.segment_max_ts.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = map.entry(segment).or_insert(i64::MIN);
+                *slot = (*slot).max(newest);
+            }
             match self.write(&buf) {
                 Ok(()) => {
-                    if to_flusher.send(Written { file, path, group }).is_err() {
+                    if to_flusher.send(Written { file, path, segment, group }).is_err() {
                         self.shared.failed.store(true, Ordering::Relaxed);
                     }
                 }
@@ -351,6 +489,13 @@ impl Writer {
             self.segment_id += 1;
             self.path = segment_path(&self.config.dir, self.segment_id);
             self.file = Arc::new(open_segment(&self.path)?);
+            self.shared
+                .segment_max_ts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(self.segment_id)
+                .or_insert(i64::MIN);
+            self.shared.current_segment.store(self.segment_id, Ordering::Relaxed);
             // The new segment's directory entry must be durable too, or a crash could lose the file itself.
             File::open(&self.config.dir).and_then(|d| d.sync_all()).map_err(|e| WalError::io(&self.config.dir, e))?;
             self.shared.segments.fetch_add(1, Ordering::Relaxed);
@@ -390,10 +535,12 @@ fn flush_loop(
                         *slot = (*slot).max(e.last_record);
                     }
                 }
-                for request in pending.into_iter().flat_map(|w| w.group) {
-                    let _ = request.done.send(Ok(()));
-                    // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
-                    let _ = durable.send(request.records);
+                for written in pending {
+                    for request in written.group {
+                        let _ = request.done.send(Ok(()));
+                        // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
+                        let _ = durable.send(DurableBatch { segment: written.segment, records: request.records });
+                    }
                 }
             }
             Err(e) => {

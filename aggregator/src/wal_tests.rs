@@ -30,7 +30,15 @@ fn open(
 ) -> (Wal, RecoveryReport, Vec<WalEntry>, std::sync::mpsc::Receiver<DurableBatch>) {
     let mut replayed = Vec::new();
     let (tx, rx) = std::sync::mpsc::sync_channel(1024);
-    let (wal, report) = Wal::open(config(dir, segment_bytes), |e| replayed.push(e.clone()), tx).unwrap();
+    let (wal, report) = Wal::open(
+        config(dir, segment_bytes),
+        |_, e| {
+            replayed.push(e.clone());
+            e.records().ok()?.iter().map(|r| r.ts).max()
+        },
+        tx,
+    )
+    .unwrap();
     (wal, report, replayed, rx)
 }
 
@@ -50,7 +58,7 @@ fn appended_entries_replay_in_order_across_segments() {
         for i in 0..10 {
             let (e, records) = entry("host-1", i * 5 + 1, 5);
             rt.block_on(wal.append(e.clone(), records.clone())).unwrap();
-            assert_eq!(durable.recv().unwrap(), records);
+            assert_eq!(durable.recv().unwrap().records, records);
             written.push(e);
         }
         assert!(wal.segments() > 1, "600-byte segments roll");
@@ -128,4 +136,42 @@ fn garbage_segments_never_panic() {
     std::fs::write(segment_path(dir.path(), 2), b"not a wal").unwrap();
     let (_, report, _, _) = open(dir.path(), 1 << 20);
     assert!(report.truncated_bytes > 0);
+}
+
+#[test]
+fn released_segments_are_gone_and_their_high_water_marks_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let (wal, _, _, durable) = open(dir.path(), 200);
+        // Records 1..=50 (ts = sequence number); note which segment each batch went to.
+        let mut newest_per_segment = std::collections::BTreeMap::new();
+        for i in 0..10 {
+            let segment = wal.current_segment();
+            let (e, records) = entry("host-1", i * 5 + 1, 5);
+            rt.block_on(wal.append(e, records)).unwrap();
+            durable.recv().unwrap();
+            newest_per_segment.insert(segment, i as i64 * 5 + 5);
+        }
+        let segments = wal.segments();
+        assert!(segments > 3, "{segments}");
+        // A move applied through segment 3 with cutoff 26: only sealed segments below 3 whose newest record is
+        // older than 26 go.
+        let expected = newest_per_segment.iter().filter(|(s, ts)| **s < 3 && **ts < 26).count() as u64;
+        assert!(expected > 0);
+        assert_eq!(wal.release(WarmMark { applied_segment: 3, cutoff_us: 26 }).unwrap(), expected);
+        assert_eq!(wal.segments(), segments - expected);
+        assert!(!segment_path(dir.path(), 1).exists());
+        assert!(segment_path(dir.path(), 3).exists());
+        // A dominated mark changes nothing; a later one releases every sealed segment.
+        assert_eq!(wal.release(WarmMark { applied_segment: 2, cutoff_us: 10 }).unwrap(), 0);
+        assert!(wal.release(WarmMark { applied_segment: wal.current_segment(), cutoff_us: 1000 }).unwrap() > 0);
+        assert_eq!(wal.segments(), 1, "only the open segment is left");
+    }
+    let marks = Wal::warm_marks(dir.path()).unwrap();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert!(WarmMark::covered(&marks, 1, 40) && !WarmMark::covered(&marks, marks[0].applied_segment, 40));
+    let (wal, _, replayed, _) = open(dir.path(), 200);
+    assert_eq!(wal.high_water("host-1", 7), Some(50), "kept by the checkpoint");
+    assert!(replayed.len() < 10, "released entries are not replayed");
 }
