@@ -112,8 +112,8 @@ pub struct HotTier {
     batches: AtomicU64,
     failed_batches: AtomicU64,
     pending: AtomicU64,
-    /// The log segment of the last batch applied; every segment below it is applied entirely.
-    applied_segment: AtomicU64,
+    /// Every log entry before this position ([`crate::wal::position`]) is applied.
+    applied: AtomicU64,
     /// Set when a durable batch could not be applied: the log must keep it, so retention stops.
     apply_failed: std::sync::atomic::AtomicBool,
     /// Told about each completed hot→warm move (the log releases what it covers).
@@ -371,7 +371,7 @@ impl HotTier {
             batches: AtomicU64::new(0),
             failed_batches: AtomicU64::new(0),
             pending: AtomicU64::new(0),
-            applied_segment: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
             apply_failed: std::sync::atomic::AtomicBool::new(false),
             on_warm_move: std::sync::OnceLock::new(),
             duplicates: AtomicU64::new(0),
@@ -508,12 +508,12 @@ impl HotTier {
         let hot = self.clone();
         std::thread::Builder::new().name("hot-writer".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
-                let mut segment = first.segment;
+                let mut applied = first.position + 1;
                 let mut records = first.records;
                 while records.len() < 50_000 {
                     match rx.try_recv() {
                         Ok(more) => {
-                            segment = segment.max(more.segment);
+                            applied = applied.max(more.position + 1);
                             records.extend(more.records);
                         }
                         Err(_) => break,
@@ -523,7 +523,7 @@ impl HotTier {
                 let result = hot.insert(&records);
                 notify(&hot.on_change, records.iter().map(|r| r.system_id.clone()));
                 if result.is_ok() && !hot.apply_failed.load(Ordering::Relaxed) {
-                    hot.applied_segment.fetch_max(segment, Ordering::Relaxed);
+                    hot.applied.fetch_max(applied, Ordering::Relaxed);
                 }
                 if let Err(e) = result {
                     hot.apply_failed.store(true, Ordering::Relaxed);
@@ -536,9 +536,9 @@ impl HotTier {
         Ok(())
     }
 
-    /// Notes that the log's replay applied every segment below `segment` (and `segment` so far).
-    pub fn set_applied_segment(&self, segment: u64) {
-        self.applied_segment.fetch_max(segment, Ordering::Relaxed);
+    /// Notes that every log entry before `position` is applied (the replay's end).
+    pub fn set_applied(&self, position: u64) {
+        self.applied.fetch_max(position, Ordering::Relaxed);
     }
 
     /// Registers the hook told about completed hot→warm moves (once).
@@ -731,8 +731,8 @@ impl HotTier {
         // Index jobs still queued could re-add moved keys to the hot indexes after their removal.
         self.wait_indexed(std::time::Duration::from_secs(300));
         let started = std::time::Instant::now();
-        // Under the writer lock: every batch of the segments below this one is in the table now.
-        let mark = crate::wal::WarmMark { applied_segment: self.applied_segment.load(Ordering::Relaxed), cutoff_us };
+        // Under the writer lock: every logged batch before this position is in the table now.
+        let mark = crate::wal::WarmMark { applied: self.applied.load(Ordering::Relaxed), cutoff_us };
         let released = !self.apply_failed.load(Ordering::Relaxed);
         let id = jiff::Timestamp::now().as_microsecond();
         let mut report = crate::warm::MoveReport { id, cutoff_us, ..Default::default() };

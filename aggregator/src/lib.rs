@@ -321,13 +321,13 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
     let mut already_warm = 0u64;
     let (wal, report) = Wal::open(
         config.wal.clone(),
-        |segment, entry| {
+        |position, entry| {
             let newest = match entry.records() {
                 Ok(records) => {
                     let newest = records.iter().map(|r| r.ts).max();
                     let before = records.len();
                     let kept: Vec<_> =
-                        records.into_iter().filter(|r| !wal::WarmMark::covered(&marks, segment, r.ts)).collect();
+                        records.into_iter().filter(|r| !wal::WarmMark::covered(&marks, position, r.ts)).collect();
                     already_warm += (before - kept.len()) as u64;
                     replay_batch.extend(kept);
                     newest
@@ -344,7 +344,7 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
         },
         durable_tx,
     )?;
-    hot.set_applied_segment(wal.current_segment());
+    hot.set_applied(wal.replayed_end());
     if config.warm.enabled {
         let log = wal.clone();
         hot.on_warm_move(Box::new(move |mark| {

@@ -9,6 +9,7 @@
 //!
 //! ```text
 //!  <dir>/00000000000000000001.wal, 00000000000000000002.wal, …   (rolled at `segment_bytes`)
+//!  <dir>/checkpoint.json   (retention: warm marks and released agents' high-water marks)
 //!
 //!  segment := "AKWAL001" entry*
 //!  entry   := u32 body_len │ u32 crc32c(body) │ body
@@ -26,8 +27,8 @@
 //!
 //! ## Retention
 //! The hot tier lives only in memory, so the log is its durable copy until records reach the warm tier. Each
-//! completed hot→warm move leaves a [`WarmMark`]: every record older than its cutoff in a segment the hot tier
-//! had fully applied before the move is durable in warm (or beyond). [`Wal::release`] saves the marks and the
+//! completed hot→warm move leaves a [`WarmMark`]: every record older than its cutoff and logged before the
+//! position the hot tier had applied when the move started is durable in warm (or beyond). [`Wal::release`] saves the marks and the
 //! agents' high-water marks to `checkpoint.json` (written atomically) and then deletes the sealed segments whose
 //! newest record a mark covers. At start the marks are read first, and records they cover are not replayed
 //! into hot — they would otherwise travel to warm, and from there to cold, a second time.
@@ -131,19 +132,30 @@ pub struct RecoveryReport {
     pub segments: u64,
 }
 
-/// A completed hot→warm move: records older than `cutoff_us` in segments below `applied_segment` are in warm.
+/// Where an entry is in the log: its segment in the high 32 bits, its index within the segment in the low 32.
+/// Positions order like the log.
+pub fn position(segment: u64, entry: u64) -> u64 {
+    (segment << 32) | (entry & 0xFFFF_FFFF)
+}
+
+/// A completed hot→warm move: records older than `cutoff_us` logged before position `applied` are in warm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WarmMark {
-    /// Every segment below this one had been applied to the hot tier when the move started.
-    pub applied_segment: u64,
+    /// Every entry before this position had been applied to the hot tier when the move started.
+    pub applied: u64,
     /// The move's cutoff (microseconds since the epoch).
     pub cutoff_us: i64,
 }
 
 impl WarmMark {
-    /// Whether a record of `segment` with timestamp `ts` is durable in warm under any of `marks`.
-    pub fn covered(marks: &[WarmMark], segment: u64, ts: i64) -> bool {
-        marks.iter().any(|m| segment < m.applied_segment && ts < m.cutoff_us)
+    /// Whether a record logged at `position` with timestamp `ts` is durable in warm under any of `marks`.
+    pub fn covered(marks: &[WarmMark], position: u64, ts: i64) -> bool {
+        marks.iter().any(|m| position < m.applied && ts < m.cutoff_us)
+    }
+
+    /// Whether every record of `segment`, the newest of which has timestamp `max_ts`, is covered.
+    fn covers_segment(marks: &[WarmMark], segment: u64, max_ts: i64) -> bool {
+        marks.iter().any(|m| segment < m.applied >> 32 && max_ts < m.cutoff_us)
     }
 }
 
@@ -179,6 +191,8 @@ struct WalShared {
     segment_max_ts: Mutex<BTreeMap<u64, i64>>,
     /// The segment being appended to.
     current_segment: AtomicU64,
+    /// The position after the last replayed entry.
+    replayed_end: u64,
     marks: Mutex<Vec<WarmMark>>,
     high_water: Mutex<HashMap<(String, u64), u64>>,
     bytes: AtomicU64,
@@ -191,13 +205,15 @@ struct WalRequest {
     entry: WalEntry,
     records: Vec<Record>,
     done: oneshot::Sender<Result<(), WalError>>,
+    /// Set by the writer.
+    position: u64,
 }
 
 /// Records that became durable, for the hot tier.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DurableBatch {
-    /// The segment they were logged in.
-    pub segment: u64,
+    /// Where they were logged ([`position`]).
+    pub position: u64,
     /// The records.
     pub records: Vec<Record>,
 }
@@ -211,7 +227,7 @@ impl Wal {
         Ok(read_checkpoint(dir)?.marks)
     }
 
-    /// Opens the log, replays every entry through `replay` (in log order, with its segment; `replay` returns
+    /// Opens the log, replays every entry through `replay` (in log order, with its [`position`]; `replay` returns
     /// the entry's newest record timestamp, `None` if unknown), then starts the writer, which sends the records of
     /// each durable batch to `durable`.
     pub fn open(
@@ -228,15 +244,19 @@ impl Wal {
             checkpoint.high_water.into_iter().map(|(system, epoch, hw)| ((system, epoch), hw)).collect();
         let mut segment_max_ts = BTreeMap::new();
         let mut total_bytes = 0;
+        let mut entries_in_last = 0;
         let last_index = segments.len().saturating_sub(1);
         for (i, (id, path)) in segments.iter().enumerate() {
             let max_ts = segment_max_ts.entry(*id).or_insert(i64::MIN);
+            let mut index = 0;
             let len = replay_segment(path, i == last_index, &mut report, &mut |entry| {
                 let key = (entry.system_id.clone(), entry.buffer_epoch);
                 let hw = high_water.entry(key).or_insert(0);
                 *hw = (*hw).max(entry.last_record);
-                *max_ts = (*max_ts).max(replay(*id, entry).unwrap_or(i64::MAX));
+                *max_ts = (*max_ts).max(replay(position(*id, index), entry).unwrap_or(i64::MAX));
+                index += 1;
             })?;
+            entries_in_last = index;
             total_bytes += len;
         }
         report.segments = segments.len() as u64;
@@ -260,6 +280,7 @@ impl Wal {
             dir: config.dir.clone(),
             segment_max_ts: Mutex::new(segment_max_ts),
             current_segment: AtomicU64::new(id),
+            replayed_end: position(id, entries_in_last),
             marks: Mutex::new(checkpoint.marks),
             high_water: Mutex::new(high_water),
             bytes: AtomicU64::new(total_bytes),
@@ -268,8 +289,14 @@ impl Wal {
             failed: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
-        let writer =
-            Writer { config: config.clone(), segment_id: id, path, file: Arc::new(file), shared: shared.clone() };
+        let writer = Writer {
+            config: config.clone(),
+            segment_id: id,
+            entries: entries_in_last,
+            path,
+            file: Arc::new(file),
+            shared: shared.clone(),
+        };
         std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || writer.run(rx, durable))
@@ -287,7 +314,7 @@ impl Wal {
     /// that one session can pipeline several batches into the same group commit.
     pub async fn submit(&self, entry: WalEntry, records: Vec<Record>) -> Result<Durability, WalError> {
         let (done, result) = oneshot::channel();
-        self.requests.send(WalRequest { entry, records, done }).await.map_err(|_| WalError::Closed)?;
+        self.requests.send(WalRequest { entry, records, done, position: 0 }).await.map_err(|_| WalError::Closed)?;
         Ok(result)
     }
 
@@ -302,6 +329,11 @@ impl Wal {
         self.shared.current_segment.load(Ordering::Relaxed)
     }
 
+    /// The position after the last entry replayed at open (everything before it is in the hot tier then).
+    pub fn replayed_end(&self) -> u64 {
+        self.shared.replayed_end
+    }
+
     /// Records a completed hot→warm move, saves the checkpoint, and deletes the sealed segments whose records
     /// are all durable in warm now. Returns the segments deleted.
     pub fn release(&self, mark: WarmMark) -> Result<u64, WalError> {
@@ -309,8 +341,8 @@ impl Wal {
         let marks = {
             let mut marks = self.shared.marks.lock().unwrap_or_else(|p| p.into_inner());
             // A mark that another covers entirely adds nothing.
-            if !marks.iter().any(|m| m.applied_segment >= mark.applied_segment && m.cutoff_us >= mark.cutoff_us) {
-                marks.retain(|m| !(m.applied_segment <= mark.applied_segment && m.cutoff_us <= mark.cutoff_us));
+            if !marks.iter().any(|m| m.applied >= mark.applied && m.cutoff_us >= mark.cutoff_us) {
+                marks.retain(|m| !(m.applied <= mark.applied && m.cutoff_us <= mark.cutoff_us));
                 marks.push(mark);
             }
             marks.clone()
@@ -335,7 +367,7 @@ impl Wal {
         let releasable: Vec<u64> = {
             let map = self.shared.segment_max_ts.lock().unwrap_or_else(|p| p.into_inner());
             map.iter()
-                .filter(|(id, max_ts)| **id < current && WarmMark::covered(&marks, **id, **max_ts))
+                .filter(|(id, max_ts)| **id < current && WarmMark::covers_segment(&marks, **id, **max_ts))
                 .map(|(id, _)| *id)
                 .collect()
         };
@@ -395,6 +427,8 @@ impl Wal {
 struct Writer {
     config: WalConfig,
     segment_id: u64,
+    /// Entries written to the current segment.
+    entries: u64,
     path: PathBuf,
     file: Arc<File>,
     shared: Arc<WalShared>,
@@ -404,7 +438,6 @@ struct Writer {
 struct Written {
     file: Arc<File>,
     path: PathBuf,
-    segment: u64,
     group: Vec<WalRequest>,
 }
 
@@ -451,8 +484,10 @@ impl Writer {
                 continue;
             }
             buf.clear();
-            for request in &group {
+            for request in &mut group {
                 encode_entry(&request.entry, &mut buf);
+                request.position = position(self.segment_id, self.entries);
+                self.entries += 1;
             }
             let (file, path, segment) = (self.file.clone(), self.path.clone(), self.segment_id);
             let newest = group.iter().flat_map(|r| &r.records).map(|r| r.ts).max().unwrap_or(i64::MIN);
@@ -463,7 +498,7 @@ impl Writer {
             }
             match self.write(&buf) {
                 Ok(()) => {
-                    if to_flusher.send(Written { file, path, segment, group }).is_err() {
+                    if to_flusher.send(Written { file, path, group }).is_err() {
                         self.shared.failed.store(true, Ordering::Relaxed);
                     }
                 }
@@ -487,6 +522,7 @@ impl Writer {
         let len = (&*self.file).stream_position().map_err(|e| WalError::io(&self.path, e))?;
         if len >= self.config.segment_bytes {
             self.segment_id += 1;
+            self.entries = 0;
             self.path = segment_path(&self.config.dir, self.segment_id);
             self.file = Arc::new(open_segment(&self.path)?);
             self.shared
@@ -535,12 +571,10 @@ fn flush_loop(
                         *slot = (*slot).max(e.last_record);
                     }
                 }
-                for written in pending {
-                    for request in written.group {
-                        let _ = request.done.send(Ok(()));
-                        // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
-                        let _ = durable.send(DurableBatch { segment: written.segment, records: request.records });
-                    }
+                for request in pending.into_iter().flat_map(|w| w.group) {
+                    let _ = request.done.send(Ok(()));
+                    // The hot tier is a replica: if it is gone (shutdown) the data is still in the log.
+                    let _ = durable.send(DurableBatch { position: request.position, records: request.records });
                 }
             }
             Err(e) => {

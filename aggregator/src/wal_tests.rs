@@ -159,18 +159,18 @@ fn released_segments_are_gone_and_their_high_water_marks_survive() {
         // older than 26 go.
         let expected = newest_per_segment.iter().filter(|(s, ts)| **s < 3 && **ts < 26).count() as u64;
         assert!(expected > 0);
-        assert_eq!(wal.release(WarmMark { applied_segment: 3, cutoff_us: 26 }).unwrap(), expected);
+        assert_eq!(wal.release(WarmMark { applied: position(3, 0), cutoff_us: 26 }).unwrap(), expected);
         assert_eq!(wal.segments(), segments - expected);
         assert!(!segment_path(dir.path(), 1).exists());
         assert!(segment_path(dir.path(), 3).exists());
         // A dominated mark changes nothing; a later one releases every sealed segment.
-        assert_eq!(wal.release(WarmMark { applied_segment: 2, cutoff_us: 10 }).unwrap(), 0);
-        assert!(wal.release(WarmMark { applied_segment: wal.current_segment(), cutoff_us: 1000 }).unwrap() > 0);
+        assert_eq!(wal.release(WarmMark { applied: position(2, 0), cutoff_us: 10 }).unwrap(), 0);
+        assert!(wal.release(WarmMark { applied: position(wal.current_segment(), 0), cutoff_us: 1000 }).unwrap() > 0);
         assert_eq!(wal.segments(), 1, "only the open segment is left");
     }
     let marks = Wal::warm_marks(dir.path()).unwrap();
     assert_eq!(marks.len(), 1, "{marks:?}");
-    assert!(WarmMark::covered(&marks, 1, 40) && !WarmMark::covered(&marks, marks[0].applied_segment, 40));
+    assert!(WarmMark::covered(&marks, position(1, 3), 40) && !WarmMark::covered(&marks, marks[0].applied, 40));
     let (wal, _, replayed, _) = open(dir.path(), 200);
     assert_eq!(wal.high_water("host-1", 7), Some(50), "kept by the checkpoint");
     assert!(replayed.len() < 10, "released entries are not replayed");
