@@ -518,8 +518,12 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         if cold.cache_max_bytes < 16 << 20 {
             return Err(ConfigError::invalid("cold.cache_max_bytes", "must be at least 16MiB"));
         }
-        // The URL and options are checked by opening the location (no request is made).
-        crate::objects::open(&cold.url, &cold.options).map_err(|e| ConfigError::invalid("cold.url", e.to_string()))?;
+        // Remote URLs and their options are checked by opening the location (no request is made); a local
+        // directory is created when the tier opens.
+        if crate::objects::local_dir(&cold.url).is_none() {
+            crate::objects::open(&cold.url, &cold.options)
+                .map_err(|e| ConfigError::invalid("cold.url", e.to_string()))?;
+        }
     }
 
     Ok(AggregatorConfig {

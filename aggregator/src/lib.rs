@@ -220,6 +220,8 @@ impl Aggregator {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(cold.config.move_interval);
+                // The first round waits one interval, like the warm one: start-up is busy enough.
+                every.tick().await;
                 loop {
                     tokio::select! {
                         _ = every.tick() => {}

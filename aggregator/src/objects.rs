@@ -136,6 +136,15 @@ fn open_local(url: &str, dir: PathBuf, options: &[(String, String)]) -> Result<L
     Ok(Location { store: Arc::new(store), prefix: Path::default(), url: url.to_owned() })
 }
 
+/// The directory a URL names when it is a local one (`file:///dir` or a plain path).
+pub fn local_dir(url: &str) -> Option<PathBuf> {
+    match url::Url::parse(url) {
+        Err(url::ParseError::RelativeUrlWithoutBase) => Some(PathBuf::from(url)),
+        Ok(parsed) if parsed.scheme() == "file" => parsed.to_file_path().ok(),
+        _ => None,
+    }
+}
+
 /// Parses `key=value` (as given on a command line).
 pub fn parse_option(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {

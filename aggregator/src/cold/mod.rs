@@ -277,6 +277,10 @@ impl ColdTier {
             max_retries: 6,
             retry_timeout: config.retry_timeout,
         };
+        if let Some(dir) = crate::objects::local_dir(&config.url) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ColdError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        }
         let location = crate::objects::open_with_retry(&config.url, &config.options, Some(retry))
             .map_err(|e| ColdError::Store(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -955,7 +959,6 @@ mod tests {
     fn open(dir: &Path, tiers: bool) -> Arc<HotTier> {
         let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
         if tiers {
-            std::fs::create_dir_all(dir.join("bucket")).unwrap();
             hot.attach_warm(WarmConfig {
                 enabled: true,
                 path: dir.join("warm.duckdb"),

@@ -1,0 +1,261 @@
+//! The cold tier against a real S3 server (SeaweedFS): records spread over 400 days land hot, warm and cold as
+//! the policy says and answer exactly like a hot-only copy; a warm→cold move killed with `kill -9` after its
+//! upload loses, doubles and leaves behind nothing; an S3 outage pauses moves without touching warm or the
+//! queries over hot and warm.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use akosha_e2e::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+use akosha_e2e::{Agent, AgentOptions, Aggregator, Site};
+use anyhow::{Result, bail};
+use futures_util::TryStreamExt;
+use serde_json::{Value, json};
+
+const SYSTEM: &str = "cold-host";
+const HOUR_US: i64 = 3_600_000_000;
+/// Records, one every 60 hours: 400 days back.
+const RECORDS: u64 = 160;
+
+fn embedding(i: u64) -> Vec<f32> {
+    akosha_e2e::clustered_vector(i, 384, |d| d == (i % 11) as usize, 3.0)
+}
+
+fn corpus(now_us: i64) -> String {
+    (0..RECORDS)
+        .map(|i| {
+            let kind = if i % 2 == 0 { "conversation" } else { "reflection" };
+            json!({"id": format!("c{i}"), "kind": kind, "ts": now_us - i as i64 * 60 * HOUR_US,
+                   "project": format!("p{}", i % 3), "tags": [format!("t{}", i % 4)],
+                   "text": format!("entry {i} marker{i} about topic{}", i % 11), "embedding": embedding(i)})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// Warm and cold on the S3 server; moves only when asked.
+fn tiered_config(s3: &S3Server) -> String {
+    format!(
+        "embeddings: {{enabled: false}}\ncache: {{enabled: false}}\nwarm: {{hot_window: 7d, move_interval: 1h}}\n\
+         cold: {{url: 's3://cold/akosha', warm_window: 90d, move_interval: 1h, breaker_failures: 2, breaker_cooldown: 5s, \
+         retry_timeout: 2s, options: {{endpoint: '{}', allow_http: 'true', access_key_id: '{ACCESS_KEY}', \
+         secret_access_key: '{SECRET_KEY}', region: us-east-1}}}}\n",
+        s3.endpoint
+    )
+}
+
+const HOT_ONLY: &str = "embeddings: {enabled: false}\ncache: {enabled: false}\nwarm: {enabled: false}\n";
+
+async fn post(agg: &Aggregator, path: &str, body: Value) -> Result<Value> {
+    Ok(reqwest::Client::new().post(format!("{}{path}", agg.url)).json(&body).send().await?.json().await?)
+}
+
+async fn admin(agg: &Aggregator, path: &str) -> Result<(u16, Value)> {
+    let response = reqwest::Client::new().post(format!("{}{path}", agg.url)).send().await?;
+    Ok((response.status().as_u16(), response.json().await?))
+}
+
+fn ids(r: &Value) -> Vec<String> {
+    r["results"].as_array().into_iter().flatten().map(|h| h["record"]["id"].as_str().unwrap_or("").to_owned()).collect()
+}
+
+/// Every record id, page by page, optionally within a time range.
+async fn listed(agg: &Aggregator, range: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for kind in ["conversation", "reflection"] {
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{}/v1/records?kind={kind}&limit=37{range}", agg.url);
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let page: Value = reqwest::get(url).await?.json().await?;
+            let Some(records) = page["records"].as_array() else { bail!("not a page: {page}") };
+            out.extend(records.iter().map(|r| r["id"].as_str().unwrap_or("").to_owned()));
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A fixed set of queries spanning the tiers, each as ids (ordered where the ranking is exact).
+async fn answers(agg: &Aggregator, now_us: i64) -> Result<Vec<Vec<String>>> {
+    let mut out = Vec::new();
+    for i in [0u64, 20, 64, 150] {
+        out.push(ids(&post(agg, "/v1/search/vector", json!({"embedding": embedding(i), "limit": 10})).await?));
+    }
+    let filtered = json!({"embedding": embedding(99), "limit": 5, "tags": ["t1"], "project": "p0",
+                          "since": now_us - 200 * 24 * HOUR_US});
+    out.push(ids(&post(agg, "/v1/search/vector", filtered).await?));
+    for q in ["topic4", "marker130", "topic0 entry"] {
+        // Limits above the match counts: tied scores at a cut-off would make any top-k arbitrary.
+        let mut found = ids(&post(agg, "/v1/search/text", json!({"query": q, "limit": 1000})).await?);
+        found.sort();
+        out.push(found);
+    }
+    out.push(listed(agg, "").await?);
+    let range = format!("&since={}&until={}", now_us - 300 * 24 * HOUR_US, now_us - 50 * 24 * HOUR_US);
+    out.push(listed(agg, &range).await?);
+    Ok(out)
+}
+
+async fn wait_searchable(agg: &Aggregator, total: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = agg.stats().await?;
+        if s["hot"]["index_pending"] == 0 && s["hot"]["pending"] == 0 && s["total_records"] == total {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("never settled: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn bucket_keys(s3: &S3Server) -> Result<BTreeSet<String>> {
+    let store = s3.bucket("cold")?;
+    let listed: Vec<object_store::ObjectMeta> = store.list(None).try_collect().await?;
+    Ok(listed.into_iter().map(|m| m.location.to_string()).collect())
+}
+
+fn tiers(s: &Value) -> (u64, u64, u64) {
+    let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
+    (n(&s["hot"]["records"]), n(&s["warm"]["records"]), n(&s["cold"]["records"]))
+}
+
+/// Hot: the last 7 days (records 0..=2); warm: up to 90 days (3..=35); cold: the rest.
+const EXPECTED_TIERS: (u64, u64, u64) = (3, 33, 124);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_hundred_days_land_in_three_tiers_answer_like_hot_only_and_survive_a_kill_mid_move() -> Result<()> {
+    let site = Site::new()?;
+    let s3 = S3Server::start(&site.path("s3"), &["cold"]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+
+    let reference = Aggregator::start_configured(&site, "hot-only", "", HOT_ONLY).await?;
+    let reference_agent =
+        Agent::start(&site, "ref-agent", SYSTEM, reference.quic_port, &AgentOptions::default()).await?;
+    let pause = vec![("AKOSHA_FAULT_COLD_PAUSE_AFTER_UPLOAD_MS".to_string(), "60000".to_string())];
+    let mut agg = Aggregator::start_full(&site, "tiered", "", &tiered_config(&s3), pause).await?;
+    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    for a in [&reference_agent, &agent] {
+        let (status, body, _) = a.post(corpus(now)).await?;
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_searchable(&reference, RECORDS).await?;
+    wait_searchable(&agg, RECORDS).await?;
+    let expected = answers(&reference, now).await?;
+    assert!(expected.iter().all(|a| !a.is_empty()), "{expected:?}");
+
+    // Hot → warm, then warm → cold, which stalls (fault injection) right after its first verified upload.
+    let (status, r) = admin(&agg, "/v1/admin/warm/move").await?;
+    assert_eq!(status, 200, "{r}");
+    let url = agg.url.clone();
+    let mover =
+        tokio::spawn(async move { reqwest::Client::new().post(format!("{url}/v1/admin/cold/move")).send().await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bucket_keys(&s3).await?.is_empty() {
+        if Instant::now() > deadline {
+            bail!("no upload happened: {}", agg.proc.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agg.proc.kill9();
+    let _ = mover.await;
+
+    // Restart: the interrupted move's object is deleted, warm still holds every row; nothing is doubled.
+    agg.proc.set_env(vec![]);
+    agg.restart().await?;
+    let s = agg.stats().await?;
+    assert_eq!(s["cold"]["interrupted_at_start"], 1, "{s}");
+    assert_eq!(tiers(&s), (EXPECTED_TIERS.0, EXPECTED_TIERS.1 + EXPECTED_TIERS.2, 0), "{s}");
+    assert!(bucket_keys(&s3).await?.is_empty(), "the interrupted upload was removed");
+
+    let (status, r) = admin(&agg, "/v1/admin/cold/move").await?;
+    assert_eq!(status, 200, "{r}");
+    let s = agg.stats().await?;
+    assert_eq!(tiers(&s), EXPECTED_TIERS, "{s}");
+    assert_eq!(s["total_records"], RECORDS, "{s}");
+    let keys = bucket_keys(&s3).await?;
+    assert_eq!(keys.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "the catalog matches the bucket: {s}");
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("akosha/kind=") && k.contains("/system=cold-host/date=") && k.ends_with(".parquet")),
+        "{keys:?}"
+    );
+    assert_eq!(answers(&agg, now).await?, expected, "the same ids from three tiers as from hot only");
+    let one: Value = reqwest::get(format!("{}/v1/records/{SYSTEM}/reflection/c151", agg.url)).await?.json().await?;
+    assert_eq!((one["tier"].as_str(), one["text"].as_str()), (Some("cold"), Some("entry 151 marker151 about topic8")));
+
+    // Another restart (a clean one): the log does not bring cold records back into hot or warm.
+    agg.proc.terminate(Duration::from_secs(30))?;
+    agg.restart().await?;
+    let s = agg.stats().await?;
+    assert_eq!(tiers(&s), EXPECTED_TIERS, "{s}");
+    let listed_ids = listed(&agg, "").await?;
+    let unique: BTreeSet<&String> = listed_ids.iter().collect();
+    assert_eq!((listed_ids.len() as u64, unique.len() as u64), (RECORDS, RECORDS), "every record once");
+    let (status, r) = admin(&agg, "/v1/admin/cold/move").await?;
+    assert_eq!((status, &r["moved"]), (200, &json!(false)), "nothing left to move: {r}");
+    assert_eq!(bucket_keys(&s3).await?.len(), keys.len());
+    let lifecycle: Value = reqwest::get(format!("{}/v1/lifecycle", agg.url)).await?.json().await?;
+    assert_eq!(lifecycle["warm_to_cold"]["records_due"], 0, "{lifecycle}");
+    assert_eq!((&lifecycle["warm_to_cold"]["running"], &lifecycle["warm_to_cold"]["failed"]), (&json!(0), &json!(0)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_pauses_moves_and_keeps_warm_whole_and_queries_answering() -> Result<()> {
+    let site = Site::new()?;
+    let mut s3 = S3Server::start(&site.path("s3"), &["cold"]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    let agg = Aggregator::start_configured(&site, "tiered", "", &tiered_config(&s3)).await?;
+    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    let (status, body, _) = agent.post(corpus(now)).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, RECORDS).await?;
+    let (status, _) = admin(&agg, "/v1/admin/warm/move").await?;
+    assert_eq!(status, 200);
+
+    s3.proc.kill9();
+    for _ in 0..2 {
+        let (status, r) = admin(&agg, "/v1/admin/cold/move").await?;
+        assert_eq!(status, 503, "{r}");
+    }
+    let s = agg.stats().await?;
+    assert_eq!(tiers(&s), (EXPECTED_TIERS.0, EXPECTED_TIERS.1 + EXPECTED_TIERS.2, 0), "warm keeps everything: {s}");
+    assert_eq!(s["cold"]["circuit_open"], true, "{s}");
+    let lifecycle: Value = reqwest::get(format!("{}/v1/lifecycle", agg.url)).await?.json().await?;
+    assert!(lifecycle["warm_to_cold"]["failed"].as_u64() > Some(0), "{lifecycle}");
+    assert_eq!(lifecycle["warm_to_cold"]["records_due"], EXPECTED_TIERS.2, "{lifecycle}");
+    // Hot and warm answer meanwhile.
+    let hits = post(&agg, "/v1/search/vector", json!({"embedding": embedding(64), "limit": 3})).await?;
+    assert_eq!(ids(&hits)[0], "c64", "{hits}");
+    assert_eq!(listed(&agg, "").await?.len() as u64, RECORDS);
+
+    // The store comes back: after the breaker's cool-down the next move goes through.
+    s3.proc.start()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, r) = admin(&agg, "/v1/admin/cold/move").await?;
+        if status == 200 {
+            assert_eq!(r["report"]["records"], EXPECTED_TIERS.2, "{r}");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("moves never resumed: {r}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let s = agg.stats().await?;
+    assert_eq!(tiers(&s), EXPECTED_TIERS, "{s}");
+    assert_eq!(bucket_keys(&s3).await?.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0));
+    let hits = post(&agg, "/v1/search/vector", json!({"embedding": embedding(150), "limit": 1})).await?;
+    assert_eq!((ids(&hits)[0].as_str(), hits["results"][0]["record"]["tier"].as_str()), ("c150", Some("cold")));
+    Ok(())
+}
