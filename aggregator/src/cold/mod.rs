@@ -7,16 +7,16 @@
 //!  warm.cold_moves   (id, kind, system_id, day, object_key, state, records, started_at, finished_at, detail)
 //! ```
 //!
-//! ## A move (warm → cold), one object per kind, system and day
+//! ## A move (warm → cold), one object per kind, system and day, in batches of up to 64 objects
 //! 1. **export** (journal `exporting`): the warm rows older than the cutoff are written to a local Parquet file
 //!    (zstd, statistics, row groups of `row_group_rows`), which is read back and compared with warm (row count and
 //!    the sum of row hashes).
-//! 2. **upload** (`uploading`): a single PUT, or a multipart upload for large files; the store's client retries
-//!    5xx, SlowDown and timeouts with backoff and jitter.
-//! 3. **verify** (`verifying`): the object is read back and its sha256 compared with the local file's.
-//! 4. **register** (`done`), in one warm transaction: the catalog row is inserted and exactly the exported rows
-//!    (same key, timestamp and content) are deleted from warm — a newer version that reached warm meanwhile
-//!    stays. Then the keys leave the warm indexes and the warm tier persists them.
+//! 2. **upload** (`uploading`): a single PUT, or a multipart upload for large files, several objects at once;
+//!    the store's client retries 5xx, SlowDown and timeouts with backoff and jitter.
+//! 3. **verify**: each object is read back and its sha256 compared with the local file's.
+//! 4. **register** (`done`), in one warm transaction for the batch: the catalog rows are inserted and exactly
+//!    the exported rows (same key, timestamp and content) are deleted from warm — a newer version that reached
+//!    warm meanwhile stays. Then the keys leave the warm indexes and the warm tier persists them.
 //!
 //! Readers see an object only once it is in the catalog, so a half-written or unverified object is invisible.
 //! After `kill -9` before step 4 the journal row is left unfinished: at start it is marked `interrupted`, its
@@ -41,7 +41,7 @@ use akosha_protocol::RecordKind;
 use duckdb::Connection;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::cache::{Lease, ObjectCache, Wanted, hex};
 use crate::objects::Location;
@@ -50,6 +50,34 @@ use crate::objects::Location;
 const MULTIPART_THRESHOLD: u64 = 16 << 20;
 /// Size of one part.
 const PART_BYTES: usize = 8 << 20;
+/// (system, day) groups moved per batch: one warm commit and one parallel upload round each. Below DuckDB's
+/// limit of files a partitioned export keeps open (100), so each group is written as one file.
+const GROUPS_PER_BATCH: usize = 64;
+/// How long deleting the objects of a failed or interrupted move may take before the sweep is left to do it.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
+/// Rows per batch, so that a batch's local files stay a bounded amount of disk (a group is never split).
+const ROWS_PER_BATCH: u64 = 500_000;
+
+/// Warm rows of one kind, system and day that are due for cold.
+struct Group {
+    system_id: String,
+    day: String,
+    rows: u64,
+}
+
+/// One object of a move batch.
+struct Export {
+    key: String,
+    file: PathBuf,
+    system_id: String,
+    day: String,
+    rows: u64,
+    checksum: String,
+    sha256: String,
+    bytes: u64,
+    min_ts: i64,
+    max_ts: i64,
+}
 
 /// Cold tier settings.
 #[derive(Debug, Clone)]
@@ -258,6 +286,47 @@ fn key_segment(s: &str) -> String {
     out
 }
 
+/// Splits groups into batches of at most `GROUPS_PER_BATCH` groups and about `ROWS_PER_BATCH` rows.
+fn batches(groups: &[Group]) -> Vec<&[Group]> {
+    let mut out = Vec::new();
+    let (mut start, mut rows) = (0, 0);
+    for (i, group) in groups.iter().enumerate() {
+        if i > start && (i - start == GROUPS_PER_BATCH || rows + group.rows > ROWS_PER_BATCH) {
+            out.push(&groups[start..i]);
+            (start, rows) = (i, 0);
+        }
+        rows += group.rows;
+    }
+    if start < groups.len() {
+        out.push(&groups[start..]);
+    }
+    out
+}
+
+/// A `sum(hash)` as DuckDB prints a HUGEINT.
+fn parse_sum(text: &str) -> Result<i128, ColdError> {
+    text.parse().map_err(|_| ColdError::Corrupt(format!("checksum {text:?} is not a number")))
+}
+
+/// The sha256 and length of a file, read in chunks.
+fn sha256_file(path: &Path) -> Result<(String, u64), ColdError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((hex(&hasher.finalize()), len))
+}
+
 fn new_uuid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex(&b);
@@ -333,20 +402,11 @@ impl ColdTier {
         )?;
         let unfinished: Vec<(i64, String)> =
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-        for (_, key) in &unfinished {
-            // Best effort: if the store is down now, compaction sweeps the orphan later.
-            // A store that is down must not hold up start-up for its whole retry budget.
-            let path = self.location.join(key);
-            let delete = self.location.store.delete(&path);
-            match self.block_on(async { tokio::time::timeout(Duration::from_secs(5), delete).await }) {
-                Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => {}
-                Ok(Err(e)) => {
-                    warn!(message = "Cannot delete an object left by an interrupted move yet.", key = %key, error = %e)
-                }
-                Err(_) => {
-                    warn!(message = "Cannot delete an object left by an interrupted move yet (timeout).", key = %key)
-                }
-            }
+        // Best effort: if the store is down now, compaction sweeps the orphans later. A store that is down must not
+        // hold up start-up for its whole retry budget.
+        let keys: Vec<String> = unfinished.into_iter().map(|(_, key)| key).collect();
+        for (key, error) in self.delete_objects(&keys, Some(CLEANUP_BUDGET)) {
+            warn!(message = "Cannot delete an object left by an interrupted move yet.", key = %key, error = %error);
         }
         let n = conn.execute(
             "UPDATE warm.cold_moves SET state = 'interrupted', finished_at = now() \
@@ -435,36 +495,33 @@ impl ColdTier {
     /// Uploads `file` as `key` and reads it back to compare checksums.
     fn upload_verified(&self, file: &Path, key: &str, sha256: &str, bytes: u64) -> Result<(), ColdError> {
         self.check_breaker()?;
-        let path = self.location.join(key);
-        let store = self.location.store.clone();
-        let result = self.block_on(async {
-            let data = tokio::fs::read(file).await.map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
-            let store_err = |op: &str, e: object_store::Error| ColdError::Store(format!("{op} {key}: {e}"));
-            if bytes > MULTIPART_THRESHOLD {
-                let upload = store.put_multipart(&path).await.map_err(|e| store_err("multipart upload", e))?;
-                let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-                writer.write(&data);
-                writer.finish().await.map_err(|e| store_err("multipart upload", e))?;
-            } else {
-                store.put(&path, bytes::Bytes::from(data).into()).await.map_err(|e| store_err("PUT", e))?;
-            }
-            let back = store
-                .get(&path)
-                .await
-                .map_err(|e| store_err("GET", e))?
-                .bytes()
-                .await
-                .map_err(|e| store_err("GET", e))?;
-            let back_sha = hex(&Sha256::digest(&back));
-            if back_sha != sha256 || back.len() as u64 != bytes {
-                return Err(ColdError::Corrupt(format!(
-                    "{key} reads back as {} bytes with sha256 {back_sha}, wrote {bytes} bytes with {sha256}",
-                    back.len()
-                )));
-            }
-            Ok(())
-        });
+        let result = self.block_on(self.upload_one(file, key, sha256, bytes));
         self.record(result)
+    }
+
+    async fn upload_one(&self, file: &Path, key: &str, sha256: &str, bytes: u64) -> Result<(), ColdError> {
+        let path = self.location.join(key);
+        let store = &self.location.store;
+        let data = tokio::fs::read(file).await.map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
+        let store_err = |op: &str, e: object_store::Error| ColdError::Store(format!("{op} {key}: {e}"));
+        if bytes > MULTIPART_THRESHOLD {
+            let upload = store.put_multipart(&path).await.map_err(|e| store_err("multipart upload", e))?;
+            let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            writer.write(&data);
+            writer.finish().await.map_err(|e| store_err("multipart upload", e))?;
+        } else {
+            store.put(&path, bytes::Bytes::from(data).into()).await.map_err(|e| store_err("PUT", e))?;
+        }
+        let back =
+            store.get(&path).await.map_err(|e| store_err("GET", e))?.bytes().await.map_err(|e| store_err("GET", e))?;
+        let back_sha = hex(&Sha256::digest(&back));
+        if back_sha != sha256 || back.len() as u64 != bytes {
+            return Err(ColdError::Corrupt(format!(
+                "{key} reads back as {} bytes with sha256 {back_sha}, wrote {bytes} bytes with {sha256}",
+                back.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Moves every warm row older than `cutoff_us` to cold (see the module documentation).
@@ -505,16 +562,19 @@ impl ColdTier {
         let mut report = ColdMoveReport { cutoff_us, ..Default::default() };
         for kind in RecordKind::ALL {
             let t = kind.as_str();
-            let groups: Vec<(String, String)> = {
+            let groups: Vec<Group> = {
                 let mut stmt = conn.prepare(&format!(
-                    "SELECT system_id, strftime(CAST(ts AS DATE), '%Y-%m-%d') AS day FROM warm.{t} \
+                    "SELECT system_id, strftime(CAST(ts AS DATE), '%Y-%m-%d') AS day, count(*) FROM warm.{t} \
                      WHERE ts < make_timestamp(?) GROUP BY ALL ORDER BY day, system_id"
                 ))?;
-                stmt.query_map([cutoff_us], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+                stmt.query_map([cutoff_us], |r| {
+                    Ok(Group { system_id: r.get(0)?, day: r.get(1)?, rows: r.get::<_, i64>(2)? as u64 })
+                })?
+                .collect::<Result<_, _>>()?
             };
-            for (system_id, day) in groups {
-                let (rows, bytes) = self.move_group(&conn, warm, kind, &system_id, &day, cutoff_us)?;
-                report.objects += u64::from(rows > 0);
+            for chunk in batches(&groups) {
+                let (objects, rows, bytes) = self.move_batch(&conn, warm, kind, chunk, cutoff_us)?;
+                report.objects += objects;
                 report.records += rows;
                 report.bytes += bytes;
             }
@@ -527,137 +587,315 @@ impl ColdTier {
         Ok(Some(report))
     }
 
-    /// Moves one kind, system and day; returns rows and bytes moved.
-    fn move_group(
+    /// Moves a batch of (system, day) groups of one kind, one object each. Every step handles the whole batch at
+    /// once — one partitioned export, one comparison scan of warm and of the files, one parallel upload round and
+    /// one warm transaction (one fsync) — so the cost per object is the upload, not a scan of warm.
+    /// Returns objects, rows and bytes moved.
+    fn move_batch(
         &self,
         conn: &Connection,
         warm: &crate::warm::WarmTier,
         kind: RecordKind,
-        system_id: &str,
-        day: &str,
+        groups: &[Group],
         cutoff_us: i64,
-    ) -> Result<(u64, u64), ColdError> {
-        let t = kind.as_str();
+    ) -> Result<(u64, u64, u64), ColdError> {
         let id = jiff::Timestamp::now().as_microsecond();
-        let uuid = new_uuid();
-        let key = format!("kind={t}/system={}/date={day}/part-{uuid}.parquet", key_segment(system_id));
-        conn.execute(
-            "INSERT INTO warm.cold_moves VALUES (?, ?, ?, CAST(? AS DATE), ?, 'exporting', NULL, now(), NULL, NULL)",
-            duckdb::params![id, t, system_id, day, key],
-        )?;
-        let set_state = |state: &str, detail: Option<&str>| -> Result<(), ColdError> {
-            conn.execute(
-                "UPDATE warm.cold_moves SET state = ?, detail = coalesce(?, detail), \
-                 finished_at = CASE WHEN ? IN ('done', 'failed') THEN now() END WHERE id = ? AND object_key = ?",
-                duckdb::params![state, detail, state, id, key],
-            )?;
-            Ok(())
-        };
-        let selection = format!(
-            "FROM warm.{t} w WHERE w.system_id = {} AND CAST(w.ts AS DATE) = DATE {} AND w.ts < make_timestamp({cutoff_us})",
-            sql_text(system_id),
-            sql_text(day)
-        );
-        let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
-        let outcome = (|| -> Result<(u64, u64), ColdError> {
-            // Export and compare under the warm lock, so that a hot→warm move cannot change the rows in between.
-            let (rows, checksum) = {
-                let _moving = warm.lock_moves();
-                conn.execute_batch(&format!(
-                    "COPY (SELECT w.* {selection} ORDER BY w.ts, w.id) TO {} \
-                     (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                    sql_text(&file.display().to_string()),
-                    self.config.row_group_rows
-                ))?;
-                let sum = |from: &str| -> Result<(i64, String), ColdError> {
-                    Ok(conn.query_row(
-                        &format!("SELECT count(*), coalesce(sum({}::HUGEINT), 0)::VARCHAR {from}", row_hash("w")),
-                        [],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )?)
-                };
-                let in_warm = sum(&selection)?;
-                let in_file = sum(&format!("FROM {} w", parquet_source(std::slice::from_ref(&file))))?;
-                if in_warm != in_file {
-                    return Err(ColdError::Corrupt(format!(
-                        "{key}: exported {} rows (checksum {}), warm has {} (checksum {})",
-                        in_file.0, in_file.1, in_warm.0, in_warm.1
-                    )));
-                }
-                (in_file.0 as u64, in_file.1)
-            };
-            if rows == 0 {
-                return Ok((0, 0));
-            }
-            let data = std::fs::read(&file).map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
-            let sha256 = hex(&Sha256::digest(&data));
-            let bytes = data.len() as u64;
-            drop(data);
-            set_state("uploading", None)?;
-            self.upload_verified(&file, &key, &sha256, bytes)?;
-            if let Some(pause) = self.pause_after_upload {
-                warn!(message = "Fault injection: pausing after a cold upload.", ms = pause.as_millis() as u64);
-                std::thread::sleep(pause);
-            }
-            // Register and delete in one transaction, under the warm lock (the warm indexes change too).
-            let _moving = warm.lock_moves();
-            let source = parquet_source(std::slice::from_ref(&file));
-            conn.execute_batch("BEGIN TRANSACTION")?;
-            let registered = (|| -> Result<Vec<(String, String)>, ColdError> {
-                conn.execute(
-                    &format!(
-                        "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now() \
-                         FROM {source}"
-                    ),
-                    duckdb::params![key, t, system_id, day, bytes as i64, sha256],
-                )?;
-                let matching = format!(
-                    "FROM warm.{t} w WHERE EXISTS (SELECT 1 FROM (SELECT system_id, id, ts, {} AS h FROM {source} p) p \
-                     WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.h = {})",
-                    row_hash("p"),
-                    row_hash("w")
-                );
-                let keys: Vec<(String, String)> = {
-                    let mut stmt = conn.prepare(&format!("SELECT w.system_id, w.id {matching}"))?;
-                    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
-                };
-                conn.execute(&format!("DELETE {matching}"), [])?;
-                conn.execute(
-                    "UPDATE warm.cold_moves SET state = 'done', records = ?, detail = ?, finished_at = now() \
-                     WHERE id = ? AND object_key = ?",
-                    duckdb::params![rows as i64, checksum, id, key],
-                )?;
-                Ok(keys)
-            })();
-            let keys = match registered {
-                Ok(keys) => {
-                    conn.execute_batch("COMMIT")?;
-                    keys
-                }
-                Err(e) => {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    return Err(e);
-                }
-            };
-            let hashes: Vec<u64> = keys.iter().map(|(s, i)| crate::hot::key_hash_of(kind, s, i)).collect();
-            warm.forget(&hashes)?;
-            self.cache.adopt(&file, &sha256)?;
-            Ok((rows, bytes))
-        })();
-        let _ = std::fs::remove_file(&file);
+        let batch_dir = self.cache.tmp_dir().join(new_uuid());
+        let mut objects = Vec::new();
+        let outcome = self.export_upload_register(conn, warm, kind, groups, cutoff_us, id, &batch_dir, &mut objects);
+        let _ = std::fs::remove_dir_all(&batch_dir);
         match outcome {
-            Ok((0, _)) => {
-                set_state("done", Some("nothing to move"))?;
-                Ok((0, 0))
+            Ok(()) => {
+                Ok((objects.len() as u64, objects.iter().map(|o| o.rows).sum(), objects.iter().map(|o| o.bytes).sum()))
             }
-            Ok(done) => Ok(done),
             Err(e) => {
-                let _ = set_state("failed", Some(&e.to_string()));
-                // The object may exist without a catalog row; remove it now if the store lets us.
-                let _ = self.block_on(self.location.store.delete(&self.location.join(&key)));
+                let _ = conn.execute(
+                    "UPDATE warm.cold_moves SET state = 'failed', detail = ?, finished_at = now() \
+                     WHERE id = ? AND state NOT IN ('done', 'failed', 'interrupted')",
+                    duckdb::params![e.to_string(), id],
+                );
+                // Objects may exist without catalog rows; remove them now if the store lets us, else the sweep will
+                // (a store the breaker gave up on is not asked).
+                if !self.circuit_open() {
+                    let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+                    self.delete_objects(&keys, Some(CLEANUP_BUDGET));
+                }
                 Err(e)
             }
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn export_upload_register(
+        &self,
+        conn: &Connection,
+        warm: &crate::warm::WarmTier,
+        kind: RecordKind,
+        groups: &[Group],
+        cutoff_us: i64,
+        id: i64,
+        batch_dir: &Path,
+        objects: &mut Vec<Export>,
+    ) -> Result<(), ColdError> {
+        let t = kind.as_str();
+        let mut phase = Instant::now();
+        let mut lap = || {
+            let ms = phase.elapsed().as_millis() as u64;
+            phase = Instant::now();
+            ms
+        };
+        let values: Vec<String> = groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| format!("({i}, {}, DATE {})", sql_text(&g.system_id), sql_text(&g.day)))
+            .collect();
+        let selection = format!(
+            "FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
+             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})",
+            values.join(", ")
+        );
+        let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", batch_dir.display()));
+        // 1. Export and compare under the warm lock, so that a hot→warm move cannot change the rows in between.
+        {
+            let _moving = warm.lock_moves();
+            conn.execute_batch(&format!(
+                "COPY (SELECT g.idx, w.* {selection} ORDER BY w.ts, w.id) TO {} \
+                 (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                sql_text(&batch_dir.display().to_string()),
+                self.config.row_group_rows
+            ))?;
+            let in_warm: std::collections::HashMap<usize, (i64, i128)> = {
+                let mut stmt = conn.prepare(&format!(
+                    "SELECT g.idx, count(*), sum({}::HUGEINT)::VARCHAR {selection} GROUP BY g.idx",
+                    row_hash("w")
+                ))?;
+                stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?
+                    .map(|row| {
+                        let (idx, n, sum) = row?;
+                        Ok((idx as usize, (n, parse_sum(&sum)?)))
+                    })
+                    .collect::<Result<_, ColdError>>()?
+            };
+            // DuckDB writes `<batch_dir>/idx=<i>/data_<n>.parquet`; each file becomes one object.
+            let mut files = Vec::new();
+            if batch_dir.exists() {
+                for dir in std::fs::read_dir(batch_dir).map_err(io)?.flatten() {
+                    let name = dir.file_name().to_string_lossy().into_owned();
+                    let Some(idx) = name.strip_prefix("idx=").and_then(|i| i.parse::<usize>().ok()) else {
+                        continue;
+                    };
+                    let group = groups.get(idx).ok_or_else(|| {
+                        ColdError::Corrupt(format!("export wrote partition {name}, which is not in the batch"))
+                    })?;
+                    for file in std::fs::read_dir(dir.path()).map_err(io)?.flatten() {
+                        files.push((idx, group, file.path()));
+                    }
+                }
+            }
+            files.sort_by(|a, b| a.2.cmp(&b.2));
+            let in_files: std::collections::HashMap<String, (i64, i128, i64, i64)> = if files.is_empty() {
+                Default::default()
+            } else {
+                let list: Vec<String> = files.iter().map(|f| sql_text(&f.2.display().to_string())).collect();
+                let mut stmt = conn.prepare(&format!(
+                    "SELECT filename, count(*), sum({}::HUGEINT)::VARCHAR, epoch_us(min(ts)), epoch_us(max(ts)) \
+                     FROM (SELECT {}, filename FROM read_parquet([{}], filename = true, hive_partitioning = false)) w \
+                     GROUP BY filename",
+                    row_hash("w"),
+                    typed_columns(),
+                    list.join(", ")
+                ))?;
+                stmt.query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .map(|row| {
+                    let (file, n, sum, min_ts, max_ts) = row?;
+                    Ok((file, (n, parse_sum(&sum)?, min_ts, max_ts)))
+                })
+                .collect::<Result<_, ColdError>>()?
+            };
+            let mut exported: std::collections::HashMap<usize, (i64, i128)> = Default::default();
+            for (idx, group, file) in &files {
+                let (rows, sum, min_ts, max_ts) =
+                    in_files.get(&file.display().to_string()).copied().unwrap_or_default();
+                let total = exported.entry(*idx).or_default();
+                total.0 += rows;
+                total.1 += sum;
+                let (sha256, bytes) = sha256_file(file)?;
+                objects.push(Export {
+                    key: format!(
+                        "kind={t}/system={}/date={}/part-{}.parquet",
+                        key_segment(&group.system_id),
+                        group.day,
+                        new_uuid()
+                    ),
+                    file: file.clone(),
+                    system_id: group.system_id.clone(),
+                    day: group.day.clone(),
+                    rows: rows as u64,
+                    checksum: sum.to_string(),
+                    sha256,
+                    bytes,
+                    min_ts,
+                    max_ts,
+                });
+            }
+            if exported != in_warm {
+                let group_of = |i: &usize| groups.get(*i).map(|g| format!("{}/{}", g.system_id, g.day));
+                let differing: Vec<String> = in_warm
+                    .keys()
+                    .chain(exported.keys())
+                    .filter(|i| in_warm.get(i) != exported.get(i))
+                    .filter_map(group_of)
+                    .collect();
+                return Err(ColdError::Corrupt(format!(
+                    "{t}: the exported files do not match warm (row count or content) for {}",
+                    differing.join(", ")
+                )));
+            }
+        }
+        if objects.is_empty() {
+            return Ok(());
+        }
+        let journal: Vec<String> = objects
+            .iter()
+            .map(|o| {
+                format!(
+                    "({id}, '{t}', {}, DATE {}, {}, 'uploading', {}, now(), NULL, NULL)",
+                    sql_text(&o.system_id),
+                    sql_text(&o.day),
+                    sql_text(&o.key),
+                    o.rows
+                )
+            })
+            .collect();
+        conn.execute_batch(&format!("INSERT INTO warm.cold_moves VALUES {};", journal.join(", ")))?;
+        let export_ms = lap();
+        // 2 and 3. Upload and read back, several at once.
+        let uploads: Vec<(PathBuf, String, String, u64)> =
+            objects.iter().map(|o| (o.file.clone(), o.key.clone(), o.sha256.clone(), o.bytes)).collect();
+        self.upload_all(&uploads)?;
+        let upload_ms = lap();
+        if let Some(pause) = self.pause_after_upload {
+            warn!(message = "Fault injection: pausing after cold uploads.", ms = pause.as_millis() as u64);
+            std::thread::sleep(pause);
+        }
+        // 4. Register and delete in one transaction, under the warm lock (the warm indexes change too).
+        let _moving = warm.lock_moves();
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let registered = (|| -> Result<Vec<u64>, ColdError> {
+            let catalog: Vec<String> = objects
+                .iter()
+                .map(|o| {
+                    format!(
+                        "({}, '{t}', {}, DATE {}, make_timestamp({}), make_timestamp({}), {}, {}, '{}', now())",
+                        sql_text(&o.key),
+                        sql_text(&o.system_id),
+                        sql_text(&o.day),
+                        o.min_ts,
+                        o.max_ts,
+                        o.rows,
+                        o.bytes,
+                        o.sha256
+                    )
+                })
+                .collect();
+            conn.execute_batch(&format!("INSERT INTO warm.cold_objects VALUES {};", catalog.join(", ")))?;
+            // Exactly the exported versions leave warm: a newer one that arrived meanwhile stays.
+            let files: Vec<PathBuf> = objects.iter().map(|o| o.file.clone()).collect();
+            let mut stmt = conn.prepare(&format!(
+                "DELETE FROM warm.{t} w USING (SELECT system_id, id, ts, {} AS h FROM {} p) p \
+                 WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.h = {} \
+                 RETURNING w.system_id, w.id",
+                row_hash("p"),
+                parquet_source(&files),
+                row_hash("w")
+            ))?;
+            let hashes = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .map(|row| row.map(|(system, id)| crate::hot::key_hash_of(kind, &system, &id)))
+                .collect::<Result<Vec<u64>, _>>()?;
+            let done: Vec<String> =
+                objects.iter().map(|o| format!("({}, {})", sql_text(&o.key), sql_text(&o.checksum))).collect();
+            conn.execute_batch(&format!(
+                "UPDATE warm.cold_moves SET state = 'done', detail = v.checksum, finished_at = now() \
+                 FROM (VALUES {}) v(object_key, checksum) WHERE id = {id} AND cold_moves.object_key = v.object_key;",
+                done.join(", ")
+            ))?;
+            Ok(hashes)
+        })();
+        let hashes = match registered {
+            Ok(hashes) => {
+                conn.execute_batch("COMMIT")?;
+                hashes
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        let register_ms = lap();
+        warm.forget(&hashes)?;
+        for o in objects.iter() {
+            self.cache.adopt(&o.file, &o.sha256)?;
+        }
+        debug!(
+            message = "Moved a batch to cold.",
+            kind = t,
+            objects = objects.len(),
+            export_ms,
+            upload_ms,
+            register_ms,
+            forget_ms = lap()
+        );
+        Ok(())
+    }
+
+    /// Deletes objects `parallel_fetches` at a time (a missing one counts as deleted) and returns those that could
+    /// not be deleted, within `budget` if one is given, with the reason.
+    fn delete_objects(&self, keys: &[String], budget: Option<Duration>) -> Vec<(String, String)> {
+        use futures_util::StreamExt;
+        let deadline = budget.map(|b| tokio::time::Instant::now() + b);
+        let delete = |key: String| async move {
+            let path = self.location.join(&key);
+            let delete = self.location.store.delete(&path);
+            let outcome = match deadline {
+                Some(at) => tokio::time::timeout_at(at, delete).await.unwrap_or_else(|_| {
+                    Err(object_store::Error::Generic { store: "cold", source: "timed out".into() })
+                }),
+                None => delete.await,
+            };
+            match outcome {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => Some((key, e.to_string())),
+            }
+        };
+        self.block_on(
+            futures_util::stream::iter(keys.iter().cloned().map(delete))
+                .buffer_unordered(self.config.parallel_fetches.max(1))
+                .filter_map(std::future::ready)
+                .collect(),
+        )
+    }
+
+    /// Uploads `(file, key, sha256, bytes)` several at a time, each read back and compared.
+    fn upload_all(&self, uploads: &[(PathBuf, String, String, u64)]) -> Result<(), ColdError> {
+        use futures_util::StreamExt;
+        self.check_breaker()?;
+        let outcome = self.block_on(async {
+            let mut uploads = futures_util::stream::iter(
+                uploads.iter().map(|(file, key, sha, bytes)| self.upload_one(file, key, sha, *bytes)),
+            )
+            .buffer_unordered(self.config.parallel_fetches.max(1));
+            // The first failure ends the batch (the rest would likely meet the same store): the in-flight uploads
+            // are dropped, and the caller removes whatever did arrive.
+            while let Some(result) = uploads.next().await {
+                result?;
+            }
+            Ok(())
+        });
+        // One attempt for the breaker, however many objects it carried.
+        self.record(outcome)
     }
 
     /// Merges the objects of each kind, system and day that has more than one into one (newest version per key),
@@ -745,10 +983,11 @@ impl ColdTier {
         let replaced = result?;
         for object in &objects {
             self.cache.forget(&object.sha256);
-            // A failed delete leaves an orphan for the next sweep.
-            if let Err(e) = self.block_on(self.location.store.delete(&self.location.join(&object.key))) {
-                warn!(message = "Cannot delete a compacted cold object yet; the next sweep will.", key = %object.key, error = %e);
-            }
+        }
+        // A failed delete leaves an orphan for the next sweep.
+        let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+        for (key, error) in self.delete_objects(&keys, None) {
+            warn!(message = "Cannot delete a compacted cold object yet; the next sweep will.", key = %key, error = %error);
         }
         Ok(replaced)
     }
@@ -761,14 +1000,14 @@ impl ColdTier {
             let mut stmt = conn.prepare("SELECT key FROM warm.cold_objects")?;
             stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
-        let mut deleted = 0;
-        for key in listed.into_iter().filter(|k| !known.contains(k)) {
-            self.block_on(self.location.store.delete(&self.location.join(&key)))
-                .map_err(|e| ColdError::Store(format!("DELETE {key}: {e}")))?;
-            info!(message = "Deleted an orphan cold object.", key = %key);
-            deleted += 1;
+        let orphans: Vec<String> = listed.into_iter().filter(|k| !known.contains(k)).collect();
+        if let Some((key, error)) = self.delete_objects(&orphans, None).into_iter().next() {
+            return Err(ColdError::Store(format!("DELETE {key}: {error}")));
         }
-        Ok(deleted)
+        for key in &orphans {
+            info!(message = "Deleted an orphan cold object.", key = %key);
+        }
+        Ok(orphans.len() as u64)
     }
 
     /// Every object key under the prefix (relative to it).

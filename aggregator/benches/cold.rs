@@ -1,0 +1,188 @@
+//! The cold tier: migration throughput (hot→warm, warm→cold over S3), bytes per record in cold against the raw
+//! record, and cold query latency for one system-day and for a 30-day range, with a cold and a warm cache.
+//!
+//! `cargo bench --profile release --workspace --bench cold -- [records per system-day, default 2000]`
+//!
+//! 3 systems × 30 days × 2 kinds of records with 384-dimension vectors and ~60 words of text each, 100 to 130
+//! days old, so that one warm→cold move takes all of them. The S3 server is SeaweedFS on loopback (from
+//! `scripts/setup.sh`), started by the bench.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use akosha_aggregator::cold::ColdConfig;
+use akosha_aggregator::hot::HotTier;
+use akosha_aggregator::query::QueryService;
+use akosha_aggregator::search::Filters;
+use akosha_aggregator::warm::WarmConfig;
+use akosha_e2e::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+use akosha_protocol::{Record, RecordKind};
+
+const DAY: i64 = 86_400_000_000;
+const WORDS: &[&str] = &[
+    "the",
+    "agent",
+    "buffer",
+    "policy",
+    "quic",
+    "search",
+    "vector",
+    "index",
+    "tier",
+    "rust",
+    "duckdb",
+    "parquet",
+    "session",
+    "memory",
+    "reflection",
+    "project",
+    "error",
+    "fixed",
+    "test",
+    "deploy",
+    "config",
+    "latency",
+    "throughput",
+    "cache",
+    "redis",
+    "schema",
+    "migration",
+    "object",
+    "storage",
+    "compaction",
+    "query",
+    "user",
+];
+
+fn main() {
+    let per_day: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(2000);
+    // `RUST_LOG=akosha_aggregator=debug` shows each move's phases.
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = runtime.block_on(S3Server::start(&dir.path().join("s3"), &["cold"])).expect("SeaweedFS");
+    let now = jiff::Timestamp::now().as_microsecond();
+    let mut rng = akosha_e2e::Xorshift(0x2545_F491_4F6C_DD1D);
+
+    let hot = Arc::new(HotTier::open("16GB", 1, None).unwrap());
+    hot.attach_warm(WarmConfig {
+        enabled: true,
+        path: dir.path().join("warm.duckdb"),
+        hot_window: Duration::from_secs(7 * 86_400),
+        move_interval: Duration::from_secs(3600),
+    })
+    .unwrap();
+    let cold = hot
+        .attach_cold(ColdConfig {
+            enabled: true,
+            url: "s3://cold/bench".into(),
+            options: vec![
+                ("endpoint".into(), s3.endpoint.clone()),
+                ("allow_http".into(), "true".into()),
+                ("access_key_id".into(), ACCESS_KEY.into()),
+                ("secret_access_key".into(), SECRET_KEY.into()),
+                ("region".into(), "us-east-1".into()),
+            ],
+            warm_window: Duration::from_secs(90 * 86_400),
+            move_interval: Duration::from_secs(3600),
+            cache_dir: dir.path().join("cache"),
+            cache_max_bytes: 8 << 30,
+            row_group_rows: 122_880,
+            parallel_fetches: 8,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            retry_timeout: Duration::from_secs(30),
+        })
+        .unwrap();
+
+    let mut raw_bytes = 0u64;
+    let mut total = 0u64;
+    let mut probe = None;
+    for day in 0..30i64 {
+        let mut batch = Vec::new();
+        for system in 0..3 {
+            for i in 0..per_day {
+                let n = total as usize + batch.len();
+                let text: Vec<&str> = (0..60).map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize]).collect();
+                let record = Record {
+                    system_id: format!("host-{system}"),
+                    kind: if i % 2 == 0 { RecordKind::Conversation } else { RecordKind::Reflection },
+                    id: format!("r{n}"),
+                    ts: now - (100 + day) * DAY + (i as i64) * 1_000_000,
+                    project: Some(format!("project-{}", i % 5)),
+                    text: Some(text.join(" ")),
+                    tags: vec![format!("tag-{}", i % 7)],
+                    embedding: Some(normalised(akosha_e2e::clustered_vector(n as u64, 384, |d| d % 32 == n % 32, 2.0))),
+                    ..Record::default()
+                };
+                raw_bytes += akosha_protocol::encode_records(std::slice::from_ref(&record)).len() as u64;
+                if probe.is_none() && system == 1 && day == 10 {
+                    probe = record.embedding.clone();
+                }
+                batch.push(record);
+            }
+        }
+        total += batch.len() as u64;
+        hot.insert(&batch).unwrap();
+    }
+    hot.wait_indexed(Duration::from_secs(3600));
+    println!(
+        "{total} records, raw (binary wire encoding, uncompressed) {:.0} bytes/record",
+        raw_bytes as f64 / total as f64
+    );
+
+    let t = Instant::now();
+    hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+    let warm_s = t.elapsed().as_secs_f64();
+    println!("hot→warm: {total} rows in {warm_s:.2} s = {:.0} rows/s", total as f64 / warm_s);
+    let t = Instant::now();
+    let report = hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+    let cold_s = t.elapsed().as_secs_f64();
+    println!(
+        "warm→cold over S3: {} rows in {} objects in {cold_s:.2} s = {:.0} rows/s",
+        report.records,
+        report.objects,
+        report.records as f64 / cold_s
+    );
+    let (objects, rows, bytes) = cold.totals().unwrap();
+    println!(
+        "cold: {objects} objects, {rows} rows, {bytes} bytes = {:.0} bytes/record = {:.1} % of raw",
+        bytes as f64 / rows as f64,
+        100.0 * bytes as f64 / raw_bytes as f64
+    );
+
+    let service = QueryService::new(hot.clone(), None);
+    let probe = probe.unwrap();
+    let one_day = Filters {
+        system_ids: vec!["host-1".into()],
+        since_us: Some(now - 110 * DAY),
+        until_us: Some(now - 109 * DAY),
+        ..Filters::default()
+    };
+    let thirty_days = Filters { since_us: Some(now - 131 * DAY), until_us: Some(now - 99 * DAY), ..Filters::default() };
+    for (name, filters) in [("one system-day", &one_day), ("30 days, 3 systems", &thirty_days)] {
+        for cache in ["cold cache", "warm cache"] {
+            let mut times = Vec::new();
+            for _ in 0..if name.starts_with("one") { 40 } else { 8 } {
+                if cache == "cold cache" {
+                    cold.cache().clear();
+                }
+                let t = Instant::now();
+                let hits = service.vector(&probe, 10, filters).unwrap();
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                assert_eq!(hits.len(), 10);
+            }
+            times.sort_by(f64::total_cmp);
+            let p = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            println!("cold vector top-10, {name}, {cache}: p50 {:.1} ms, p99 {:.1} ms", p(0.5), p(0.99));
+        }
+    }
+    drop(service);
+    drop(s3);
+}
+
+fn normalised(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
