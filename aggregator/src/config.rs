@@ -59,6 +59,34 @@ struct RawConfig {
     warm: RawWarm,
     #[serde(default)]
     cold: RawCold,
+    #[serde(default)]
+    storage: RawStorage,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    disk_warning: Option<Fraction>,
+    disk_critical: Option<Fraction>,
+    currency: Option<String>,
+    #[serde(default)]
+    prices: RawPrices,
+}
+
+/// `0.75` or `75%`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Fraction {
+    Number(f64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrices {
+    hot: Option<f64>,
+    warm: Option<f64>,
+    cold: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -273,6 +301,8 @@ pub struct AggregatorConfig {
     pub warm: crate::warm::WarmConfig,
     /// Cold tier.
     pub cold: crate::cold::ColdConfig,
+    /// Disk thresholds and prices for the storage report.
+    pub storage: crate::storage::StorageConfig,
 }
 
 /// In-process embeddings.
@@ -526,7 +556,10 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         }
     }
 
+    let storage = validate_storage(&raw.storage)?;
+
     Ok(AggregatorConfig {
+        storage,
         cold,
         warm,
         cache,
@@ -546,6 +579,47 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         log_json,
         data_dir,
     })
+}
+
+/// A fraction written as `75%` or `0.75`.
+fn fraction(key: &str, value: Option<&Fraction>, default: f64) -> Result<f64, ConfigError> {
+    let text = match value {
+        None => return Ok(default),
+        Some(Fraction::Number(n)) => n.to_string(),
+        Some(Fraction::Text(t)) => t.trim().to_owned(),
+    };
+    let parsed = match text.strip_suffix('%') {
+        Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+        None => text.parse::<f64>(),
+    };
+    match parsed {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(ConfigError::invalid(key, format!("`{text}` is not a percentage between 0 and 100 (e.g. `75%`)"))),
+    }
+}
+
+fn validate_storage(raw: &RawStorage) -> Result<crate::storage::StorageConfig, ConfigError> {
+    let defaults = crate::storage::StorageConfig::default();
+    let disk_warning = fraction("storage.disk_warning", raw.disk_warning.as_ref(), defaults.disk_warning)?;
+    let disk_critical = fraction("storage.disk_critical", raw.disk_critical.as_ref(), defaults.disk_critical)?;
+    if disk_critical <= disk_warning {
+        return Err(ConfigError::invalid("storage.disk_critical", "must be above `storage.disk_warning`"));
+    }
+    let price = |key: &str, value: Option<f64>, default: f64| match value {
+        None => Ok(default),
+        Some(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        Some(p) => Err(ConfigError::invalid(key, format!("`{p}` is not a price (a number ≥ 0 per GiB and month)"))),
+    };
+    let prices = crate::storage::TierPrices {
+        hot: price("storage.prices.hot", raw.prices.hot, defaults.prices.hot)?,
+        warm: price("storage.prices.warm", raw.prices.warm, defaults.prices.warm)?,
+        cold: price("storage.prices.cold", raw.prices.cold, defaults.prices.cold)?,
+    };
+    let currency = raw.currency.clone().unwrap_or(defaults.currency);
+    if currency.trim().is_empty() {
+        return Err(ConfigError::invalid("storage.currency", "must not be empty"));
+    }
+    Ok(crate::storage::StorageConfig { disk_warning, disk_critical, prices, currency })
 }
 
 fn validate_auth(raw: &RawAuth, mode: Mode) -> Result<crate::auth::AuthConfig, ConfigError> {
@@ -668,10 +742,25 @@ mod tests {
             ("embeddings: {endpoint: 'http://gpu-box/v1/embeddings', batch_size: 0}", "embeddings.batch_size"),
             ("embeddings: {endpoint: 'http://gpu-box/v1/embeddings', timeout: 0s}", "embeddings.timeout"),
             ("embeddings: {model: text-embedding-3-small}", "embeddings.model"),
+            ("storage: {disk_warning: 120%}", "storage.disk_warning"),
+            ("storage: {disk_critical: lots}", "storage.disk_critical"),
+            ("storage: {disk_warning: 80%, disk_critical: 0.7}", "storage.disk_critical"),
+            ("storage: {prices: {cold: -1}}", "storage.prices.cold"),
+            ("storage: {prices: {tape: 0.001}}", "storage.prices.tape"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");
         }
+    }
+
+    #[test]
+    fn storage_thresholds_take_percentages_or_fractions_and_prices_default_to_list_prices() {
+        let c = parse("storage: {disk_warning: 70%, disk_critical: 0.95, prices: {cold: 0.01}, currency: EUR}", &[])
+            .unwrap();
+        assert_eq!((c.storage.disk_warning, c.storage.disk_critical), (0.7, 0.95));
+        assert_eq!((c.storage.prices.cold, c.storage.prices.warm, c.storage.currency.as_str()), (0.01, 0.08, "EUR"));
+        let d = parse("", &[]).unwrap();
+        assert_eq!(d.storage, crate::storage::StorageConfig::default());
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/projects", get(project_stats))
+        .route("/v1/stats/storage", get(storage_stats))
+        .route("/health/warm", get(warm_health))
         .route("/v1/records", get(list_records))
         .route("/v1/records/{system}/{kind}/{id}", get(get_record))
         .route("/v1/search/vector", post(|state, body| search(state, body, Mode::Vector)))
@@ -62,7 +64,8 @@ async fn authorize(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    if path == "/health" || path == "/ready" {
+    // Probes carry no token; `/health/warm` tells disk use, not data or paths.
+    if path == "/health" || path == "/ready" || path == "/health/warm" {
         return next.run(request).await;
     }
     // Every route reads; storing is checked per tool inside MCP (a token needs `write` for the store tools).
@@ -324,6 +327,94 @@ async fn stats(State(agg): State<Arc<Aggregator>>) -> Response {
     .into_response()
 }
 
+/// Disk use of the warm file's filesystem against the configured thresholds: 200 while below critical, 503 from
+/// it, so that a probe or an alert can use the status code alone.
+async fn warm_health(State(agg): State<Arc<Aggregator>>) -> Response {
+    let Some(r) = agg.receiver() else { return starting() };
+    let Some(warm) = r.hot.warm().cloned() else {
+        return error(StatusCode::NOT_FOUND, "not_found", "the warm tier is not enabled (`warm.enabled: false`)");
+    };
+    let measured = tokio::task::spawn_blocking(move || {
+        let usage = crate::storage::DiskUsage::of(&warm.config.path)?;
+        Ok::<_, std::io::Error>((usage, warm.disk_footprint()))
+    })
+    .await;
+    let (usage, (warm_bytes, _)) = match measured {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &format!("warm disk: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    };
+    let used = usage.used_fraction();
+    let status = agg.storage.health(used);
+    let code =
+        if status == crate::storage::DiskHealth::Critical { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let percent = |f: f64| (f * 100_000.0).round() / 1000.0;
+    (
+        code,
+        axum::Json(json!({
+            "status": status,
+            "warm_bytes": warm_bytes,
+            "disk": usage,
+            "used_percent": percent(used),
+            "warning_percent": percent(agg.storage.disk_warning),
+            "critical_percent": percent(agg.storage.disk_critical),
+        })),
+    )
+        .into_response()
+}
+
+/// Bytes, objects and the estimated monthly cost of each tier (and of the local WAL and cold cache).
+async fn storage_stats(State(agg): State<Arc<Aggregator>>) -> Response {
+    use crate::storage::TierUsage;
+    let Some(r) = agg.receiver() else { return starting() };
+    let hot = r.hot.clone();
+    let wal_bytes = r.wal.size_bytes();
+    let wal_segments = r.wal.segments();
+    let prices = agg.storage.prices;
+    let report = tokio::task::spawn_blocking(move || {
+        let hot_records: u64 = hot.counts()?.iter().map(|c| c.records).sum();
+        // DuckDB's own accounting: the hot tables, plus the buffer pool it keeps for warm.
+        let memory: i64 = hot.read(|c| {
+            Ok(c.query_row("SELECT coalesce(sum(memory_usage_bytes), 0)::BIGINT FROM duckdb_memory()", [], |r| {
+                r.get(0)
+            })?)
+        })?;
+        let mut tiers = serde_json::Map::new();
+        let mut local = serde_json::Map::new();
+        tiers.insert("hot".into(), json!(TierUsage::priced(Some(hot_records), memory.max(0) as u64, None, prices.hot)));
+        if let Some(warm) = hot.warm() {
+            let records: u64 = hot.read(crate::warm::WarmTier::counts)?.iter().map(|(_, _, n)| n).sum();
+            let (bytes, files) = warm.disk_footprint();
+            tiers.insert("warm".into(), json!(TierUsage::priced(Some(records), bytes, Some(files), prices.warm)));
+        }
+        if let Some(cold) = hot.cold() {
+            let (objects, records, bytes) = cold.totals().map_err(|e| crate::hot::HotError::Io(e.to_string()))?;
+            tiers.insert("cold".into(), json!(TierUsage::priced(Some(records), bytes, Some(objects), prices.cold)));
+            let cache_bytes = cold.cache().size_bytes();
+            local.insert("cold_cache".into(), json!(TierUsage::priced(None, cache_bytes, None, prices.warm)));
+        }
+        local.insert("wal".into(), json!(TierUsage::priced(None, wal_bytes, Some(wal_segments), prices.warm)));
+        Ok::<_, crate::hot::HotError>((tiers, local))
+    })
+    .await;
+    let (tiers, local) = match report {
+        Ok(Ok(report)) => report,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    };
+    let lines = || tiers.values().chain(local.values());
+    let total_bytes: u64 = lines().filter_map(|v| v["bytes"].as_u64()).sum();
+    let total_cost: f64 = lines().filter_map(|v| v["monthly_cost"].as_f64()).sum();
+    axum::Json(json!({
+        "currency": agg.storage.currency,
+        "tiers": tiers,
+        "local": local,
+        "total_bytes": total_bytes,
+        "total_monthly_cost": (total_cost * 10_000.0).round() / 10_000.0,
+    }))
+    .into_response()
+}
+
 async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
     let Some(r) = agg.receiver() else { return starting() };
     let m = &r.metrics;
@@ -409,6 +500,12 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         gauge(&mut e, "akosha_warm_indexed_records", "Warm records in the search indexes.", indexed as u64);
         gauge(&mut e, "akosha_warm_indexed_vectors", "Warm records in the vector index.", vectors as u64);
         gauge(&mut e, "akosha_warm_bytes", "Size of the warm DuckDB file.", w.size_bytes());
+        if let Ok(disk) = crate::storage::DiskUsage::of(&w.config.path) {
+            let help = "Bytes used on the warm tier's filesystem (alert at storage.disk_warning / disk_critical).";
+            gauge(&mut e, "akosha_warm_disk_used_bytes", help, disk.used_bytes);
+            let help = "Bytes still available on the warm tier's filesystem.";
+            gauge(&mut e, "akosha_warm_disk_available_bytes", help, disk.available_bytes);
+        }
         counter(
             &mut e,
             "akosha_warm_moves_total",
@@ -1048,6 +1145,7 @@ mod tests {
             embedder: std::sync::OnceLock::new(),
             auth: crate::auth::Auth::new(&config.auth),
             max_body_bytes: config.http_max_body_bytes,
+            storage: config.storage.clone(),
             cache: Arc::new(crate::cache::Cache::new(config.cache.clone()).unwrap()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

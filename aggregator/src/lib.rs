@@ -22,6 +22,7 @@ pub mod objects;
 pub mod query;
 pub mod receiver;
 pub mod search;
+pub mod storage;
 pub mod timeseries;
 pub mod wal;
 pub mod warm;
@@ -74,6 +75,8 @@ pub struct Aggregator {
     pub max_body_bytes: usize,
     /// Query-result cache.
     pub cache: Arc<cache::Cache>,
+    /// Disk thresholds and prices.
+    pub storage: storage::StorageConfig,
 }
 
 impl Aggregator {
@@ -111,6 +114,7 @@ impl Aggregator {
                 embedder: std::sync::OnceLock::new(),
                 auth: auth::Auth::new(&config.auth),
                 max_body_bytes: config.http_max_body_bytes,
+                storage: config.storage.clone(),
                 cache: Arc::new(cache::Cache::new(config.cache.clone()).map_err(|e| RunError::Io {
                     context: "invalid cache.redis_url",
                     source: std::io::Error::other(e),

@@ -177,6 +177,15 @@ impl WarmTier {
         std::fs::metadata(&self.config.path).map_or(0, |m| m.len())
     }
 
+    /// Bytes and files on disk: the DuckDB file, its WAL and the index directory.
+    pub fn disk_footprint(&self) -> (u64, u64) {
+        let name = self.config.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = self.config.path.parent().unwrap_or(std::path::Path::new("."));
+        let (db, db_files) = crate::storage::files_bytes(dir, &name);
+        let (index, index_files) = crate::storage::dir_bytes(&self.index_dir);
+        (db + index, db_files + index_files)
+    }
+
     pub(crate) fn journal(
         conn: &Connection,
         id: i64,

@@ -206,6 +206,33 @@ async fn four_hundred_days_land_in_three_tiers_answer_like_hot_only_and_survive_
     let lifecycle: Value = reqwest::get(format!("{}/v1/lifecycle", agg.url)).await?.json().await?;
     assert_eq!(lifecycle["warm_to_cold"]["records_due"], 0, "{lifecycle}");
     assert_eq!((&lifecycle["warm_to_cold"]["running"], &lifecycle["warm_to_cold"]["failed"]), (&json!(0), &json!(0)));
+
+    // The storage report adds up to the tiers and the bucket, priced per GiB and month.
+    let report: Value = reqwest::get(format!("{}/v1/stats/storage", agg.url)).await?.json().await?;
+    let tier = |t: &str, field: &str| report["tiers"][t][field].as_u64().unwrap_or(u64::MAX);
+    assert_eq!((tier("hot", "records"), tier("warm", "records"), tier("cold", "records")), EXPECTED_TIERS, "{report}");
+    assert_eq!(tier("cold", "objects"), keys.len() as u64, "{report}");
+    assert!(
+        tier("cold", "bytes") > 0 && tier("warm", "bytes") > 0 && report["local"]["wal"]["bytes"].as_u64() > Some(0)
+    );
+    let cold_cost = report["tiers"]["cold"]["monthly_cost"].as_f64().unwrap_or(-1.0);
+    let expected_cost = tier("cold", "bytes") as f64 / f64::from(1u32 << 30) * 0.023;
+    assert!((cold_cost - expected_cost).abs() < 0.0001, "{report}");
+    assert_eq!(report["currency"], "USD");
+    // Default thresholds (75 % / 90 %): the verdict and the status code follow the disk's real use.
+    let response = reqwest::get(format!("{}/health/warm", agg.url)).await?;
+    let code = response.status().as_u16();
+    let health: Value = response.json().await?;
+    let used = health["used_percent"].as_f64().unwrap_or(-1.0);
+    let verdict = if used >= 90.0 {
+        "critical"
+    } else if used >= 75.0 {
+        "warning"
+    } else {
+        "ok"
+    };
+    assert_eq!((health["status"].as_str(), code), (Some(verdict), if verdict == "critical" { 503 } else { 200 }));
+    assert!(health["warm_bytes"].as_u64() > Some(0), "{health}");
     Ok(())
 }
 
@@ -214,11 +241,21 @@ async fn an_s3_outage_pauses_moves_and_keeps_warm_whole_and_queries_answering() 
     let site = Site::new()?;
     let mut s3 = S3Server::start(&site.path("s3"), &["cold"]).await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
-    let agg = Aggregator::start_configured(&site, "tiered", "", &tiered_config(&s3)).await?;
+    // Thresholds any disk is above: /health/warm reports critical (and 503) while everything else serves.
+    let config = tiered_config(&s3) + "storage: {disk_warning: '0.001%', disk_critical: '0.002%'}\n";
+    let agg = Aggregator::start_configured(&site, "tiered", "", &config).await?;
     let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
     let (status, body, _) = agent.post(corpus(now)).await?;
     assert_eq!(status, 200, "{body}");
     wait_searchable(&agg, RECORDS).await?;
+    let response = reqwest::get(format!("{}/health/warm", agg.url)).await?;
+    assert_eq!(response.status().as_u16(), 503);
+    let health: Value = response.json().await?;
+    assert_eq!(
+        (health["status"].as_str(), health["critical_percent"].as_f64()),
+        (Some("critical"), Some(0.002)),
+        "{health}"
+    );
     let (status, _) = admin(&agg, "/v1/admin/warm/move").await?;
     assert_eq!(status, 200);
 
