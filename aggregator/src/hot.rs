@@ -380,6 +380,12 @@ impl HotTier {
 
     /// Upserts records (any mix of kinds) in one transaction per kind.
     pub fn insert(&self, records: &[Record]) -> Result<(), HotError> {
+        self.insert_at(records, None)
+    }
+
+    /// [`Self::insert`], then — still under the writer lock, so that a deletion's position agrees with the
+    /// table — notes that log entries before `applied` are in.
+    fn insert_at(&self, records: &[Record], applied: Option<u64>) -> Result<(), HotError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let Writer { conn, keys } = &mut *writer;
         let ingested_at = jiff::Timestamp::now().as_microsecond();
@@ -462,7 +468,78 @@ impl HotTier {
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(applied) = applied
+            && !self.apply_failed.load(Ordering::Relaxed)
+        {
+            self.applied.fetch_max(applied, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    /// Deletes what `selector` covers from hot and warm, with their index entries. `before` runs first, under
+    /// the writer lock, with the log position up to which hot has applied batches (the audit log records it, so
+    /// that a restart does not replay what this deletes). Only warm rows ingested before `ingested_before_us`
+    /// go, so that re-running an interrupted deletion spares records that arrived after it.
+    pub fn delete(
+        &self,
+        selector: &crate::erasure::Selector,
+        ingested_before_us: i64,
+        before: impl FnOnce(u64) -> Result<(), HotError>,
+    ) -> Result<crate::erasure::Deleted, HotError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let warm = self.warm.get().cloned();
+        let _moving = warm.as_ref().map(|w| w.lock_moves());
+        // Index jobs still queued could re-add deleted keys to the hot indexes after their removal.
+        self.wait_indexed(std::time::Duration::from_secs(300));
+        before(self.applied.load(Ordering::Relaxed))?;
+        let Writer { conn, keys } = &mut *writer;
+        let mut deleted = crate::erasure::Deleted::default();
+        let delete = |conn: &Connection, sql: String, kind: RecordKind| -> Result<Vec<u64>, HotError> {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut hashes = Vec::new();
+            for row in rows {
+                let (system_id, id) = row?;
+                hashes.push(key_hash_of(kind, &system_id, &id));
+            }
+            Ok(hashes)
+        };
+        for kind in selector.kinds() {
+            let t = kind.as_str();
+            let hashes = delete(
+                conn,
+                format!("DELETE FROM main.{t} w WHERE {} RETURNING system_id, id", selector.sql("w")),
+                kind,
+            )?;
+            for h in &hashes {
+                keys.remove(h);
+            }
+            self.indexes.remove(&hashes)?;
+            deleted.hot += hashes.len() as u64;
+            if let Some(warm) = &warm {
+                // A separate transaction: DuckDB writes one attached database per transaction.
+                let hashes = delete(
+                    conn,
+                    format!(
+                        "DELETE FROM warm.{t} w WHERE {} AND w.ingested_at <= make_timestamp({ingested_before_us}) \
+                         RETURNING system_id, id",
+                        selector.sql("w")
+                    ),
+                    kind,
+                )?;
+                warm.forget(&hashes)?;
+                deleted.warm += hashes.len() as u64;
+            }
+        }
+        self.indexes.commit()?;
+        if let Some(warm) = &warm
+            && deleted.warm > 0
+        {
+            drop(_moving);
+            warm.persist(conn)?;
+        }
+        notify(&self.on_change, std::iter::once(String::from("*")));
+        Ok(deleted)
     }
 
     /// Vectors written but not yet in the ANN index.
@@ -520,11 +597,8 @@ impl HotTier {
                     }
                 }
                 let n = records.len() as u64;
-                let result = hot.insert(&records);
+                let result = hot.insert_at(&records, Some(applied));
                 notify(&hot.on_change, records.iter().map(|r| r.system_id.clone()));
-                if result.is_ok() && !hot.apply_failed.load(Ordering::Relaxed) {
-                    hot.applied.fetch_max(applied, Ordering::Relaxed);
-                }
                 if let Err(e) = result {
                     hot.apply_failed.store(true, Ordering::Relaxed);
                     hot.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -710,7 +784,7 @@ impl HotTier {
                     "CREATE OR REPLACE TEMP VIEW all_{t} AS SELECT * FROM (SELECT * FROM \"{database}\".main.all_{t} \
                      UNION ALL SELECT *, 'cold' AS tier FROM {}) \
                      QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC, tier = 'cold') = 1;\n",
-                    crate::cold::parquet_source(&lease.paths)
+                    crate::cold::visible_source(t, &lease.paths)
                 ));
             }
             conn.execute_batch(&views)?;

@@ -48,6 +48,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/admin/warm/move", post(warm_move))
         .route("/v1/admin/cold/move", post(cold_move))
         .route("/v1/lifecycle", get(lifecycle))
+        .route("/v1/admin/delete", post(delete_records))
+        .route("/v1/admin/audit", get(audit_log))
         .route("/mcp", post(crate::mcp::post).get(crate::mcp::get).delete(crate::mcp::get))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         // Inside the auth layer: a cached answer is served only to a caller allowed to ask.
@@ -988,6 +990,91 @@ async fn cold_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
     }
 }
 
+/// `POST /v1/admin/delete`: what to delete and why.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteBody {
+    system_id: Option<String>,
+    project: Option<String>,
+    kind: Option<String>,
+    id: Option<String>,
+    reason: Option<String>,
+    /// Rewrite the cold objects now instead of at the next compaction.
+    #[serde(default)]
+    compact_now: bool,
+}
+
+async fn delete_records(
+    State(agg): State<Arc<Aggregator>>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: DeleteBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("deletion request: {e}")),
+    };
+    let kind = match body.kind.as_deref().map(str::parse::<RecordKind>).transpose() {
+        Ok(k) => k,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "bad_request", "`kind` is not a record kind"),
+    };
+    let selector = crate::erasure::Selector { system_id: body.system_id, project: body.project, kind, id: body.id };
+    let Some(r) = agg.receiver() else { return starting() };
+    let (hot, audit) = (r.hot.clone(), agg.audit.clone());
+    let actor = caller.map_or_else(|| "anonymous".to_owned(), |c| c.name.to_string());
+    let reason = body.reason.unwrap_or_default();
+    let compact_now = body.compact_now;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let outcome = crate::erasure::delete(&hot, &audit, &selector, &reason, &actor)?;
+        let cold = hot.cold().cloned().filter(|_| outcome.deleted.cold_tombstones > 0);
+        let compaction = match cold {
+            Some(cold) if compact_now => Some(cold.compact().map_err(|e| e.to_string())),
+            Some(cold) => {
+                // Hidden from reads already; the objects are rewritten in the background.
+                std::thread::spawn(move || {
+                    if let Err(e) = cold.compact() {
+                        tracing::warn!(message = "Erasing rows from cold objects failed; the next compaction retries.", error = %e);
+                    }
+                });
+                None
+            }
+            None => None,
+        };
+        Ok::<_, crate::erasure::ErasureError>((outcome, compaction))
+    })
+    .await;
+    match outcome {
+        Ok(Ok((outcome, compaction))) => axum::Json(json!({
+            "request": outcome.request,
+            "deleted": outcome.deleted,
+            "compaction": compaction.map(|c| match c {
+                Ok(report) => json!(report),
+                Err(e) => json!({"error": e}),
+            }),
+        }))
+        .into_response(),
+        Ok(Err(e @ crate::erasure::ErasureError::Invalid(_))) => {
+            error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
+/// `GET /v1/admin/audit[?limit=N]`: the newest entries and whether the hash chain holds.
+async fn audit_log(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
+    let p = match params(q) {
+        Ok(p) => p,
+        Err(e) => return query_error(e),
+    };
+    let limit = p.limit.unwrap_or(100);
+    let audit = agg.audit.clone();
+    match tokio::task::spawn_blocking(move || audit.tail(limit)).await {
+        Ok(Ok((entries, chain))) => axum::Json(json!({"entries": entries, "chain": chain})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
 fn cold_summary(c: &crate::cold::ColdTier, records: u64) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let (objects, _, bytes) = c.totals().unwrap_or_default();
@@ -1140,12 +1227,14 @@ mod tests {
         )
         .unwrap();
         // No receiver: the handlers would answer `starting`, so a 413 proves the body limit answered first.
+        let audit_dir = tempfile::tempdir().unwrap();
         let agg = Arc::new(Aggregator {
             receiver: std::sync::OnceLock::new(),
             embedder: std::sync::OnceLock::new(),
             auth: crate::auth::Auth::new(&config.auth),
             max_body_bytes: config.http_max_body_bytes,
             storage: config.storage.clone(),
+            audit: Arc::new(crate::erasure::AuditLog::open(audit_dir.path()).unwrap()),
             cache: Arc::new(crate::cache::Cache::new(config.cache.clone()).unwrap()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cold;
 pub mod config;
 pub mod embed;
+pub mod erasure;
 pub mod graph;
 pub mod hot;
 pub mod http;
@@ -77,6 +78,8 @@ pub struct Aggregator {
     pub cache: Arc<cache::Cache>,
     /// Disk thresholds and prices.
     pub storage: storage::StorageConfig,
+    /// Deletions and other operations worth proving later.
+    pub audit: Arc<erasure::AuditLog>,
 }
 
 impl Aggregator {
@@ -115,6 +118,10 @@ impl Aggregator {
                 auth: auth::Auth::new(&config.auth),
                 max_body_bytes: config.http_max_body_bytes,
                 storage: config.storage.clone(),
+                audit: Arc::new(erasure::AuditLog::open(&config.data_dir.join("audit")).map_err(|e| RunError::Io {
+                    context: "cannot open the audit log",
+                    source: std::io::Error::other(e.to_string()),
+                })?),
                 cache: Arc::new(cache::Cache::new(config.cache.clone()).map_err(|e| RunError::Io {
                     context: "invalid cache.redis_url",
                     source: std::io::Error::other(e),
@@ -182,6 +189,15 @@ impl Aggregator {
         });
         hot.spawn_writer(durable_rx)
             .map_err(|source| RunError::Io { context: "cannot start the hot-tier writer", source })?;
+        // Deletions a crash interrupted are finished before anyone can read what they delete.
+        let (resume_hot, audit) = (hot.clone(), aggregator.audit.clone());
+        match tokio::task::spawn_blocking(move || erasure::resume(&resume_hot, &audit)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(message = "Cannot finish an interrupted deletion yet; the next start retries.", error = %e)
+            }
+            Err(e) => warn!(message = "Finishing interrupted deletions panicked.", error = %e),
+        }
 
         let metrics = Arc::new(ReceiverMetrics::default());
         let receiver = Arc::new(Receiver::new(config.quic.clone(), wal, hot, metrics));
@@ -325,6 +341,11 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
     // Records that completed hot→warm moves made durable in warm stay out of hot.
     let marks = if config.warm.enabled { Wal::warm_marks(&config.wal.dir)? } else { Vec::new() };
     let mut already_warm = 0u64;
+    // Records that deletions removed stay out too (see `erasure`).
+    let deletions = erasure::AuditLog::deletions_in(&config.data_dir.join("audit/audit.jsonl")).map_err(|e| {
+        RunError::Io { context: "cannot read the audit log", source: std::io::Error::other(e.to_string()) }
+    })?;
+    let mut erased = 0u64;
     let (wal, report) = Wal::open(
         config.wal.clone(),
         |position, entry| {
@@ -335,6 +356,9 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
                     let kept: Vec<_> =
                         records.into_iter().filter(|r| !wal::WarmMark::covered(&marks, position, r.ts)).collect();
                     already_warm += (before - kept.len()) as u64;
+                    let before = kept.len();
+                    let kept: Vec<_> = kept.into_iter().filter(|r| !erasure::erased(&deletions, position, r)).collect();
+                    erased += (before - kept.len()) as u64;
                     replay_batch.extend(kept);
                     newest
                 }
@@ -383,7 +407,8 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
         message = "Hot tier rebuilt from the write-ahead log.",
         entries = report.entries,
         records = hot.inserted(),
-        already_warm
+        already_warm,
+        erased
     );
     Ok((wal, hot, durable_rx, embedder))
 }

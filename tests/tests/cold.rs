@@ -296,3 +296,103 @@ async fn an_s3_outage_pauses_moves_and_keeps_warm_whole_and_queries_answering() 
     assert_eq!((ids(&hits)[0].as_str(), hits["results"][0]["record"]["tier"].as_str()), ("c150", Some("cold")));
     Ok(())
 }
+
+async fn count_listed(agg: &Aggregator) -> Result<u64> {
+    Ok(listed(agg, "").await?.len() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_reach_every_tier_survive_a_crash_spare_later_records_and_are_audited() -> Result<()> {
+    let site = Site::new()?;
+    let s3 = S3Server::start(&site.path("s3"), &["cold"]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    let mut agg = Aggregator::start_configured(&site, "tiered", "", &tiered_config(&s3)).await?;
+    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    let (status, body, _) = agent.post(corpus(now)).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, RECORDS).await?;
+    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
+        let (status, r) = admin(&agg, path).await?;
+        assert_eq!(status, 200, "{r}");
+    }
+    assert_eq!(tiers(&agg.stats().await?), EXPECTED_TIERS);
+    let delete = |body: Value| {
+        let url = format!("{}/v1/admin/delete", agg.url);
+        async move {
+            let response = reqwest::Client::new().post(url).json(&body).send().await?;
+            Ok::<_, anyhow::Error>((response.status().as_u16(), response.json::<Value>().await?))
+        }
+    };
+
+    // Requests that do not say clearly what to delete, or why, are refused and delete nothing.
+    for bad in [
+        json!({"reason": "everything"}),
+        json!({"system_id": SYSTEM, "id": "c1", "reason": "no kind"}),
+        json!({"system_id": SYSTEM}),
+        json!({"system_id": SYSTEM, "kind": "photo", "reason": "x"}),
+        json!({"system_id": SYSTEM, "reason": "x", "colour": "red"}),
+    ] {
+        let (status, r) = delete(bad.clone()).await?;
+        assert_eq!(status, 400, "{bad} → {r}");
+    }
+    assert_eq!(count_listed(&agg).await?, RECORDS);
+
+    // One cold record by id: hidden at once from lookups, listings and searches.
+    let (status, r) =
+        delete(json!({"system_id": SYSTEM, "kind": "reflection", "id": "c151", "reason": "ticket 1"})).await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["deleted"], json!({"hot": 0, "warm": 0, "cold_tombstones": 1}), "{r}");
+    let one = reqwest::get(format!("{}/v1/records/{SYSTEM}/reflection/c151", agg.url)).await?;
+    assert_eq!(one.status().as_u16(), 404);
+    assert!(ids(&post(&agg, "/v1/search/text", json!({"query": "marker151", "limit": 10})).await?).is_empty());
+    let hits = post(&agg, "/v1/search/vector", json!({"embedding": embedding(151), "limit": 200})).await?;
+    assert!(!ids(&hits).contains(&"c151".to_owned()), "{hits}");
+    assert_eq!(count_listed(&agg).await?, RECORDS - 1);
+
+    // A whole project, across hot, warm and cold; cold objects rewritten before the answer.
+    let in_p0 = |i: u64| i.is_multiple_of(3);
+    let count = |range: std::ops::RangeInclusive<u64>| range.filter(|&i| in_p0(i)).count() as u64;
+    let (status, r) = delete(json!({"project": "p0", "reason": "retention", "compact_now": true})).await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (r["deleted"]["hot"].as_u64(), r["deleted"]["warm"].as_u64()),
+        (Some(count(0..=2)), Some(count(3..=35)))
+    );
+    assert!(r["compaction"]["erased_groups"].as_u64() > Some(0), "{r}");
+    let p0 = count(0..=RECORDS - 1);
+    let left = RECORDS - 1 - p0;
+    let s = agg.stats().await?;
+    assert_eq!(s["total_records"], left, "{s}");
+    let cold_left = (36..RECORDS).filter(|&i| !in_p0(i) && i != 151).count() as u64;
+    assert_eq!(s["cold"]["records"], cold_left, "the rewritten objects no longer hold the rows: {s}");
+    assert_eq!(bucket_keys(&s3).await?.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "{s}");
+    let found =
+        post(&agg, "/v1/search/vector", json!({"embedding": embedding(0), "limit": 200, "project": "p0"})).await?;
+    assert!(ids(&found).is_empty(), "{found}");
+
+    // A record of that project arriving afterwards is kept; a crash and a replay of the log bring nothing back.
+    let later = json!({"id": "late", "kind": "conversation", "ts": now, "project": "p0", "text": "after the deletion"});
+    let (status, body, _) = agent.post(format!("{later}\n")).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, left + 1).await?;
+    agg.proc.kill9();
+    agg.restart().await?;
+    wait_searchable(&agg, left + 1).await?;
+    let ids_now = listed(&agg, "").await?;
+    assert_eq!(ids_now.len() as u64, left + 1);
+    assert!(
+        ids_now.contains(&"late".to_owned())
+            && !ids_now.contains(&"c0".to_owned())
+            && !ids_now.contains(&"c151".to_owned())
+    );
+
+    // The audit log: requested and completed per deletion, reasons and actors kept, the chain intact.
+    let audit: Value = reqwest::get(format!("{}/v1/admin/audit", agg.url)).await?.json().await?;
+    assert_eq!(audit["chain"], json!({"entries": 4, "broken": null}), "{audit}");
+    let actions: Vec<&str> =
+        audit["entries"].as_array().into_iter().flatten().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["delete.completed", "delete.requested", "delete.completed", "delete.requested"]);
+    assert_eq!(audit["entries"][1]["reason"], "retention");
+    assert_eq!(audit["entries"][3]["selector"], json!({"system_id": SYSTEM, "kind": "reflection", "id": "c151"}));
+    Ok(())
+}

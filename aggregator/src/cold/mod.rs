@@ -174,6 +174,10 @@ pub struct CompactionReport {
     pub objects_replaced: u64,
     /// Objects deleted because the catalog did not name them.
     pub orphans_deleted: u64,
+    /// Groups rewritten to drop rows that deletions hid.
+    pub erased_groups: u64,
+    /// Tombstones retired once no object holds their rows.
+    pub tombstones_retired: u64,
 }
 
 /// One catalogued object.
@@ -266,6 +270,18 @@ fn row_hash(alias: &str) -> String {
 pub(crate) fn parquet_source(paths: &[PathBuf]) -> String {
     let list: Vec<String> = paths.iter().map(|p| sql_text(&p.display().to_string())).collect();
     format!("(SELECT {} FROM read_parquet([{}]))", typed_columns(), list.join(", "))
+}
+
+/// [`parquet_source`] without the rows a deletion's tombstone hides (rows of `kind` it covers that were ingested
+/// before it; see [`crate::erasure`]).
+pub(crate) fn visible_source(kind: &str, paths: &[PathBuf]) -> String {
+    format!(
+        "(SELECT * FROM {} p WHERE NOT EXISTS (SELECT 1 FROM warm.cold_tombstones t WHERE t.kind = {} \
+         AND (t.system_id IS NULL OR t.system_id = p.system_id) AND (t.project IS NULL OR t.project = p.project) \
+         AND (t.id IS NULL OR t.id = p.id) AND p.ingested_at <= t.created_at))",
+        parquet_source(paths),
+        sql_text(kind)
+    )
 }
 
 /// A SQL string literal.
@@ -364,7 +380,9 @@ impl ColdTier {
                rows BIGINT NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);\n\
              CREATE TABLE IF NOT EXISTS warm.cold_moves (id BIGINT, kind VARCHAR, system_id VARCHAR, day DATE, \
                object_key VARCHAR, state VARCHAR, records BIGINT, started_at TIMESTAMP, finished_at TIMESTAMP, \
-               detail VARCHAR);",
+               detail VARCHAR);\n\
+             CREATE TABLE IF NOT EXISTS warm.cold_tombstones (request BIGINT NOT NULL, kind VARCHAR NOT NULL, \
+               system_id VARCHAR, project VARCHAR, id VARCHAR, created_at TIMESTAMP NOT NULL);",
         )?;
         let mover = conn.try_clone()?;
         let reader = conn.try_clone()?;
@@ -915,6 +933,7 @@ impl ColdTier {
             report.objects_replaced += self.record(self.compact_group(&conn, &kind, &system_id, &day))?;
             report.groups += 1;
         }
+        (report.erased_groups, report.tombstones_retired) = self.apply_tombstones(&conn)?;
         report.orphans_deleted = self.record(self.sweep_orphans(&conn))?;
         if report.groups > 0 || report.orphans_deleted > 0 {
             info!(
@@ -938,6 +957,22 @@ impl ColdTier {
             ),
         )?;
         let lease = self.lease(&objects)?;
+        let visible: i64 =
+            conn.query_row(&format!("SELECT count(*) FROM {}", visible_source(kind, &lease.paths)), [], |r| r.get(0))?;
+        if visible == 0 {
+            // Deletions hid every row: the objects go, nothing replaces them.
+            let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
+            conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
+            drop(lease);
+            for object in &objects {
+                self.cache.forget(&object.sha256);
+            }
+            let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+            for (key, error) in self.delete_objects(&keys, None) {
+                warn!(message = "Cannot delete an erased cold object yet; the next sweep will.", key = %key, error = %error);
+            }
+            return Ok(objects.len() as u64);
+        }
         let uuid = new_uuid();
         let key = format!("kind={kind}/system={}/date={day}/part-{uuid}.parquet", key_segment(system_id));
         let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
@@ -945,7 +980,7 @@ impl ColdTier {
             conn.execute_batch(&format!(
                 "COPY (SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1 \
                  ORDER BY ts, id) TO {} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                parquet_source(&lease.paths),
+                visible_source(kind, &lease.paths),
                 sql_text(&file.display().to_string()),
                 self.config.row_group_rows
             ))?;
@@ -990,6 +1025,87 @@ impl ColdTier {
             warn!(message = "Cannot delete a compacted cold object yet; the next sweep will.", key = %key, error = %error);
         }
         Ok(replaced)
+    }
+
+    /// Hides what a deletion covers from every cold read at once (see [`crate::erasure`]); compaction rewrites
+    /// the objects. One tombstone per kind. Returns the tombstones written.
+    pub fn tombstone(&self, request: u64, selector: &crate::erasure::Selector) -> Result<u64, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let text = |v: &Option<String>| v.as_deref().map_or_else(|| "NULL".to_owned(), sql_text);
+        // Rows carry `ingested_at` as UTC microseconds; DuckDB's now() would depend on the session time zone.
+        let now = jiff::Timestamp::now().as_microsecond();
+        let rows: Vec<String> = selector
+            .kinds()
+            .iter()
+            .map(|k| {
+                format!(
+                    "({request}, '{}', {}, {}, {}, make_timestamp({now}))",
+                    k.as_str(),
+                    text(&selector.system_id),
+                    text(&selector.project),
+                    text(&selector.id)
+                )
+            })
+            .collect();
+        conn.execute_batch(&format!(
+            "DELETE FROM warm.cold_tombstones WHERE request = {request};\n\
+             INSERT INTO warm.cold_tombstones VALUES {};",
+            rows.join(", ")
+        ))?;
+        Ok(rows.len() as u64)
+    }
+
+    /// Tombstones not yet applied to the objects.
+    pub fn tombstones(&self) -> Result<u64, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(conn.query_row("SELECT count(*) FROM warm.cold_tombstones", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Rewrites (or drops) the objects holding rows that tombstones hide, then retires those tombstones: the
+    /// erased rows are then gone from the store, not just hidden. Returns groups rewritten and tombstones retired.
+    fn apply_tombstones(&self, conn: &Connection) -> Result<(u64, u64), ColdError> {
+        let (pending, newest): (i64, Option<i64>) =
+            conn.query_row("SELECT count(*), epoch_us(max(created_at)) FROM warm.cold_tombstones", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let Some(newest) = newest.filter(|_| pending > 0) else { return Ok((0, 0)) };
+        let groups: Vec<(String, String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT DISTINCT o.kind, o.system_id, strftime(o.day, '%Y-%m-%d') FROM warm.cold_objects o \
+                 JOIN warm.cold_tombstones t ON t.kind = o.kind AND (t.system_id IS NULL OR t.system_id = o.system_id) \
+                 ORDER BY 3, 1, 2",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
+        };
+        let mut rewritten = 0;
+        for (kind, system_id, day) in groups {
+            let objects = self.catalog_where(
+                conn,
+                &format!(
+                    "kind = {} AND system_id = {} AND day = DATE {}",
+                    sql_text(&kind),
+                    sql_text(&system_id),
+                    sql_text(&day)
+                ),
+            )?;
+            let hidden = {
+                let lease = self.record(self.lease(&objects))?;
+                let count = |source: String| -> Result<i64, ColdError> {
+                    Ok(conn.query_row(&format!("SELECT count(*) FROM {source}"), [], |r| r.get(0))?)
+                };
+                count(parquet_source(&lease.paths))? - count(visible_source(&kind, &lease.paths))?
+            };
+            if hidden > 0 {
+                self.record(self.compact_group(conn, &kind, &system_id, &day))?;
+                rewritten += 1;
+            }
+        }
+        let retired =
+            conn.execute("DELETE FROM warm.cold_tombstones WHERE created_at <= make_timestamp(?)", [newest])? as u64;
+        if rewritten > 0 || retired > 0 {
+            info!(message = "Erased rows from cold objects.", groups = rewritten, tombstones = retired);
+        }
+        Ok((rewritten, retired))
     }
 
     /// Deletes every object under the prefix that the catalog does not name (moves are not running: the caller

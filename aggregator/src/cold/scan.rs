@@ -10,7 +10,7 @@ use std::sync::Arc;
 use akosha_protocol::{EMBEDDING_DIM, RecordKind};
 use duckdb::Connection;
 
-use super::{ColdError, parquet_source, sql_text};
+use super::{ColdError, sql_text, visible_source};
 use crate::hot::{RECORD_COLUMNS, row_json};
 use crate::search::text::Snippet;
 use crate::search::{DocMeta, Filters};
@@ -28,11 +28,11 @@ pub struct ColdHit {
     pub snippet: Option<Snippet>,
 }
 
-/// The newest version of each key in the files.
-fn newest(paths: &[PathBuf]) -> String {
+/// The newest version of each key in the files, without the rows deletions hid.
+fn newest(kind: RecordKind, paths: &[PathBuf]) -> String {
     format!(
         "(SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1)",
-        parquet_source(paths)
+        visible_source(kind.as_str(), paths)
     )
 }
 
@@ -103,7 +103,7 @@ pub fn vector(
     let mut sql = format!(
         "SELECT {}, {similarity} AS similarity FROM {} WHERE embedding IS NOT NULL{}",
         result_columns(),
-        newest(paths),
+        newest(kind, paths),
         filter_sql(filters)
     );
     if let Some(min) = filters.min_similarity {
@@ -162,7 +162,7 @@ pub fn text(
                      WHERE regexp_matches(lt, '{any}')), \
          stats AS (SELECT (SELECT n FROM lengths) AS n, (SELECT avgdl FROM lengths) AS avgdl, {df} FROM matched) \
          SELECT {columns}, ({score})::DOUBLE AS score FROM matched, stats ORDER BY score DESC, system_id, id LIMIT {k}",
-        source = newest(paths),
+        source = newest(kind, paths),
         filters = filter_sql(filters),
         tf = tf.join(", "),
         df = df.join(", "),
@@ -194,7 +194,7 @@ pub fn get_many(
     let pairs: Vec<String> = keys.iter().map(|(s, i)| format!("({}, {})", sql_text(s), sql_text(i))).collect();
     let sql = format!(
         "SELECT {RECORD_COLUMNS}, 'cold' AS tier FROM {} WHERE (system_id, id) IN (VALUES {})",
-        newest(paths),
+        newest(kind, paths),
         pairs.join(", ")
     );
     let mut stmt = conn.prepare(&sql)?;
