@@ -947,15 +947,7 @@ impl ColdTier {
     }
 
     fn compact_group(&self, conn: &Connection, kind: &str, system_id: &str, day: &str) -> Result<u64, ColdError> {
-        let objects = self.catalog_where(
-            conn,
-            &format!(
-                "kind = {} AND system_id = {} AND day = DATE {}",
-                sql_text(kind),
-                sql_text(system_id),
-                sql_text(day)
-            ),
-        )?;
+        let objects = self.group_objects(conn, kind, system_id, day)?;
         let lease = self.lease(&objects)?;
         let visible: i64 =
             conn.query_row(&format!("SELECT count(*) FROM {}", visible_source(kind, &lease.paths)), [], |r| r.get(0))?;
@@ -1079,15 +1071,7 @@ impl ColdTier {
         };
         let mut rewritten = 0;
         for (kind, system_id, day) in groups {
-            let objects = self.catalog_where(
-                conn,
-                &format!(
-                    "kind = {} AND system_id = {} AND day = DATE {}",
-                    sql_text(&kind),
-                    sql_text(&system_id),
-                    sql_text(&day)
-                ),
-            )?;
+            let objects = self.group_objects(conn, &kind, &system_id, &day)?;
             let hidden = {
                 let lease = self.record(self.lease(&objects))?;
                 let count = |source: String| -> Result<i64, ColdError> {
@@ -1143,6 +1127,23 @@ impl ColdTier {
     }
 
     /// Catalog rows matching a SQL condition (built by this module only).
+    /// The catalogued objects of one kind, system and day.
+    fn group_objects(
+        &self,
+        conn: &Connection,
+        kind: &str,
+        system_id: &str,
+        day: &str,
+    ) -> Result<Vec<ColdObject>, ColdError> {
+        let condition = format!(
+            "kind = {} AND system_id = {} AND day = DATE {}",
+            sql_text(kind),
+            sql_text(system_id),
+            sql_text(day)
+        );
+        self.catalog_where(conn, &condition)
+    }
+
     fn catalog_where(&self, conn: &Connection, condition: &str) -> Result<Vec<ColdObject>, ColdError> {
         let mut stmt = conn.prepare(&format!(
             "SELECT key, kind, system_id, strftime(day, '%Y-%m-%d'), epoch_us(min_ts), epoch_us(max_ts), rows, bytes, sha256 \
