@@ -156,7 +156,7 @@ pub struct Requested {
     pub selector: Selector,
     /// Log entries before this position were applied to hot when it ran.
     pub wal_position: u64,
-    /// When it was requested (microseconds since the epoch).
+    /// Rows ingested at or before this (microseconds since the epoch) are covered.
     pub at_us: i64,
     /// Whether `delete.completed` followed.
     pub completed: bool,
@@ -315,7 +315,7 @@ impl AuditLog {
                         seq: e["seq"].as_u64().unwrap_or(0),
                         selector,
                         wal_position: e["wal_position"].as_u64().unwrap_or(0),
-                        at_us: e["at"].as_i64().unwrap_or(0),
+                        at_us: e["ingested_before"].as_i64().or(e["at"].as_i64()).unwrap_or(0),
                         completed: false,
                     });
                 }
@@ -358,20 +358,21 @@ pub fn delete(
     if reason.trim().is_empty() {
         return Err(ErasureError::Invalid("say why (`reason`): the audit log keeps it".into()));
     }
-    let at = jiff::Timestamp::now().as_microsecond();
-    let mut request = 0;
+    let (mut request, mut cutoff) = (0, 0);
     let deleted = hot
-        .delete(selector, at, |wal_position| {
+        .delete(selector, None, |wal_position, ingested_before| {
+            cutoff = ingested_before;
             request = audit
                 .append(
                     "delete.requested",
-                    json!({"selector": selector, "reason": reason, "actor": actor, "wal_position": wal_position}),
+                    json!({"selector": selector, "reason": reason, "actor": actor, "wal_position": wal_position,
+                           "ingested_before": ingested_before}),
                 )
                 .map_err(|e| crate::hot::HotError::Io(e.to_string()))?;
             Ok(())
         })
         .map_err(|e| ErasureError::Storage(e.to_string()))?;
-    finish(hot, audit, request, selector, deleted)
+    finish(hot, audit, request, selector, cutoff, deleted)
 }
 
 /// Tombstones cold, then records completion.
@@ -380,11 +381,12 @@ fn finish(
     audit: &AuditLog,
     request: u64,
     selector: &Selector,
+    ingested_before_us: i64,
     mut deleted: Deleted,
 ) -> Result<Outcome, ErasureError> {
     if let Some(cold) = hot.cold() {
         deleted.cold_tombstones =
-            cold.tombstone(request, selector).map_err(|e| ErasureError::Storage(e.to_string()))?;
+            cold.tombstone(request, selector, ingested_before_us).map_err(|e| ErasureError::Storage(e.to_string()))?;
     }
     audit.append("delete.completed", json!({"request": request, "deleted": deleted}))?;
     tracing::info!(
@@ -403,8 +405,9 @@ pub fn resume(hot: &crate::hot::HotTier, audit: &AuditLog) -> Result<Vec<Outcome
     let mut out = Vec::new();
     for d in audit.deletions()?.into_iter().filter(|d| !d.completed) {
         tracing::warn!(message = "Finishing a deletion a restart interrupted.", request = d.seq);
-        let deleted = hot.delete(&d.selector, d.at_us, |_| Ok(())).map_err(|e| ErasureError::Storage(e.to_string()))?;
-        out.push(finish(hot, audit, d.seq, &d.selector, deleted)?);
+        let deleted =
+            hot.delete(&d.selector, Some(d.at_us), |_, _| Ok(())).map_err(|e| ErasureError::Storage(e.to_string()))?;
+        out.push(finish(hot, audit, d.seq, &d.selector, d.at_us, deleted)?);
     }
     Ok(out)
 }

@@ -477,21 +477,24 @@ impl HotTier {
     }
 
     /// Deletes what `selector` covers from hot and warm, with their index entries. `before` runs first, under
-    /// the writer lock, with the log position up to which hot has applied batches (the audit log records it, so
-    /// that a restart does not replay what this deletes). Only warm rows ingested before `ingested_before_us`
-    /// go, so that re-running an interrupted deletion spares records that arrived after it.
+    /// the writer lock, with the log position up to which hot has applied batches and the `ingested_at` cutoff
+    /// (the audit log records both, so that a restart does not replay what this deletes). Only rows ingested at or
+    /// before the cutoff go — `ingested_before_us`, or now (under the lock, so every applied row is covered) —
+    /// so that re-running an interrupted deletion spares records that arrived after it: replayed rows are
+    /// ingested anew.
     pub fn delete(
         &self,
         selector: &crate::erasure::Selector,
-        ingested_before_us: i64,
-        before: impl FnOnce(u64) -> Result<(), HotError>,
+        ingested_before_us: Option<i64>,
+        before: impl FnOnce(u64, i64) -> Result<(), HotError>,
     ) -> Result<crate::erasure::Deleted, HotError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let warm = self.warm.get().cloned();
         let _moving = warm.as_ref().map(|w| w.lock_moves());
         // Index jobs still queued could re-add deleted keys to the hot indexes after their removal.
         self.wait_indexed(std::time::Duration::from_secs(300));
-        before(self.applied.load(Ordering::Relaxed))?;
+        let ingested_before_us = ingested_before_us.unwrap_or_else(|| jiff::Timestamp::now().as_microsecond());
+        before(self.applied.load(Ordering::Relaxed), ingested_before_us)?;
         let Writer { conn, keys } = &mut *writer;
         let mut deleted = crate::erasure::Deleted::default();
         let delete = |conn: &Connection, sql: String, kind: RecordKind| -> Result<Vec<u64>, HotError> {
@@ -508,7 +511,11 @@ impl HotTier {
             let t = kind.as_str();
             let hashes = delete(
                 conn,
-                format!("DELETE FROM main.{t} w WHERE {} RETURNING system_id, id", selector.sql("w")),
+                format!(
+                    "DELETE FROM main.{t} w WHERE {} AND w.ingested_at <= make_timestamp({ingested_before_us}) \
+                     RETURNING system_id, id",
+                    selector.sql("w")
+                ),
                 kind,
             )?;
             for h in &hashes {

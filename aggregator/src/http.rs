@@ -1075,6 +1075,18 @@ async fn audit_log(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
     }
 }
 
+/// Rows of every kind in `schema` (`main`: hot, `warm`) older than `cutoff_us`: what the next move takes.
+fn records_older_than(hot: &crate::hot::HotTier, schema: &str, cutoff_us: i64) -> Result<u64, crate::hot::HotError> {
+    hot.read(|c| {
+        let mut n = 0;
+        for kind in RecordKind::ALL {
+            let sql = format!("SELECT count(*) FROM {schema}.{} WHERE ts < make_timestamp(?)", kind.as_str());
+            n += c.query_row(&sql, [cutoff_us], |row| row.get::<_, i64>(0))? as u64;
+        }
+        Ok(n)
+    })
+}
+
 fn cold_summary(c: &crate::cold::ColdTier, records: u64) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
     let (objects, _, bytes) = c.totals().unwrap_or_default();
@@ -1104,19 +1116,7 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
         let mut out = json!({});
         if let Some(w) = hot.warm() {
             let cutoff = now - w.config.hot_window.as_micros() as i64;
-            let due: u64 = hot
-                .read(|c| {
-                    let mut n = 0;
-                    for kind in RecordKind::ALL {
-                        n += c.query_row(
-                            &format!("SELECT count(*) FROM main.{} WHERE ts < make_timestamp(?)", kind.as_str()),
-                            [cutoff],
-                            |row| row.get::<_, i64>(0),
-                        )? as u64;
-                    }
-                    Ok(n)
-                })
-                .map_err(|e| e.to_string())?;
+            let due = records_older_than(&hot, "main", cutoff).map_err(|e| e.to_string())?;
             let journal = hot.read(|c| crate::warm::WarmTier::journal_tail(c, 50)).map_err(|e| e.to_string())?;
             out["hot_to_warm"] = json!({
                 "window_s": w.config.hot_window.as_secs(),
@@ -1131,19 +1131,7 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
         }
         if let Some(c) = hot.cold() {
             let cutoff = now - c.config.warm_window.as_micros() as i64;
-            let due: u64 = hot
-                .read(|conn| {
-                    let mut n = 0;
-                    for kind in RecordKind::ALL {
-                        n += conn.query_row(
-                            &format!("SELECT count(*) FROM warm.{} WHERE ts < make_timestamp(?)", kind.as_str()),
-                            [cutoff],
-                            |row| row.get::<_, i64>(0),
-                        )? as u64;
-                    }
-                    Ok(n)
-                })
-                .map_err(|e| e.to_string())?;
+            let due = records_older_than(&hot, "warm", cutoff).map_err(|e| e.to_string())?;
             let journal = c.journal_tail(50).map_err(|e| e.to_string())?;
             out["warm_to_cold"] = json!({
                 "window_s": c.config.warm_window.as_secs(),

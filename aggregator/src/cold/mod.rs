@@ -1021,11 +1021,16 @@ impl ColdTier {
 
     /// Hides what a deletion covers from every cold read at once (see [`crate::erasure`]); compaction rewrites
     /// the objects. One tombstone per kind. Returns the tombstones written.
-    pub fn tombstone(&self, request: u64, selector: &crate::erasure::Selector) -> Result<u64, ColdError> {
+    pub fn tombstone(
+        &self,
+        request: u64,
+        selector: &crate::erasure::Selector,
+        ingested_before_us: i64,
+    ) -> Result<u64, ColdError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let text = |v: &Option<String>| v.as_deref().map_or_else(|| "NULL".to_owned(), sql_text);
-        // Rows carry `ingested_at` as UTC microseconds; DuckDB's now() would depend on the session time zone.
-        let now = jiff::Timestamp::now().as_microsecond();
+        // Rows carry `ingested_at` as UTC microseconds, the cutoff hot and warm used too.
+        let now = ingested_before_us;
         let rows: Vec<String> = selector
             .kinds()
             .iter()
