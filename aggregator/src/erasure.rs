@@ -331,6 +331,28 @@ impl AuditLog {
         Ok(out)
     }
 
+    /// Copies the log as it is now to `dest` (no append can interleave).
+    pub fn copy_to(&self, dest: &Path) -> Result<(), ErasureError> {
+        let fail = |message: String| ErasureError::Audit { path: self.path.clone(), message };
+        let _tail = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match std::fs::copy(&self.path, dest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(dest, b"").map_err(|e| fail(e.to_string()))?;
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        Ok(())
+    }
+
+    /// The first deletion that is not completed now (or the next sequence number). A backup records it: after a
+    /// restore, deletions from there on run again, because their effects may be missing from the copied tiers.
+    pub fn unsettled_from(&self) -> Result<u64, ErasureError> {
+        let tail = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let open = Self::deletions_in(&self.path)?.into_iter().filter(|d| !d.completed).map(|d| d.seq).min();
+        Ok(open.unwrap_or(tail.seq + 1))
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -372,7 +394,7 @@ pub fn delete(
             Ok(())
         })
         .map_err(|e| ErasureError::Storage(e.to_string()))?;
-    finish(hot, audit, request, selector, cutoff, deleted)
+    finish(hot, audit, request, selector, cutoff, deleted, "delete.completed")
 }
 
 /// Tombstones cold, then records completion.
@@ -383,12 +405,13 @@ fn finish(
     selector: &Selector,
     ingested_before_us: i64,
     mut deleted: Deleted,
+    action: &str,
 ) -> Result<Outcome, ErasureError> {
     if let Some(cold) = hot.cold() {
         deleted.cold_tombstones =
             cold.tombstone(request, selector, ingested_before_us).map_err(|e| ErasureError::Storage(e.to_string()))?;
     }
-    audit.append("delete.completed", json!({"request": request, "deleted": deleted}))?;
+    audit.append(action, json!({"request": request, "deleted": deleted}))?;
     tracing::info!(
         message = "Deleted records.",
         request,
@@ -399,15 +422,29 @@ fn finish(
     Ok(Outcome { request, deleted })
 }
 
-/// Runs again the deletions a crash interrupted (requested, never completed). Hot needs nothing: the replay
+/// Written beside the audit log by a restore: deletions from `reapply_from` on run again at the next start.
+pub const RESTORED_MARKER: &str = "restored.json";
+
+/// Runs again the deletions a crash interrupted (requested, never completed), and after a restore those the
+/// backup may have caught half-applied (see [`AuditLog::unsettled_from`]). Hot needs nothing: the replay
 /// already left their records out.
 pub fn resume(hot: &crate::hot::HotTier, audit: &AuditLog) -> Result<Vec<Outcome>, ErasureError> {
+    let marker = audit.path().with_file_name(RESTORED_MARKER);
+    let reapply_from = std::fs::read(&marker)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["reapply_from"].as_u64());
     let mut out = Vec::new();
-    for d in audit.deletions()?.into_iter().filter(|d| !d.completed) {
-        tracing::warn!(message = "Finishing a deletion a restart interrupted.", request = d.seq);
+    for d in audit.deletions()?.into_iter().filter(|d| !d.completed || reapply_from.is_some_and(|n| d.seq >= n)) {
+        tracing::warn!(message = "Finishing a deletion a restart or restore interrupted.", request = d.seq);
         let deleted =
             hot.delete(&d.selector, Some(d.at_us), |_, _| Ok(())).map_err(|e| ErasureError::Storage(e.to_string()))?;
-        out.push(finish(hot, audit, d.seq, &d.selector, d.at_us, deleted)?);
+        let action = if d.completed { "delete.reapplied" } else { "delete.completed" };
+        out.push(finish(hot, audit, d.seq, &d.selector, d.at_us, deleted, action)?);
+    }
+    if reapply_from.is_some() {
+        std::fs::remove_file(&marker)
+            .map_err(|e| ErasureError::Audit { path: marker.clone(), message: e.to_string() })?;
     }
     Ok(out)
 }

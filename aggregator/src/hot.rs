@@ -720,6 +720,11 @@ impl HotTier {
         Ok(warm)
     }
 
+    /// A new connection to the hot database (warm attached), for work that must not hold the shared ones.
+    pub fn connection(&self) -> Result<Connection, HotError> {
+        Ok(self.writer.lock().unwrap_or_else(|p| p.into_inner()).conn.try_clone()?)
+    }
+
     /// The warm tier, if attached.
     pub fn warm(&self) -> Option<&Arc<crate::warm::WarmTier>> {
         self.warm.get()

@@ -50,6 +50,7 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/lifecycle", get(lifecycle))
         .route("/v1/admin/delete", post(delete_records))
         .route("/v1/admin/audit", get(audit_log))
+        .route("/v1/admin/backup", post(start_backup).get(backup_status))
         .route("/mcp", post(crate::mcp::post).get(crate::mcp::get).delete(crate::mcp::get))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         // Inside the auth layer: a cached answer is served only to a caller allowed to ask.
@@ -1060,6 +1061,77 @@ async fn delete_records(
     }
 }
 
+/// `POST /v1/admin/backup`: where the backup goes.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    url: String,
+    #[serde(default)]
+    options: std::collections::BTreeMap<String, String>,
+}
+
+/// Starts a backup in the background (one at a time): 202 with its id; `GET` follows it.
+async fn start_backup(
+    State(agg): State<Arc<Aggregator>>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: BackupBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("backup request: {e}")),
+    };
+    let options: Vec<(String, String)> = body.options.into_iter().collect();
+    if let Some(dir) = crate::objects::local_dir(&body.url)
+        && let Err(e) = std::fs::create_dir_all(&dir)
+    {
+        return error(StatusCode::BAD_REQUEST, "bad_request", &format!("cannot create {}: {e}", dir.display()));
+    }
+    let dest = match crate::objects::open(&body.url, &options) {
+        Ok(dest) => dest,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+    };
+    let Some(r) = agg.receiver() else { return starting() };
+    let (id, taken_at) = crate::backup::new_id();
+    let job = Arc::new(crate::backup::BackupJob {
+        id: id.clone(),
+        url: body.url.clone(),
+        progress: Arc::default(),
+        outcome: std::sync::Mutex::new(None),
+    });
+    {
+        let mut current = agg.backup.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = current.as_ref().filter(|j| j.running()) {
+            return error(
+                StatusCode::CONFLICT,
+                "conflict",
+                &format!("backup {} to {} is still running", running.id, running.url),
+            );
+        }
+        *current = Some(job.clone());
+    }
+    let actor = caller.map_or_else(|| "anonymous".to_owned(), |c| c.name.to_string());
+    tracing::info!(message = "Backup started.", id = %id, url = %body.url, actor = %actor);
+    let (hot, wal, audit) = (r.hot.clone(), r.wal.clone(), agg.audit.clone());
+    let staging = agg.backup_staging.clone();
+    let running = job.clone();
+    tokio::spawn(async move {
+        let outcome = crate::backup::take(hot, wal, audit, (id, taken_at), staging, dest, running.progress.clone())
+            .await
+            .map_err(|e| e.to_string());
+        *running.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+    });
+    (StatusCode::ACCEPTED, axum::Json(job.to_json())).into_response()
+}
+
+/// `GET /v1/admin/backup`: the latest backup started here, with its progress.
+async fn backup_status(State(agg): State<Arc<Aggregator>>) -> Response {
+    let current = agg.backup.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match current {
+        Some(job) => axum::Json(job.to_json()).into_response(),
+        None => axum::Json(json!({"state": "none"})).into_response(),
+    }
+}
+
 /// `GET /v1/admin/audit[?limit=N]`: the newest entries and whether the hash chain holds.
 async fn audit_log(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Response {
     let p = match params(q) {
@@ -1223,6 +1295,8 @@ mod tests {
             max_body_bytes: config.http_max_body_bytes,
             storage: config.storage.clone(),
             audit: Arc::new(crate::erasure::AuditLog::open(audit_dir.path()).unwrap()),
+            backup: std::sync::Mutex::new(None),
+            backup_staging: audit_dir.path().join("backup-staging"),
             cache: Arc::new(crate::cache::Cache::new(config.cache.clone()).unwrap()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

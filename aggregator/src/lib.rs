@@ -6,6 +6,7 @@
 //! in-process on port 0; `main` only parses arguments.
 
 pub mod auth;
+pub mod backup;
 pub mod cache;
 pub mod certs;
 pub mod cold;
@@ -80,6 +81,10 @@ pub struct Aggregator {
     pub storage: storage::StorageConfig,
     /// Deletions and other operations worth proving later.
     pub audit: Arc<erasure::AuditLog>,
+    /// The latest backup started through the API.
+    pub backup: std::sync::Mutex<Option<Arc<backup::BackupJob>>>,
+    /// Where backups stage their local copies.
+    pub backup_staging: std::path::PathBuf,
 }
 
 impl Aggregator {
@@ -122,6 +127,8 @@ impl Aggregator {
                     context: "cannot open the audit log",
                     source: std::io::Error::other(e.to_string()),
                 })?),
+                backup: std::sync::Mutex::new(None),
+                backup_staging: config.data_dir.join("backup-staging"),
                 cache: Arc::new(cache::Cache::new(config.cache.clone()).map_err(|e| RunError::Io {
                     context: "invalid cache.redis_url",
                     source: std::io::Error::other(e),

@@ -1,5 +1,6 @@
 //! `akosha-aggregator`: runs the aggregator, validates its configuration and manages certificates.
 
+mod backup_cli;
 mod query_cli;
 
 use std::path::PathBuf;
@@ -64,6 +65,11 @@ enum Command {
     Query(query_cli::QueryArgs),
     /// Data lifecycle of the running aggregator: run the tier moves now, or show what would move.
     Lifecycle(query_cli::LifecycleArgs),
+    /// Back up the running aggregator (a consistent snapshot: warm, log, indexes, audit log, cold objects) to an
+    /// object store, with a manifest and a sha256 per file; `--list` shows the backups there.
+    Backup(backup_cli::BackupArgs),
+    /// Restore a backup into this aggregator, which must be stopped and empty.
+    Restore(backup_cli::RestoreArgs),
     /// Create the site CA and certificates.
     Certs {
         #[command(subcommand)]
@@ -120,6 +126,14 @@ fn main() -> anyhow::Result<()> {
             }
             query_cli::lifecycle(args, format!("http://{addr}"))
         }
+        Command::Backup(args) => {
+            let mut addr = config.http_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            backup_cli::backup(args, format!("http://{addr}"))
+        }
+        Command::Restore(args) => backup_cli::restore(args, &config),
         Command::Run => {
             init_logging(&config);
             let runtime =
@@ -259,5 +273,33 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// scripts/backup.sh, scripts/restore.sh and the deployment files call these command lines.
+    #[test]
+    fn the_backup_scripts_command_lines_parse() {
+        for line in [
+            "akosha-aggregator backup s3://b/p --keep 14 --option endpoint=http://m:9000 --aggregator-url http://a:8080",
+            "akosha-aggregator backup s3://b/p --list --json",
+            "akosha-aggregator restore s3://b/p --at 2026-11-20T02:15:00Z --option allow_http=true",
+        ] {
+            if let Err(e) = Cli::try_parse_from(line.split(' ')) {
+                panic!("{line}: {e}");
+            }
+        }
+        let cron: serde_norway::Value =
+            serde_norway::from_str(include_str!("../../config/kubernetes/backup-cronjob.yaml")).unwrap();
+        assert_eq!(cron["kind"], "CronJob");
+        let container = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["command"][0], "/opt/akosha/scripts/backup.sh");
+        let script = include_str!("../../scripts/backup.sh");
+        assert!(script.contains("backup \"$url\" --keep") && script.contains("--aggregator-url"));
     }
 }

@@ -393,6 +393,26 @@ impl Wal {
         Ok(releasable.len() as u64)
     }
 
+    /// Copies the checkpoint and every segment into `dest` (for a backup) and returns the file names. The caller
+    /// keeps segments from being released meanwhile (releases happen under the warm tier's move lock); the
+    /// segment being appended is copied as far as it is written, and a torn last entry in the copy is cut off
+    /// when it is replayed, like after a crash.
+    pub fn copy_to(&self, dest: &Path) -> Result<Vec<String>, WalError> {
+        std::fs::create_dir_all(dest).map_err(|e| WalError::io(dest, e))?;
+        let dir = &self.shared.dir;
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| WalError::io(dir, e))?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".wal") || name == CHECKPOINT)
+            .collect();
+        names.sort();
+        for name in &names {
+            let from = dir.join(name);
+            std::fs::copy(&from, dest.join(name)).map_err(|e| WalError::io(&from, e))?;
+        }
+        Ok(names)
+    }
+
     /// Bytes in all segments.
     pub fn size_bytes(&self) -> u64 {
         self.shared.bytes.load(Ordering::Relaxed)

@@ -308,6 +308,11 @@ impl WarmTier {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
     }
 
+    /// Where the persisted indexes live.
+    pub(crate) fn index_dir(&self) -> &Path {
+        &self.index_dir
+    }
+
     /// Excludes other moves into or out of warm while the guard lives.
     pub(crate) fn lock_moves(&self) -> std::sync::MutexGuard<'_, ()> {
         self.moves.lock().unwrap_or_else(|p| p.into_inner())
@@ -362,7 +367,7 @@ impl WarmTier {
     }
 }
 
-fn index_dir(path: &Path) -> PathBuf {
+pub(crate) fn index_dir(path: &Path) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".indexes");
     path.with_file_name(name)

@@ -396,3 +396,151 @@ async fn deletions_reach_every_tier_survive_a_crash_spare_later_records_and_are_
     assert_eq!(audit["entries"][3]["selector"], json!({"system_id": SYSTEM, "kind": "reflection", "id": "c151"}));
     Ok(())
 }
+
+/// Runs the aggregator's command line against `agg`'s configuration.
+async fn cli(site: &Site, name: &str, args: &[&str]) -> Result<std::process::Output> {
+    let mut command = std::process::Command::new(akosha_e2e::binary("akosha-aggregator"));
+    command.arg("--config").arg(site.path(name).join("aggregator.yaml")).args(args);
+    Ok(tokio::task::spawn_blocking(move || command.output()).await??)
+}
+
+/// Everything an aggregator keeps under its data directory, except its configuration and log.
+fn wipe(site: &Site, name: &str) -> Result<()> {
+    for entry in std::fs::read_dir(site.path(name))? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n == "aggregator.yaml" || n == "aggregator.log") {
+            continue;
+        }
+        if path.is_dir() { std::fs::remove_dir_all(&path)? } else { std::fs::remove_file(&path)? }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_wipe_restore_answers_identically_and_a_corrupt_backup_is_refused() -> Result<()> {
+    let site = Site::new()?;
+    let s3 = S3Server::start(&site.path("s3"), &["cold", "backups"]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    let mut agg = Aggregator::start_configured(&site, "tiered", "", &tiered_config(&s3)).await?;
+    let mut agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    let (status, body, _) = agent.post(corpus(now)).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, RECORDS).await?;
+    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
+        let (status, r) = admin(&agg, path).await?;
+        assert_eq!(status, 200, "{r}");
+    }
+    // A deletion whose cold rows are only tombstoned yet: the restore must keep them erased.
+    let r =
+        post(&agg, "/v1/admin/delete", json!({"system_id": SYSTEM, "kind": "reflection", "id": "c151", "reason": "t"}))
+            .await?;
+    assert_eq!(r["deleted"]["cold_tombstones"], 1, "{r}");
+    let expected = answers(&agg, now).await?;
+    let expected_stats = agg.stats().await?;
+    assert_eq!(tiers(&expected_stats), (EXPECTED_TIERS.0, EXPECTED_TIERS.1, EXPECTED_TIERS.2 - 1));
+    let total = expected_stats["total_records"].as_u64().unwrap_or(0);
+
+    let s3_options = |url: &str| {
+        vec![
+            url.to_owned(),
+            "-o".into(),
+            format!("endpoint={}", s3.endpoint),
+            "-o".into(),
+            "allow_http=true".into(),
+            "-o".into(),
+            format!("access_key_id={ACCESS_KEY}"),
+            "-o".into(),
+            format!("secret_access_key={SECRET_KEY}"),
+            "-o".into(),
+            "region=us-east-1".into(),
+        ]
+    };
+    let backup = |extra: Vec<String>| {
+        let mut args = vec!["backup".to_owned()];
+        args.extend(s3_options("s3://backups/site"));
+        args.extend(extra);
+        args
+    };
+    let run = |args: Vec<String>| {
+        let site = &site;
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(site, "tiered", &refs).await
+        }
+    };
+    let out = run(backup(vec![])).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("backup ") && stdout.contains(" cold objects"), "{stdout}");
+    let between = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+
+    // A record after the first backup, and a second backup with it: `--at` picks the first.
+    let later = json!({"id": "after-backup", "kind": "conversation", "ts": now, "text": "not in the first backup"});
+    let (status, body, _) = agent.post(format!("{later}\n")).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, total + 1).await?;
+    let out = run(backup(vec![])).await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(backup(vec!["--list".into(), "--json".into()])).await?;
+    let listed_backups: Value = serde_json::from_slice(&out.stdout)?;
+    let manifests = listed_backups.as_array().cloned().unwrap_or_default();
+    assert_eq!(manifests.len(), 2, "{listed_backups}");
+    let first = &manifests[0];
+    let objects = first["cold_objects"].as_array().map_or(0, Vec::len);
+    assert_eq!(objects as u64, expected_stats["cold"]["objects"].as_u64().unwrap_or(0), "{first}");
+    let names: Vec<&str> = first["files"].as_array().into_iter().flatten().filter_map(|f| f["path"].as_str()).collect();
+    assert!(names.contains(&"warm.duckdb") && names.contains(&"audit/audit.jsonl"), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("wal/")) && names.iter().any(|n| n.starts_with("warm-indexes/")));
+    // Cold objects are stored once for both backups.
+    let stored: Vec<object_store::ObjectMeta> =
+        s3.bucket("backups")?.list(Some(&"site/objects".into())).try_collect().await?;
+    assert_eq!(stored.len(), objects);
+
+    // Wipe the aggregator and the cold bucket, restore the first backup, start: the same answers.
+    agent.proc.terminate(Duration::from_secs(30))?;
+    agg.proc.terminate(Duration::from_secs(30))?;
+    wipe(&site, "tiered")?;
+    let cold = s3.bucket("cold")?;
+    for meta in cold.list(None).try_collect::<Vec<_>>().await? {
+        cold.delete(&meta.location).await?;
+    }
+    let mut args = vec!["restore".to_owned()];
+    args.extend(s3_options("s3://backups/site"));
+    args.extend(["--at".into(), between.to_string()]);
+    let out = run(args.clone()).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("restored backup {}", first["id"].as_str().unwrap_or("?"))), "{stdout}");
+    // A second restore over the restored data is refused: a restore replaces, it does not merge.
+    let out = run(args.clone()).await?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    agg.restart().await?;
+    wait_searchable(&agg, total).await?;
+    let s = agg.stats().await?;
+    assert_eq!(tiers(&s), tiers(&expected_stats), "{s}");
+    assert_eq!(answers(&agg, now).await?, expected, "the restored aggregator answers as the original did");
+    assert!(agg.record(SYSTEM, "conversation", "after-backup").await?.is_none(), "taken after the chosen backup");
+    assert!(agg.record(SYSTEM, "reflection", "c151").await?.is_none(), "erased before the backup");
+    assert_eq!(bucket_keys(&s3).await?.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "{s}");
+
+    // A corrupted backup file is caught by its checksum, and nothing is installed.
+    agg.proc.terminate(Duration::from_secs(30))?;
+    wipe(&site, "tiered")?;
+    let id = first["id"].as_str().unwrap_or_default();
+    let key = object_store::path::Path::from(format!("site/backups/{id}/files/audit/audit.jsonl"));
+    let backups = s3.bucket("backups")?;
+    let mut bytes = backups.get(&key).await?.bytes().await?.to_vec();
+    bytes[10] ^= 1;
+    backups.put(&key, bytes.into()).await?;
+    let out = run(args).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(stderr.contains("checksum mismatch") && stderr.contains("audit.jsonl"), "{stderr}");
+    assert!(
+        !site.path("tiered").join("wal").exists()
+            || std::fs::read_dir(site.path("tiered").join("wal"))?.next().is_none()
+    );
+    Ok(())
+}

@@ -233,6 +233,18 @@ pub struct ColdTier {
     last_error: Mutex<Option<String>>,
     /// Fault injection for crash tests: pause this long after each upload.
     pause_after_upload: Option<Duration>,
+    /// Running backups: objects a snapshot's catalog may name are not deleted meanwhile.
+    pins: Arc<AtomicU64>,
+}
+
+/// While alive, catalogued objects that compaction replaces or deletions drop stay in the store (as orphans,
+/// which the first sweep after the last pin is gone deletes): a backup copies the objects its snapshot names.
+pub struct ColdPin(Arc<AtomicU64>);
+
+impl Drop for ColdPin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for ColdTier {
@@ -406,6 +418,7 @@ impl ColdTier {
             last_move: Mutex::new(None),
             last_error: Mutex::new(None),
             pause_after_upload,
+            pins: Arc::new(AtomicU64::new(0)),
         };
         tier.interrupted = tier.recover()?;
         Ok(tier)
@@ -445,6 +458,24 @@ impl ColdTier {
             Some(runtime) => runtime.block_on(f),
             None => unreachable!("the runtime is only taken on drop"),
         }
+    }
+
+    /// Keeps every object the catalog names now in the store until the pin is dropped.
+    pub fn pin(&self) -> ColdPin {
+        self.pins.fetch_add(1, Ordering::SeqCst);
+        ColdPin(self.pins.clone())
+    }
+
+    /// Deletes objects the catalog no longer names, unless a backup holds a pin (then the next sweep does).
+    fn retire_objects(&self, keys: &[String]) -> Vec<(String, String)> {
+        if self.pins.load(Ordering::SeqCst) > 0 {
+            info!(
+                message = "Keeping retired cold objects while a backup runs; a later sweep deletes them.",
+                objects = keys.len()
+            );
+            return Vec::new();
+        }
+        self.delete_objects(keys, None)
     }
 
     /// The store location.
@@ -960,7 +991,7 @@ impl ColdTier {
                 self.cache.forget(&object.sha256);
             }
             let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-            for (key, error) in self.delete_objects(&keys, None) {
+            for (key, error) in self.retire_objects(&keys) {
                 warn!(message = "Cannot delete an erased cold object yet; the next sweep will.", key = %key, error = %error);
             }
             return Ok(objects.len() as u64);
@@ -1013,7 +1044,7 @@ impl ColdTier {
         }
         // A failed delete leaves an orphan for the next sweep.
         let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-        for (key, error) in self.delete_objects(&keys, None) {
+        for (key, error) in self.retire_objects(&keys) {
             warn!(message = "Cannot delete a compacted cold object yet; the next sweep will.", key = %key, error = %error);
         }
         Ok(replaced)
@@ -1100,6 +1131,9 @@ impl ColdTier {
     /// Deletes every object under the prefix that the catalog does not name (moves are not running: the caller
     /// holds the mover).
     fn sweep_orphans(&self, conn: &Connection) -> Result<u64, ColdError> {
+        if self.pins.load(Ordering::SeqCst) > 0 {
+            return Ok(0);
+        }
         let listed = self.list_keys()?;
         let known: std::collections::HashSet<String> = {
             let mut stmt = conn.prepare("SELECT key FROM warm.cold_objects")?;
