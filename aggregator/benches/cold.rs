@@ -92,6 +92,7 @@ fn main() {
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(30),
             retry_timeout: Duration::from_secs(30),
+            promotion: Default::default(),
         })
         .unwrap();
 

@@ -105,6 +105,18 @@ struct RawCold {
     breaker_failures: Option<u32>,
     breaker_cooldown: Option<String>,
     retry_timeout: Option<String>,
+    #[serde(default)]
+    promotion: RawPromotion,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPromotion {
+    enabled: Option<bool>,
+    reads: Option<f64>,
+    window: Option<String>,
+    min_age: Option<String>,
+    max_groups_per_run: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -522,7 +534,27 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         breaker_failures: c.breaker_failures.unwrap_or(5),
         breaker_cooldown: duration("cold.breaker_cooldown", c.breaker_cooldown.as_ref(), "30s")?,
         retry_timeout: duration("cold.retry_timeout", c.retry_timeout.as_ref(), "30s")?,
+        promotion: crate::cold::PromotionConfig {
+            enabled: c.promotion.enabled.unwrap_or(true),
+            reads: c.promotion.reads.unwrap_or(3.0),
+            window: duration("cold.promotion.window", c.promotion.window.as_ref(), "7d")?,
+            min_age: duration("cold.promotion.min_age", c.promotion.min_age.as_ref(), "1d")?,
+            max_groups_per_run: c.promotion.max_groups_per_run.unwrap_or(16),
+        },
     };
+    let promotion = &cold.promotion;
+    if !(promotion.reads.is_finite() && promotion.reads >= 1.0) {
+        return Err(ConfigError::invalid("cold.promotion.reads", "must be a number of reads, at least 1"));
+    }
+    if promotion.window < Duration::from_secs(1) {
+        return Err(ConfigError::invalid("cold.promotion.window", "must be at least 1s"));
+    }
+    if promotion.max_groups_per_run == 0 {
+        return Err(ConfigError::invalid(
+            "cold.promotion.max_groups_per_run",
+            "must be at least 1 (or set enabled: false)",
+        ));
+    }
     if cold.enabled {
         if !warm.enabled {
             return Err(ConfigError::invalid(

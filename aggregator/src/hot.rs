@@ -763,6 +763,17 @@ impl HotTier {
         Ok(report)
     }
 
+    /// Promotes cold groups read often enough back to warm (see [`crate::cold::ColdTier::promote`]). `None` when
+    /// there is no cold tier.
+    pub fn promote_from_cold(&self) -> Result<Option<crate::cold::PromotionReport>, crate::cold::ColdError> {
+        let (Some(warm), Some(cold)) = (self.warm.get(), self.cold.get()) else { return Ok(None) };
+        let report = cold.promote(warm)?;
+        if report.groups > 0 {
+            notify(&self.on_change, std::iter::once(String::from("*")));
+        }
+        Ok(Some(report))
+    }
+
     /// Runs `f` on the query connection with `all_<kind>` spanning the cold tier too, for each of `kinds` that has
     /// cold objects for `systems` (all when empty) in `[since, until)`: the objects are fetched into the cache
     /// first, and a key in several tiers shows its newest version (hot or warm on a tie).

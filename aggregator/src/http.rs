@@ -47,6 +47,7 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/admin/warm/move", post(warm_move))
         .route("/v1/admin/cold/move", post(cold_move))
+        .route("/v1/admin/cold/promote", post(cold_promote))
         .route("/v1/lifecycle", get(lifecycle))
         .route("/v1/admin/delete", post(delete_records))
         .route("/v1/admin/audit", get(audit_log))
@@ -991,6 +992,23 @@ async fn cold_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
     }
 }
 
+/// `POST /v1/admin/cold/promote`: saves the read counts and promotes the groups read often enough, now.
+async fn cold_promote(State(agg): State<Arc<Aggregator>>) -> Response {
+    let Some(r) = agg.receiver() else { return starting() };
+    let hot = r.hot.clone();
+    match tokio::task::spawn_blocking(move || hot.promote_from_cold()).await {
+        Ok(Ok(Some(report))) => axum::Json(json!({"report": report})).into_response(),
+        Ok(Ok(None)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cold tier is disabled (`cold.enabled`)")
+        }
+        Ok(Err(e @ (crate::cold::ColdError::Store(_) | crate::cold::ColdError::CircuitOpen { .. }))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
 /// `POST /v1/admin/delete`: what to delete and why.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1215,6 +1233,21 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
                 "last_move": c.last_move(),
                 "last_error": c.last_error(),
                 "journal": journal,
+            });
+            let candidates = c.promotion_candidates().map_err(|e| e.to_string())?;
+            let p = &c.config.promotion;
+            out["cold_to_warm"] = json!({
+                "enabled": p.enabled,
+                "reads": p.reads,
+                "window_s": p.window.as_secs(),
+                "min_age_s": p.min_age.as_secs(),
+                "max_groups_per_run": p.max_groups_per_run,
+                "promoted": c.promotions_done.load(std::sync::atomic::Ordering::Relaxed),
+                "failed": c.promotions_failed.load(std::sync::atomic::Ordering::Relaxed),
+                "records_promoted": c.records_promoted.load(std::sync::atomic::Ordering::Relaxed),
+                "candidates": candidates.iter().map(|(g, score)| json!({
+                    "kind": g.kind, "system_id": g.system_id, "day": g.day, "reads": score,
+                })).collect::<Vec<_>>(),
             });
         }
         Ok(out)

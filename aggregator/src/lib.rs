@@ -259,6 +259,8 @@ impl Aggregator {
                     let cutoff = jiff::Timestamp::now().as_microsecond() - cold.config.warm_window.as_micros() as i64;
                     // Failures are counted and logged by the cold tier; the next round retries.
                     let _ = tokio::task::spawn_blocking(move || {
+                        // Promotion first: a group read often enough is not demoted in the same round.
+                        let _ = hot.promote_from_cold();
                         if hot.move_to_cold(cutoff).is_ok() {
                             let _ = cold.compact();
                         }

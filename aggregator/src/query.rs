@@ -105,10 +105,19 @@ impl QueryService {
         let found = cold
             .scan(|conn| crate::cold::scan::get_many(conn, &lease.paths, kind, &[(system_id, id)]))
             .map_err(cold_error)?;
-        Ok(match (stored, found.into_iter().next()) {
+        let record = match (stored, found.into_iter().next()) {
             (Some(s), Some(c)) => Some(if c["ts"].as_i64() > s["ts"].as_i64() { c } else { s }),
             (s, c) => s.or(c),
-        })
+        };
+        self.note_reads(record.iter());
+        Ok(record)
+    }
+
+    /// Tells the lifecycle which old records were read (see [`crate::cold::access`]).
+    fn note_reads<'a>(&self, records: impl IntoIterator<Item = &'a serde_json::Value>) {
+        if let Some(cold) = self.hot.cold() {
+            cold.note_reads(records);
+        }
     }
 
     /// Moves records older than `older_than` from hot to warm now.
@@ -122,7 +131,10 @@ impl QueryService {
 
     /// A page of records.
     pub fn list(&self, q: &ListQuery) -> Result<Page, QueryError> {
-        Ok(self.hot.read_spanning(&[q.kind], &q.systems, q.since_us, q.until_us, |conn| listing::list(conn, q))?)
+        let page =
+            self.hot.read_spanning(&[q.kind], &q.systems, q.since_us, q.until_us, |conn| listing::list(conn, q))?;
+        self.note_reads(&page.records);
+        Ok(page)
     }
 
     /// Records per system, project and kind.
@@ -377,7 +389,7 @@ impl QueryService {
                 records.insert((kind, system_id, id), record);
             }
         }
-        Ok(found
+        let hits: Vec<Hit> = found
             .into_iter()
             .filter_map(|f| {
                 let stored = records.remove(&(f.doc.kind, f.doc.system_id.to_string(), f.doc.id.to_string()));
@@ -387,7 +399,9 @@ impl QueryService {
                 }?;
                 Some(Hit { record, score: f.score, similarity: f.similarity, snippet: f.snippet })
             })
-            .collect())
+            .collect();
+        self.note_reads(hits.iter().map(|h| &h.record));
+        Ok(hits)
     }
 }
 

@@ -567,6 +567,17 @@ pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Res
                 Some(n) => println!("would move {n} records older than {} from warm to cold", window("warm_to_cold")),
                 None => println!("warm to cold: the cold tier is disabled"),
             }
+            let candidates = status["cold_to_warm"]["candidates"].as_array().cloned().unwrap_or_default();
+            println!("would promote {} groups read often from cold back to warm", candidates.len());
+            for c in candidates.iter().take(20) {
+                println!(
+                    "  {} {} {} ({:.1} reads)",
+                    s(c, "kind"),
+                    s(c, "system_id"),
+                    s(c, "day"),
+                    c["reads"].as_f64().unwrap_or(0.0)
+                );
+            }
         }
         LifecycleCommand::Run { dry_run: false } => {
             let mut out = serde_json::json!({});
@@ -574,6 +585,7 @@ pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Res
                 out["hot_to_warm"] = post("/v1/admin/warm/move")?;
             }
             if !status["warm_to_cold"].is_null() {
+                out["cold_to_warm"] = post("/v1/admin/cold/promote")?;
                 out["warm_to_cold"] = post("/v1/admin/cold/move")?;
             }
             if args.json {
@@ -587,6 +599,13 @@ pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Res
                 )
             };
             println!("hot to warm: {} records moved", moved(&out["hot_to_warm"]));
+            if !out["cold_to_warm"].is_null() {
+                let p = &out["cold_to_warm"]["report"];
+                println!(
+                    "cold to warm: {} groups read often promoted ({} records); {} too young to move again, {} deferred",
+                    p["groups"], p["records"], p["too_young"], p["deferred"]
+                );
+            }
             println!(
                 "warm to cold: {} records moved in {} objects; compaction merged {} objects, deleted {} orphans",
                 moved(&out["warm_to_cold"]),

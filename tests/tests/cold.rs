@@ -36,10 +36,15 @@ fn corpus(now_us: i64) -> String {
 
 /// Warm and cold on the S3 server; moves only when asked.
 fn tiered_config(s3: &S3Server) -> String {
+    tiered_config_with(s3, "")
+}
+
+/// [`tiered_config`] with more `cold:` settings (flow-mapping entries ending in a comma).
+fn tiered_config_with(s3: &S3Server, cold_extra: &str) -> String {
     format!(
         "embeddings: {{enabled: false}}\ncache: {{enabled: false}}\nwarm: {{hot_window: 7d, move_interval: 1h}}\n\
          cold: {{url: 's3://cold/akosha', warm_window: 90d, move_interval: 1h, breaker_failures: 2, breaker_cooldown: 5s, \
-         retry_timeout: 2s, options: {{endpoint: '{}', allow_http: 'true', access_key_id: '{ACCESS_KEY}', \
+         retry_timeout: 2s, {cold_extra} options: {{endpoint: '{}', allow_http: 'true', access_key_id: '{ACCESS_KEY}', \
          secret_access_key: '{SECRET_KEY}', region: us-east-1}}}}\n",
         s3.endpoint
     )
@@ -542,5 +547,99 @@ async fn backup_wipe_restore_answers_identically_and_a_corrupt_backup_is_refused
         !site.path("tiered").join("wal").exists()
             || std::fs::read_dir(site.path("tiered").join("wal"))?.next().is_none()
     );
+    Ok(())
+}
+
+async fn tier_of(agg: &Aggregator, kind: &str, id: &str) -> Result<String> {
+    let record = agg.record(SYSTEM, kind, id).await?;
+    Ok(record.and_then(|r| r["tier"].as_str().map(str::to_owned)).unwrap_or_else(|| "missing".into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_read_often_is_promoted_read_once_is_not_never_ping_pongs_and_survives_a_kill_mid_promotion() -> Result<()>
+{
+    const MIN_AGE: Duration = Duration::from_secs(10);
+    let site = Site::new()?;
+    let s3 = S3Server::start(&site.path("s3"), &["cold"]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    // 3 reads promote; read counts halve every 2 s; 10 s between two moves of the same data.
+    let config = tiered_config_with(&s3, "promotion: {reads: 3, window: 2s, min_age: 10s, max_groups_per_run: 4},");
+    let pause = vec![("AKOSHA_FAULT_COLD_PAUSE_AFTER_PROMOTE_MS".to_string(), "60000".to_string())];
+    let mut agg = Aggregator::start_full(&site, "tiered", "", &config, pause).await?;
+    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    let (status, body, _) = agent.post(corpus(now)).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, RECORDS).await?;
+    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
+        let (status, r) = admin(&agg, path).await?;
+        assert_eq!(status, 200, "{r}");
+    }
+    // c100 is read three times right after it reached cold: a candidate, but too young to move again.
+    for _ in 0..3 {
+        assert_eq!(tier_of(&agg, "conversation", "c100").await?, "cold");
+    }
+    let (status, r) = admin(&agg, "/v1/admin/cold/promote").await?;
+    assert_eq!((status, &r["report"]["groups"], &r["report"]["too_young"]), (200, &json!(0), &json!(1)), "{r}");
+    // Queries read many old groups; the scores decay (half-life 2 s) while min_age passes.
+    let expected = answers(&agg, now).await?;
+    tokio::time::sleep(MIN_AGE).await;
+
+    // Now c100 is read three times, c121 once: only c100's group (its kind, system and day) is a candidate.
+    for _ in 0..3 {
+        assert_eq!(tier_of(&agg, "conversation", "c100").await?, "cold");
+    }
+    assert_eq!(tier_of(&agg, "reflection", "c121").await?, "cold");
+    let lifecycle: Value = reqwest::get(format!("{}/v1/lifecycle", agg.url)).await?.json().await?;
+    let candidates = lifecycle["cold_to_warm"]["candidates"].as_array().cloned().unwrap_or_default();
+    assert_eq!(candidates.len(), 1, "{lifecycle}");
+    assert_eq!(candidates[0]["kind"], "conversation");
+
+    // Promoted, and killed with `kill -9` after the promotion committed but before its cold objects went.
+    let url = agg.url.clone();
+    let promoting =
+        tokio::spawn(async move { reqwest::Client::new().post(format!("{url}/v1/admin/cold/promote")).send().await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lifecycle: Value = reqwest::get(format!("{}/v1/lifecycle", agg.url)).await?.json().await?;
+        let journal = lifecycle["warm_to_cold"]["journal"].as_array().cloned().unwrap_or_default();
+        if journal.iter().any(|j| j["detail"] == "cold to warm" && j["state"] == "done") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the promotion never committed: {lifecycle}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agg.proc.kill9();
+    let _ = promoting.await;
+    agg.proc.set_env(vec![]);
+    agg.restart().await?;
+
+    // Nothing lost, nothing doubled; c100 answers from warm, c121 still from cold; the same answers as before.
+    assert_eq!(tier_of(&agg, "conversation", "c100").await?, "warm");
+    assert_eq!(tier_of(&agg, "reflection", "c121").await?, "cold");
+    let lifecycle: Value = reqwest::get(format!("{}/v1/lifecycle", agg.url)).await?.json().await?;
+    assert!(lifecycle["cold_to_warm"]["candidates"].as_array().is_some_and(Vec::is_empty), "{lifecycle}");
+    let all = listed(&agg, "").await?;
+    let unique: BTreeSet<&String> = all.iter().collect();
+    assert_eq!((all.len() as u64, unique.len() as u64), (RECORDS, RECORDS), "every record once");
+    assert_eq!(answers(&agg, now).await?, expected, "promotion changes where records live, not the answers");
+    // The promoted group's objects outlived the crash as orphans; the next compaction deletes them, and moving
+    // does not send the group straight back (it was promoted less than `min_age` ago).
+    let (status, r) = admin(&agg, "/v1/admin/cold/move").await?;
+    assert_eq!(status, 200, "{r}");
+    assert!(r["compaction"]["orphans_deleted"].as_u64() > Some(0), "{r}");
+    let s = agg.stats().await?;
+    assert_eq!(bucket_keys(&s3).await?.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "{s}");
+    assert_eq!(tier_of(&agg, "conversation", "c100").await?, "warm", "held in warm for min_age");
+
+    // Once min_age has passed and nobody reads it any more, it goes back to cold like any old data.
+    tokio::time::sleep(MIN_AGE).await;
+    let (status, r) = admin(&agg, "/v1/admin/cold/move").await?;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(tier_of(&agg, "conversation", "c100").await?, "cold");
+    let s = agg.stats().await?;
+    assert_eq!(s["total_records"], RECORDS, "{s}");
+    assert_eq!(bucket_keys(&s3).await?.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "{s}");
     Ok(())
 }

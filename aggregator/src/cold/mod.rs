@@ -29,6 +29,7 @@
 //! fail fast for `breaker_cooldown`, then one attempt is let through. Warm keeps its rows until a cold copy is
 //! verified, and hot and warm queries never wait for the store.
 
+pub mod access;
 pub mod cache;
 pub mod scan;
 
@@ -106,6 +107,60 @@ pub struct ColdConfig {
     pub breaker_cooldown: Duration,
     /// Store requests are retried (with backoff and jitter) for at most this long.
     pub retry_timeout: Duration,
+    /// Access-based promotion back to warm.
+    pub promotion: PromotionConfig,
+}
+
+/// When cold data that is read again goes back to warm (see [`access`]).
+#[derive(Debug, Clone)]
+pub struct PromotionConfig {
+    /// Promote at all.
+    pub enabled: bool,
+    /// Reads (decayed) that make a (kind, system, day) group worth promoting.
+    pub reads: f64,
+    /// Half-life of the read counts: about `reads` reads within this long promote.
+    pub window: Duration,
+    /// Least time between two moves of the same group, either way (no ping-pong).
+    pub min_age: Duration,
+    /// Most groups promoted per round (a rate limit on moves).
+    pub max_groups_per_run: usize,
+}
+
+impl PromotionConfig {
+    /// The decayed score that promotes: `reads` reads close together score just under `reads` (each has decayed
+    /// a little), `reads - 1` reads can never reach it.
+    pub fn threshold(&self) -> f64 {
+        self.reads - 0.5
+    }
+}
+
+impl Default for PromotionConfig {
+    fn default() -> PromotionConfig {
+        PromotionConfig {
+            enabled: true,
+            reads: 3.0,
+            window: Duration::from_secs(7 * 86_400),
+            min_age: Duration::from_secs(86_400),
+            max_groups_per_run: 16,
+        }
+    }
+}
+
+/// What a promotion round did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PromotionReport {
+    /// Groups moved back to warm.
+    pub groups: u64,
+    /// Rows moved back.
+    pub records: u64,
+    /// Cold objects retired.
+    pub objects: u64,
+    /// Groups read often enough whose cold copy is younger than `min_age`.
+    pub too_young: u64,
+    /// Groups read often enough left for the next round (rate limit).
+    pub deferred: u64,
+    /// Wall time.
+    pub took_ms: u64,
 }
 
 /// Cold tier failures.
@@ -235,6 +290,16 @@ pub struct ColdTier {
     pause_after_upload: Option<Duration>,
     /// Running backups: objects a snapshot's catalog may name are not deleted meanwhile.
     pins: Arc<AtomicU64>,
+    /// Reads of old data, for promotion.
+    access: access::AccessTracker,
+    /// Promotions completed since start.
+    pub promotions_done: AtomicU64,
+    /// Promotions that failed since start.
+    pub promotions_failed: AtomicU64,
+    /// Rows promoted back to warm since start.
+    pub records_promoted: AtomicU64,
+    /// Fault injection for crash tests: pause this long after a promotion commits, before its objects go.
+    pause_after_promote: Option<Duration>,
 }
 
 /// While alive, catalogued objects that compaction replaces or deletions drop stay in the store (as orphans,
@@ -394,8 +459,12 @@ impl ColdTier {
                object_key VARCHAR, state VARCHAR, records BIGINT, started_at TIMESTAMP, finished_at TIMESTAMP, \
                detail VARCHAR);\n\
              CREATE TABLE IF NOT EXISTS warm.cold_tombstones (request BIGINT NOT NULL, kind VARCHAR NOT NULL, \
-               system_id VARCHAR, project VARCHAR, id VARCHAR, created_at TIMESTAMP NOT NULL);",
+               system_id VARCHAR, project VARCHAR, id VARCHAR, created_at TIMESTAMP NOT NULL);\n\
+             CREATE TABLE IF NOT EXISTS warm.tier_holds (kind VARCHAR NOT NULL, system_id VARCHAR NOT NULL, \
+               day DATE NOT NULL, until TIMESTAMP NOT NULL);",
         )?;
+        let access = access::AccessTracker::new(config.promotion.window);
+        access.load(conn)?;
         let mover = conn.try_clone()?;
         let reader = conn.try_clone()?;
         let cache = Arc::new(ObjectCache::open(&config.cache_dir, config.cache_max_bytes)?);
@@ -419,6 +488,14 @@ impl ColdTier {
             last_error: Mutex::new(None),
             pause_after_upload,
             pins: Arc::new(AtomicU64::new(0)),
+            access,
+            promotions_done: AtomicU64::new(0),
+            promotions_failed: AtomicU64::new(0),
+            records_promoted: AtomicU64::new(0),
+            pause_after_promote: std::env::var("AKOSHA_FAULT_COLD_PAUSE_AFTER_PROMOTE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
         };
         tier.interrupted = tier.recover()?;
         Ok(tier)
@@ -429,7 +506,7 @@ impl ColdTier {
         let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = conn.prepare(
             "SELECT id, object_key FROM warm.cold_moves WHERE state NOT IN ('done', 'failed', 'interrupted') \
-             AND object_key NOT IN (SELECT key FROM warm.cold_objects)",
+             AND object_key IS NOT NULL AND object_key NOT IN (SELECT key FROM warm.cold_objects)",
         )?;
         let unfinished: Vec<(i64, String)> =
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
@@ -621,6 +698,7 @@ impl ColdTier {
                 })?
                 .collect::<Result<_, _>>()?
             };
+            let groups = self.demotable(&conn, t, groups)?;
             for chunk in batches(&groups) {
                 let (objects, rows, bytes) = self.move_batch(&conn, warm, kind, chunk, cutoff_us)?;
                 report.objects += objects;
@@ -634,6 +712,229 @@ impl ColdTier {
         warm.persist(&conn)?;
         report.took_ms = started.elapsed().as_millis() as u64;
         Ok(Some(report))
+    }
+
+    /// The groups that may go down now: not promoted less than `min_age` ago (their hold), and not still read
+    /// often enough to be promoted again (only idle data is demoted).
+    fn demotable(&self, conn: &Connection, kind: &str, groups: Vec<Group>) -> Result<Vec<Group>, ColdError> {
+        let held: std::collections::HashSet<(String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT system_id, strftime(day, '%Y-%m-%d') FROM warm.tier_holds WHERE kind = ? AND until > now()",
+            )?;
+            stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+        };
+        let now = jiff::Timestamp::now().as_microsecond();
+        let promotion = &self.config.promotion;
+        Ok(groups
+            .into_iter()
+            .filter(|g| {
+                let group = access::Group { kind: kind.to_owned(), system_id: g.system_id.clone(), day: g.day.clone() };
+                let still_read = promotion.enabled && self.access.score(&group, now) >= promotion.threshold();
+                !(held.contains(&(g.system_id.clone(), g.day.clone())) || still_read)
+            })
+            .collect())
+    }
+
+    /// Counts reads of records a query returned (see [`access`]): those from cold, and those from warm older
+    /// than the warm window (promoted ones, kept warm while they are read).
+    pub fn note_reads<'a>(&self, records: impl IntoIterator<Item = &'a serde_json::Value>) {
+        let now = jiff::Timestamp::now().as_microsecond();
+        let warm_cutoff = now - self.config.warm_window.as_micros() as i64;
+        let groups = records.into_iter().filter_map(|r| {
+            let ts = r["ts"].as_i64()?;
+            let old = match r["tier"].as_str()? {
+                "cold" => true,
+                "warm" => ts < warm_cutoff,
+                _ => false,
+            };
+            let (kind, system_id) = (r["kind"].as_str()?, r["system_id"].as_str()?);
+            old.then(|| access::Group::of(kind, system_id, ts))
+        });
+        self.access.note(groups.collect::<Vec<_>>(), now);
+    }
+
+    /// Groups read often enough to be promoted that are (still) in cold, with their scores.
+    pub fn promotion_candidates(&self) -> Result<Vec<(access::Group, f64)>, ColdError> {
+        let now = jiff::Timestamp::now().as_microsecond();
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (group, score) in self.access.at_least(self.config.promotion.threshold(), now) {
+            if !self.group_objects(&conn, &group.kind, &group.system_id, &group.day)?.is_empty() {
+                out.push((group, score));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Saves the read counts and promotes the groups read often enough back to warm (cold→warm rehydration):
+    /// at most `max_groups_per_run`, none whose cold copy is younger than `min_age`. Each group is one warm
+    /// transaction — its newest visible rows inserted (a newer warm version of a key wins), verified against the
+    /// objects, the objects uncatalogued and a hold against demotion for `min_age` written — after which the
+    /// objects are deleted. A crash before the commit changes nothing; after it, the objects are orphans the next
+    /// compaction sweeps.
+    pub fn promote(&self, warm: &crate::warm::WarmTier) -> Result<PromotionReport, ColdError> {
+        let started = Instant::now();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
+        self.access.save(&conn, now)?;
+        conn.execute("DELETE FROM warm.tier_holds WHERE until <= now()", [])?;
+        let mut report = PromotionReport::default();
+        let promotion = &self.config.promotion;
+        if !promotion.enabled {
+            return Ok(report);
+        }
+        let min_age_us = promotion.min_age.as_micros() as i64;
+        for (group, score) in self.access.at_least(promotion.threshold(), now) {
+            let objects = self.group_objects(&conn, &group.kind, &group.system_id, &group.day)?;
+            if objects.is_empty() {
+                continue;
+            }
+            let youngest: i64 = conn.query_row(
+                "SELECT epoch_us(max(created_at)) FROM warm.cold_objects WHERE kind = ? AND system_id = ? AND day = CAST(? AS DATE)",
+                [&group.kind, &group.system_id, &group.day],
+                |r| r.get(0),
+            )?;
+            if youngest > now - min_age_us {
+                report.too_young += 1;
+                continue;
+            }
+            if report.groups as usize >= promotion.max_groups_per_run {
+                report.deferred += 1;
+                continue;
+            }
+            self.check_breaker()?;
+            match self.promote_group(&conn, warm, &group, &objects, now) {
+                Ok(records) => {
+                    info!(
+                        message = "Promoted a group read often back to warm.",
+                        kind = %group.kind,
+                        system_id = %group.system_id,
+                        day = %group.day,
+                        reads = score,
+                        records
+                    );
+                    report.groups += 1;
+                    report.records += records;
+                    report.objects += objects.len() as u64;
+                    self.promotions_done.fetch_add(1, Ordering::Relaxed);
+                    self.records_promoted.fetch_add(records, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.promotions_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(message = "A promotion to warm failed; cold keeps the records and the next round retries.", error = %e);
+                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        if report.groups > 0 {
+            warm.persist(&conn)?;
+        }
+        report.took_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    fn promote_group(
+        &self,
+        conn: &Connection,
+        warm: &crate::warm::WarmTier,
+        group: &access::Group,
+        objects: &[ColdObject],
+        now: i64,
+    ) -> Result<u64, ColdError> {
+        let kind: RecordKind = group
+            .kind
+            .parse()
+            .map_err(|_| ColdError::Corrupt(format!("unknown kind `{}` in the catalog", group.kind)))?;
+        let t = kind.as_str();
+        let id = now;
+        conn.execute(
+            "INSERT INTO warm.cold_moves VALUES (?, ?, ?, CAST(? AS DATE), NULL, 'promoting', NULL, now(), NULL, 'cold to warm')",
+            duckdb::params![id, t, group.system_id, group.day],
+        )?;
+        let lease = self.record(self.lease(objects))?;
+        let source = format!(
+            "(SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1)",
+            visible_source(t, &lease.paths)
+        );
+        let hold_until = now + self.config.promotion.min_age.as_micros() as i64;
+        let moving = warm.lock_moves();
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let promoted = (|| -> Result<u64, ColdError> {
+            conn.execute_batch(&format!(
+                "DELETE FROM warm.{t} w USING {source} c WHERE w.system_id = c.system_id AND w.id = c.id AND w.ts < c.ts;\n\
+                 INSERT INTO warm.{t} SELECT c.* FROM {source} c \
+                   WHERE NOT EXISTS (SELECT 1 FROM warm.{t} w WHERE w.system_id = c.system_id AND w.id = c.id);"
+            ))?;
+            // Every cold row is in warm now, as the same version or a newer one.
+            let (rows, represented): (i64, i64) = conn.query_row(
+                &format!(
+                    "SELECT (SELECT count(*) FROM {source}), (SELECT count(*) FROM {source} c JOIN warm.{t} w \
+                       ON w.system_id = c.system_id AND w.id = c.id \
+                       AND (w.ts > c.ts OR (w.ts = c.ts AND {} = {})))",
+                    row_hash("w"),
+                    row_hash("c")
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if rows != represented {
+                return Err(ColdError::Corrupt(format!(
+                    "promotion of {t}/{}/{}: {represented} of {rows} rows reached warm",
+                    group.system_id, group.day
+                )));
+            }
+            let keys: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
+            conn.execute_batch(&format!(
+                "DELETE FROM warm.cold_objects WHERE key IN ({keys});\n\
+                 DELETE FROM warm.tier_holds WHERE kind = '{t}' AND system_id = {system} AND day = DATE {day};\n\
+                 INSERT INTO warm.tier_holds VALUES ('{t}', {system}, DATE {day}, make_timestamp({hold_until}));\n\
+                 UPDATE warm.cold_moves SET state = 'done', records = {rows}, finished_at = now() \
+                   WHERE id = {id} AND kind = '{t}' AND state = 'promoting';",
+                keys = keys.join(", "),
+                system = sql_text(&group.system_id),
+                day = sql_text(&group.day),
+            ))?;
+            Ok(rows as u64)
+        })();
+        let rows = match promoted {
+            Ok(rows) => {
+                conn.execute_batch("COMMIT")?;
+                rows
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let _ = conn.execute(
+                    "UPDATE warm.cold_moves SET state = 'failed', detail = ?, finished_at = now() WHERE id = ? AND kind = ?",
+                    duckdb::params![e.to_string(), id, t],
+                );
+                return Err(e);
+            }
+        };
+        if let Some(pause) = self.pause_after_promote {
+            std::thread::sleep(pause);
+        }
+        let records = crate::hot::index_records(
+            conn,
+            &format!(
+                "FROM warm.{t} t WHERE t.system_id = {} AND CAST(t.ts AS DATE) = DATE {}",
+                sql_text(&group.system_id),
+                sql_text(&group.day)
+            ),
+            kind,
+            true,
+        )?;
+        warm.index(&records)?;
+        drop(moving);
+        drop(lease);
+        for object in objects {
+            self.cache.forget(&object.sha256);
+        }
+        let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+        for (key, error) in self.retire_objects(&keys) {
+            warn!(message = "Cannot delete a promoted cold object yet; the next sweep will.", key = %key, error = %error);
+        }
+        Ok(rows)
     }
 
     /// Moves a batch of (system, day) groups of one kind, one object each. Every step handles the whole batch at
@@ -1253,7 +1554,7 @@ impl ColdTier {
         let rows = stmt.query_map([limit as i64], |r| {
             Ok(serde_json::json!({
                 "id": r.get::<_, i64>(0)?, "kind": r.get::<_, String>(1)?, "system_id": r.get::<_, String>(2)?,
-                "day": r.get::<_, String>(3)?, "object": r.get::<_, String>(4)?, "state": r.get::<_, String>(5)?,
+                "day": r.get::<_, String>(3)?, "object": r.get::<_, Option<String>>(4)?, "state": r.get::<_, String>(5)?,
                 "records": r.get::<_, Option<i64>>(6)?, "started_at": r.get::<_, Option<i64>>(7)?,
                 "finished_at": r.get::<_, Option<i64>>(8)?, "detail": r.get::<_, Option<String>>(9)?,
             }))
@@ -1348,6 +1649,7 @@ mod tests {
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(30),
             retry_timeout: Duration::from_secs(5),
+            promotion: Default::default(),
         }
     }
 
