@@ -779,6 +779,11 @@ mod tests {
             ("storage: {disk_warning: 80%, disk_critical: 0.7}", "storage.disk_critical"),
             ("storage: {prices: {cold: -1}}", "storage.prices.cold"),
             ("storage: {prices: {tape: 0.001}}", "storage.prices.tape"),
+            ("cold: {promotion: {reads: 0.5}}", "cold.promotion.reads"),
+            ("cold: {promotion: {window: 0s}}", "cold.promotion.window"),
+            ("cold: {promotion: {min_age: later}}", "cold.promotion.min_age"),
+            ("cold: {promotion: {max_groups_per_run: 0}}", "cold.promotion.max_groups_per_run"),
+            ("cold: {promotion: {often: true}}", "cold.promotion.often"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");

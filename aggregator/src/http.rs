@@ -556,6 +556,24 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
             "Records moved from warm to cold.",
             c.records_moved.load(Relaxed),
         );
+        counter(
+            &mut e,
+            "akosha_cold_promotions_total",
+            "Groups promoted from cold back to warm.",
+            c.promotions_done.load(Relaxed),
+        );
+        counter(
+            &mut e,
+            "akosha_cold_promotions_failed_total",
+            "Failed promotions from cold to warm.",
+            c.promotions_failed.load(Relaxed),
+        );
+        counter(
+            &mut e,
+            "akosha_cold_promoted_records_total",
+            "Records promoted from cold back to warm.",
+            c.records_promoted.load(Relaxed),
+        );
         gauge(
             &mut e,
             "akosha_cold_circuit_open",
