@@ -302,6 +302,20 @@ async fn an_s3_outage_pauses_moves_and_keeps_warm_whole_and_queries_answering() 
     Ok(())
 }
 
+/// An aggregator on `config` with the 400-day corpus ingested through an agent and moved into all three tiers.
+async fn three_tiers(site: &Site, config: &str, envs: Vec<(String, String)>, now: i64) -> Result<(Aggregator, Agent)> {
+    let agg = Aggregator::start_full(site, "tiered", "", config, envs).await?;
+    let agent = Agent::start(site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
+    let (status, body, _) = agent.post(corpus(now)).await?;
+    assert_eq!(status, 200, "{body}");
+    wait_searchable(&agg, RECORDS).await?;
+    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
+        let (status, r) = admin(&agg, path).await?;
+        assert_eq!(status, 200, "{r}");
+    }
+    Ok((agg, agent))
+}
+
 async fn count_listed(agg: &Aggregator) -> Result<u64> {
     Ok(listed(agg, "").await?.len() as u64)
 }
@@ -311,15 +325,7 @@ async fn deletions_reach_every_tier_survive_a_crash_spare_later_records_and_are_
     let site = Site::new()?;
     let s3 = S3Server::start(&site.path("s3"), &["cold"]).await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
-    let mut agg = Aggregator::start_configured(&site, "tiered", "", &tiered_config(&s3)).await?;
-    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
-    let (status, body, _) = agent.post(corpus(now)).await?;
-    assert_eq!(status, 200, "{body}");
-    wait_searchable(&agg, RECORDS).await?;
-    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
-        let (status, r) = admin(&agg, path).await?;
-        assert_eq!(status, 200, "{r}");
-    }
+    let (mut agg, agent) = three_tiers(&site, &tiered_config(&s3), vec![], now).await?;
     assert_eq!(tiers(&agg.stats().await?), EXPECTED_TIERS);
     let delete = |body: Value| {
         let url = format!("{}/v1/admin/delete", agg.url);
@@ -426,15 +432,7 @@ async fn backup_wipe_restore_answers_identically_and_a_corrupt_backup_is_refused
     let site = Site::new()?;
     let s3 = S3Server::start(&site.path("s3"), &["cold", "backups"]).await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
-    let mut agg = Aggregator::start_configured(&site, "tiered", "", &tiered_config(&s3)).await?;
-    let mut agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
-    let (status, body, _) = agent.post(corpus(now)).await?;
-    assert_eq!(status, 200, "{body}");
-    wait_searchable(&agg, RECORDS).await?;
-    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
-        let (status, r) = admin(&agg, path).await?;
-        assert_eq!(status, 200, "{r}");
-    }
+    let (mut agg, mut agent) = three_tiers(&site, &tiered_config(&s3), vec![], now).await?;
     // A deletion whose cold rows are only tombstoned yet: the restore must keep them erased.
     let r =
         post(&agg, "/v1/admin/delete", json!({"system_id": SYSTEM, "kind": "reflection", "id": "c151", "reason": "t"}))
@@ -565,15 +563,7 @@ async fn data_read_often_is_promoted_read_once_is_not_never_ping_pongs_and_survi
     // 3 reads promote; read counts halve every 2 s; 10 s between two moves of the same data.
     let config = tiered_config_with(&s3, "promotion: {reads: 3, window: 2s, min_age: 10s, max_groups_per_run: 4},");
     let pause = vec![("AKOSHA_FAULT_COLD_PAUSE_AFTER_PROMOTE_MS".to_string(), "60000".to_string())];
-    let mut agg = Aggregator::start_full(&site, "tiered", "", &config, pause).await?;
-    let agent = Agent::start(&site, "agent", SYSTEM, agg.quic_port, &AgentOptions::default()).await?;
-    let (status, body, _) = agent.post(corpus(now)).await?;
-    assert_eq!(status, 200, "{body}");
-    wait_searchable(&agg, RECORDS).await?;
-    for path in ["/v1/admin/warm/move", "/v1/admin/cold/move"] {
-        let (status, r) = admin(&agg, path).await?;
-        assert_eq!(status, 200, "{r}");
-    }
+    let (mut agg, _agent) = three_tiers(&site, &config, pause, now).await?;
     // c100 is read three times right after it reached cold: a candidate, but too young to move again.
     for _ in 0..3 {
         assert_eq!(tier_of(&agg, "conversation", "c100").await?, "cold");
