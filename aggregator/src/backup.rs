@@ -720,12 +720,16 @@ pub async fn restore(
     }
     let mut installs = Vec::new();
     for file in &manifest.files {
+        // Only plain relative names: `..`, an absolute path or `wal//etc/x` would write outside the aggregator.
+        let safe = !file.path.is_empty()
+            && Path::new(&file.path).components().all(|c| matches!(c, std::path::Component::Normal(_)))
+            && !file.path.contains("//");
+        if !safe {
+            return Err(BackupError::Invalid(format!("the manifest names an unsafe path `{}`", file.path)));
+        }
         let target = targets.local_path(&file.path).ok_or_else(|| {
             BackupError::Invalid(format!("the manifest names `{}`, which this aggregator does not know", file.path))
         })?;
-        if file.path.contains("..") {
-            return Err(BackupError::Invalid(format!("the manifest names an unsafe path `{}`", file.path)));
-        }
         installs.push((file, target));
     }
     progress.add_total((manifest.files.len() + manifest.cold_objects.len()) as u64, manifest.bytes());
@@ -877,6 +881,18 @@ mod tests {
         assert_eq!(restored.id, m.id);
         assert_eq!(std::fs::read(dir.path().join("data/audit/audit.jsonl")).unwrap(), b"line\n");
         assert!(dir.path().join("data/audit/restored.json").exists());
+
+        // A manifest naming paths outside the aggregator is refused before anything is downloaded.
+        std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+        for path in ["wal/../../escaped", "wal//tmp/escaped", "/etc/escaped"] {
+            let mut bad = manifest("20260102T000000000000Z", 2);
+            bad.warm = false;
+            bad.files.push(FileEntry { path: path.into(), bytes: 0, sha256: String::new() });
+            let key = format!("backups/{}/manifest.json", bad.id);
+            store.store.put(&store.join(&key), serde_json::to_vec(&bad).unwrap().into()).await.unwrap();
+            let err = restore(&store, None, &targets, &Progress::default()).await.unwrap_err().to_string();
+            assert!(err.contains("unsafe path"), "{path}: {err}");
+        }
     }
 
     #[tokio::test]

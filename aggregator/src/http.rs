@@ -1002,11 +1002,18 @@ async fn cold_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
     .await
     {
         Ok(Ok(answer)) => axum::Json(answer).into_response(),
-        Ok(Err(e @ (crate::cold::ColdError::Store(_) | crate::cold::ColdError::CircuitOpen { .. }))) => {
+        Ok(Err(e)) => cold_failure(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
+/// A store that is down (or a breaker that is open) is 503: retry later; anything else is a storage error.
+fn cold_failure(e: crate::cold::ColdError) -> Response {
+    match e {
+        crate::cold::ColdError::Store(_) | crate::cold::ColdError::CircuitOpen { .. } => {
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+        e => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
     }
 }
 
@@ -1019,10 +1026,7 @@ async fn cold_promote(State(agg): State<Arc<Aggregator>>) -> Response {
         Ok(Ok(None)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cold tier is disabled (`cold.enabled`)")
         }
-        Ok(Err(e @ (crate::cold::ColdError::Store(_) | crate::cold::ColdError::CircuitOpen { .. }))) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string())
-        }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Ok(Err(e)) => cold_failure(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
     }
 }
