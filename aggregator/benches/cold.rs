@@ -93,6 +93,7 @@ fn main() {
             breaker_cooldown: Duration::from_secs(30),
             retry_timeout: Duration::from_secs(30),
             promotion: Default::default(),
+            encryption: None,
         })
         .unwrap();
 

@@ -61,6 +61,17 @@ struct RawConfig {
     cold: RawCold,
     #[serde(default)]
     storage: RawStorage,
+    #[serde(default)]
+    encryption: RawEncryption,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncryption {
+    enabled: Option<bool>,
+    active_key: Option<String>,
+    #[serde(default)]
+    keys: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +326,8 @@ pub struct AggregatorConfig {
     pub cold: crate::cold::ColdConfig,
     /// Disk thresholds and prices for the storage report.
     pub storage: crate::storage::StorageConfig,
+    /// Key-encryption keys for cold objects and backups; `None` stores them in the clear.
+    pub encryption: Option<std::sync::Arc<crate::envelope::Keyring>>,
 }
 
 /// In-process embeddings.
@@ -514,8 +527,10 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         return Err(ConfigError::invalid("warm.move_interval", "must be at least 1s"));
     }
 
+    let encryption = validate_encryption(&raw.encryption)?;
     let c = &raw.cold;
     let cold = crate::cold::ColdConfig {
+        encryption: encryption.clone(),
         // On by default wherever warm is (a local directory needs no service); asked for without warm, an error.
         enabled: c.enabled.unwrap_or(warm.enabled),
         url: c.url.as_deref().map_or_else(
@@ -591,6 +606,7 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
     let storage = validate_storage(&raw.storage)?;
 
     Ok(AggregatorConfig {
+        encryption,
         storage,
         cold,
         warm,
@@ -611,6 +627,36 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         log_json,
         data_dir,
     })
+}
+
+/// The keyring, when encryption is asked for: by `enabled: true` or simply by listing keys.
+fn validate_encryption(raw: &RawEncryption) -> Result<Option<std::sync::Arc<crate::envelope::Keyring>>, ConfigError> {
+    let wanted = raw.enabled.unwrap_or(!raw.keys.is_empty() || raw.active_key.is_some());
+    if !wanted {
+        return Ok(None);
+    }
+    if raw.keys.is_empty() {
+        return Err(ConfigError::invalid(
+            "encryption.keys",
+            "encryption is enabled but no key is configured; add `id: <base64 of 32 bytes>` (e.g. `${AKOSHA_KEK}`, made with `akosha-aggregator keys generate`)",
+        ));
+    }
+    let active = match (&raw.active_key, raw.keys.len()) {
+        (Some(active), _) => active.clone(),
+        (None, 1) => raw.keys.keys().next().cloned().unwrap_or_default(),
+        (None, _) => {
+            return Err(ConfigError::invalid(
+                "encryption.active_key",
+                "several keys are configured; name the one that wraps new data keys",
+            ));
+        }
+    };
+    let keys: Vec<(String, String)> = raw.keys.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let keyring = crate::envelope::Keyring::new(&active, &keys).map_err(|e| {
+        let key = if raw.keys.contains_key(&active) { "encryption.keys" } else { "encryption.active_key" };
+        ConfigError::invalid(key, e.to_string())
+    })?;
+    Ok(Some(std::sync::Arc::new(keyring)))
 }
 
 /// A fraction written as `75%` or `0.75`.
@@ -784,10 +830,34 @@ mod tests {
             ("cold: {promotion: {min_age: later}}", "cold.promotion.min_age"),
             ("cold: {promotion: {max_groups_per_run: 0}}", "cold.promotion.max_groups_per_run"),
             ("cold: {promotion: {often: true}}", "cold.promotion.often"),
+            ("encryption: {enabled: true}", "encryption.keys"),
+            ("encryption: {keys: {k1: c2hvcnQ=}}", "encryption.keys"),
+            ("encryption: {keys: {k1: 'not base64!'}}", "encryption.keys"),
+            (
+                "encryption: {keys: {k1: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=, k2: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=}}",
+                "encryption.active_key",
+            ),
+            (
+                "encryption: {active_key: k9, keys: {k1: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=}}",
+                "encryption.active_key",
+            ),
+            ("encryption: {kek: x}", "encryption.kek"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");
         }
+    }
+
+    #[test]
+    fn encryption_is_off_unless_keys_are_given_and_keys_come_from_the_environment() {
+        assert!(parse("", &[]).unwrap().encryption.is_none());
+        let key = crate::envelope::generate_key().unwrap();
+        let c = parse("encryption: {keys: {k2026: '${AKOSHA_KEK}'}}", &[("AKOSHA_KEK", &key)]).unwrap();
+        let keyring = c.encryption.expect("keys given");
+        assert_eq!(keyring.active_id(), "k2026");
+        assert!(c.cold.encryption.is_some(), "the cold tier seals with the same keys");
+        let off = parse("encryption: {enabled: false, keys: {k1: '${AKOSHA_KEK}'}}", &[("AKOSHA_KEK", &key)]).unwrap();
+        assert!(off.encryption.is_none());
     }
 
     #[test]

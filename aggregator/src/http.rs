@@ -48,6 +48,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/admin/warm/move", post(warm_move))
         .route("/v1/admin/cold/move", post(cold_move))
         .route("/v1/admin/cold/promote", post(cold_promote))
+        .route("/v1/admin/keys", get(|s| keys(s, false)))
+        .route("/v1/admin/keys/rewrap", post(|s| keys(s, true)))
         .route("/v1/lifecycle", get(lifecycle))
         .route("/v1/admin/delete", post(delete_records))
         .route("/v1/admin/audit", get(audit_log))
@@ -1031,6 +1033,40 @@ async fn cold_promote(State(agg): State<Arc<Aggregator>>) -> Response {
     }
 }
 
+/// `GET /v1/admin/keys`: the key-encryption keys (ids only) and how many cold objects each wraps;
+/// `POST /v1/admin/keys/rewrap`: re-wraps the data keys of objects not under the active key first (the lifecycle
+/// does it every round too), so that an old key can be removed once nothing uses it.
+async fn keys(State(agg): State<Arc<Aggregator>>, rewrap: bool) -> Response {
+    let Some(r) = agg.receiver() else { return starting() };
+    let keyring = agg.encryption.clone();
+    let cold = r.hot.cold().cloned();
+    let answer = tokio::task::spawn_blocking(move || {
+        let rewrapped = match (&cold, rewrap) {
+            (Some(cold), true) => cold.rewrap_keys()?,
+            _ => 0,
+        };
+        let usage = match &cold {
+            Some(cold) => cold.key_usage()?,
+            None => Vec::new(),
+        };
+        let objects: serde_json::Map<String, serde_json::Value> =
+            usage.into_iter().map(|(kek, n)| (kek.unwrap_or_else(|| "plain".into()), json!(n))).collect();
+        Ok::<_, crate::cold::ColdError>(json!({
+            "enabled": keyring.is_some(),
+            "active_key": keyring.as_ref().map(|k| k.active_id().to_owned()),
+            "keys": keyring.as_ref().map(|k| k.ids()).unwrap_or_default(),
+            "cold_objects": objects,
+            "rewrapped": rewrapped,
+        }))
+    })
+    .await;
+    match answer {
+        Ok(Ok(answer)) => axum::Json(answer).into_response(),
+        Ok(Err(e)) => cold_failure(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string()),
+    }
+}
+
 /// `POST /v1/admin/delete`: what to delete and why.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1352,6 +1388,7 @@ mod tests {
             audit: Arc::new(crate::erasure::AuditLog::open(audit_dir.path()).unwrap()),
             backup: std::sync::Mutex::new(None),
             backup_staging: audit_dir.path().join("backup-staging"),
+            encryption: None,
             cache: Arc::new(crate::cache::Cache::new(config.cache.clone()).unwrap()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -12,6 +12,7 @@ pub mod certs;
 pub mod cold;
 pub mod config;
 pub mod embed;
+pub mod envelope;
 pub mod erasure;
 pub mod graph;
 pub mod hot;
@@ -85,6 +86,8 @@ pub struct Aggregator {
     pub backup: std::sync::Mutex<Option<Arc<backup::BackupJob>>>,
     /// Where backups stage their local copies.
     pub backup_staging: std::path::PathBuf,
+    /// Key-encryption keys for backups (and, through the cold tier's own copy, cold objects).
+    pub encryption: Option<Arc<envelope::Keyring>>,
 }
 
 impl Aggregator {
@@ -129,6 +132,7 @@ impl Aggregator {
                 })?),
                 backup: std::sync::Mutex::new(None),
                 backup_staging: config.data_dir.join("backup-staging"),
+                encryption: config.encryption.clone(),
                 cache: Arc::new(cache::Cache::new(config.cache.clone()).map_err(|e| RunError::Io {
                     context: "invalid cache.redis_url",
                     source: std::io::Error::other(e),
@@ -247,6 +251,9 @@ impl Aggregator {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(cold.config.move_interval);
+                // After a key rotation, old data keys are re-wrapped at once: the old key can go sooner.
+                let rewrap = cold.clone();
+                let _ = tokio::task::spawn_blocking(move || rewrap.rewrap_keys()).await;
                 // The first round waits one interval, like the warm one: start-up is busy enough.
                 every.tick().await;
                 loop {
@@ -263,6 +270,9 @@ impl Aggregator {
                         let _ = hot.promote_from_cold();
                         if hot.move_to_cold(cutoff).is_ok() {
                             let _ = cold.compact();
+                        }
+                        if let Err(e) = cold.rewrap_keys() {
+                            warn!(message = "Cannot re-wrap cold data keys with the active key.", error = %e);
                         }
                     })
                     .await;

@@ -22,6 +22,8 @@ pub struct Wanted {
     pub sha256: String,
     /// Its size.
     pub bytes: u64,
+    /// Its wrapped data key when it is sealed: the cache holds the opened (plain Parquet) form.
+    pub sealed: Option<crate::envelope::WrappedKey>,
 }
 
 struct Entry {
@@ -34,6 +36,7 @@ struct Entry {
 pub struct ObjectCache {
     dir: PathBuf,
     max_bytes: u64,
+    keyring: Option<Arc<crate::envelope::Keyring>>,
     entries: Mutex<HashMap<String, Entry>>,
     /// Objects fetched from the store since start.
     pub fetched: std::sync::atomic::AtomicU64,
@@ -62,7 +65,11 @@ impl Drop for Lease {
 
 impl ObjectCache {
     /// Opens (creating) the directory and takes stock of what is already there; partial downloads are removed.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<ObjectCache, ColdError> {
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        keyring: Option<Arc<crate::envelope::Keyring>>,
+    ) -> Result<ObjectCache, ColdError> {
         let io = |e: std::io::Error| ColdError::Io(format!("cold cache {}: {e}", dir.display()));
         std::fs::create_dir_all(dir.join("tmp")).map_err(io)?;
         for leftover in std::fs::read_dir(dir.join("tmp")).map_err(io)?.flatten() {
@@ -81,6 +88,7 @@ impl ObjectCache {
         Ok(ObjectCache {
             dir: dir.to_owned(),
             max_bytes,
+            keyring,
             entries: Mutex::new(entries),
             fetched: Default::default(),
             hits: Default::default(),
@@ -185,6 +193,18 @@ impl ObjectCache {
                 wanted.key, wanted.sha256
             )));
         }
+        let bytes = match &wanted.sealed {
+            None => bytes,
+            Some(wrapped) => {
+                let sealed_err =
+                    |error: crate::envelope::EnvelopeError| ColdError::Sealed { key: wanted.key.clone(), error };
+                let keyring = self
+                    .keyring
+                    .as_ref()
+                    .ok_or_else(|| sealed_err(crate::envelope::EnvelopeError::UnknownKey(wrapped.kek_id.clone())))?;
+                bytes::Bytes::from(keyring.open(wrapped, &bytes).map_err(sealed_err)?)
+            }
+        };
         let tmp = self.tmp_dir().join(format!("{sha}.{}", rand::random::<u64>()));
         let io = |e: std::io::Error| ColdError::Io(format!("cold cache {}: {e}", self.dir.display()));
         tokio::fs::write(&tmp, &bytes).await.map_err(io)?;

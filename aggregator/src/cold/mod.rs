@@ -74,10 +74,27 @@ struct Export {
     day: String,
     rows: u64,
     checksum: String,
-    sha256: String,
-    bytes: u64,
+    stored: Stored,
     min_ts: i64,
     max_ts: i64,
+}
+
+/// What goes to the store for a local Parquet file: the file itself, or a sealed copy beside it.
+struct Stored {
+    path: PathBuf,
+    sha256: String,
+    bytes: u64,
+    sealed: Option<crate::envelope::WrappedKey>,
+}
+
+impl Stored {
+    /// The catalog's `kek_id, wrapped_dek` values.
+    fn key_columns(&self) -> String {
+        match &self.sealed {
+            Some(w) => format!("{}, {}", sql_text(&w.kek_id), sql_text(&w.wrapped)),
+            None => "NULL, NULL".into(),
+        }
+    }
 }
 
 /// Cold tier settings.
@@ -109,6 +126,8 @@ pub struct ColdConfig {
     pub retry_timeout: Duration,
     /// Access-based promotion back to warm.
     pub promotion: PromotionConfig,
+    /// Seal objects with envelope encryption (see [`crate::envelope`]); `None` stores plain Parquet.
+    pub encryption: Option<Arc<crate::envelope::Keyring>>,
 }
 
 /// When cold data that is read again goes back to warm (see [`access`]).
@@ -203,6 +222,14 @@ pub enum ColdError {
     /// The warm tier refused a step.
     #[error(transparent)]
     Warm(#[from] crate::hot::HotError),
+    /// Sealing or opening an encrypted object failed (a missing or wrong key, or altered bytes).
+    #[error("cold object {key}: {error}")]
+    Sealed {
+        /// The object.
+        key: String,
+        /// What went wrong.
+        error: crate::envelope::EnvelopeError,
+    },
 }
 
 /// One completed move or compaction.
@@ -256,6 +283,8 @@ pub struct ColdObject {
     pub bytes: u64,
     /// sha256 of the object, hex.
     pub sha256: String,
+    /// Its data key, wrapped, when the object is sealed.
+    pub sealed: Option<crate::envelope::WrappedKey>,
 }
 
 struct Breaker {
@@ -401,6 +430,13 @@ fn parse_sum(text: &str) -> Result<i128, ColdError> {
     text.parse().map_err(|_| ColdError::Corrupt(format!("checksum {text:?} is not a number")))
 }
 
+/// Where the sealed copy of a local Parquet file goes (removed with it).
+fn sealed_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".sealed");
+    PathBuf::from(name)
+}
+
 /// The sha256 and length of a file, read in chunks.
 fn sha256_file(path: &Path) -> Result<(String, u64), ColdError> {
     use std::io::Read;
@@ -454,7 +490,10 @@ impl ColdTier {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS warm.cold_objects (key VARCHAR NOT NULL, kind VARCHAR NOT NULL, \
                system_id VARCHAR NOT NULL, day DATE NOT NULL, min_ts TIMESTAMP NOT NULL, max_ts TIMESTAMP NOT NULL, \
-               rows BIGINT NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL);\n\
+               rows BIGINT NOT NULL, bytes BIGINT NOT NULL, sha256 VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, \
+               kek_id VARCHAR, wrapped_dek VARCHAR);\n\
+             ALTER TABLE warm.cold_objects ADD COLUMN IF NOT EXISTS kek_id VARCHAR;\n\
+             ALTER TABLE warm.cold_objects ADD COLUMN IF NOT EXISTS wrapped_dek VARCHAR;\n\
              CREATE TABLE IF NOT EXISTS warm.cold_moves (id BIGINT, kind VARCHAR, system_id VARCHAR, day DATE, \
                object_key VARCHAR, state VARCHAR, records BIGINT, started_at TIMESTAMP, finished_at TIMESTAMP, \
                detail VARCHAR);\n\
@@ -467,7 +506,7 @@ impl ColdTier {
         access.load(conn)?;
         let mover = conn.try_clone()?;
         let reader = conn.try_clone()?;
-        let cache = Arc::new(ObjectCache::open(&config.cache_dir, config.cache_max_bytes)?);
+        let cache = Arc::new(ObjectCache::open(&config.cache_dir, config.cache_max_bytes, config.encryption.clone())?);
         let pause_after_upload = std::env::var("AKOSHA_FAULT_COLD_PAUSE_AFTER_UPLOAD_MS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -648,6 +687,22 @@ impl ColdTier {
             )));
         }
         Ok(())
+    }
+
+    /// The form `file` is stored in: as it is, or sealed under a new data key when encryption is configured.
+    fn stored_form(&self, file: &Path) -> Result<Stored, ColdError> {
+        let Some(keyring) = &self.config.encryption else {
+            let (sha256, bytes) = sha256_file(file)?;
+            return Ok(Stored { path: file.to_owned(), sha256, bytes, sealed: None });
+        };
+        let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", file.display()));
+        let plain = std::fs::read(file).map_err(io)?;
+        let (sealed, wrapped) =
+            keyring.seal(&plain).map_err(|error| ColdError::Sealed { key: file.display().to_string(), error })?;
+        drop(plain);
+        let path = sealed_path(file);
+        std::fs::write(&path, &sealed).map_err(io)?;
+        Ok(Stored { path, sha256: hex(&Sha256::digest(&sealed)), bytes: sealed.len() as u64, sealed: Some(wrapped) })
     }
 
     /// Moves every warm row older than `cutoff_us` to cold (see the module documentation).
@@ -955,9 +1010,11 @@ impl ColdTier {
         let outcome = self.export_upload_register(conn, warm, kind, groups, cutoff_us, id, &batch_dir, &mut objects);
         let _ = std::fs::remove_dir_all(&batch_dir);
         match outcome {
-            Ok(()) => {
-                Ok((objects.len() as u64, objects.iter().map(|o| o.rows).sum(), objects.iter().map(|o| o.bytes).sum()))
-            }
+            Ok(()) => Ok((
+                objects.len() as u64,
+                objects.iter().map(|o| o.rows).sum(),
+                objects.iter().map(|o| o.stored.bytes).sum(),
+            )),
             Err(e) => {
                 let _ = conn.execute(
                     "UPDATE warm.cold_moves SET state = 'failed', detail = ?, finished_at = now() \
@@ -1071,7 +1128,7 @@ impl ColdTier {
                 let total = exported.entry(*idx).or_default();
                 total.0 += rows;
                 total.1 += sum;
-                let (sha256, bytes) = sha256_file(file)?;
+                let stored = self.stored_form(file)?;
                 objects.push(Export {
                     key: format!(
                         "kind={t}/system={}/date={}/part-{}.parquet",
@@ -1084,8 +1141,7 @@ impl ColdTier {
                     day: group.day.clone(),
                     rows: rows as u64,
                     checksum: sum.to_string(),
-                    sha256,
-                    bytes,
+                    stored,
                     min_ts,
                     max_ts,
                 });
@@ -1122,8 +1178,10 @@ impl ColdTier {
         conn.execute_batch(&format!("INSERT INTO warm.cold_moves VALUES {};", journal.join(", ")))?;
         let export_ms = lap();
         // 2 and 3. Upload and read back, several at once.
-        let uploads: Vec<(PathBuf, String, String, u64)> =
-            objects.iter().map(|o| (o.file.clone(), o.key.clone(), o.sha256.clone(), o.bytes)).collect();
+        let uploads: Vec<(PathBuf, String, String, u64)> = objects
+            .iter()
+            .map(|o| (o.stored.path.clone(), o.key.clone(), o.stored.sha256.clone(), o.stored.bytes))
+            .collect();
         self.upload_all(&uploads)?;
         let upload_ms = lap();
         if let Some(pause) = self.pause_after_upload {
@@ -1138,15 +1196,16 @@ impl ColdTier {
                 .iter()
                 .map(|o| {
                     format!(
-                        "({}, '{t}', {}, DATE {}, make_timestamp({}), make_timestamp({}), {}, {}, '{}', now())",
+                        "({}, '{t}', {}, DATE {}, make_timestamp({}), make_timestamp({}), {}, {}, '{}', now(), {})",
                         sql_text(&o.key),
                         sql_text(&o.system_id),
                         sql_text(&o.day),
                         o.min_ts,
                         o.max_ts,
                         o.rows,
-                        o.bytes,
-                        o.sha256
+                        o.stored.bytes,
+                        o.stored.sha256,
+                        o.stored.key_columns()
                     )
                 })
                 .collect();
@@ -1187,7 +1246,7 @@ impl ColdTier {
         let register_ms = lap();
         warm.forget(&hashes)?;
         for o in objects.iter() {
-            self.cache.adopt(&o.file, &o.sha256)?;
+            self.cache.adopt(&o.file, &o.stored.sha256)?;
         }
         debug!(
             message = "Moved a batch to cold.",
@@ -1308,19 +1367,17 @@ impl ColdTier {
                 sql_text(&file.display().to_string()),
                 self.config.row_group_rows
             ))?;
-            let data = std::fs::read(&file).map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
-            let sha256 = hex(&Sha256::digest(&data));
-            let bytes = data.len() as u64;
-            drop(data);
-            self.upload_verified(&file, &key, &sha256, bytes)?;
+            let stored = self.stored_form(&file)?;
+            self.upload_verified(&stored.path, &key, &stored.sha256, stored.bytes)?;
             conn.execute_batch("BEGIN TRANSACTION")?;
             let swapped = (|| -> Result<(), ColdError> {
                 conn.execute(
                     &format!(
-                        "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now() FROM {}",
+                        "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now(), {} FROM {}",
+                        stored.key_columns(),
                         parquet_source(std::slice::from_ref(&file))
                     ),
-                    duckdb::params![key, kind, system_id, day, bytes as i64, sha256],
+                    duckdb::params![key, kind, system_id, day, stored.bytes as i64, stored.sha256],
                 )?;
                 let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
                 conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
@@ -1334,10 +1391,14 @@ impl ColdTier {
                     return Err(e);
                 }
             }
-            self.cache.adopt(&file, &sha256)?;
+            self.cache.adopt(&file, &stored.sha256)?;
+            if stored.path != file {
+                let _ = std::fs::remove_file(&stored.path);
+            }
             Ok(objects.len() as u64)
         })();
         let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(sealed_path(&file));
         drop(lease);
         let replaced = result?;
         for object in &objects {
@@ -1486,8 +1547,8 @@ impl ColdTier {
 
     fn catalog_where(&self, conn: &Connection, condition: &str) -> Result<Vec<ColdObject>, ColdError> {
         let mut stmt = conn.prepare(&format!(
-            "SELECT key, kind, system_id, strftime(day, '%Y-%m-%d'), epoch_us(min_ts), epoch_us(max_ts), rows, bytes, sha256 \
-             FROM warm.cold_objects WHERE {condition} ORDER BY day, key"
+            "SELECT key, kind, system_id, strftime(day, '%Y-%m-%d'), epoch_us(min_ts), epoch_us(max_ts), rows, bytes, sha256, \
+             kek_id, wrapped_dek FROM warm.cold_objects WHERE {condition} ORDER BY day, key"
         ))?;
         let rows = stmt.query_map([], |r| {
             Ok(ColdObject {
@@ -1500,6 +1561,10 @@ impl ColdTier {
                 rows: r.get::<_, i64>(6)? as u64,
                 bytes: r.get::<_, i64>(7)? as u64,
                 sha256: r.get(8)?,
+                sealed: match (r.get::<_, Option<String>>(9)?, r.get::<_, Option<String>>(10)?) {
+                    (Some(kek_id), Some(wrapped)) => Some(crate::envelope::WrappedKey { kek_id, wrapped }),
+                    _ => None,
+                },
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1528,6 +1593,68 @@ impl ColdTier {
         self.catalog_where(&conn, &condition)
     }
 
+    /// Catalogued objects per key-encryption key, `None` for objects stored in the clear.
+    pub fn key_usage(&self) -> Result<Vec<(Option<String>, u64)>, ColdError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt =
+            conn.prepare("SELECT kek_id, count(*) FROM warm.cold_objects GROUP BY kek_id ORDER BY kek_id NULLS FIRST")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Re-wraps every data key that the active key-encryption key does not wrap (after a rotation), in the
+    /// catalog only: objects are not read or rewritten. Returns how many were re-wrapped.
+    pub fn rewrap_keys(&self) -> Result<u64, ColdError> {
+        let Some(keyring) = &self.config.encryption else {
+            return Ok(0);
+        };
+        let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<(String, String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT key, kek_id, wrapped_dek FROM warm.cold_objects WHERE kek_id IS NOT NULL AND kek_id <> ?",
+            )?;
+            stmt.query_map([keyring.active_id()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut rewrapped = Vec::with_capacity(stale.len());
+        for (key, kek_id, wrapped) in stale {
+            let old = crate::envelope::WrappedKey { kek_id, wrapped };
+            match keyring.rewrap(&old).map_err(|error| ColdError::Sealed { key: key.clone(), error })? {
+                Some(new) => rewrapped.push(format!(
+                    "({}, {}, {})",
+                    sql_text(&key),
+                    sql_text(&new.kek_id),
+                    sql_text(&new.wrapped)
+                )),
+                None => {}
+            }
+        }
+        if rewrapped.is_empty() {
+            return Ok(0);
+        }
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let updated = rewrapped.chunks(1000).try_for_each(|chunk| {
+            conn.execute_batch(&format!(
+                "UPDATE warm.cold_objects SET kek_id = v.kek_id, wrapped_dek = v.wrapped \
+                 FROM (VALUES {}) v(key, kek_id, wrapped) WHERE cold_objects.key = v.key;",
+                chunk.join(", ")
+            ))
+        });
+        match updated {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        }
+        info!(
+            message = "Re-wrapped cold data keys with the active key.",
+            objects = rewrapped.len(),
+            kek_id = keyring.active_id()
+        );
+        Ok(rewrapped.len() as u64)
+    }
+
     /// Every catalogued object.
     pub fn catalog(&self) -> Result<Vec<ColdObject>, ColdError> {
         let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -1537,8 +1664,10 @@ impl ColdTier {
     /// Makes `objects` local and pins them.
     pub fn lease(&self, objects: &[ColdObject]) -> Result<Lease, ColdError> {
         self.check_breaker()?;
-        let wanted: Vec<Wanted> =
-            objects.iter().map(|o| Wanted { key: o.key.clone(), sha256: o.sha256.clone(), bytes: o.bytes }).collect();
+        let wanted: Vec<Wanted> = objects
+            .iter()
+            .map(|o| Wanted { key: o.key.clone(), sha256: o.sha256.clone(), bytes: o.bytes, sealed: o.sealed.clone() })
+            .collect();
         let cache = self.cache.clone();
         let result = self.block_on(cache.lease(&self.location, &wanted, self.config.parallel_fetches));
         self.record(result)
@@ -1650,10 +1779,15 @@ mod tests {
             breaker_cooldown: Duration::from_secs(30),
             retry_timeout: Duration::from_secs(5),
             promotion: Default::default(),
+            encryption: None,
         }
     }
 
     fn open(dir: &Path, tiers: bool) -> Arc<HotTier> {
+        open_sealed(dir, tiers, None)
+    }
+
+    fn open_sealed(dir: &Path, tiers: bool, keyring: Option<crate::envelope::Keyring>) -> Arc<HotTier> {
         let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
         if tiers {
             hot.attach_warm(WarmConfig {
@@ -1663,7 +1797,7 @@ mod tests {
                 move_interval: Duration::from_secs(60),
             })
             .unwrap();
-            hot.attach_cold(cold_config(dir)).unwrap();
+            hot.attach_cold(ColdConfig { encryption: keyring.map(Arc::new), ..cold_config(dir) }).unwrap();
         }
         hot
     }
@@ -1857,5 +1991,94 @@ mod tests {
         // Hot and warm queries still answer.
         let service = QueryService::new(hot.clone(), None);
         assert_eq!(service.vector(records[0].embedding.as_ref().unwrap(), 3, &Filters::default()).unwrap().len(), 3);
+    }
+
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            if entry.path().is_dir() {
+                out.extend(files_under(&entry.path()));
+            } else {
+                out.push(entry.path());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn sealed_objects_hold_no_plaintext_answer_the_same_and_survive_a_key_rotation() {
+        use crate::envelope::{Keyring, generate_key};
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let records: Vec<Record> = (0..130).map(|i| record(i, now - i as i64 * DAY - 1000)).collect();
+        let probe = records[100].embedding.clone().unwrap();
+        let reference = open(dir.path(), false);
+        reference.insert(&records).unwrap();
+        assert!(reference.wait_indexed(Duration::from_secs(30)));
+        let expected = answers(&reference, &probe, now);
+
+        let (k1, k2) = (generate_key().unwrap(), generate_key().unwrap());
+        let only_k1 = || Keyring::new("k1", &[("k1".into(), k1.clone())]).unwrap();
+        let hot = open_sealed(dir.path(), true, Some(only_k1()));
+        hot.insert(&records).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 40);
+        // A newer version of a cold record goes cold too: compaction writes a merged object, sealed as well.
+        let mut updated = records[120].clone();
+        updated.text = Some("updated text".into());
+        updated.ts += 1;
+        hot.insert(std::slice::from_ref(&updated)).unwrap();
+        hot.move_to_warm(now - 7 * DAY).unwrap();
+        hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+        assert_eq!(hot.cold().unwrap().compact().unwrap().groups, 1);
+        let objects = files_under(&dir.path().join("bucket"));
+        assert_eq!(objects.len(), 40);
+        for file in &objects {
+            let bytes = std::fs::read(file).unwrap();
+            assert!(crate::envelope::is_sealed(&bytes), "{} is not sealed", file.display());
+            assert!(!bytes.windows(4).any(|w| w == b"PAR1"), "{} shows Parquet", file.display());
+            assert!(!bytes.windows(8).any(|w| w == b"mentions"), "{} shows text", file.display());
+        }
+        let cold = hot.cold().unwrap().clone();
+        assert_eq!(cold.key_usage().unwrap(), vec![(Some("k1".to_owned()), 40)]);
+        let service = QueryService::new(hot.clone(), None);
+        assert_eq!(service.get("s0", RecordKind::Conversation, "r120").unwrap().unwrap()["text"], "updated text");
+        drop((service, cold, hot));
+        std::thread::sleep(Duration::from_millis(200));
+
+        // Rotation: k2 becomes active; the data keys are re-wrapped and no object changes.
+        let before: Vec<Vec<u8>> = objects.iter().map(|f| std::fs::read(f).unwrap()).collect();
+        let both = Keyring::new("k2", &[("k1".into(), k1.clone()), ("k2".into(), k2.clone())]).unwrap();
+        let hot = open_sealed(dir.path(), true, Some(both));
+        let cold = hot.cold().unwrap().clone();
+        assert_eq!(cold.rewrap_keys().unwrap(), 40);
+        assert_eq!(cold.rewrap_keys().unwrap(), 0, "nothing left under k1");
+        assert_eq!(cold.key_usage().unwrap(), vec![(Some("k2".to_owned()), 40)]);
+        let after: Vec<Vec<u8>> = objects.iter().map(|f| std::fs::read(f).unwrap()).collect();
+        assert!(before == after, "rotation rewrote an object");
+        drop((cold, hot));
+        std::thread::sleep(Duration::from_millis(200));
+
+        // k1 can go: with only k2 and an empty cache, every object is fetched, opened and answers as before.
+        std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+        let only_k2 = Keyring::new("k2", &[("k2".into(), k2.clone())]).unwrap();
+        let hot = open_sealed(dir.path(), true, Some(only_k2));
+        hot.insert(&records[..7]).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        let got = answers(&hot, &probe, now);
+        // [1] is a text search whose words r120's update changed.
+        for i in [0, 2, 3] {
+            assert_eq!(got[i], expected[i], "answer {i} over sealed objects");
+        }
+        assert!(hot.cold().unwrap().cache().fetched.load(Ordering::Relaxed) > 0);
+        drop(hot);
+        std::thread::sleep(Duration::from_millis(200));
+
+        // Without k2 the objects cannot be read, and the error says which key is missing.
+        std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+        let hot = open_sealed(dir.path(), true, Some(only_k1()));
+        let err = QueryService::new(hot.clone(), None).get("s0", RecordKind::Conversation, "r120").unwrap_err();
+        assert!(err.to_string().contains("`k2`"), "{err}");
     }
 }
