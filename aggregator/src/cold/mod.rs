@@ -1619,14 +1619,8 @@ impl ColdTier {
         let mut rewrapped = Vec::with_capacity(stale.len());
         for (key, kek_id, wrapped) in stale {
             let old = crate::envelope::WrappedKey { kek_id, wrapped };
-            match keyring.rewrap(&old).map_err(|error| ColdError::Sealed { key: key.clone(), error })? {
-                Some(new) => rewrapped.push(format!(
-                    "({}, {}, {})",
-                    sql_text(&key),
-                    sql_text(&new.kek_id),
-                    sql_text(&new.wrapped)
-                )),
-                None => {}
+            if let Some(new) = keyring.rewrap(&old).map_err(|error| ColdError::Sealed { key: key.clone(), error })? {
+                rewrapped.push(format!("({}, {}, {})", sql_text(&key), sql_text(&new.kek_id), sql_text(&new.wrapped)));
             }
         }
         if rewrapped.is_empty() {
