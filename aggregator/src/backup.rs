@@ -31,6 +31,14 @@
 //! anything is installed (a corrupt backup changes nothing), cold objects missing from the configured cold store
 //! are put back from the backup (verified too), then the files are moved into place. The next start replays the
 //! log and answers as the snapshot did.
+//!
+//! ## Encryption
+//! With `encryption` configured, every file is sealed under its own data key on the way out (see
+//! [`crate::envelope`]) and the manifest holds the wrapped key beside the file's size and sha256 (of the stored,
+//! sealed bytes: corruption is found without any key). Cold objects are copied as the cold tier stored them —
+//! sealed if it seals — and the manifest repeats each one's wrapped key. After a key rotation,
+//! `backup <url> --rewrap-keys` re-wraps the keys in every manifest, so old backups stay restorable once the old
+//! key is gone; a restore writes the manifest's wrapped keys into the restored catalog.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +53,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use crate::cold::cache::hex;
+use crate::envelope::{Keyring, Opener, Sealer, WrappedKey};
 use crate::erasure::AuditLog;
 use crate::hot::HotTier;
 use crate::objects::Location;
@@ -80,6 +89,14 @@ pub enum BackupError {
     /// The request cannot be carried out as asked.
     #[error("{0}")]
     Invalid(String),
+    /// A sealed file or key cannot be opened (a missing or wrong key, or altered bytes).
+    #[error("{path}: {error}")]
+    Sealed {
+        /// The file or object.
+        path: String,
+        /// What went wrong.
+        error: crate::envelope::EnvelopeError,
+    },
 }
 
 impl From<object_store::Error> for BackupError {
@@ -99,8 +116,11 @@ pub struct FileEntry {
     pub path: String,
     /// Size.
     pub bytes: u64,
-    /// sha256, hex.
+    /// sha256, hex, of the stored bytes.
     pub sha256: String,
+    /// The file's data key, wrapped, when it is sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<WrappedKey>,
 }
 
 /// One cold object a backup's catalog names.
@@ -112,6 +132,9 @@ pub struct ColdEntry {
     pub bytes: u64,
     /// sha256, hex (also its name under `objects/`).
     pub sha256: String,
+    /// The object's data key, wrapped, when the cold tier sealed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<WrappedKey>,
 }
 
 /// What a backup holds.
@@ -243,16 +266,27 @@ struct Staged {
 
 const SNAPSHOT_DB: &str = "akosha_backup";
 
-/// Takes a backup of the running aggregator to `dest`, staging local copies under `staging`.
+/// One backup to take.
+pub struct Plan {
+    /// Its id and time, from [`new_id`].
+    pub id: (String, i64),
+    /// Where local copies are staged.
+    pub staging: PathBuf,
+    /// Where the backup goes.
+    pub dest: Location,
+    /// Seals every file when given.
+    pub keyring: Option<Arc<Keyring>>,
+}
+
+/// Takes a backup of the running aggregator as `plan` says.
 pub async fn take(
     hot: Arc<HotTier>,
     wal: Wal,
     audit: Arc<AuditLog>,
-    (id, taken_at_us): (String, i64),
-    staging: PathBuf,
-    dest: Location,
+    plan: Plan,
     progress: Arc<Progress>,
 ) -> Result<Manifest, BackupError> {
+    let Plan { id: (id, taken_at_us), staging, dest, keyring } = plan;
     let started = std::time::Instant::now();
     let staging = staging.join(&id);
     let _ = std::fs::remove_dir_all(&staging);
@@ -279,10 +313,11 @@ pub async fn take(
         progress.set_phase("upload files");
         let mut files = Vec::new();
         for path in &staged.files {
-            let (bytes, sha256) =
-                upload_file(&dest, &format!("backups/{id}/files/{path}"), &staging.join(path), &progress).await?;
+            let key = format!("backups/{id}/files/{path}");
+            let (bytes, sha256, sealed) =
+                upload_file(&dest, &key, &staging.join(path), keyring.as_deref(), &progress).await?;
             progress.done(0);
-            files.push(FileEntry { path: path.clone(), bytes, sha256 });
+            files.push(FileEntry { path: path.clone(), bytes, sha256, sealed });
         }
         progress.set_phase("copy cold objects");
         if let Some(cold) = &cold_location {
@@ -366,11 +401,16 @@ fn snapshot(hot: &HotTier, wal: &Wal, audit: &AuditLog, staging: &Path) -> Resul
             |r| r.get(0),
         )?;
         if has_catalog > 0 {
-            let mut stmt =
-                conn.prepare(&format!("SELECT key, bytes, sha256 FROM {SNAPSHOT_DB}.cold_objects ORDER BY key"))?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT key, bytes, sha256, kek_id, wrapped_dek FROM {SNAPSHOT_DB}.cold_objects ORDER BY key"
+            ))?;
             cold = stmt
                 .query_map([], |r| {
-                    Ok(ColdEntry { key: r.get(0)?, bytes: r.get::<_, i64>(1)? as u64, sha256: r.get(2)? })
+                    let sealed = match (r.get::<_, Option<String>>(3)?, r.get::<_, Option<String>>(4)?) {
+                        (Some(kek_id), Some(wrapped)) => Some(WrappedKey { kek_id, wrapped }),
+                        _ => None,
+                    };
+                    Ok(ColdEntry { key: r.get(0)?, bytes: r.get::<_, i64>(1)? as u64, sha256: r.get(2)?, sealed })
                 })?
                 .collect::<Result<_, _>>()?;
         }
@@ -437,14 +477,24 @@ fn copy_tree(from: &Path, to: &Path, prefix: &str, files: &mut Vec<String>) -> R
     Ok(())
 }
 
-/// Streams a local file to `key` (multipart when large), returning its size and sha256.
+/// Streams a local file to `key` (multipart when large), sealed under a new data key when `keyring` is given;
+/// returns the stored size, the stored bytes' sha256 and the wrapped data key.
 async fn upload_file(
     dest: &Location,
     key: &str,
     file: &Path,
+    keyring: Option<&Keyring>,
     progress: &Progress,
-) -> Result<(u64, String), BackupError> {
+) -> Result<(u64, String, Option<WrappedKey>), BackupError> {
     use tokio::io::AsyncReadExt;
+    let sealed_err = |error| BackupError::Sealed { path: key.to_owned(), error };
+    let (mut sealer, wrapped) = match keyring {
+        Some(keyring) => {
+            let (dek, wrapped) = keyring.new_data_key().map_err(sealed_err)?;
+            (Some(Sealer::new(&dek)), Some(wrapped))
+        }
+        None => (None, None),
+    };
     let mut reader = tokio::fs::File::open(file).await.map_err(|e| io(file.display(), e))?;
     let mut writer = object_store::buffered::BufWriter::new(dest.store.clone(), dest.join(key));
     let mut hasher = Sha256::new();
@@ -452,19 +502,50 @@ async fn upload_file(
     let mut total = 0u64;
     loop {
         let n = reader.read(&mut buf).await.map_err(|e| io(file.display(), e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        if let Err(e) = writer.write_all(&buf[..n]).await {
+        let last = n == 0;
+        let out = match (&mut sealer, last) {
+            (None, _) => buf[..n].to_vec(),
+            (Some(s), false) => s.push(&buf[..n]).map_err(sealed_err)?,
+            (Some(_), true) => sealer.take().map(Sealer::finish).transpose().map_err(sealed_err)?.unwrap_or_default(),
+        };
+        hasher.update(&out);
+        if let Err(e) = writer.write_all(&out).await {
             let _ = writer.abort().await;
             return Err(BackupError::Store(format!("PUT {key}: {e}")));
         }
-        total += n as u64;
+        total += out.len() as u64;
         progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
+        if last {
+            break;
+        }
     }
     writer.shutdown().await.map_err(|e| BackupError::Store(format!("PUT {key}: {e}")))?;
-    Ok((total, hex(&hasher.finalize())))
+    Ok((total, hex(&hasher.finalize()), wrapped))
+}
+
+/// Replaces the sealed file `file` by its plaintext, in 1 MiB steps.
+fn open_file(file: &Path, wrapped: &WrappedKey, keyring: Option<&Keyring>, name: &str) -> Result<(), BackupError> {
+    use std::io::{Read, Write};
+    let sealed_err = |error| BackupError::Sealed { path: name.to_owned(), error };
+    let keyring =
+        keyring.ok_or_else(|| sealed_err(crate::envelope::EnvelopeError::UnknownKey(wrapped.kek_id.clone())))?;
+    let mut opener = Opener::new(&keyring.unwrap(wrapped).map_err(sealed_err)?);
+    let mut plain = file.as_os_str().to_owned();
+    plain.push(".opened");
+    let plain = PathBuf::from(plain);
+    let mut reader = std::fs::File::open(file).map_err(|e| io(file.display(), e))?;
+    let mut writer = std::io::BufWriter::new(std::fs::File::create(&plain).map_err(|e| io(plain.display(), e))?);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| io(file.display(), e))?;
+        if n == 0 {
+            break;
+        }
+        writer.write_all(&opener.push(&buf[..n]).map_err(sealed_err)?).map_err(|e| io(plain.display(), e))?;
+    }
+    writer.write_all(&opener.finish().map_err(sealed_err)?).map_err(|e| io(plain.display(), e))?;
+    writer.into_inner().map_err(|e| io(plain.display(), e.error()))?.sync_all().map_err(|e| io(plain.display(), e))?;
+    std::fs::rename(&plain, file).map_err(|e| io(file.display(), e))
 }
 
 /// Downloads `key` to `file`, checking it against `expected` (size and sha256).
@@ -651,6 +732,8 @@ pub struct RestoreTargets {
     pub cold: Option<Location>,
     /// Where downloads are staged before they are installed.
     pub staging: PathBuf,
+    /// Keys for sealed files and objects.
+    pub keyring: Option<Arc<Keyring>>,
 }
 
 impl RestoreTargets {
@@ -732,6 +815,19 @@ pub async fn restore(
         })?;
         installs.push((file, target));
     }
+    // Every data key must open before anything is downloaded: a missing key is a configuration error.
+    let sealed = manifest
+        .files
+        .iter()
+        .filter_map(|f| f.sealed.as_ref().map(|k| (&f.path, k)))
+        .chain(manifest.cold_objects.iter().filter_map(|o| o.sealed.as_ref().map(|k| (&o.key, k))));
+    for (path, key) in sealed {
+        let keyring = targets.keyring.as_ref().ok_or_else(|| BackupError::Sealed {
+            path: path.clone(),
+            error: crate::envelope::EnvelopeError::UnknownKey(key.kek_id.clone()),
+        })?;
+        keyring.unwrap(key).map_err(|error| BackupError::Sealed { path: path.clone(), error })?;
+    }
     progress.add_total((manifest.files.len() + manifest.cold_objects.len()) as u64, manifest.bytes());
     let staging = targets.staging.join(&manifest.id);
     let _ = std::fs::remove_dir_all(&staging);
@@ -740,7 +836,11 @@ pub async fn restore(
         progress.set_phase("download files");
         for (file, _) in &installs {
             let key = format!("backups/{}/files/{}", manifest.id, file.path);
-            download_checked(src, &key, &staging.join(&file.path), file, progress).await?;
+            let local = staging.join(&file.path);
+            download_checked(src, &key, &local, file, progress).await?;
+            if let Some(wrapped) = &file.sealed {
+                open_file(&local, wrapped, targets.keyring.as_deref(), &key)?;
+            }
             progress.items_done.fetch_add(1, Ordering::Relaxed);
         }
         // 2. Cold objects the store lacks come back from the backup (checked on the way).
@@ -769,6 +869,9 @@ pub async fn restore(
                 std::fs::copy(&from, target).map_err(|e| io(target.display(), e))?;
             }
         }
+        if let Some(warm) = &targets.warm_path {
+            adopt_object_keys(warm, &manifest.cold_objects)?;
+        }
         std::fs::create_dir_all(&targets.audit_dir).map_err(|e| io(targets.audit_dir.display(), e))?;
         let marker = targets.audit_dir.join(crate::erasure::RESTORED_MARKER);
         let body = json!({"backup": manifest.id, "reapply_from": manifest.reapply_deletions_from});
@@ -780,6 +883,73 @@ pub async fn restore(
     result?;
     progress.set_phase("done");
     Ok(manifest)
+}
+
+/// Writes the manifest's wrapped data keys into the restored catalog: `--rewrap-keys` may have re-wrapped them
+/// under a newer key since the snapshot was taken.
+fn adopt_object_keys(warm: &Path, objects: &[ColdEntry]) -> Result<(), BackupError> {
+    let rows: Vec<String> = objects
+        .iter()
+        .filter_map(|o| {
+            o.sealed.as_ref().map(|k| {
+                format!(
+                    "({}, {}, {})",
+                    crate::cold::sql_text(&o.key),
+                    crate::cold::sql_text(&k.kek_id),
+                    crate::cold::sql_text(&k.wrapped)
+                )
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let conn = duckdb::Connection::open(warm)?;
+    for chunk in rows.chunks(1000) {
+        conn.execute_batch(&format!(
+            "UPDATE cold_objects SET kek_id = v.kek_id, wrapped_dek = v.wrapped \
+             FROM (VALUES {}) v(key, kek_id, wrapped) WHERE cold_objects.key = v.key;",
+            chunk.join(", ")
+        ))?;
+    }
+    Ok(())
+}
+
+/// What [`rewrap`] changed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// Manifests rewritten.
+    pub manifests: u64,
+    /// Data keys re-wrapped (files and cold objects).
+    pub keys: u64,
+}
+
+/// Re-wraps every data key in every manifest at `location` that the active key does not wrap, rewriting only
+/// the manifests (each in one PUT): after a rotation, old backups stay restorable with the new key alone.
+pub async fn rewrap(location: &Location, keyring: &Keyring) -> Result<Rewrapped, BackupError> {
+    let mut done = Rewrapped::default();
+    for mut manifest in list(location).await? {
+        let mut changed = 0;
+        let keys = manifest
+            .files
+            .iter_mut()
+            .map(|f| (&f.path, &mut f.sealed))
+            .chain(manifest.cold_objects.iter_mut().map(|o| (&o.key, &mut o.sealed)));
+        for (path, sealed) in keys {
+            let Some(old) = sealed.as_ref() else { continue };
+            if let Some(new) = keyring.rewrap(old).map_err(|error| BackupError::Sealed { path: path.clone(), error })? {
+                *sealed = Some(new);
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            let body = serde_json::to_vec_pretty(&manifest).map_err(|e| io("manifest", e))?;
+            location.store.put(&location.join(&format!("backups/{}/manifest.json", manifest.id)), body.into()).await?;
+            done.manifests += 1;
+            done.keys += changed;
+        }
+    }
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -828,6 +998,7 @@ mod tests {
             audit_dir: dir.path().join("audit"),
             cold: None,
             staging: dir.path().join("staging"),
+            keyring: None,
         };
         assert_eq!(
             targets.local_path("wal/00000000000000000001.wal"),
@@ -854,7 +1025,12 @@ mod tests {
         let body = b"line\n".to_vec();
         let mut m = manifest("20260101T000000000000Z", 1);
         m.warm = false;
-        m.files.push(FileEntry { path: "audit/audit.jsonl".into(), bytes: 5, sha256: hex(&Sha256::digest(&body)) });
+        m.files.push(FileEntry {
+            path: "audit/audit.jsonl".into(),
+            bytes: 5,
+            sha256: hex(&Sha256::digest(&body)),
+            sealed: None,
+        });
         store
             .store
             .put(&store.join(&format!("backups/{}/files/audit/audit.jsonl", m.id)), b"lime\n".to_vec().into())
@@ -871,6 +1047,7 @@ mod tests {
             audit_dir: dir.path().join("data/audit"),
             cold: None,
             staging: dir.path().join("data/staging"),
+            keyring: None,
         };
         let err = restore(&store, None, &targets, &Progress::default()).await.unwrap_err().to_string();
         assert!(err.contains("checksum mismatch for backups/") && err.contains("audit.jsonl"), "{err}");
@@ -887,7 +1064,7 @@ mod tests {
         for path in ["wal/../../escaped", "wal//tmp/escaped", "/etc/escaped"] {
             let mut bad = manifest("20260102T000000000000Z", 2);
             bad.warm = false;
-            bad.files.push(FileEntry { path: path.into(), bytes: 0, sha256: String::new() });
+            bad.files.push(FileEntry { path: path.into(), bytes: 0, sha256: String::new(), sealed: None });
             let key = format!("backups/{}/manifest.json", bad.id);
             store.store.put(&store.join(&key), serde_json::to_vec(&bad).unwrap().into()).await.unwrap();
             let err = restore(&store, None, &targets, &Progress::default()).await.unwrap_err().to_string();
@@ -899,7 +1076,7 @@ mod tests {
     async fn pruning_keeps_the_newest_and_the_objects_they_name() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::objects::open(dir.path().to_str().unwrap(), &[]).unwrap();
-        let object = |sha: &str| ColdEntry { key: format!("k/{sha}"), bytes: 1, sha256: sha.into() };
+        let object = |sha: &str| ColdEntry { key: format!("k/{sha}"), bytes: 1, sha256: sha.into(), sealed: None };
         for (i, shas) in [vec!["aa", "bb"], vec!["bb", "cc"], vec!["cc"]].into_iter().enumerate() {
             let mut m = manifest(&format!("b{i}"), i as i64);
             m.cold_objects = shas.iter().map(|s| object(s)).collect();

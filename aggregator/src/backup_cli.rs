@@ -33,6 +33,10 @@ pub(crate) struct BackupArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Instead of taking a backup, re-wrap the data keys in every manifest at the URL with the configuration's
+    /// active encryption key (after a key rotation; data files are not rewritten).
+    #[arg(long = "rewrap-keys", conflicts_with_all = ["list", "keep"])]
+    rewrap_keys: bool,
 }
 
 #[derive(Args)]
@@ -77,9 +81,28 @@ fn open(url: &str, options: &[(String, String)]) -> anyhow::Result<akosha_aggreg
     Ok(akosha_aggregator::objects::open(url, options)?)
 }
 
-pub(crate) fn backup(args: BackupArgs, default_url: String) -> anyhow::Result<()> {
+pub(crate) fn backup(args: BackupArgs, config: &AggregatorConfig, default_url: String) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    if args.rewrap_keys {
+        let Some(keyring) = &config.encryption else {
+            bail!("--rewrap-keys needs `encryption.keys` and `encryption.active_key` in the configuration");
+        };
+        let location = open(&args.url, &args.options)?;
+        let done = runtime.block_on(backup::rewrap(&location, keyring))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&done)?);
+        } else {
+            println!(
+                "re-wrapped {} data keys in {} backups at {} with key `{}`",
+                done.keys,
+                done.manifests,
+                args.url,
+                keyring.active_id()
+            );
+        }
+        return Ok(());
+    }
     if args.list {
         let location = open(&args.url, &args.options)?;
         let backups = runtime.block_on(backup::list(&location))?;
@@ -182,6 +205,7 @@ pub(crate) fn restore(args: RestoreArgs, config: &AggregatorConfig) -> anyhow::R
         audit_dir: config.data_dir.join("audit"),
         cold,
         staging: config.data_dir.join("restore-staging"),
+        keyring: config.encryption.clone(),
     };
     let progress = std::sync::Arc::new(Progress::default());
     let shown = bar("restored");

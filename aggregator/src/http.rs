@@ -1188,12 +1188,12 @@ async fn start_backup(
     let actor = caller.map_or_else(|| "anonymous".to_owned(), |c| c.name.to_string());
     tracing::info!(message = "Backup started.", id = %id, url = %body.url, actor = %actor);
     let (hot, wal, audit) = (r.hot.clone(), r.wal.clone(), agg.audit.clone());
-    let staging = agg.backup_staging.clone();
+    let (staging, keyring) = (agg.backup_staging.clone(), agg.encryption.clone());
     let running = job.clone();
     tokio::spawn(async move {
-        let outcome = crate::backup::take(hot, wal, audit, (id, taken_at), staging, dest, running.progress.clone())
-            .await
-            .map_err(|e| e.to_string());
+        let progress = running.progress.clone();
+        let plan = crate::backup::Plan { id: (id, taken_at), staging, dest, keyring };
+        let outcome = crate::backup::take(hot, wal, audit, plan, progress).await.map_err(|e| e.to_string());
         *running.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
     });
     (StatusCode::ACCEPTED, axum::Json(job.to_json())).into_response()

@@ -70,10 +70,40 @@ enum Command {
     Backup(backup_cli::BackupArgs),
     /// Restore a backup into this aggregator, which must be stopped and empty.
     Restore(backup_cli::RestoreArgs),
+    /// Encryption at rest: make a key, show which keys wrap the cold objects, re-wrap them after a rotation.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Create the site CA and certificates.
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random 256-bit key-encryption key (base64) for `encryption.keys`.
+    Generate,
+    /// Show the configured key ids (never the keys), the active one, and cold objects per key.
+    Status {
+        /// Aggregator HTTP address (default: the configuration's http.listen).
+        #[arg(long = "aggregator-url")]
+        aggregator_url: Option<String>,
+        /// Bearer token (admin scope).
+        #[arg(long, env = "AKOSHA_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Re-wrap every cold data key not under the active key now (objects are not rewritten); backups are
+    /// re-wrapped with `backup <url> --rewrap-keys`.
+    Rewrap {
+        /// Aggregator HTTP address (default: the configuration's http.listen).
+        #[arg(long = "aggregator-url")]
+        aggregator_url: Option<String>,
+        /// Bearer token (admin scope).
+        #[arg(long, env = "AKOSHA_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -104,6 +134,15 @@ enum CertsCommand {
     },
 }
 
+/// The aggregator's HTTP address as a local client reaches it (a wildcard listen address means loopback).
+fn local_http(config: &AggregatorConfig) -> String {
+    let mut addr = config.http_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = AggregatorConfig::load(cli.config.as_deref()).with_context(|| match &cli.config {
@@ -112,26 +151,18 @@ fn main() -> anyhow::Result<()> {
     })?;
     let cert_dir = config.ca_cert.parent().map(PathBuf::from).unwrap_or_else(|| config.data_dir.join("certs"));
     match cli.command {
-        Command::Query(args) => {
-            let mut addr = config.http_listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            query_cli::run(args, format!("http://{addr}"))
+        Command::Query(args) => query_cli::run(args, local_http(&config)),
+        Command::Lifecycle(args) => query_cli::lifecycle(args, local_http(&config)),
+        Command::Backup(args) => backup_cli::backup(args, &config, local_http(&config)),
+        Command::Keys { command: KeysCommand::Generate } => {
+            println!("{}", akosha_aggregator::envelope::generate_key()?);
+            Ok(())
         }
-        Command::Lifecycle(args) => {
-            let mut addr = config.http_listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            query_cli::lifecycle(args, format!("http://{addr}"))
+        Command::Keys { command: KeysCommand::Status { aggregator_url, token } } => {
+            query_cli::keys(aggregator_url.unwrap_or_else(|| local_http(&config)), token, false)
         }
-        Command::Backup(args) => {
-            let mut addr = config.http_listen;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            backup_cli::backup(args, format!("http://{addr}"))
+        Command::Keys { command: KeysCommand::Rewrap { aggregator_url, token } } => {
+            query_cli::keys(aggregator_url.unwrap_or_else(|| local_http(&config)), token, true)
         }
         Command::Restore(args) => backup_cli::restore(args, &config),
         Command::Run => {

@@ -617,3 +617,26 @@ pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Res
     }
     Ok(())
 }
+
+/// `keys status` and `keys rewrap`: which key-encryption keys wrap the cold objects' data keys.
+pub(crate) fn keys(base: String, token: Option<String>, rewrap: bool) -> anyhow::Result<()> {
+    let base = base.trim_end_matches('/').to_owned();
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(600)).build()?;
+    let path = if rewrap { "/v1/admin/keys/rewrap" } else { "/v1/admin/keys" };
+    let answer = call(&runtime, &client, &base, token.as_deref(), rewrap, &format!("{base}{path}"), &[], None)?;
+    if answer["enabled"] != true {
+        println!("encryption at rest is off (no `encryption.keys`); cold objects and backups are stored in the clear");
+    } else {
+        let keys: Vec<&str> = answer["keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        println!("active key: {}; configured: {}", s(&answer, "active_key"), keys.join(", "));
+    }
+    if rewrap {
+        println!("re-wrapped {} data keys", answer["rewrapped"]);
+    }
+    for (key, n) in answer["cold_objects"].as_object().into_iter().flatten() {
+        println!("  {key:<24} {n:>10} cold objects");
+    }
+    Ok(())
+}

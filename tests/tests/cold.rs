@@ -633,3 +633,118 @@ async fn data_read_often_is_promoted_read_once_is_not_never_ping_pongs_and_survi
     assert_eq!(bucket_keys(&s3).await?.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "{s}");
     Ok(())
 }
+
+/// Replaces the `encryption:` line of an aggregator's configuration.
+fn set_encryption(site: &Site, name: &str, line: &str) -> Result<()> {
+    let path = site.path(name).join("aggregator.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("encryption:")).collect();
+    std::fs::write(&path, format!("{}\n{line}\n", kept.join("\n")))?;
+    Ok(())
+}
+
+fn sealed(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"AKOSHA-SEALED-1\n") && !bytes.windows(6).any(|w| w == b"marker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_cold_objects_and_backups_survive_a_key_rotation_and_restore_with_the_new_key_alone() -> Result<()> {
+    let site = Site::new()?;
+    let s3 = S3Server::start(&site.path("s3"), &["cold", "backups"]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    // Fixed test keys (base64 of 32 bytes); a site generates them with `keys generate`.
+    let k1 = "MTExMTExMTExMTExMTExMTExMTExMTExMTExMTExMTE=";
+    let k2 = "MjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjI=";
+    let config = format!("{}encryption: {{keys: {{k1: '{k1}'}}}}\n", tiered_config(&s3));
+    let (mut agg, mut agent) = three_tiers(&site, &config, vec![], now).await?;
+    let expected = answers(&agg, now).await?;
+    let stats = agg.stats().await?;
+    let objects = stats["cold"]["objects"].as_u64().unwrap_or(0);
+    assert!(objects > 50, "{stats}");
+    // Every cold object is sealed: no Parquet magic, no record text.
+    let cold = s3.bucket("cold")?;
+    for meta in cold.list(None).try_collect::<Vec<_>>().await? {
+        let bytes = cold.get(&meta.location).await?.bytes().await?;
+        assert!(sealed(&bytes), "{} is readable without the key", meta.location);
+    }
+
+    let s3_options = |url: &str| -> Vec<String> {
+        let mut args = vec![url.to_owned()];
+        for option in [
+            format!("endpoint={}", s3.endpoint),
+            "allow_http=true".into(),
+            format!("access_key_id={ACCESS_KEY}"),
+            format!("secret_access_key={SECRET_KEY}"),
+            "region=us-east-1".into(),
+        ] {
+            args.extend(["-o".to_owned(), option]);
+        }
+        args
+    };
+    let run = |command: &str, extra: &[&str]| {
+        let mut args = vec![command.to_owned()];
+        if command == "backup" || command == "restore" {
+            args.extend(s3_options("s3://backups/enc"));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let site = &site;
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = cli(site, "tiered", &refs).await?;
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            Ok::<_, anyhow::Error>((out.status.success(), text))
+        }
+    };
+    let (ok, text) = run("backup", &[]).await?;
+    assert!(ok, "{text}");
+    // Every backup file is sealed too, and the manifest names each file's key.
+    let backups = s3.bucket("backups")?;
+    let mut files = 0;
+    for meta in backups.list(Some(&"enc".into())).try_collect::<Vec<_>>().await? {
+        let bytes = backups.get(&meta.location).await?.bytes().await?;
+        if meta.location.as_ref().ends_with("manifest.json") && !meta.location.as_ref().contains("/files/") {
+            let manifest: Value = serde_json::from_slice(&bytes)?;
+            assert!(manifest["files"].as_array().into_iter().flatten().all(|f| f["sealed"]["kek_id"] == "k1"));
+            continue;
+        }
+        assert!(sealed(&bytes), "{} is readable without the key", meta.location);
+        files += 1;
+    }
+    assert!(files as u64 > objects, "{files} files and objects");
+
+    // Rotation: k2 becomes active (k1 stays to unwrap); the cold keys are re-wrapped, objects untouched.
+    agent.proc.terminate(Duration::from_secs(30))?;
+    agg.proc.terminate(Duration::from_secs(30))?;
+    let before = bucket_keys(&s3).await?;
+    set_encryption(&site, "tiered", &format!("encryption: {{active_key: k2, keys: {{k1: '{k1}', k2: '{k2}'}}}}"))?;
+    agg.restart().await?;
+    let (ok, text) = run("keys", &["rewrap"]).await?;
+    assert!(ok, "{text}");
+    // At start the aggregator re-wraps on its own; `keys rewrap` does the rest, if any.
+    let per_key: Vec<Vec<&str>> =
+        text.lines().filter(|l| l.ends_with("cold objects")).map(|l| l.split_whitespace().collect()).collect();
+    let k2_line = vec!["k2".to_owned(), objects.to_string(), "cold".into(), "objects".into()];
+    assert!(text.contains("active key: k2") && per_key == [k2_line], "nothing is left under k1: {text}");
+    assert_eq!(bucket_keys(&s3).await?, before, "no object was rewritten");
+    assert_eq!(answers(&agg, now).await?, expected);
+    let (ok, text) = run("backup", &["--rewrap-keys"]).await?;
+    assert!(ok && text.contains("in 1 backups") && text.contains("with key `k2`"), "{text}");
+
+    // k1 is retired: wipe, restore with k2 alone, the same answers.
+    agg.proc.terminate(Duration::from_secs(30))?;
+    wipe(&site, "tiered")?;
+    for meta in cold.list(None).try_collect::<Vec<_>>().await? {
+        cold.delete(&meta.location).await?;
+    }
+    set_encryption(&site, "tiered", &format!("encryption: {{keys: {{k1: '{k1}'}}}}"))?;
+    let (ok, text) = run("restore", &[]).await?;
+    assert!(!ok && text.contains("`k2`, which is not in `encryption.keys`"), "{text}");
+    set_encryption(&site, "tiered", &format!("encryption: {{keys: {{k2: '{k2}'}}}}"))?;
+    let (ok, text) = run("restore", &[]).await?;
+    assert!(ok, "{text}");
+    agg.restart().await?;
+    wait_searchable(&agg, RECORDS).await?;
+    assert_eq!(tiers(&agg.stats().await?), EXPECTED_TIERS);
+    assert_eq!(answers(&agg, now).await?, expected, "restored with the new key alone");
+    Ok(())
+}
