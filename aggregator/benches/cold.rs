@@ -70,6 +70,8 @@ fn main() {
         path: dir.path().join("warm.duckdb"),
         hot_window: Duration::from_secs(7 * 86_400),
         move_interval: Duration::from_secs(3600),
+        hot_window_per_kind: Default::default(),
+        schedule: None,
     })
     .unwrap();
     let cold = hot
@@ -94,6 +96,8 @@ fn main() {
             retry_timeout: Duration::from_secs(30),
             promotion: Default::default(),
             encryption: None,
+            warm_window_per_kind: Default::default(),
+            schedule: None,
         })
         .unwrap();
 

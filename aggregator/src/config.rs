@@ -109,6 +109,9 @@ struct RawCold {
     options: std::collections::BTreeMap<String, String>,
     warm_window: Option<String>,
     move_interval: Option<String>,
+    #[serde(default)]
+    warm_window_per_kind: std::collections::BTreeMap<String, String>,
+    schedule: Option<String>,
     cache_dir: Option<String>,
     cache_max_bytes: Option<String>,
     row_group_rows: Option<usize>,
@@ -137,6 +140,9 @@ struct RawWarm {
     path: Option<String>,
     hot_window: Option<String>,
     move_interval: Option<String>,
+    #[serde(default)]
+    hot_window_per_kind: std::collections::BTreeMap<String, String>,
+    schedule: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -522,6 +528,8 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         path: w.path.as_deref().map_or_else(|| data_dir.join("warm/warm.duckdb"), path),
         hot_window: duration("warm.hot_window", w.hot_window.as_ref(), "7d")?,
         move_interval: duration("warm.move_interval", w.move_interval.as_ref(), "10m")?,
+        hot_window_per_kind: per_kind("warm.hot_window_per_kind", &w.hot_window_per_kind)?,
+        schedule: schedule("warm.schedule", w.schedule.as_deref())?,
     };
     if warm.move_interval < Duration::from_secs(1) {
         return Err(ConfigError::invalid("warm.move_interval", "must be at least 1s"));
@@ -541,6 +549,8 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         ),
         options: c.options.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         warm_window: duration("cold.warm_window", c.warm_window.as_ref(), "90d")?,
+        warm_window_per_kind: per_kind("cold.warm_window_per_kind", &c.warm_window_per_kind)?,
+        schedule: schedule("cold.schedule", c.schedule.as_deref())?,
         move_interval: duration("cold.move_interval", c.move_interval.as_ref(), "1h")?,
         cache_dir: under(c.cache_dir.as_ref(), "cold-cache"),
         cache_max_bytes: size("cold.cache_max_bytes", c.cache_max_bytes.as_ref(), "2GiB")?,
@@ -579,6 +589,20 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         }
         if cold.warm_window <= warm.hot_window {
             return Err(ConfigError::invalid("cold.warm_window", "must be longer than `warm.hot_window`"));
+        }
+        let (hot_windows, warm_windows) = (warm.hot_windows(), cold.warm_windows());
+        for kind in akosha_protocol::RecordKind::ALL {
+            if warm_windows.of(kind) <= hot_windows.of(kind) {
+                return Err(ConfigError::invalid(
+                    &format!("cold.warm_window_per_kind.{}", kind.as_str()),
+                    format!(
+                        "{} records would leave warm ({:?}) no later than they leave hot ({:?}); the warm window must be longer",
+                        kind.as_str(),
+                        warm_windows.of(kind),
+                        hot_windows.of(kind)
+                    ),
+                ));
+            }
         }
         if cold.move_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid("cold.move_interval", "must be at least 1s"));
@@ -627,6 +651,26 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         log_json,
         data_dir,
     })
+}
+
+/// Per-kind windows: `{metric: 2d}`.
+fn per_kind(
+    key: &str,
+    raw: &std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<akosha_protocol::RecordKind, Duration>, ConfigError> {
+    raw.iter()
+        .map(|(kind, window)| {
+            let key = format!("{key}.{kind}");
+            let kind: akosha_protocol::RecordKind =
+                kind.parse().map_err(|_| ConfigError::invalid(&key, format!("`{kind}` is not a record kind")))?;
+            let window = parse_duration(window).map_err(|e| ConfigError::invalid(&key, e.to_string()))?;
+            Ok((kind, window))
+        })
+        .collect()
+}
+
+fn schedule(key: &str, raw: Option<&str>) -> Result<Option<crate::lifecycle::Schedule>, ConfigError> {
+    raw.map(|text| crate::lifecycle::Schedule::parse(text).map_err(|e| ConfigError::invalid(key, e))).transpose()
 }
 
 /// The keyring, when encryption is asked for: by `enabled: true` or simply by listing keys.
@@ -842,6 +886,11 @@ mod tests {
                 "encryption.active_key",
             ),
             ("encryption: {kek: x}", "encryption.kek"),
+            ("warm: {hot_window_per_kind: {metrics: 1d}}", "warm.hot_window_per_kind.metrics"),
+            ("warm: {hot_window_per_kind: {metric: soon}}", "warm.hot_window_per_kind.metric"),
+            ("warm: {schedule: nightly}", "warm.schedule"),
+            ("cold: {schedule: '05:00-05:00'}", "cold.schedule"),
+            ("cold: {warm_window_per_kind: {metric: 2d}}", "cold.warm_window_per_kind.metric"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");

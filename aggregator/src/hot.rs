@@ -755,8 +755,16 @@ impl HotTier {
     /// Moves every warm record older than `cutoff_us` to the cold tier (see [`crate::cold`]). Ingest goes on
     /// meanwhile. `None` when there is no cold tier or nothing to move.
     pub fn move_to_cold(&self, cutoff_us: i64) -> Result<Option<crate::cold::ColdMoveReport>, crate::cold::ColdError> {
+        self.move_to_cold_by(|_| cutoff_us)
+    }
+
+    /// [`HotTier::move_to_cold`] with a cutoff per kind (the configured per-kind windows).
+    pub fn move_to_cold_by(
+        &self,
+        cutoff_of: impl Fn(RecordKind) -> i64,
+    ) -> Result<Option<crate::cold::ColdMoveReport>, crate::cold::ColdError> {
         let (Some(warm), Some(cold)) = (self.warm.get(), self.cold.get()) else { return Ok(None) };
-        let report = cold.move_from_warm(warm, cutoff_us)?;
+        let report = cold.move_from_warm(warm, &cutoff_of)?;
         if report.is_some() {
             notify(&self.on_change, std::iter::once(String::from("*")));
         }
@@ -822,7 +830,17 @@ impl HotTier {
     /// Moves every record older than `cutoff_us` to the warm tier (see [`crate::warm`] for the protocol).
     /// Ingest waits while it runs. `None` when there is no warm tier or nothing to move.
     pub fn move_to_warm(&self, cutoff_us: i64) -> Result<Option<crate::warm::MoveReport>, HotError> {
+        self.move_to_warm_by(|_| cutoff_us)
+    }
+
+    /// [`HotTier::move_to_warm`] with a cutoff per kind (the configured per-kind windows).
+    pub fn move_to_warm_by(
+        &self,
+        cutoff_of: impl Fn(RecordKind) -> i64,
+    ) -> Result<Option<crate::warm::MoveReport>, HotError> {
         let Some(warm) = self.warm.get().cloned() else { return Ok(None) };
+        // The log may only forget what is warm for every kind: the earliest cutoff.
+        let cutoff_us = RecordKind::ALL.iter().map(|k| cutoff_of(*k)).min().unwrap_or(i64::MIN);
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let _moving = warm.lock_moves();
         // Index jobs still queued could re-add moved keys to the hot indexes after their removal.
@@ -837,6 +855,7 @@ impl HotTier {
         let result = (|| -> Result<(), HotError> {
             for kind in RecordKind::ALL {
                 let t = kind.as_str();
+                let cutoff_us = cutoff_of(kind);
                 let due: i64 = conn.query_row(
                     &format!("SELECT count(*) FROM main.{t} WHERE ts < make_timestamp(?)"),
                     [cutoff_us],

@@ -970,9 +970,8 @@ async fn warm_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &format!("`older_than`: {e}")),
     };
-    let window = agg.receiver().and_then(|r| r.hot.warm().map(|w| w.config.hot_window));
     blocking(&agg, move |s| {
-        let report = s.move_to_warm(older_than.or(window).unwrap_or_default())?;
+        let report = s.move_to_warm(older_than)?;
         Ok(json!({"moved": report.is_some(), "report": report}))
     })
     .await
@@ -994,10 +993,13 @@ async fn cold_move(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
     let Some(cold) = hot.cold().cloned() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cold tier is disabled (`cold.enabled`)");
     };
-    let older_than = older_than.unwrap_or(cold.config.warm_window);
-    let cutoff = jiff::Timestamp::now().as_microsecond() - older_than.as_micros() as i64;
+    let now = jiff::Timestamp::now().as_microsecond();
+    let windows = match older_than {
+        Some(d) => crate::lifecycle::Windows::uniform(d),
+        None => cold.config.warm_windows(),
+    };
     match tokio::task::spawn_blocking(move || {
-        let report = hot.move_to_cold(cutoff)?;
+        let report = hot.move_to_cold_by(|k| windows.cutoff(k, now))?;
         let compaction = cold.compact()?;
         Ok::<_, crate::cold::ColdError>(json!({"moved": report.is_some(), "report": report, "compaction": compaction}))
     })
@@ -1224,12 +1226,17 @@ async fn audit_log(State(agg): State<Arc<Aggregator>>, q: QueryParams) -> Respon
 }
 
 /// Rows of every kind in `schema` (`main`: hot, `warm`) older than `cutoff_us`: what the next move takes.
-fn records_older_than(hot: &crate::hot::HotTier, schema: &str, cutoff_us: i64) -> Result<u64, crate::hot::HotError> {
+fn records_older_than(
+    hot: &crate::hot::HotTier,
+    schema: &str,
+    windows: &crate::lifecycle::Windows,
+    now_us: i64,
+) -> Result<u64, crate::hot::HotError> {
     hot.read(|c| {
         let mut n = 0;
         for kind in RecordKind::ALL {
             let sql = format!("SELECT count(*) FROM {schema}.{} WHERE ts < make_timestamp(?)", kind.as_str());
-            n += c.query_row(&sql, [cutoff_us], |row| row.get::<_, i64>(0))? as u64;
+            n += c.query_row(&sql, [windows.cutoff(kind, now_us)], |row| row.get::<_, i64>(0))? as u64;
         }
         Ok(n)
     })
@@ -1263,11 +1270,13 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
         let now = jiff::Timestamp::now().as_microsecond();
         let mut out = json!({});
         if let Some(w) = hot.warm() {
-            let cutoff = now - w.config.hot_window.as_micros() as i64;
-            let due = records_older_than(&hot, "main", cutoff).map_err(|e| e.to_string())?;
+            let windows = w.config.hot_windows();
+            let due = records_older_than(&hot, "main", &windows, now).map_err(|e| e.to_string())?;
             let journal = hot.read(|c| crate::warm::WarmTier::journal_tail(c, 50)).map_err(|e| e.to_string())?;
             out["hot_to_warm"] = json!({
                 "window_s": w.config.hot_window.as_secs(),
+                "windows_s": windows.to_json(),
+                "schedule": w.config.schedule.map(|s| s.to_string()),
                 "interval_s": w.config.move_interval.as_secs(),
                 "records_due": due,
                 "running": journal.iter().filter(|j| !matches!(j["state"].as_str(), Some("done" | "failed" | "interrupted"))).count(),
@@ -1278,11 +1287,13 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
             });
         }
         if let Some(c) = hot.cold() {
-            let cutoff = now - c.config.warm_window.as_micros() as i64;
-            let due = records_older_than(&hot, "warm", cutoff).map_err(|e| e.to_string())?;
+            let windows = c.config.warm_windows();
+            let due = records_older_than(&hot, "warm", &windows, now).map_err(|e| e.to_string())?;
             let journal = c.journal_tail(50).map_err(|e| e.to_string())?;
             out["warm_to_cold"] = json!({
                 "window_s": c.config.warm_window.as_secs(),
+                "windows_s": windows.to_json(),
+                "schedule": c.config.schedule.map(|s| s.to_string()),
                 "interval_s": c.config.move_interval.as_secs(),
                 "records_due": due,
                 "running": journal.iter().filter(|j| !matches!(j["state"].as_str(), Some("done" | "failed" | "interrupted"))).count(),

@@ -18,6 +18,7 @@ pub mod graph;
 pub mod hot;
 pub mod http;
 pub mod import;
+pub mod lifecycle;
 pub mod listing;
 pub mod mcp;
 pub mod metrics;
@@ -239,10 +240,14 @@ impl Aggregator {
                         _ = every.tick() => {}
                         _ = stop.wait_for(|s| *s) => break,
                     }
+                    let now = jiff::Timestamp::now().as_microsecond();
+                    if warm.config.schedule.is_some_and(|s| !s.contains(now)) {
+                        continue;
+                    }
                     let hot = hot.clone();
-                    let cutoff = jiff::Timestamp::now().as_microsecond() - warm.config.hot_window.as_micros() as i64;
+                    let windows = warm.config.hot_windows();
                     // Failures are counted and logged by the warm tier; the next round retries.
-                    let _ = tokio::task::spawn_blocking(move || hot.move_to_warm(cutoff)).await;
+                    let _ = tokio::task::spawn_blocking(move || hot.move_to_warm_by(|k| windows.cutoff(k, now))).await;
                 }
             });
         }
@@ -261,14 +266,18 @@ impl Aggregator {
                         _ = every.tick() => {}
                         _ = stop.wait_for(|s| *s) => break,
                     }
+                    let now = jiff::Timestamp::now().as_microsecond();
+                    if cold.config.schedule.is_some_and(|s| !s.contains(now)) {
+                        continue;
+                    }
                     let hot = hot.clone();
                     let cold = cold.clone();
-                    let cutoff = jiff::Timestamp::now().as_microsecond() - cold.config.warm_window.as_micros() as i64;
+                    let windows = cold.config.warm_windows();
                     // Failures are counted and logged by the cold tier; the next round retries.
                     let _ = tokio::task::spawn_blocking(move || {
                         // Promotion first: a group read often enough is not demoted in the same round.
                         let _ = hot.promote_from_cold();
-                        if hot.move_to_cold(cutoff).is_ok() {
+                        if hot.move_to_cold_by(|k| windows.cutoff(k, now)).is_ok() {
                             let _ = cold.compact();
                         }
                         if let Err(e) = cold.rewrap_keys() {

@@ -121,12 +121,16 @@ impl QueryService {
     }
 
     /// Moves records older than `older_than` from hot to warm now.
-    pub fn move_to_warm(&self, older_than: std::time::Duration) -> Result<Option<crate::warm::MoveReport>, QueryError> {
-        if self.hot.warm().is_none() {
+    pub fn move_to_warm(
+        &self,
+        older_than: Option<std::time::Duration>,
+    ) -> Result<Option<crate::warm::MoveReport>, QueryError> {
+        let Some(warm) = self.hot.warm() else {
             return Err(QueryError::Unavailable("the warm tier is disabled (`warm.enabled`)".into()));
-        }
-        let cutoff = jiff::Timestamp::now().as_microsecond() - older_than.as_micros() as i64;
-        Ok(self.hot.move_to_warm(cutoff)?)
+        };
+        let windows = older_than.map_or_else(|| warm.config.hot_windows(), crate::lifecycle::Windows::uniform);
+        let now = jiff::Timestamp::now().as_microsecond();
+        Ok(self.hot.move_to_warm_by(|k| windows.cutoff(k, now))?)
     }
 
     /// A page of records.

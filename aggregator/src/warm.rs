@@ -45,6 +45,17 @@ pub struct WarmConfig {
     pub hot_window: Duration,
     /// How often moves run.
     pub move_interval: Duration,
+    /// Kinds that leave hot after another window than `hot_window`.
+    pub hot_window_per_kind: std::collections::BTreeMap<RecordKind, Duration>,
+    /// Scheduled moves run only inside this daily window.
+    pub schedule: Option<crate::lifecycle::Schedule>,
+}
+
+impl WarmConfig {
+    /// The hot window of every kind.
+    pub fn hot_windows(&self) -> crate::lifecycle::Windows {
+        crate::lifecycle::Windows { default: self.hot_window, per_kind: self.hot_window_per_kind.clone() }
+    }
 }
 
 /// One completed move.
@@ -472,6 +483,8 @@ mod tests {
             path: dir.join("warm.duckdb"),
             hot_window: Duration::from_secs(3600),
             move_interval: Duration::from_secs(60),
+            hot_window_per_kind: Default::default(),
+            schedule: None,
         })
         .unwrap();
         hot

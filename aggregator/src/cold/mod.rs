@@ -108,6 +108,10 @@ pub struct ColdConfig {
     pub options: Vec<(String, String)>,
     /// Records older than this move from warm to cold.
     pub warm_window: Duration,
+    /// Kinds that leave warm after another window than `warm_window`.
+    pub warm_window_per_kind: std::collections::BTreeMap<RecordKind, Duration>,
+    /// Scheduled moves and compaction run only inside this daily window.
+    pub schedule: Option<crate::lifecycle::Schedule>,
     /// How often moves and compaction run.
     pub move_interval: Duration,
     /// The local cache of objects.
@@ -143,6 +147,13 @@ pub struct PromotionConfig {
     pub min_age: Duration,
     /// Most groups promoted per round (a rate limit on moves).
     pub max_groups_per_run: usize,
+}
+
+impl ColdConfig {
+    /// The warm window of every kind.
+    pub fn warm_windows(&self) -> crate::lifecycle::Windows {
+        crate::lifecycle::Windows { default: self.warm_window, per_kind: self.warm_window_per_kind.clone() }
+    }
 }
 
 impl PromotionConfig {
@@ -705,13 +716,13 @@ impl ColdTier {
         Ok(Stored { path, sha256: hex(&Sha256::digest(&sealed)), bytes: sealed.len() as u64, sealed: Some(wrapped) })
     }
 
-    /// Moves every warm row older than `cutoff_us` to cold (see the module documentation).
+    /// Moves every warm row older than its kind's cutoff to cold (see the module documentation).
     pub fn move_from_warm(
         &self,
         warm: &crate::warm::WarmTier,
-        cutoff_us: i64,
+        cutoff_of: &dyn Fn(RecordKind) -> i64,
     ) -> Result<Option<ColdMoveReport>, ColdError> {
-        let result = self.move_inner(warm, cutoff_us);
+        let result = self.move_inner(warm, cutoff_of);
         match &result {
             Ok(Some(report)) => {
                 self.moves_done.fetch_add(1, Ordering::Relaxed);
@@ -736,13 +747,19 @@ impl ColdTier {
         result
     }
 
-    fn move_inner(&self, warm: &crate::warm::WarmTier, cutoff_us: i64) -> Result<Option<ColdMoveReport>, ColdError> {
+    fn move_inner(
+        &self,
+        warm: &crate::warm::WarmTier,
+        cutoff_of: &dyn Fn(RecordKind) -> i64,
+    ) -> Result<Option<ColdMoveReport>, ColdError> {
         self.check_breaker()?;
         let started = Instant::now();
         let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
-        let mut report = ColdMoveReport { cutoff_us, ..Default::default() };
+        let earliest = RecordKind::ALL.iter().map(|k| cutoff_of(*k)).min().unwrap_or(i64::MIN);
+        let mut report = ColdMoveReport { cutoff_us: earliest, ..Default::default() };
         for kind in RecordKind::ALL {
             let t = kind.as_str();
+            let cutoff_us = cutoff_of(kind);
             let groups: Vec<Group> = {
                 let mut stmt = conn.prepare(&format!(
                     "SELECT system_id, strftime(CAST(ts AS DATE), '%Y-%m-%d') AS day, count(*) FROM warm.{t} \
@@ -1774,6 +1791,8 @@ mod tests {
             retry_timeout: Duration::from_secs(5),
             promotion: Default::default(),
             encryption: None,
+            warm_window_per_kind: Default::default(),
+            schedule: None,
         }
     }
 
@@ -1789,6 +1808,8 @@ mod tests {
                 path: dir.join("warm.duckdb"),
                 hot_window: Duration::from_secs(7 * 86_400),
                 move_interval: Duration::from_secs(60),
+                hot_window_per_kind: Default::default(),
+                schedule: None,
             })
             .unwrap();
             hot.attach_cold(ColdConfig { encryption: keyring.map(Arc::new), ..cold_config(dir) }).unwrap();
@@ -1954,6 +1975,8 @@ mod tests {
             path: dir.path().join("warm.duckdb"),
             hot_window: Duration::from_secs(7 * 86_400),
             move_interval: Duration::from_secs(60),
+            hot_window_per_kind: Default::default(),
+            schedule: None,
         })
         .unwrap();
         // Nothing listens on port 9: every request fails at once.
@@ -2074,5 +2097,35 @@ mod tests {
         let hot = open_sealed(dir.path(), true, Some(only_k1()));
         let err = QueryService::new(hot.clone(), None).get("s0", RecordKind::Conversation, "r120").unwrap_err();
         assert!(err.to_string().contains("`k2`"), "{err}");
+    }
+
+    #[test]
+    fn each_kind_leaves_hot_and_warm_after_its_own_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        // One record a day for 40 days; even days are conversations, odd ones reflections.
+        let records: Vec<Record> = (0..40).map(|i| record(i, now - i as i64 * DAY - 1000)).collect();
+        let hot = open(dir.path(), true);
+        hot.insert(&records).unwrap();
+        let mut hot_windows = crate::lifecycle::Windows::uniform(Duration::from_secs(7 * 86_400));
+        hot_windows.per_kind.insert(RecordKind::Reflection, Duration::from_secs(2 * 86_400));
+        let mut warm_windows = crate::lifecycle::Windows::uniform(Duration::from_secs(90 * 86_400));
+        warm_windows.per_kind.insert(RecordKind::Conversation, Duration::from_secs(20 * 86_400));
+        hot.move_to_warm_by(|k| hot_windows.cutoff(k, now)).unwrap().unwrap();
+        hot.move_to_cold_by(|k| warm_windows.cutoff(k, now)).unwrap().unwrap();
+        let tier_of = |id: &str, kind| {
+            let service = QueryService::new(hot.clone(), None);
+            let system = format!("s{}", id[1..].parse::<u64>().unwrap() % 3);
+            service.get(&system, kind, id).unwrap().unwrap()["tier"].as_str().unwrap().to_owned()
+        };
+        // Conversations: hot for 7 days, warm until 20.
+        assert_eq!(tier_of("r6", RecordKind::Conversation), "hot");
+        assert_eq!(tier_of("r8", RecordKind::Conversation), "warm");
+        assert_eq!(tier_of("r18", RecordKind::Conversation), "warm");
+        assert_eq!(tier_of("r22", RecordKind::Conversation), "cold");
+        // Reflections: hot for 2 days, then warm for the default 90.
+        assert_eq!(tier_of("r1", RecordKind::Reflection), "hot");
+        assert_eq!(tier_of("r3", RecordKind::Reflection), "warm");
+        assert_eq!(tier_of("r39", RecordKind::Reflection), "warm");
     }
 }
