@@ -594,7 +594,7 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         for kind in akosha_protocol::RecordKind::ALL {
             if warm_windows.of(kind) <= hot_windows.of(kind) {
                 return Err(ConfigError::invalid(
-                    &format!("cold.warm_window_per_kind.{}", kind.as_str()),
+                    format!("cold.warm_window_per_kind.{}", kind.as_str()),
                     format!(
                         "{} records would leave warm ({:?}) no later than they leave hot ({:?}); the warm window must be longer",
                         kind.as_str(),
