@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  <prefix>/kind=<kind>/system=<system>/date=YYYY-MM-DD/part-<uuid>.parquet
-//!  warm.cold_objects (key, kind, system_id, day, min_ts, max_ts, rows, bytes, sha256, created_at)
+//!  warm.cold_objects (key, kind, system_id, day, min_ts, max_ts, rows, bytes, sha256, created_at, kek_id, wrapped_dek)
 //!  warm.cold_moves   (id, kind, system_id, day, object_key, state, records, started_at, finished_at, detail)
 //! ```
 //!
@@ -24,6 +24,10 @@
 //! so. Objects that nothing in the catalog names (a failed delete, a crash between upload and journal) are swept
 //! by compaction, which is also when several objects of one kind, system and day are merged into one, newest
 //! version per key.
+//!
+//! With `encryption` configured every object is sealed under its own data key before upload (see
+//! [`crate::envelope`]); `sha256` and `bytes` describe the sealed bytes, the catalog holds the wrapped key, and the
+//! cache holds the opened Parquet file.
 //!
 //! Failures of the store open a circuit breaker after `breaker_failures` consecutive errors: moves and cold reads
 //! fail fast for `breaker_cooldown`, then one attempt is let through. Warm keeps its rows until a cold copy is
