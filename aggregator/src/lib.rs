@@ -418,8 +418,8 @@ fn replay(config: &AggregatorConfig) -> Result<Replayed, RunError> {
     if config.warm.enabled {
         let warm = hot.attach_warm(config.warm.clone())?;
         // Records the log brought back that belong in warm (all of them after a crash mid-move) go there now.
-        let cutoff = jiff::Timestamp::now().as_microsecond() - config.warm.hot_window.as_micros() as i64;
-        if let Err(e) = hot.move_to_warm(cutoff) {
+        let (now, windows) = (jiff::Timestamp::now().as_microsecond(), config.warm.hot_windows());
+        if let Err(e) = hot.move_to_warm_by(|k| windows.cutoff(k, now)) {
             warn!(message = "Start-up move to the warm tier failed; the records stay hot.", error = %e);
         }
         info!(message = "Warm tier attached.", path = %warm.config.path.display());

@@ -815,15 +815,15 @@ impl ColdTier {
     /// than the warm window (promoted ones, kept warm while they are read).
     pub fn note_reads<'a>(&self, records: impl IntoIterator<Item = &'a serde_json::Value>) {
         let now = jiff::Timestamp::now().as_microsecond();
-        let warm_cutoff = now - self.config.warm_window.as_micros() as i64;
+        let windows = self.config.warm_windows();
         let groups = records.into_iter().filter_map(|r| {
             let ts = r["ts"].as_i64()?;
+            let (kind, system_id) = (r["kind"].as_str()?, r["system_id"].as_str()?);
             let old = match r["tier"].as_str()? {
                 "cold" => true,
-                "warm" => ts < warm_cutoff,
+                "warm" => kind.parse::<RecordKind>().is_ok_and(|k| ts < windows.cutoff(k, now)),
                 _ => false,
             };
-            let (kind, system_id) = (r["kind"].as_str()?, r["system_id"].as_str()?);
             old.then(|| access::Group::of(kind, system_id, ts))
         });
         self.access.note(groups.collect::<Vec<_>>(), now);
@@ -1638,14 +1638,34 @@ impl ColdTier {
                 .collect::<Result<_, _>>()?
         };
         let mut rewrapped = Vec::with_capacity(stale.len());
+        let mut failed: Option<(ColdError, usize)> = None;
         for (key, kek_id, wrapped) in stale {
             let old = crate::envelope::WrappedKey { kek_id, wrapped };
-            if let Some(new) = keyring.rewrap(&old).map_err(|error| ColdError::Sealed { key: key.clone(), error })? {
-                rewrapped.push(format!("({}, {}, {})", sql_text(&key), sql_text(&new.kek_id), sql_text(&new.wrapped)));
+            match keyring.rewrap(&old) {
+                Ok(Some(new)) => rewrapped.push(format!(
+                    "({}, {}, {})",
+                    sql_text(&key),
+                    sql_text(&new.kek_id),
+                    sql_text(&new.wrapped)
+                )),
+                Ok(None) => {}
+                // One object whose key cannot be unwrapped (its KEK was removed too early) must not keep the
+                // others under the old key: re-wrap what can be, then report the first failure and the count.
+                Err(error) => match &mut failed {
+                    Some((_, n)) => *n += 1,
+                    None => failed = Some((ColdError::Sealed { key, error }, 1)),
+                },
             }
         }
+        let outcome = |rewrapped: usize| match failed {
+            None => Ok(rewrapped as u64),
+            Some((first, n)) => {
+                warn!(message = "Cold data keys left under a key that cannot unwrap them.", objects = n, rewrapped, error = %first);
+                Err(first)
+            }
+        };
         if rewrapped.is_empty() {
-            return Ok(0);
+            return outcome(0);
         }
         conn.execute_batch("BEGIN TRANSACTION")?;
         let updated = rewrapped.chunks(1000).try_for_each(|chunk| {
@@ -1667,7 +1687,7 @@ impl ColdTier {
             objects = rewrapped.len(),
             kek_id = keyring.active_id()
         );
-        Ok(rewrapped.len() as u64)
+        outcome(rewrapped.len())
     }
 
     /// Every catalogued object.
@@ -2073,7 +2093,18 @@ mod tests {
         let both = Keyring::new("k2", &[("k1".into(), k1.clone()), ("k2".into(), k2.clone())]).unwrap();
         let hot = open_sealed(dir.path(), true, Some(both));
         let cold = hot.cold().unwrap().clone();
-        assert_eq!(cold.rewrap_keys().unwrap(), 40);
+        // One object under a key that is gone does not keep the others under k1; it is reported.
+        let first = cold.catalog().unwrap()[0].key.clone();
+        let set_kek = |kek: &str| {
+            let conn = cold.mover.lock().unwrap();
+            conn.execute("UPDATE warm.cold_objects SET kek_id = ? WHERE key = ?", [kek, first.as_str()]).unwrap();
+        };
+        set_kek("gone");
+        let err = cold.rewrap_keys().unwrap_err().to_string();
+        assert!(err.contains("`gone`") && err.contains(&first), "{err}");
+        assert_eq!(cold.key_usage().unwrap(), vec![(Some("gone".to_owned()), 1), (Some("k2".to_owned()), 39)]);
+        set_kek("k1");
+        assert_eq!(cold.rewrap_keys().unwrap(), 1);
         assert_eq!(cold.rewrap_keys().unwrap(), 0, "nothing left under k1");
         assert_eq!(cold.key_usage().unwrap(), vec![(Some("k2".to_owned()), 40)]);
         let after: Vec<Vec<u8>> = objects.iter().map(|f| std::fs::read(f).unwrap()).collect();
