@@ -524,16 +524,33 @@ impl HotTier {
             self.indexes.remove(&hashes)?;
             deleted.hot += hashes.len() as u64;
             if let Some(warm) = &warm {
+                let matching = format!("{} AND w.ingested_at <= make_timestamp({ingested_before_us})", selector.sql("w"));
+                // The erased points leave the 5-minute buckets of their days in the same transaction.
+                let rollups = if kind == RecordKind::Metric {
+                    let mut stmt = conn.prepare(&format!(
+                        "SELECT DISTINCT system_id, strftime(CAST(ts AS DATE), '%Y-%m-%d') FROM warm.metric w WHERE {matching}"
+                    ))?;
+                    let days = stmt
+                        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    crate::rollup::days_relation(days.iter().map(|(s, d)| (s.as_str(), d.as_str())))
+                        .map(|days| crate::rollup::Rollup::FiveMinutes.refresh_from_warm_sql(&days))
+                } else {
+                    None
+                };
                 // A separate transaction: DuckDB writes one attached database per transaction.
-                let hashes = delete(
-                    conn,
-                    format!(
-                        "DELETE FROM warm.{t} w WHERE {} AND w.ingested_at <= make_timestamp({ingested_before_us}) \
-                         RETURNING system_id, id",
-                        selector.sql("w")
-                    ),
-                    kind,
-                )?;
+                conn.execute_batch("BEGIN TRANSACTION")?;
+                let hashes = delete(conn, format!("DELETE FROM warm.{t} w WHERE {matching} RETURNING system_id, id"), kind)
+                    .and_then(|hashes| {
+                        if let Some(sql) = &rollups {
+                            conn.execute_batch(sql)?;
+                        }
+                        conn.execute_batch("COMMIT")?;
+                        Ok(hashes)
+                    })
+                    .inspect_err(|_| {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    })?;
                 warm.forget(&hashes)?;
                 deleted.warm += hashes.len() as u64;
             }

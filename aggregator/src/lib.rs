@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod objects;
 pub mod query;
 pub mod receiver;
+pub mod rollup;
 pub mod search;
 pub mod storage;
 pub mod timeseries;

@@ -195,20 +195,29 @@ impl QueryService {
         })?)
     }
 
+    /// Runs a metric query on a connection that sees the cold points it needs (none at `1h`).
+    fn read_series<T>(
+        &self,
+        q: &SeriesQuery,
+        f: impl FnOnce(&duckdb::Connection) -> Result<T, HotError>,
+    ) -> Result<T, QueryError> {
+        if timeseries::reads_cold_points(q.resolution) {
+            Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, f)?)
+        } else {
+            Ok(self.hot.read(f)?)
+        }
+    }
+
     /// A metric's series.
     pub fn series(&self, q: &SeriesQuery) -> Result<Vec<Series>, QueryError> {
         check_metric(q)?;
-        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
-            timeseries::range(conn, q, 100_000)
-        })?)
+        self.read_series(q, |conn| timeseries::range(conn, q, 100_000))
     }
 
     /// A metric's trend per system.
     pub fn trend(&self, q: &SeriesQuery) -> Result<Vec<Trend>, QueryError> {
         check_metric(q)?;
-        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
-            timeseries::trend(conn, q)
-        })?)
+        self.read_series(q, |conn| timeseries::trend(conn, q))
     }
 
     /// A metric's anomalous points.
@@ -224,9 +233,7 @@ impl QueryService {
             return Err(QueryError::Invalid(format!("`threshold` must be a positive number, not {threshold}")));
         }
         let limit = check_limit(limit)?;
-        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
-            timeseries::anomalies(conn, q, threshold, robust, limit)
-        })?)
+        self.read_series(q, |conn| timeseries::anomalies(conn, q, threshold, robust, limit))
     }
 
     /// Correlations between systems for a metric.
@@ -235,9 +242,7 @@ impl QueryService {
         if !(0.0..=1.0).contains(&min_abs_r) {
             return Err(QueryError::Invalid(format!("`min_r` must be between 0 and 1, not {min_abs_r}")));
         }
-        Ok(self.hot.read_spanning(&[RecordKind::Metric], &q.systems, q.since_us, q.until_us, |conn| {
-            timeseries::correlate(conn, q, min_abs_r)
-        })?)
+        self.read_series(q, |conn| timeseries::correlate(conn, q, min_abs_r))
     }
 
     /// The `limit` records nearest to `embedding` that pass `filters`, most similar first.

@@ -174,23 +174,68 @@ pub struct MetricSummary {
 }
 
 /// The bucketed series as a SQL subquery `(system_id, b, v, lo, hi, n)` with its parameters.
-fn series_sql<'a>(q: &'a SeriesQuery, params: &mut Vec<&'a dyn ToSql>) -> String {
-    params.push(&q.name);
-    let mut sql = format!(
-        "SELECT system_id, {} AS b, avg(value) AS v, min(value) AS lo, max(value) AS hi, count(*) AS n \
-         FROM all_metric WHERE name = ? AND value IS NOT NULL AND isfinite(value)",
-        q.resolution.bucket_sql()
-    );
-    sql.push_str(&system_clause("system_id", &q.systems, params));
-    sql.push_str(&time_clause(&q.since_us, &q.until_us, params));
-    sql.push_str(" GROUP BY ALL");
-    sql
+///
+/// `raw` and `1m` bucket every point. Where the warm tier keeps rollups (see [`crate::rollup`]), `5m` merges
+/// hot and cold points with warm's 5-minute buckets, and `1h` merges hot points with warm's 5-minute and cold's
+/// hourly buckets — no cold object is read. A rollup bucket counts when its start is in the range.
+fn series_sql<'a>(conn: &Connection, q: &'a SeriesQuery, params: &mut Vec<&'a dyn ToSql>) -> Result<String, HotError> {
+    let bucket = q.resolution.bucket_sql();
+    let points = |tiers: &str, params: &mut Vec<&'a dyn ToSql>| {
+        params.push(&q.name);
+        let mut sql = format!(
+            "SELECT system_id, {bucket} AS b, count(*) AS n, sum(value) AS s, min(value) AS lo, max(value) AS hi \
+             FROM all_metric WHERE name = ? AND value IS NOT NULL AND isfinite(value){tiers}"
+        );
+        sql.push_str(&system_clause("system_id", &q.systems, params));
+        sql.push_str(&time_clause(&q.since_us, &q.until_us, params));
+        sql.push_str(" GROUP BY ALL");
+        sql
+    };
+    let rollup = |table: &str, params: &mut Vec<&'a dyn ToSql>| {
+        params.push(&q.name);
+        let mut sql = format!(
+            "SELECT system_id, {bucket} AS b, sum(n) AS n, sum(sum) AS s, min(min) AS lo, max(max) AS hi \
+             FROM (SELECT system_id, name, bucket AS ts, n, sum, min, max FROM {table}) WHERE name = ?"
+        );
+        sql.push_str(&system_clause("system_id", &q.systems, params));
+        sql.push_str(&time_clause(&q.since_us, &q.until_us, params));
+        sql.push_str(" GROUP BY ALL");
+        sql
+    };
+    let has_rollups: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM duckdb_tables() WHERE database_name = 'warm' AND table_name = 'metric_5m'",
+        [],
+        |r| r.get(0),
+    )?;
+    let parts = match q.resolution {
+        Resolution::FiveMinutes if has_rollups => vec![
+            points(" AND tier IN ('hot', 'cold')", params),
+            rollup(crate::rollup::Rollup::FiveMinutes.table(), params),
+        ],
+        Resolution::Hour if has_rollups => vec![
+            points(" AND tier = 'hot'", params),
+            rollup(crate::rollup::Rollup::FiveMinutes.table(), params),
+            rollup(crate::rollup::Rollup::Hour.table(), params),
+        ],
+        _ => vec![points("", params)],
+    };
+    Ok(format!(
+        "SELECT system_id, b, sum(s) / sum(n) AS v, min(lo) AS lo, max(hi) AS hi, sum(n)::BIGINT AS n \
+         FROM ({}) GROUP BY system_id, b",
+        parts.join(" UNION ALL ")
+    ))
+}
+
+/// Whether a query at `resolution` reads raw points of cold objects (`1h` reads the hourly rollups instead,
+/// where the warm tier keeps them).
+pub fn reads_cold_points(resolution: Resolution) -> bool {
+    resolution != Resolution::Hour
 }
 
 /// The series of every matching system, at the query's resolution.
 pub fn range(conn: &Connection, q: &SeriesQuery, max_points: usize) -> Result<Vec<Series>, HotError> {
     let mut params = Vec::new();
-    let inner = series_sql(q, &mut params);
+    let inner = series_sql(conn, q, &mut params)?;
     let sql = format!("SELECT system_id, epoch_us(b), v, lo, hi, n FROM ({inner}) ORDER BY system_id, b");
     let mut stmt = conn.prepare(&sql)?;
     let mut rows = stmt.query(params.as_slice())?;
@@ -217,7 +262,7 @@ pub fn range(conn: &Connection, q: &SeriesQuery, max_points: usize) -> Result<Ve
 /// A least-squares line through each system's series.
 pub fn trend(conn: &Connection, q: &SeriesQuery) -> Result<Vec<Trend>, HotError> {
     let mut params = Vec::new();
-    let inner = series_sql(q, &mut params);
+    let inner = series_sql(conn, q, &mut params)?;
     // x in hours since the first bucket keeps the regression numerically tame.
     let sql = format!(
         "WITH s AS ({inner}), x AS (SELECT system_id, (epoch(b) - min(epoch(b)) OVER (PARTITION BY system_id)) / 3600.0 AS h, v FROM s) \
@@ -260,7 +305,7 @@ pub fn anomalies(
     limit: usize,
 ) -> Result<Vec<Anomaly>, HotError> {
     let mut params = Vec::new();
-    let inner = series_sql(q, &mut params);
+    let inner = series_sql(conn, q, &mut params)?;
     let sql = format!(
         "WITH s AS ({inner}), \
          stats AS (SELECT system_id, avg(v) AS mean, stddev_samp(v) AS sd, median(v) AS med, count(*) AS n FROM s GROUP BY 1), \
@@ -292,7 +337,7 @@ pub fn anomalies(
 /// Pearson correlation between every pair of systems over the buckets both have (at least 3).
 pub fn correlate(conn: &Connection, q: &SeriesQuery, min_abs_r: f64) -> Result<Vec<Correlation>, HotError> {
     let mut params = Vec::new();
-    let inner = series_sql(q, &mut params);
+    let inner = series_sql(conn, q, &mut params)?;
     let sql = format!(
         "WITH s AS ({inner}) SELECT a.system_id, b.system_id, corr(a.v, b.v) AS r, count(*) \
          FROM s a JOIN s b ON a.b = b.b AND a.system_id < b.system_id \

@@ -132,6 +132,16 @@ impl WarmTier {
                  UNION ALL SELECT *, 'warm' AS tier FROM warm.{t};\n"
             ));
         }
+        let had_rollups: i64 = conn.query_row(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'warm' AND table_name = 'metric_5m'",
+            [],
+            |r| r.get(0),
+        )?;
+        ddl.push_str(crate::rollup::DDL);
+        if had_rollups == 0 {
+            // A warm file from before rollups existed: summarise what it holds once.
+            ddl.push_str(&crate::rollup::backfill_sql());
+        }
         ddl.push_str(
             "CREATE TABLE IF NOT EXISTS warm.moves (id BIGINT, kind VARCHAR, cutoff TIMESTAMP, state VARCHAR, \
              records BIGINT, checksum VARCHAR, started_at TIMESTAMP, finished_at TIMESTAMP, detail VARCHAR);\n",
@@ -231,6 +241,14 @@ impl WarmTier {
     /// Copies the hot rows of `kind` older than `cutoff_us` into warm (step 1), journaled in the same transaction.
     pub(crate) fn copy(&self, conn: &Connection, id: i64, kind: RecordKind, cutoff_us: i64) -> Result<(), HotError> {
         let t = kind.as_str();
+        // The days whose metric rows change get their 5-minute buckets recomputed in the same transaction.
+        let rollups = if kind == RecordKind::Metric {
+            crate::rollup::Rollup::FiveMinutes.refresh_from_warm_sql(&format!(
+                "(SELECT system_id, CAST(ts AS DATE) AS day FROM main.metric WHERE ts < make_timestamp({cutoff_us}))"
+            ))
+        } else {
+            String::new()
+        };
         // Every value in this SQL is ours (an enum name and integers), so building it as text is safe.
         conn.execute_batch(&format!(
             "BEGIN TRANSACTION;\n\
@@ -238,6 +256,7 @@ impl WarmTier {
                AND h.system_id = w.system_id AND h.id = w.id AND h.ts >= w.ts);\n\
              INSERT INTO warm.{t} SELECT h.* FROM main.{t} h WHERE h.ts < make_timestamp({cutoff_us}) \
                AND NOT EXISTS (SELECT 1 FROM warm.{t} w WHERE w.system_id = h.system_id AND w.id = h.id);\n\
+             {rollups}\
              UPDATE warm.moves SET state = 'copied' WHERE id = {id} AND kind = '{t}';\n\
              COMMIT;"
         ))

@@ -405,6 +405,14 @@ pub(crate) fn visible_source(kind: &str, paths: &[PathBuf]) -> String {
     )
 }
 
+/// [`visible_source`] with one row per key, its newest version: what the cold tier holds for `paths`.
+pub(crate) fn newest_visible(kind: &str, paths: &[PathBuf]) -> String {
+    format!(
+        "(SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1)",
+        visible_source(kind, paths)
+    )
+}
+
 /// A SQL string literal.
 pub(crate) fn sql_text(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -929,10 +937,17 @@ impl ColdTier {
             duckdb::params![id, t, group.system_id, group.day],
         )?;
         let lease = self.record(self.lease(objects))?;
-        let source = format!(
-            "(SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1)",
-            visible_source(t, &lease.paths)
-        );
+        let source = newest_visible(t, &lease.paths);
+        // The day's metric rows are warm now: 5-minute buckets from them, no hourly ones.
+        let rollups = match kind {
+            RecordKind::Metric => {
+                let days = crate::rollup::days_relation([(group.system_id.as_str(), group.day.as_str())])
+                    .expect("one day");
+                crate::rollup::Rollup::FiveMinutes.refresh_from_warm_sql(&days)
+                    + &crate::rollup::Rollup::Hour.clear_sql(&days)
+            }
+            _ => String::new(),
+        };
         let hold_until = now + self.config.promotion.min_age.as_micros() as i64;
         let moving = warm.lock_moves();
         conn.execute_batch("BEGIN TRANSACTION")?;
@@ -966,7 +981,7 @@ impl ColdTier {
                  DELETE FROM warm.tier_holds WHERE kind = '{t}' AND system_id = {system} AND day = DATE {day};\n\
                  INSERT INTO warm.tier_holds VALUES ('{t}', {system}, DATE {day}, make_timestamp({hold_until}));\n\
                  UPDATE warm.cold_moves SET state = 'done', records = {rows}, finished_at = now() \
-                   WHERE id = {id} AND kind = '{t}' AND state = 'promoting';",
+                   WHERE id = {id} AND kind = '{t}' AND state = 'promoting';\n{rollups}",
                 keys = keys.join(", "),
                 system = sql_text(&group.system_id),
                 day = sql_text(&group.day),
@@ -1209,6 +1224,23 @@ impl ColdTier {
             warn!(message = "Fault injection: pausing after cold uploads.", ms = pause.as_millis() as u64);
             std::thread::sleep(pause);
         }
+        // The hourly rollup of a day is recomputed from all of the day's objects: lease those already in cold.
+        let (rollups, _prior) = if kind == RecordKind::Metric {
+            let mut prior = Vec::new();
+            for g in groups {
+                prior.extend(self.group_objects(conn, t, &g.system_id, &g.day)?);
+            }
+            let lease = self.record(self.lease(&prior))?;
+            let mut paths = lease.paths.clone();
+            paths.extend(objects.iter().map(|o| o.file.clone()));
+            let days = crate::rollup::days_relation(objects.iter().map(|o| (o.system_id.as_str(), o.day.as_str())))
+                .expect("objects is not empty");
+            let sql = crate::rollup::Rollup::Hour.refresh_sql(&days, &newest_visible(t, &paths))
+                + &crate::rollup::Rollup::FiveMinutes.refresh_from_warm_sql(&days);
+            (sql, Some(lease))
+        } else {
+            (String::new(), None)
+        };
         // 4. Register and delete in one transaction, under the warm lock (the warm indexes change too).
         let _moving = warm.lock_moves();
         conn.execute_batch("BEGIN TRANSACTION")?;
@@ -1245,6 +1277,9 @@ impl ColdTier {
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
                 .map(|row| row.map(|(system, id)| crate::hot::key_hash_of(kind, &system, &id)))
                 .collect::<Result<Vec<u64>, _>>()?;
+            if !rollups.is_empty() {
+                conn.execute_batch(&rollups)?;
+            }
             let done: Vec<String> =
                 objects.iter().map(|o| format!("({}, {})", sql_text(&o.key), sql_text(&o.checksum))).collect();
             conn.execute_batch(&format!(
@@ -1363,10 +1398,23 @@ impl ColdTier {
         let lease = self.lease(&objects)?;
         let visible: i64 =
             conn.query_row(&format!("SELECT count(*) FROM {}", visible_source(kind, &lease.paths)), [], |r| r.get(0))?;
+        let days = crate::rollup::days_relation([(system_id, day)]).expect("one day");
+        let hourly = |source: Option<String>| match (kind, source) {
+            ("metric", Some(source)) => crate::rollup::Rollup::Hour.refresh_sql(&days, &source),
+            ("metric", None) => crate::rollup::Rollup::Hour.clear_sql(&days),
+            _ => String::new(),
+        };
         if visible == 0 {
             // Deletions hid every row: the objects go, nothing replaces them.
             let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
-            conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
+            conn.execute_batch(&format!(
+                "BEGIN TRANSACTION;\nDELETE FROM warm.cold_objects WHERE key IN ({});\n{}COMMIT;",
+                old.join(", "),
+                hourly(None)
+            ))
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
             drop(lease);
             for object in &objects {
                 self.cache.forget(&object.sha256);
@@ -1382,9 +1430,9 @@ impl ColdTier {
         let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
         let result = (|| -> Result<u64, ColdError> {
             conn.execute_batch(&format!(
-                "COPY (SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1 \
-                 ORDER BY ts, id) TO {} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                visible_source(kind, &lease.paths),
+                "COPY (SELECT * FROM {} ORDER BY ts, id) TO {} \
+                 (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                newest_visible(kind, &lease.paths),
                 sql_text(&file.display().to_string()),
                 self.config.row_group_rows
             ))?;
@@ -1402,6 +1450,11 @@ impl ColdTier {
                 )?;
                 let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
                 conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
+                // Compaction applies erasures: the day's hourly buckets follow the rewritten object.
+                let rollups = hourly(Some(parquet_source(std::slice::from_ref(&file))));
+                if !rollups.is_empty() {
+                    conn.execute_batch(&rollups)?;
+                }
                 Ok(())
             })();
             match swapped {
@@ -2163,4 +2216,171 @@ mod tests {
         assert_eq!(tier_of("r3", RecordKind::Reflection), "warm");
         assert_eq!(tier_of("r39", RecordKind::Reflection), "warm");
     }
+
+    /// Every 10 minutes for 120 days, two systems: `cpu` (with a gap where the value is NaN) and `mem`.
+    fn metric_points(now: i64) -> Vec<Record> {
+        const TEN_MINUTES: i64 = 600_000_000;
+        let mut records = Vec::new();
+        for i in 0..(120 * 144) {
+            let ts = now - i * TEN_MINUTES - 7_000_000;
+            for (s, system) in ["s0", "s1"].iter().enumerate() {
+                let value = if i % 1000 == 17 { f64::NAN } else { (i % 97) as f64 * 0.25 + 1000.0 * s as f64 };
+                for name in ["cpu", "mem"] {
+                    records.push(Record {
+                        system_id: (*system).into(),
+                        kind: RecordKind::Metric,
+                        id: format!("{name}-{i}"),
+                        ts,
+                        name: Some(name.into()),
+                        value: Some(if name == "mem" { 64.0 } else { value }),
+                        ..Record::default()
+                    });
+                }
+            }
+        }
+        records
+    }
+
+    /// The series of `cpu` at `resolution` over `[since, until)` for every system, values rounded so that sums
+    /// taken in another order compare equal.
+    fn series(
+        hot: &Arc<HotTier>,
+        resolution: crate::timeseries::Resolution,
+        since_us: Option<i64>,
+        until_us: Option<i64>,
+    ) -> Vec<(String, Vec<(i64, i64, f64, f64, u64)>)> {
+        let service = QueryService::new(hot.clone(), None);
+        let q = crate::timeseries::SeriesQuery {
+            name: "cpu".into(),
+            systems: Vec::new(),
+            since_us,
+            until_us,
+            resolution,
+        };
+        service
+            .series(&q)
+            .unwrap()
+            .into_iter()
+            .map(|s| {
+                let points = s.points.iter().map(|p| (p.ts, (p.value * 1e6).round() as i64, p.min, p.max, p.count));
+                (s.system_id, points.collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn metric_rollups_answer_like_the_raw_points_across_tiers_erasure_and_promotion() {
+        use crate::timeseries::Resolution::{FiveMinutes, Hour};
+        const HOUR: i64 = 3_600_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        // Whole hours, so that the ranges below start on bucket boundaries.
+        let now = jiff::Timestamp::now().as_microsecond() / HOUR * HOUR;
+        let records = metric_points(now);
+        let reference = open(dir.path(), false);
+        reference.insert(&records).unwrap();
+        let hot = open(dir.path(), true);
+        hot.insert(&records).unwrap();
+        // Neither cutoff falls on a day boundary: a day is split between hot and warm, and between warm and cold.
+        hot.move_to_warm(now - 7 * DAY - 5 * HOUR).unwrap().unwrap();
+        hot.move_to_cold(now - 90 * DAY - 5 * HOUR).unwrap().unwrap();
+        let cold = hot.cold().unwrap().clone();
+        let rollup_rows = |table: &str| -> i64 {
+            hot.read(|c| Ok(c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)).unwrap()
+        };
+        // 83 days of 5-minute buckets (every other bucket has a point), 30 days of hourly ones; 2 systems, 2 names.
+        let (five, hourly) = (rollup_rows("warm.metric_5m"), rollup_rows("warm.metric_1h"));
+        assert!((2 * 2 * 144 * 82..=2 * 2 * 144 * 84).contains(&five), "{five}");
+        assert!((2 * 2 * 24 * 29..=2 * 2 * 24 * 31).contains(&hourly), "{hourly}");
+
+        let ranges = [
+            (None, None),
+            (Some(now - 30 * DAY), Some(now)),
+            (Some(now - 100 * DAY), Some(now - 80 * DAY)),
+            (Some(now - 8 * DAY), Some(now - 6 * DAY)),
+            (Some(now - 119 * DAY), Some(now - 91 * DAY)),
+        ];
+        let compare = |hot: &Arc<HotTier>, what: &str| {
+            for (since, until) in ranges {
+                for resolution in [FiveMinutes, Hour] {
+                    let got = series(&hot, resolution, since, until);
+                    let expected = series(&reference, resolution, since, until);
+                    assert_eq!(got.len(), 2, "{what}: {resolution:?} {since:?}..{until:?}");
+                    assert!(got == expected, "{what}: {resolution:?} over {since:?}..{until:?} differs from raw");
+                }
+            }
+        };
+        compare(&hot, "after the moves");
+
+        // An hourly query reads no cold object; a 5-minute one over cold days does.
+        drop(cold);
+        drop(hot);
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+        let hot = open(dir.path(), true);
+        let still_hot: Vec<Record> =
+            records.iter().filter(|r| r.ts >= now - 7 * DAY - 5 * HOUR).cloned().collect();
+        hot.insert(&still_hot).unwrap();
+        let cold = hot.cold().unwrap().clone();
+        assert!(series(&hot, Hour, None, None) == series(&reference, Hour, None, None));
+        assert_eq!(cold.cache().fetched.load(Ordering::Relaxed), 0, "hourly buckets come from the rollups");
+        compare(&hot, "with an empty cache");
+        assert!(cold.cache().fetched.load(Ordering::Relaxed) > 0);
+
+        // Erasing a system's metrics takes its points out of every rollup (cold's at the compaction that applies
+        // the tombstone).
+        let selector = crate::erasure::Selector {
+            system_id: Some("s1".into()),
+            kind: Some(RecordKind::Metric),
+            ..Default::default()
+        };
+        let erased_before = jiff::Timestamp::now().as_microsecond();
+        reference.delete(&selector, Some(erased_before), |_, _| Ok(())).unwrap();
+        let deleted = hot.delete(&selector, Some(erased_before), |_, _| Ok(())).unwrap();
+        assert!(deleted.hot > 0 && deleted.warm > 0, "{deleted:?}");
+        cold.tombstone(1, &selector, erased_before).unwrap();
+        cold.compact().unwrap();
+        let s1_buckets = |table: &str| -> i64 {
+            hot.read(|c| {
+                Ok(c.query_row(&format!("SELECT count(*) FROM {table} WHERE system_id = 's1'"), [], |r| r.get(0))?)
+            })
+            .unwrap()
+        };
+        assert_eq!((s1_buckets("warm.metric_5m"), s1_buckets("warm.metric_1h")), (0, 0));
+        for resolution in [FiveMinutes, Hour] {
+            let got = series(&hot, resolution, None, None);
+            assert_eq!(got.len(), 1);
+            assert!(got == series(&reference, resolution, None, None), "{resolution:?} after the erasure");
+        }
+
+        // A cold day promoted back to warm trades its hourly buckets for 5-minute ones.
+        let day_ts = now - 100 * DAY;
+        let group = access::Group::of("metric", "s0", day_ts);
+        {
+            let conn = cold.mover.lock().unwrap();
+            let objects = cold.group_objects(&conn, "metric", "s0", &group.day).unwrap();
+            assert!(!objects.is_empty());
+            cold.promote_group(&conn, hot.warm().unwrap(), &group, &objects, jiff::Timestamp::now().as_microsecond())
+                .unwrap();
+        }
+        let day_buckets = |table: &str| -> i64 {
+            hot.read(|c| {
+                Ok(c.query_row(
+                    &format!(
+                        "SELECT count(*) FROM {table} WHERE system_id = 's0' AND CAST(bucket AS DATE) = DATE '{}'",
+                        group.day
+                    ),
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap()
+        };
+        assert_eq!(day_buckets("warm.metric_1h"), 0);
+        assert_eq!(day_buckets("warm.metric_5m"), 2 * 144);
+        for resolution in [FiveMinutes, Hour] {
+            let got = series(&hot, resolution, None, None);
+            assert!(got == series(&reference, resolution, None, None), "{resolution:?} after the promotion");
+        }
+    }
+
 }
