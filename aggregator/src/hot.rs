@@ -26,7 +26,7 @@ use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use duckdb::Connection;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::search::{SearchError, SearchIndexes};
 use crate::wal::DurableBatch;
@@ -306,6 +306,23 @@ struct Writer {
     keys: HashMap<u64, (i64, u64)>,
 }
 
+/// One round of promotion to hot (see [`HotTier::promote_to_hot`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HotPromotionReport {
+    /// Warm groups copied into hot.
+    pub promoted: u64,
+    /// Rows copied.
+    pub records: u64,
+    /// Promoted groups that went idle and left hot.
+    pub released: u64,
+    /// Groups read often enough that moved less than `min_age` ago.
+    pub too_young: u64,
+    /// Groups read often enough left for the next round (rate limit).
+    pub deferred: u64,
+    /// Wall time.
+    pub took_ms: u64,
+}
+
 /// Rows per system and kind.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KindCount {
@@ -387,7 +404,15 @@ impl HotTier {
     /// table — notes that log entries before `applied` are in.
     fn insert_at(&self, records: &[Record], applied: Option<u64>) -> Result<(), HotError> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let Writer { conn, keys } = &mut *writer;
+        self.insert_locked(&mut writer, records, applied)?;
+        self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// [`Self::insert_at`] under a writer lock the caller holds, without counting the records as ingested.
+    fn insert_locked(&self, writer: &mut Writer, records: &[Record], applied: Option<u64>) -> Result<(), HotError> {
+        let Writer { conn, keys } = writer;
         let ingested_at = jiff::Timestamp::now().as_microsecond();
         let mut duplicates = 0;
         for kind in RecordKind::ALL {
@@ -466,8 +491,6 @@ impl HotTier {
             }
         }
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
-        self.inserted.fetch_add(records.len() as u64, Ordering::Relaxed);
-        self.batches.fetch_add(1, Ordering::Relaxed);
         if let Some(applied) = applied
             && !self.apply_failed.load(Ordering::Relaxed)
         {
@@ -524,7 +547,8 @@ impl HotTier {
             self.indexes.remove(&hashes)?;
             deleted.hot += hashes.len() as u64;
             if let Some(warm) = &warm {
-                let matching = format!("{} AND w.ingested_at <= make_timestamp({ingested_before_us})", selector.sql("w"));
+                let matching =
+                    format!("{} AND w.ingested_at <= make_timestamp({ingested_before_us})", selector.sql("w"));
                 // The erased points leave the 5-minute buckets of their days in the same transaction.
                 let rollups = if kind == RecordKind::Metric {
                     let mut stmt = conn.prepare(&format!(
@@ -540,17 +564,18 @@ impl HotTier {
                 };
                 // A separate transaction: DuckDB writes one attached database per transaction.
                 conn.execute_batch("BEGIN TRANSACTION")?;
-                let hashes = delete(conn, format!("DELETE FROM warm.{t} w WHERE {matching} RETURNING system_id, id"), kind)
-                    .and_then(|hashes| {
-                        if let Some(sql) = &rollups {
-                            conn.execute_batch(sql)?;
-                        }
-                        conn.execute_batch("COMMIT")?;
-                        Ok(hashes)
-                    })
-                    .inspect_err(|_| {
-                        let _ = conn.execute_batch("ROLLBACK");
-                    })?;
+                let hashes =
+                    delete(conn, format!("DELETE FROM warm.{t} w WHERE {matching} RETURNING system_id, id"), kind)
+                        .and_then(|hashes| {
+                            if let Some(sql) = &rollups {
+                                conn.execute_batch(sql)?;
+                            }
+                            conn.execute_batch("COMMIT")?;
+                            Ok(hashes)
+                        })
+                        .inspect_err(|_| {
+                            let _ = conn.execute_batch("ROLLBACK");
+                        })?;
                 warm.forget(&hashes)?;
                 deleted.warm += hashes.len() as u64;
             }
@@ -731,10 +756,195 @@ impl HotTier {
         if let Some(warm) = self.warm.get() {
             return Ok(warm.clone());
         }
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let warm = Arc::new(crate::warm::WarmTier::open(&writer.conn, config)?);
+        // The hot copies of promoted groups died with the last process; warm hides its rows of them.
+        let promoted = self.promoted_groups(&writer.conn)?;
+        for (kind, system_id, day, _) in &promoted {
+            self.copy_group_to_hot(&mut writer, *kind, system_id, day)?;
+        }
+        if !promoted.is_empty() {
+            info!(message = "Groups promoted to hot reloaded from warm.", groups = promoted.len());
+        }
         let _ = self.warm.set(warm.clone());
         Ok(warm)
+    }
+
+    /// The groups promoted to hot: kind, system, day and the end of their hold (microseconds).
+    fn promoted_groups(&self, conn: &Connection) -> Result<Vec<(RecordKind, String, String, i64)>, HotError> {
+        let mut stmt = conn.prepare(
+            "SELECT kind, system_id, strftime(day, '%Y-%m-%d'), epoch_us(until) FROM warm.hot_holds ORDER BY 3, 1, 2",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, system_id, day, until) = row?;
+            let kind = kind.parse().map_err(|_| HotError::Io(format!("unknown kind `{kind}` in warm.hot_holds")))?;
+            out.push((kind, system_id, day, until));
+        }
+        Ok(out)
+    }
+
+    /// Copies the warm rows of one (kind, system, day) group into hot, where hot has no newer version.
+    fn copy_group_to_hot(
+        &self,
+        writer: &mut Writer,
+        kind: RecordKind,
+        system_id: &str,
+        day: &str,
+    ) -> Result<u64, HotError> {
+        let Writer { conn, keys } = writer;
+        let t = kind.as_str();
+        let group = "w.system_id = $1 AND CAST(w.ts AS DATE) = CAST($2 AS DATE)";
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let copied = (|| -> Result<Vec<(String, String, i64)>, HotError> {
+            conn.execute(
+                &format!(
+                    "DELETE FROM main.{t} h USING warm.{t} w WHERE {group} \
+                     AND h.system_id = w.system_id AND h.id = w.id AND h.ts < w.ts"
+                ),
+                duckdb::params![system_id, day],
+            )?;
+            let mut stmt = conn.prepare(&format!(
+                "INSERT INTO main.{t} SELECT w.* FROM warm.{t} w WHERE {group} \
+                 AND NOT EXISTS (SELECT 1 FROM main.{t} h WHERE h.system_id = w.system_id AND h.id = w.id) \
+                 RETURNING system_id, id, epoch_us(ts)"
+            ))?;
+            let rows = stmt.query_map(duckdb::params![system_id, day], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })();
+        let copied = match copied.and_then(|c| conn.execute_batch("COMMIT").map(|()| c).map_err(HotError::from)) {
+            Ok(copied) => copied,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        // The content hash is unknown here: any later version with the same timestamp replaces the copy.
+        for (system_id, id, ts) in &copied {
+            keys.insert(key_hash_of(kind, system_id, id), (*ts, 0));
+        }
+        if !copied.is_empty() {
+            self.indexer.pending.fetch_add(copied.len() as u64, Ordering::Relaxed);
+            let job = IndexJob::Keys(kind, copied.iter().map(|(s, i, _)| (s.clone(), i.clone())).collect());
+            if self.indexer.queue.send(job).is_err() {
+                error!(message = "The search indexer has stopped; new records are not searchable until restart.");
+            }
+        }
+        Ok(copied.len() as u64)
+    }
+
+    /// Promotion to hot, one round (see "Lifecycle" in `docs/STORAGE.md`): warm groups read at least the
+    /// promotion threshold get a copy in hot — warm keeps the durable one and hides its rows while the group is
+    /// promoted, the hot→warm move leaves the copy alone — and promoted groups idle past their hold (`min_age`)
+    /// drop the copy and are held in warm for `min_age`. Needs the cold tier, which keeps the read counts.
+    pub fn promote_to_hot(&self) -> Result<Option<HotPromotionReport>, HotError> {
+        let (Some(warm), Some(cold)) = (self.warm.get().cloned(), self.cold.get().cloned()) else { return Ok(None) };
+        let started = std::time::Instant::now();
+        let promotion = cold.config.promotion.clone();
+        let mut report = HotPromotionReport::default();
+        if !promotion.enabled {
+            return Ok(Some(report));
+        }
+        let now = jiff::Timestamp::now().as_microsecond();
+        let hold_until = now + promotion.min_age.as_micros() as i64;
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _moving = warm.lock_moves();
+        let promoted = self.promoted_groups(&writer.conn)?;
+        for (kind, system_id, day, until) in &promoted {
+            let group = crate::cold::access::Group {
+                kind: kind.as_str().into(),
+                system_id: system_id.clone(),
+                day: day.clone(),
+            };
+            if *until > now || cold.read_score(&group, now) >= promotion.threshold() {
+                continue;
+            }
+            // Queries wait: between the two statements a reader would see the group twice (or not at all).
+            let _readers = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            let Writer { conn, keys } = &mut *writer;
+            let t = kind.as_str();
+            // Copies identical to warm's go; a newer version stays for the next hot→warm move.
+            let hashes: Vec<u64> = {
+                let mut stmt = conn.prepare(&format!(
+                    "DELETE FROM main.{t} h WHERE h.system_id = ? AND CAST(h.ts AS DATE) = CAST(? AS DATE) \
+                     AND EXISTS (SELECT 1 FROM warm.{t} w WHERE w.system_id = h.system_id AND w.id = h.id AND {}) \
+                     RETURNING system_id, id",
+                    crate::warm::same_version("h", "w")
+                ))?;
+                let rows = stmt.query_map(duckdb::params![system_id, day], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                rows.map(|row| row.map(|(s, id)| key_hash_of(*kind, &s, &id))).collect::<Result<_, _>>()?
+            };
+            for h in &hashes {
+                keys.remove(h);
+            }
+            self.indexes.remove(&hashes)?;
+            self.indexes.commit()?;
+            conn.execute(
+                "DELETE FROM warm.hot_holds WHERE kind = ? AND system_id = ? AND day = CAST(? AS DATE)",
+                duckdb::params![t, system_id, day],
+            )?;
+            conn.execute(
+                "INSERT INTO warm.tier_holds VALUES (?, ?, CAST(? AS DATE), make_timestamp(?))",
+                duckdb::params![t, system_id, day, hold_until],
+            )?;
+            info!(message = "A group promoted to hot went idle; warm answers for it again.", kind = t, system_id = %system_id, day = %day);
+            report.released += 1;
+        }
+        let held: std::collections::HashSet<(String, String, String)> =
+            promoted.into_iter().map(|(k, s, d, _)| (k.as_str().to_owned(), s, d)).collect();
+        for (group, reads) in cold.read_groups_at_least(promotion.threshold(), now) {
+            let Ok(kind) = group.kind.parse::<RecordKind>() else { continue };
+            if held.contains(&(group.kind.clone(), group.system_id.clone(), group.day.clone())) {
+                continue;
+            }
+            let (in_warm, young): (i64, bool) = writer.conn.query_row(
+                &format!(
+                    "SELECT (SELECT count(*) FROM warm.{} WHERE system_id = $1 AND CAST(ts AS DATE) = CAST($2 AS DATE)), \
+                     EXISTS (SELECT 1 FROM warm.tier_holds WHERE kind = $3 AND system_id = $1 AND day = CAST($2 AS DATE) \
+                       AND until > now())",
+                    kind.as_str()
+                ),
+                duckdb::params![group.system_id, group.day, group.kind],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if in_warm == 0 {
+                continue;
+            }
+            if young {
+                report.too_young += 1;
+                continue;
+            }
+            if report.promoted as usize >= promotion.max_groups_per_run {
+                report.deferred += 1;
+                continue;
+            }
+            let _readers = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            let records = self.copy_group_to_hot(&mut writer, kind, &group.system_id, &group.day)?;
+            writer.conn.execute(
+                "INSERT INTO warm.hot_holds VALUES (?, ?, CAST(? AS DATE), make_timestamp(?))",
+                duckdb::params![group.kind, group.system_id, group.day, hold_until],
+            )?;
+            info!(
+                message = "Promoted a group read often to hot.",
+                kind = %group.kind,
+                system_id = %group.system_id,
+                day = %group.day,
+                reads,
+                records
+            );
+            report.promoted += 1;
+            report.records += records;
+        }
+        drop(_moving);
+        if report.promoted > 0 || report.released > 0 {
+            warm.persist(&writer.conn)?;
+            notify(&self.on_change, std::iter::once(String::from("*")));
+        }
+        report.took_ms = started.elapsed().as_millis() as u64;
+        Ok(Some(report))
     }
 
     /// A new connection to the hot database (warm attached), for work that must not hold the shared ones.
@@ -873,8 +1083,15 @@ impl HotTier {
             for kind in RecordKind::ALL {
                 let t = kind.as_str();
                 let cutoff_us = cutoff_of(kind);
+                // A group promoted to hot keeps its rows here; only versions warm lacks are copied (so that warm
+                // holds every version the log may forget).
+                let promoted_here = crate::warm::not_promoted(kind, "h");
                 let due: i64 = conn.query_row(
-                    &format!("SELECT count(*) FROM main.{t} WHERE ts < make_timestamp(?)"),
+                    &format!(
+                        "SELECT count(*) FROM main.{t} h WHERE h.ts < make_timestamp(?) AND ({promoted_here} OR \
+                         NOT EXISTS (SELECT 1 FROM warm.{t} w WHERE w.system_id = h.system_id AND w.id = h.id AND {}))",
+                        crate::warm::same_version("h", "w")
+                    ),
                     [cutoff_us],
                     |r| r.get(0),
                 )?;
@@ -901,15 +1118,21 @@ impl HotTier {
                     true,
                 )?;
                 warm.index(&moved)?;
-                conn.execute(&format!("DELETE FROM main.{t} WHERE ts < make_timestamp(?)"), [cutoff_us])?;
-                let hashes: Vec<u64> = moved.iter().map(key_hash).collect();
+                let hashes: Vec<u64> = {
+                    let mut stmt = conn.prepare(&format!(
+                        "DELETE FROM main.{t} h WHERE h.ts < make_timestamp(?) AND {} RETURNING system_id, id",
+                        crate::warm::not_promoted(kind, "h")
+                    ))?;
+                    let rows = stmt.query_map([cutoff_us], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                    rows.map(|row| row.map(|(system, id)| key_hash_of(kind, &system, &id))).collect::<Result<_, _>>()?
+                };
                 for h in &hashes {
                     keys.remove(h);
                 }
                 self.indexes.remove(&hashes)?;
                 self.indexes.commit()?;
                 crate::warm::WarmTier::set_state(conn, id, kind, "done", None)?;
-                report.records.push((t, verified.rows));
+                report.records.push((t, hashes.len() as u64));
             }
             Ok(())
         })();

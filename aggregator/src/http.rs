@@ -1021,13 +1021,15 @@ fn cold_failure(e: crate::cold::ColdError) -> Response {
     }
 }
 
-/// `POST /v1/admin/cold/promote`: saves the read counts and promotes the groups read often enough, now.
+/// `POST /v1/admin/cold/promote`: saves the read counts and promotes the groups read often enough, now — cold
+/// to warm (`report`), then warm to hot (`hot`, which also lets idle promoted groups go).
 async fn cold_promote(State(agg): State<Arc<Aggregator>>) -> Response {
     let Some(r) = agg.receiver() else { return starting() };
     let hot = r.hot.clone();
-    match tokio::task::spawn_blocking(move || hot.promote_from_cold()).await {
-        Ok(Ok(Some(report))) => axum::Json(json!({"report": report})).into_response(),
-        Ok(Ok(None)) => {
+    match tokio::task::spawn_blocking(move || hot.promote_from_cold().map(|cold| (cold, hot.promote_to_hot()))).await {
+        Ok(Ok((Some(report), Ok(to_hot)))) => axum::Json(json!({"report": report, "hot": to_hot})).into_response(),
+        Ok(Ok((Some(_), Err(e)))) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", &e.to_string()),
+        Ok(Ok((None, _))) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cold tier is disabled (`cold.enabled`)")
         }
         Ok(Err(e)) => cold_failure(e),

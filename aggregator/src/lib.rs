@@ -278,6 +278,9 @@ impl Aggregator {
                     let _ = tokio::task::spawn_blocking(move || {
                         // Promotion first: a group read often enough is not demoted in the same round.
                         let _ = hot.promote_from_cold();
+                        if let Err(e) = hot.promote_to_hot() {
+                            warn!(message = "Promotion to hot failed; the next round retries.", error = %e);
+                        }
                         if hot.move_to_cold_by(|k| windows.cutoff(k, now)).is_ok() {
                             let _ = cold.compact();
                         }

@@ -605,6 +605,11 @@ pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Res
                     "cold to warm: {} groups read often promoted ({} records); {} too young to move again, {} deferred",
                     p["groups"], p["records"], p["too_young"], p["deferred"]
                 );
+                let h = &out["cold_to_warm"]["hot"];
+                println!(
+                    "warm to hot: {} groups read often promoted ({} records), {} idle ones released; {} too young, {} deferred",
+                    h["promoted"], h["records"], h["released"], h["too_young"], h["deferred"]
+                );
             }
             println!(
                 "warm to cold: {} records moved in {} objects; compaction merged {} objects, deleted {} orphans",

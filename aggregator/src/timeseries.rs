@@ -191,11 +191,19 @@ fn series_sql<'a>(conn: &Connection, q: &'a SeriesQuery, params: &mut Vec<&'a dy
         sql.push_str(" GROUP BY ALL");
         sql
     };
-    let rollup = |table: &str, params: &mut Vec<&'a dyn ToSql>| {
+    let rollup = |rollup: crate::rollup::Rollup, params: &mut Vec<&'a dyn ToSql>| {
         params.push(&q.name);
+        let table = rollup.table();
+        // Warm days promoted to hot are counted from their hot copy.
+        let promoted = match rollup {
+            crate::rollup::Rollup::FiveMinutes => {
+                format!(" AND {}", crate::warm::not_promoted(akosha_protocol::RecordKind::Metric, "r"))
+            }
+            crate::rollup::Rollup::Hour => String::new(),
+        };
         let mut sql = format!(
             "SELECT system_id, {bucket} AS b, sum(n) AS n, sum(sum) AS s, min(min) AS lo, max(max) AS hi \
-             FROM (SELECT system_id, name, bucket AS ts, n, sum, min, max FROM {table}) WHERE name = ?"
+             FROM (SELECT system_id, name, bucket AS ts, n, sum, min, max FROM {table}) r WHERE name = ?{promoted}"
         );
         sql.push_str(&system_clause("system_id", &q.systems, params));
         sql.push_str(&time_clause(&q.since_us, &q.until_us, params));
@@ -208,14 +216,13 @@ fn series_sql<'a>(conn: &Connection, q: &'a SeriesQuery, params: &mut Vec<&'a dy
         |r| r.get(0),
     )?;
     let parts = match q.resolution {
-        Resolution::FiveMinutes if has_rollups => vec![
-            points(" AND tier IN ('hot', 'cold')", params),
-            rollup(crate::rollup::Rollup::FiveMinutes.table(), params),
-        ],
+        Resolution::FiveMinutes if has_rollups => {
+            vec![points(" AND tier IN ('hot', 'cold')", params), rollup(crate::rollup::Rollup::FiveMinutes, params)]
+        }
         Resolution::Hour if has_rollups => vec![
             points(" AND tier = 'hot'", params),
-            rollup(crate::rollup::Rollup::FiveMinutes.table(), params),
-            rollup(crate::rollup::Rollup::Hour.table(), params),
+            rollup(crate::rollup::Rollup::FiveMinutes, params),
+            rollup(crate::rollup::Rollup::Hour, params),
         ],
         _ => vec![points("", params)],
     };

@@ -119,7 +119,9 @@ impl WarmTier {
         std::fs::create_dir_all(dir).map_err(|e| HotError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let path = config.path.display().to_string().replace('\'', "''");
         conn.execute_batch(&format!("ATTACH '{path}' AS warm;"))?;
-        let mut ddl = String::new();
+        let mut ddl = String::from(
+            "CREATE TABLE IF NOT EXISTS warm.hot_holds (kind VARCHAR, system_id VARCHAR, day DATE, until TIMESTAMP);\n",
+        );
         let columns = crate::hot::column_ddl();
         for kind in RecordKind::ALL {
             let t = kind.as_str();
@@ -127,11 +129,14 @@ impl WarmTier {
                 "CREATE TABLE IF NOT EXISTS warm.{t} ({columns}, ingested_at TIMESTAMP NOT NULL);\n\
                  CREATE INDEX IF NOT EXISTS {t}_id ON warm.{t} (id);\n"
             ));
+            // A group promoted to hot is answered from its hot copy (see `HotTier::promote_to_hot`).
             ddl.push_str(&format!(
                 "CREATE OR REPLACE VIEW main.all_{t} AS SELECT *, 'hot' AS tier FROM main.{t} \
-                 UNION ALL SELECT *, 'warm' AS tier FROM warm.{t};\n"
+                 UNION ALL SELECT *, 'warm' AS tier FROM warm.{t} w WHERE {};\n",
+                not_promoted(kind, "w")
             ));
         }
+
         let had_rollups: i64 = conn.query_row(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'warm' AND table_name = 'metric_5m'",
             [],
@@ -253,12 +258,13 @@ impl WarmTier {
         conn.execute_batch(&format!(
             "BEGIN TRANSACTION;\n\
              DELETE FROM warm.{t} w WHERE EXISTS (SELECT 1 FROM main.{t} h WHERE h.ts < make_timestamp({cutoff_us}) \
-               AND h.system_id = w.system_id AND h.id = w.id AND h.ts >= w.ts);\n\
+               AND h.system_id = w.system_id AND h.id = w.id AND h.ts >= w.ts AND NOT ({same}));\n\
              INSERT INTO warm.{t} SELECT h.* FROM main.{t} h WHERE h.ts < make_timestamp({cutoff_us}) \
                AND NOT EXISTS (SELECT 1 FROM warm.{t} w WHERE w.system_id = h.system_id AND w.id = h.id);\n\
              {rollups}\
              UPDATE warm.moves SET state = 'copied' WHERE id = {id} AND kind = '{t}';\n\
-             COMMIT;"
+             COMMIT;",
+            same = same_version("h", "w"),
         ))
         .inspect_err(|_| {
             let _ = conn.execute_batch("ROLLBACK");
@@ -278,11 +284,6 @@ impl WarmTier {
         cutoff_us: i64,
     ) -> Result<Result<Verified, String>, HotError> {
         let t = kind.as_str();
-        let row_hash = |a: &str| {
-            format!(
-                "hash({a}.system_id, {a}.id, {a}.ts, {a}.text, {a}.name, {a}.value, {a}.metadata, {a}.from_id, {a}.to_id)"
-            )
-        };
         let sql = format!(
             "SELECT (SELECT count(*) FROM main.{t} WHERE ts < make_timestamp({cutoff_us})), \
                     count(*) FILTER (WHERE w.ts >= h.ts), \
@@ -395,6 +396,25 @@ impl WarmTier {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// The content hash a move compares versions by.
+fn row_hash(a: &str) -> String {
+    format!("hash({a}.system_id, {a}.id, {a}.ts, {a}.text, {a}.name, {a}.value, {a}.metadata, {a}.from_id, {a}.to_id)")
+}
+
+/// A SQL condition true when rows `a` and `b` (of the same key) are the same version.
+pub(crate) fn same_version(a: &str, b: &str) -> String {
+    format!("{a}.ts = {b}.ts AND {} = {}", row_hash(a), row_hash(b))
+}
+
+/// A SQL condition true for rows (alias `alias`, of `kind`) whose (system, day) group is not promoted to hot.
+pub(crate) fn not_promoted(kind: RecordKind, alias: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM warm.hot_holds p WHERE p.kind = '{}' AND p.system_id = {alias}.system_id \
+         AND p.day = CAST({alias}.ts AS DATE))",
+        kind.as_str()
+    )
 }
 
 pub(crate) fn index_dir(path: &Path) -> PathBuf {

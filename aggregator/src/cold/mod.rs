@@ -802,8 +802,10 @@ impl ColdTier {
     /// often enough to be promoted again (only idle data is demoted).
     fn demotable(&self, conn: &Connection, kind: &str, groups: Vec<Group>) -> Result<Vec<Group>, ColdError> {
         let held: std::collections::HashSet<(String, String)> = {
+            // Groups promoted to hot stay in warm (their durable copy) as long as they are hot.
             let mut stmt = conn.prepare(
-                "SELECT system_id, strftime(day, '%Y-%m-%d') FROM warm.tier_holds WHERE kind = ? AND until > now()",
+                "SELECT system_id, strftime(day, '%Y-%m-%d') FROM warm.tier_holds WHERE kind = $1 AND until > now() \
+                 UNION SELECT system_id, strftime(day, '%Y-%m-%d') FROM warm.hot_holds WHERE kind = $1",
             )?;
             stmt.query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
         };
@@ -819,22 +821,27 @@ impl ColdTier {
             .collect())
     }
 
-    /// Counts reads of records a query returned (see [`access`]): those from cold, and those from warm older
-    /// than the warm window (promoted ones, kept warm while they are read).
+    /// Counts reads of records a query returned (see [`access`]), per (kind, system, day) group in any tier:
+    /// cold groups read often enough are promoted to warm, warm ones to hot, and promoted ones stay up while
+    /// they are read.
     pub fn note_reads<'a>(&self, records: impl IntoIterator<Item = &'a serde_json::Value>) {
         let now = jiff::Timestamp::now().as_microsecond();
-        let windows = self.config.warm_windows();
         let groups = records.into_iter().filter_map(|r| {
             let ts = r["ts"].as_i64()?;
             let (kind, system_id) = (r["kind"].as_str()?, r["system_id"].as_str()?);
-            let old = match r["tier"].as_str()? {
-                "cold" => true,
-                "warm" => kind.parse::<RecordKind>().is_ok_and(|k| ts < windows.cutoff(k, now)),
-                _ => false,
-            };
-            old.then(|| access::Group::of(kind, system_id, ts))
+            Some(access::Group::of(kind, system_id, ts))
         });
         self.access.note(groups.collect::<Vec<_>>(), now);
+    }
+
+    /// The decayed read count of a group now.
+    pub fn read_score(&self, group: &access::Group, now_us: i64) -> f64 {
+        self.access.score(group, now_us)
+    }
+
+    /// Groups (in any tier) whose decayed read count is at least `threshold`, with it.
+    pub fn read_groups_at_least(&self, threshold: f64, now_us: i64) -> Vec<(access::Group, f64)> {
+        self.access.at_least(threshold, now_us)
     }
 
     /// Groups read often enough to be promoted that are (still) in cold, with their scores.
@@ -941,8 +948,8 @@ impl ColdTier {
         // The day's metric rows are warm now: 5-minute buckets from them, no hourly ones.
         let rollups = match kind {
             RecordKind::Metric => {
-                let days = crate::rollup::days_relation([(group.system_id.as_str(), group.day.as_str())])
-                    .expect("one day");
+                let days =
+                    crate::rollup::days_relation([(group.system_id.as_str(), group.day.as_str())]).expect("one day");
                 crate::rollup::Rollup::FiveMinutes.refresh_from_warm_sql(&days)
                     + &crate::rollup::Rollup::Hour.clear_sql(&days)
             }
@@ -2241,6 +2248,9 @@ mod tests {
         records
     }
 
+    /// A point as compared: bucket, mean × 10⁶ rounded, min, max, count.
+    type SeriesPoint = (i64, i64, f64, f64, u64);
+
     /// The series of `cpu` at `resolution` over `[since, until)` for every system, values rounded so that sums
     /// taken in another order compare equal.
     fn series(
@@ -2248,15 +2258,10 @@ mod tests {
         resolution: crate::timeseries::Resolution,
         since_us: Option<i64>,
         until_us: Option<i64>,
-    ) -> Vec<(String, Vec<(i64, i64, f64, f64, u64)>)> {
+    ) -> Vec<(String, Vec<SeriesPoint>)> {
         let service = QueryService::new(hot.clone(), None);
-        let q = crate::timeseries::SeriesQuery {
-            name: "cpu".into(),
-            systems: Vec::new(),
-            since_us,
-            until_us,
-            resolution,
-        };
+        let q =
+            crate::timeseries::SeriesQuery { name: "cpu".into(), systems: Vec::new(), since_us, until_us, resolution };
         service
             .series(&q)
             .unwrap()
@@ -2302,7 +2307,7 @@ mod tests {
         let compare = |hot: &Arc<HotTier>, what: &str| {
             for (since, until) in ranges {
                 for resolution in [FiveMinutes, Hour] {
-                    let got = series(&hot, resolution, since, until);
+                    let got = series(hot, resolution, since, until);
                     let expected = series(&reference, resolution, since, until);
                     assert_eq!(got.len(), 2, "{what}: {resolution:?} {since:?}..{until:?}");
                     assert!(got == expected, "{what}: {resolution:?} over {since:?}..{until:?} differs from raw");
@@ -2317,8 +2322,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
         let hot = open(dir.path(), true);
-        let still_hot: Vec<Record> =
-            records.iter().filter(|r| r.ts >= now - 7 * DAY - 5 * HOUR).cloned().collect();
+        let still_hot: Vec<Record> = records.iter().filter(|r| r.ts >= now - 7 * DAY - 5 * HOUR).cloned().collect();
         hot.insert(&still_hot).unwrap();
         let cold = hot.cold().unwrap().clone();
         assert!(series(&hot, Hour, None, None) == series(&reference, Hour, None, None));
@@ -2383,4 +2387,95 @@ mod tests {
         }
     }
 
+    #[test]
+    fn warm_groups_read_often_are_promoted_to_hot_survive_a_restart_and_go_back_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let records: Vec<Record> = (0..40).map(|i| record(i, now - i as i64 * DAY - 1000)).collect();
+        let open = || {
+            let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
+            hot.attach_warm(WarmConfig {
+                enabled: true,
+                path: dir.path().join("warm.duckdb"),
+                hot_window: Duration::from_secs(7 * 86_400),
+                move_interval: Duration::from_secs(60),
+                hot_window_per_kind: Default::default(),
+                schedule: None,
+            })
+            .unwrap();
+            let promotion = PromotionConfig {
+                enabled: true,
+                reads: 3.0,
+                window: Duration::from_secs(3600),
+                min_age: Duration::from_secs(2),
+                max_groups_per_run: 10,
+            };
+            hot.attach_cold(ColdConfig { promotion, ..cold_config(dir.path()) }).unwrap();
+            // Hot lives in memory: what the log would replay.
+            let recent: Vec<Record> = records.iter().filter(|r| r.ts >= now - 7 * DAY).cloned().collect();
+            hot.insert(&recent).unwrap();
+            hot
+        };
+        let hot = open();
+        hot.insert(&records).unwrap();
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        let tier = |hot: &Arc<HotTier>, i: u64| {
+            let kind = if i.is_multiple_of(2) { RecordKind::Conversation } else { RecordKind::Reflection };
+            let service = QueryService::new(hot.clone(), None);
+            service.get(&format!("s{}", i % 3), kind, &format!("r{i}")).unwrap().unwrap()["tier"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let listed = |hot: &Arc<HotTier>| {
+            let q = ListQuery { kind: RecordKind::Conversation, limit: 1000, ..ListQuery::default() };
+            let page = QueryService::new(hot.clone(), None).list(&q).unwrap();
+            let mut ids: Vec<String> = page.records.iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+            ids.sort();
+            ids
+        };
+        let everything = listed(&hot);
+        assert_eq!(everything.len(), 20);
+        let read = |hot: &Arc<HotTier>, i: u64, times: usize| {
+            let r = serde_json::json!({"kind": "conversation", "system_id": format!("s{}", i % 3), "ts": records[i as usize].ts});
+            for _ in 0..times {
+                hot.cold().unwrap().note_reads([&r]);
+            }
+        };
+        read(&hot, 20, 3);
+        read(&hot, 22, 1);
+        let report = hot.promote_to_hot().unwrap().unwrap();
+        assert_eq!((report.promoted, report.records), (1, 1), "{report:?}");
+        assert_eq!((tier(&hot, 20), tier(&hot, 22)), ("hot".to_owned(), "warm".to_owned()));
+        assert_eq!(listed(&hot), everything, "a promoted record is listed once");
+        // The hot→warm move leaves the copy where it is; warm keeps its durable version.
+        hot.move_to_warm(now - 7 * DAY).unwrap();
+        assert_eq!(tier(&hot, 20), "hot");
+        let in_warm: i64 = hot
+            .read(|c| Ok(c.query_row("SELECT count(*) FROM warm.conversation WHERE id = 'r20'", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(in_warm, 1);
+        // Nor does a move to cold take a promoted group.
+        hot.move_to_cold(now - 10 * DAY).unwrap();
+        assert_eq!(tier(&hot, 20), "hot");
+        assert_eq!(tier(&hot, 26), "cold", "listed twice: not read enough to stay");
+
+        // A restart brings the hot copy back (the read counts were never saved: the group is idle now).
+        drop(hot);
+        std::thread::sleep(Duration::from_millis(200));
+        let hot = open();
+        assert_eq!(tier(&hot, 20), "hot");
+        let report = hot.promote_to_hot().unwrap().unwrap();
+        assert_eq!(report.released, 0, "held for min_age");
+        std::thread::sleep(Duration::from_millis(2100));
+        let report = hot.promote_to_hot().unwrap().unwrap();
+        assert_eq!(report.released, 1, "{report:?}");
+        assert_eq!(tier(&hot, 20), "warm");
+        let listed_now = listed(&hot);
+        assert!(listed_now.iter().filter(|id| *id == "r20").count() == 1, "{listed_now:?}");
+        // Read again at once: it just moved, so it waits out min_age.
+        read(&hot, 20, 3);
+        let report = hot.promote_to_hot().unwrap().unwrap();
+        assert_eq!((report.promoted, report.too_young), (0, 1), "{report:?}");
+    }
 }
