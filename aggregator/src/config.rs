@@ -115,6 +115,7 @@ struct RawCold {
     cache_dir: Option<String>,
     cache_max_bytes: Option<String>,
     row_group_rows: Option<usize>,
+    embedding_encoding: Option<String>,
     parallel_fetches: Option<usize>,
     breaker_failures: Option<u32>,
     breaker_cooldown: Option<String>,
@@ -555,6 +556,11 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         cache_dir: under(c.cache_dir.as_ref(), "cold-cache"),
         cache_max_bytes: size("cold.cache_max_bytes", c.cache_max_bytes.as_ref(), "2GiB")?,
         row_group_rows: c.row_group_rows.unwrap_or(122_880),
+        embedding_encoding: c
+            .embedding_encoding
+            .as_deref()
+            .map_or(Ok(Default::default()), str::parse)
+            .map_err(|e: String| ConfigError::invalid("cold.embedding_encoding", e))?,
         parallel_fetches: c.parallel_fetches.unwrap_or(8),
         breaker_failures: c.breaker_failures.unwrap_or(5),
         breaker_cooldown: duration("cold.breaker_cooldown", c.breaker_cooldown.as_ref(), "30s")?,
@@ -890,6 +896,7 @@ mod tests {
             ("warm: {hot_window_per_kind: {metric: soon}}", "warm.hot_window_per_kind.metric"),
             ("warm: {schedule: nightly}", "warm.schedule"),
             ("cold: {schedule: '05:00-05:00'}", "cold.schedule"),
+            ("cold: {embedding_encoding: f16}", "cold.embedding_encoding"),
             ("cold: {warm_window_per_kind: {metric: 2d}}", "cold.warm_window_per_kind.metric"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();

@@ -1042,7 +1042,7 @@ impl HotTier {
                     "CREATE OR REPLACE TEMP VIEW all_{t} AS SELECT * FROM (SELECT * FROM \"{database}\".main.all_{t} \
                      UNION ALL SELECT *, 'cold' AS tier FROM {}) \
                      QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC, tier = 'cold') = 1;\n",
-                    crate::cold::visible_source(t, &lease.paths)
+                    crate::cold::visible_source(t, &lease.paths, lease.int8)
                 ));
             }
             conn.execute_batch(&views)?;

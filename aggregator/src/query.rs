@@ -103,7 +103,7 @@ impl QueryService {
         }
         let lease = cold.lease(&objects).map_err(cold_error)?;
         let found = cold
-            .scan(|conn| crate::cold::scan::get_many(conn, &lease.paths, kind, &[(system_id, id)]))
+            .scan(|conn| crate::cold::scan::get_many(conn, &lease, kind, &[(system_id, id)]))
             .map_err(cold_error)?;
         let record = match (stored, found.into_iter().next()) {
             (Some(s), Some(c)) => Some(if c["ts"].as_i64() > s["ts"].as_i64() { c } else { s }),
@@ -323,8 +323,8 @@ impl QueryService {
             found.extend(tail.search(embedding, k, filters).into_iter().map(|(_, d, s)| (d, s, None)));
         }
         found.extend(
-            self.cold_scan(filters, |conn, paths, kind| {
-                crate::cold::scan::vector(conn, paths, kind, embedding, k, filters)
+            self.cold_scan(filters, |conn, files, kind| {
+                crate::cold::scan::vector(conn, files, kind, embedding, k, filters)
             })?
             .into_iter()
             .map(|h| (h.doc, h.score, Some(h.record))),
@@ -338,7 +338,7 @@ impl QueryService {
         filters: &Filters,
         scan: impl Fn(
             &duckdb::Connection,
-            &[std::path::PathBuf],
+            &crate::cold::cache::Lease,
             RecordKind,
         ) -> Result<Vec<crate::cold::scan::ColdHit>, crate::cold::ColdError>,
     ) -> Result<Vec<crate::cold::scan::ColdHit>, QueryError> {
@@ -352,7 +352,7 @@ impl QueryService {
                 continue;
             }
             let lease = cold.lease(&objects).map_err(cold_error)?;
-            hits.extend(cold.scan(|conn| scan(conn, &lease.paths, kind)).map_err(cold_error)?);
+            hits.extend(cold.scan(|conn| scan(conn, &lease, kind)).map_err(cold_error)?);
         }
         Ok(hits)
     }
@@ -371,7 +371,7 @@ impl QueryService {
                 .collect(),
         };
         for h in
-            self.cold_scan(filters, |conn, paths, kind| crate::cold::scan::text(conn, paths, kind, query, k, filters))?
+            self.cold_scan(filters, |conn, files, kind| crate::cold::scan::text(conn, files, kind, query, k, filters))?
         {
             let snippet = h.snippet.unwrap_or_else(|| crate::cold::scan::snippet("", &[]));
             found.push((h.doc, h.score, snippet, Some(h.record)));

@@ -50,6 +50,8 @@ pub struct Lease {
     shas: Vec<String>,
     /// The local files, in the order asked for.
     pub paths: Vec<PathBuf>,
+    /// Whether any of them stores int8 embeddings (see `EmbeddingEncoding`): readers pick the expression.
+    pub int8: bool,
 }
 
 impl Drop for Lease {
@@ -156,6 +158,7 @@ impl ObjectCache {
             cache: self.clone(),
             shas: present,
             paths: wanted.iter().map(|w| self.path_of(&w.sha256)).collect(),
+            int8: false,
         };
         let mut downloads = futures_util::stream::iter(missing.into_iter().map(|w| self.download(location, w)))
             .buffer_unordered(parallel.max(1));

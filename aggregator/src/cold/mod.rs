@@ -25,6 +25,11 @@
 //! by compaction, which is also when several objects of one kind, system and day are merged into one, newest
 //! version per key.
 //!
+//! Embeddings are written as `embedding_encoding` says ([`EmbeddingEncoding`]): f32, or int8 with a scale per
+//! vector (key `…-i8.parquet`); with int8 the comparisons of steps 1 and 4 use a fingerprint of the floats
+//! (`embedding_hash`) in place of the embedding itself. Readers dequantize per row only when a lease holds int8
+//! objects. The 1-hour metric rollups of a day are recomputed in step 4 (see [`crate::rollup`]).
+//!
 //! With `encryption` configured every object is sealed under its own data key before upload (see
 //! [`crate::envelope`]); `sha256` and `bytes` describe the sealed bytes, the catalog holds the wrapped key, and the
 //! cache holds the opened Parquet file.
@@ -124,6 +129,8 @@ pub struct ColdConfig {
     pub cache_max_bytes: u64,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,
+    /// How objects written from now on store embeddings.
+    pub embedding_encoding: EmbeddingEncoding,
     /// Objects fetched at once.
     pub parallel_fetches: usize,
     /// Consecutive store failures that open the circuit breaker.
@@ -151,6 +158,123 @@ pub struct PromotionConfig {
     pub min_age: Duration,
     /// Most groups promoted per round (a rate limit on moves).
     pub max_groups_per_run: usize,
+}
+
+/// How cold objects store embeddings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingEncoding {
+    /// 32-bit floats as ingested (lossless), byte-stream-split and zstd.
+    #[default]
+    F32,
+    /// One signed byte per dimension and one scale per vector (`x ≈ q · scale / 127`): about a quarter of the
+    /// bytes; similarities shift slightly (recall measured in BENCHMARKS.md).
+    Int8,
+}
+
+impl std::str::FromStr for EmbeddingEncoding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(EmbeddingEncoding::F32),
+            "int8" => Ok(EmbeddingEncoding::Int8),
+            other => Err(format!("must be `f32` or `int8`, not `{other}`")),
+        }
+    }
+}
+
+/// The embedding of `row` (an alias with an `embedding_max` column: see [`EmbeddingEncoding::scale_column`]) as
+/// stored with int8: `(q TINYINT[], scale FLOAT)` expressions. The scale must be a column: an expression inside
+/// the lambda would be evaluated once per element.
+fn quantized(row: &str) -> (String, String) {
+    let dim = akosha_protocol::EMBEDDING_DIM;
+    let scale = format!("{row}.embedding_max");
+    let q = format!(
+        "CASE WHEN {scale} > 0 THEN list_transform({row}.embedding, lambda x: CAST(round(x / {scale} * 127) AS TINYINT)) \
+         ELSE list_transform({row}.embedding, lambda x: CAST(0 AS TINYINT)) END::TINYINT[{dim}]"
+    );
+    (q, scale)
+}
+
+/// Floats back from `(q, scale)` expressions.
+fn dequantized(q: &str, scale: &str) -> String {
+    format!(
+        "list_transform({q}, lambda x: CAST(x AS FLOAT) * {scale} / CAST(127 AS FLOAT))::FLOAT[{}]",
+        akosha_protocol::EMBEDDING_DIM
+    )
+}
+
+/// The content hash of a row with the embedding replaced by `embedding` (an expression).
+fn hash_with_embedding(alias: &str, embedding: &str) -> String {
+    let columns: Vec<String> = crate::hot::column_names()
+        .iter()
+        .map(|c| if *c == "embedding" { embedding.to_owned() } else { format!("{alias}.{c}") })
+        .collect();
+    format!("hash({})", columns.join(", "))
+}
+
+impl EmbeddingEncoding {
+    /// `, <expr> AS embedding_max` for the rows aliased `row` when quantizing (see [`quantized`]), else nothing.
+    fn scale_column(self, row: &str) -> String {
+        match self {
+            EmbeddingEncoding::F32 => String::new(),
+            EmbeddingEncoding::Int8 => {
+                format!(", list_max(list_transform({row}.embedding, lambda x: abs(x)))::FLOAT AS embedding_max")
+            }
+        }
+    }
+
+    /// The stored columns of rows aliased `row`, in file order: the table's columns with the embedding as four
+    /// (`embedding`, `embedding_i8`, `embedding_scale`, `embedding_hash`; the unused ones NULL), then
+    /// `ingested_at`. `embedding_hash` (int8) fingerprints the floats the object was written from, so that a
+    /// move can check the object against warm.
+    fn stored_columns(self, row: &str) -> String {
+        let dim = akosha_protocol::EMBEDDING_DIM;
+        crate::hot::column_names()
+            .iter()
+            .map(|c| match (*c, self) {
+                ("embedding", EmbeddingEncoding::F32) => format!(
+                    "{row}.embedding, NULL::TINYINT[{dim}] AS embedding_i8, NULL::FLOAT AS embedding_scale, \
+                     NULL::UBIGINT AS embedding_hash"
+                ),
+                ("embedding", EmbeddingEncoding::Int8) => {
+                    let (q, scale) = quantized(row);
+                    format!(
+                        "NULL::FLOAT[{dim}] AS embedding, {q} AS embedding_i8, {scale} AS embedding_scale, \
+                         hash({row}.embedding) AS embedding_hash"
+                    )
+                }
+                (c, _) => format!("{row}.{c}"),
+            })
+            .chain(std::iter::once(format!("{row}.ingested_at")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The hash a move compares a warm row by (its full content; with int8, the embedding's fingerprint).
+    fn warm_hash(self, row: &str) -> String {
+        match self {
+            EmbeddingEncoding::F32 => row_hash(row),
+            EmbeddingEncoding::Int8 => hash_with_embedding(row, &format!("hash({row}.embedding)")),
+        }
+    }
+
+    /// The same hash of a row read from a freshly written object ([`Self::file_columns`]).
+    fn file_hash(self, row: &str) -> String {
+        match self {
+            EmbeddingEncoding::F32 => row_hash(row),
+            EmbeddingEncoding::Int8 => hash_with_embedding(row, &format!("{row}.embedding_hash")),
+        }
+    }
+
+    /// The columns [`Self::file_hash`] needs from a freshly written object.
+    fn file_columns(self) -> String {
+        match self {
+            EmbeddingEncoding::F32 => typed_columns(false),
+            EmbeddingEncoding::Int8 => format!("{}, embedding_hash", typed_columns(true)),
+        }
+    }
 }
 
 impl ColdConfig {
@@ -302,6 +426,26 @@ pub struct ColdObject {
     pub sealed: Option<crate::envelope::WrappedKey>,
 }
 
+impl ColdObject {
+    /// Whether the object stores int8 embeddings (its key says so: `…-i8.parquet`).
+    pub fn int8(&self) -> bool {
+        self.key.ends_with(INT8_SUFFIX)
+    }
+}
+
+/// The end of the key of an object with int8 embeddings.
+const INT8_SUFFIX: &str = "-i8.parquet";
+
+impl EmbeddingEncoding {
+    /// The end of an object key in this encoding.
+    fn key_suffix(self) -> &'static str {
+        match self {
+            EmbeddingEncoding::F32 => ".parquet",
+            EmbeddingEncoding::Int8 => INT8_SUFFIX,
+        }
+    }
+}
+
 struct Breaker {
     failures: AtomicU32,
     opened_at: Mutex<Option<Instant>>,
@@ -366,12 +510,22 @@ impl Drop for ColdTier {
 }
 
 /// The stored columns, read back from Parquet with the warm tables' exact types.
-pub(crate) fn typed_columns() -> String {
+///
+/// With `int8`, some of the files store int8 embeddings and each row's are read in its own encoding (the
+/// per-row choice costs a third more on a vector scan, so f32-only files skip it).
+pub(crate) fn typed_columns(int8: bool) -> String {
     crate::hot::column_names()
         .iter()
         .map(|c| {
-            if *c == "embedding" {
+            if *c == "embedding" && !int8 {
                 format!("embedding::FLOAT[{}] AS embedding", akosha_protocol::EMBEDDING_DIM)
+            } else if *c == "embedding" {
+                // Either encoding (see `EmbeddingEncoding`), per row.
+                format!(
+                    "CASE WHEN embedding_i8 IS NULL THEN embedding::FLOAT[{}] ELSE {} END AS embedding",
+                    akosha_protocol::EMBEDDING_DIM,
+                    dequantized("embedding_i8", "embedding_scale")
+                )
             } else {
                 (*c).to_owned()
             }
@@ -388,28 +542,28 @@ fn row_hash(alias: &str) -> String {
 }
 
 /// `read_parquet([...])` over local files, typed like the warm tables.
-pub(crate) fn parquet_source(paths: &[PathBuf]) -> String {
+pub(crate) fn parquet_source(paths: &[PathBuf], int8: bool) -> String {
     let list: Vec<String> = paths.iter().map(|p| sql_text(&p.display().to_string())).collect();
-    format!("(SELECT {} FROM read_parquet([{}]))", typed_columns(), list.join(", "))
+    format!("(SELECT {} FROM read_parquet([{}]))", typed_columns(int8), list.join(", "))
 }
 
 /// [`parquet_source`] without the rows a deletion's tombstone hides (rows of `kind` it covers that were ingested
 /// before it; see [`crate::erasure`]).
-pub(crate) fn visible_source(kind: &str, paths: &[PathBuf]) -> String {
+pub(crate) fn visible_source(kind: &str, paths: &[PathBuf], int8: bool) -> String {
     format!(
         "(SELECT * FROM {} p WHERE NOT EXISTS (SELECT 1 FROM warm.cold_tombstones t WHERE t.kind = {} \
          AND (t.system_id IS NULL OR t.system_id = p.system_id) AND (t.project IS NULL OR t.project = p.project) \
          AND (t.id IS NULL OR t.id = p.id) AND p.ingested_at <= t.created_at))",
-        parquet_source(paths),
+        parquet_source(paths, int8),
         sql_text(kind)
     )
 }
 
 /// [`visible_source`] with one row per key, its newest version: what the cold tier holds for `paths`.
-pub(crate) fn newest_visible(kind: &str, paths: &[PathBuf]) -> String {
+pub(crate) fn newest_visible(kind: &str, paths: &[PathBuf], int8: bool) -> String {
     format!(
         "(SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1)",
-        visible_source(kind, paths)
+        visible_source(kind, paths, int8)
     )
 }
 
@@ -944,7 +1098,7 @@ impl ColdTier {
             duckdb::params![id, t, group.system_id, group.day],
         )?;
         let lease = self.record(self.lease(objects))?;
-        let source = newest_visible(t, &lease.paths);
+        let source = newest_visible(t, &lease.paths, lease.int8);
         // The day's metric rows are warm now: 5-minute buckets from them, no hourly ones.
         let rollups = match kind {
             RecordKind::Metric => {
@@ -1088,6 +1242,7 @@ impl ColdTier {
         objects: &mut Vec<Export>,
     ) -> Result<(), ColdError> {
         let t = kind.as_str();
+        let int8 = self.config.embedding_encoding == EmbeddingEncoding::Int8;
         let mut phase = Instant::now();
         let mut lap = || {
             let ms = phase.elapsed().as_millis() as u64;
@@ -1109,15 +1264,17 @@ impl ColdTier {
         {
             let _moving = warm.lock_moves();
             conn.execute_batch(&format!(
-                "COPY (SELECT g.idx, w.* {selection} ORDER BY w.ts, w.id) TO {} \
+                "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} {selection}) w ORDER BY w.ts, w.id) TO {} \
                  (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                self.config.embedding_encoding.stored_columns("w"),
+                self.config.embedding_encoding.scale_column("w"),
                 sql_text(&batch_dir.display().to_string()),
                 self.config.row_group_rows
             ))?;
             let in_warm: std::collections::HashMap<usize, (i64, i128)> = {
                 let mut stmt = conn.prepare(&format!(
                     "SELECT g.idx, count(*), sum({}::HUGEINT)::VARCHAR {selection} GROUP BY g.idx",
-                    row_hash("w")
+                    self.config.embedding_encoding.warm_hash("w")
                 ))?;
                 stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?
                     .map(|row| {
@@ -1151,8 +1308,8 @@ impl ColdTier {
                     "SELECT filename, count(*), sum({}::HUGEINT)::VARCHAR, epoch_us(min(ts)), epoch_us(max(ts)) \
                      FROM (SELECT {}, filename FROM read_parquet([{}], filename = true, hive_partitioning = false)) w \
                      GROUP BY filename",
-                    row_hash("w"),
-                    typed_columns(),
+                    self.config.embedding_encoding.file_hash("w"),
+                    self.config.embedding_encoding.file_columns(),
                     list.join(", ")
                 ))?;
                 stmt.query_map([], |r| {
@@ -1174,10 +1331,11 @@ impl ColdTier {
                 let stored = self.stored_form(file)?;
                 objects.push(Export {
                     key: format!(
-                        "kind={t}/system={}/date={}/part-{}.parquet",
+                        "kind={t}/system={}/date={}/part-{}{}",
                         key_segment(&group.system_id),
                         group.day,
-                        new_uuid()
+                        new_uuid(),
+                        self.config.embedding_encoding.key_suffix()
                     ),
                     file: file.clone(),
                     system_id: group.system_id.clone(),
@@ -1242,7 +1400,7 @@ impl ColdTier {
             paths.extend(objects.iter().map(|o| o.file.clone()));
             let days = crate::rollup::days_relation(objects.iter().map(|o| (o.system_id.as_str(), o.day.as_str())))
                 .expect("objects is not empty");
-            let sql = crate::rollup::Rollup::Hour.refresh_sql(&days, &newest_visible(t, &paths))
+            let sql = crate::rollup::Rollup::Hour.refresh_sql(&days, &newest_visible(t, &paths, lease.int8 || int8))
                 + &crate::rollup::Rollup::FiveMinutes.refresh_from_warm_sql(&days);
             (sql, Some(lease))
         } else {
@@ -1273,12 +1431,14 @@ impl ColdTier {
             // Exactly the exported versions leave warm: a newer one that arrived meanwhile stays.
             let files: Vec<PathBuf> = objects.iter().map(|o| o.file.clone()).collect();
             let mut stmt = conn.prepare(&format!(
-                "DELETE FROM warm.{t} w USING (SELECT system_id, id, ts, {} AS h FROM {} p) p \
+                "DELETE FROM warm.{t} w USING (SELECT system_id, id, ts, {} AS h FROM \
+                   (SELECT {} FROM read_parquet([{}])) p) p \
                  WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.h = {} \
                  RETURNING w.system_id, w.id",
-                row_hash("p"),
-                parquet_source(&files),
-                row_hash("w")
+                self.config.embedding_encoding.file_hash("p"),
+                self.config.embedding_encoding.file_columns(),
+                files.iter().map(|f| sql_text(&f.display().to_string())).collect::<Vec<_>>().join(", "),
+                self.config.embedding_encoding.warm_hash("w")
             ))?;
             let hashes = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
@@ -1401,10 +1561,14 @@ impl ColdTier {
     }
 
     fn compact_group(&self, conn: &Connection, kind: &str, system_id: &str, day: &str) -> Result<u64, ColdError> {
+        let int8 = self.config.embedding_encoding == EmbeddingEncoding::Int8;
         let objects = self.group_objects(conn, kind, system_id, day)?;
         let lease = self.lease(&objects)?;
-        let visible: i64 =
-            conn.query_row(&format!("SELECT count(*) FROM {}", visible_source(kind, &lease.paths)), [], |r| r.get(0))?;
+        let visible: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM {}", visible_source(kind, &lease.paths, lease.int8)),
+            [],
+            |r| r.get(0),
+        )?;
         let days = crate::rollup::days_relation([(system_id, day)]).expect("one day");
         let hourly = |source: Option<String>| match (kind, source) {
             ("metric", Some(source)) => crate::rollup::Rollup::Hour.refresh_sql(&days, &source),
@@ -1433,13 +1597,19 @@ impl ColdTier {
             return Ok(objects.len() as u64);
         }
         let uuid = new_uuid();
-        let key = format!("kind={kind}/system={}/date={day}/part-{uuid}.parquet", key_segment(system_id));
+        let key = format!(
+            "kind={kind}/system={}/date={day}/part-{uuid}{}",
+            key_segment(system_id),
+            self.config.embedding_encoding.key_suffix()
+        );
         let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
         let result = (|| -> Result<u64, ColdError> {
             conn.execute_batch(&format!(
-                "COPY (SELECT * FROM {} ORDER BY ts, id) TO {} \
+                "COPY (SELECT {} FROM (SELECT *{} FROM {} v) v ORDER BY ts, id) TO {} \
                  (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                newest_visible(kind, &lease.paths),
+                self.config.embedding_encoding.stored_columns("v"),
+                self.config.embedding_encoding.scale_column("v"),
+                newest_visible(kind, &lease.paths, lease.int8),
                 sql_text(&file.display().to_string()),
                 self.config.row_group_rows
             ))?;
@@ -1451,14 +1621,14 @@ impl ColdTier {
                     &format!(
                         "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now(), {} FROM {}",
                         stored.key_columns(),
-                        parquet_source(std::slice::from_ref(&file))
+                        parquet_source(std::slice::from_ref(&file), int8)
                     ),
                     duckdb::params![key, kind, system_id, day, stored.bytes as i64, stored.sha256],
                 )?;
                 let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
                 conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
                 // Compaction applies erasures: the day's hourly buckets follow the rewritten object.
-                let rollups = hourly(Some(parquet_source(std::slice::from_ref(&file))));
+                let rollups = hourly(Some(parquet_source(std::slice::from_ref(&file), int8)));
                 if !rollups.is_empty() {
                     conn.execute_batch(&rollups)?;
                 }
@@ -1556,7 +1726,8 @@ impl ColdTier {
                 let count = |source: String| -> Result<i64, ColdError> {
                     Ok(conn.query_row(&format!("SELECT count(*) FROM {source}"), [], |r| r.get(0))?)
                 };
-                count(parquet_source(&lease.paths))? - count(visible_source(&kind, &lease.paths))?
+                count(parquet_source(&lease.paths, lease.int8))?
+                    - count(visible_source(&kind, &lease.paths, lease.int8))?
             };
             if hidden > 0 {
                 self.record(self.compact_group(conn, &kind, &system_id, &day))?;
@@ -1765,7 +1936,9 @@ impl ColdTier {
             .collect();
         let cache = self.cache.clone();
         let result = self.block_on(cache.lease(&self.location, &wanted, self.config.parallel_fetches));
-        self.record(result)
+        let mut lease = self.record(result)?;
+        lease.int8 = objects.iter().any(ColdObject::int8);
+        Ok(lease)
     }
 
     /// The journal's latest rows, newest first.
@@ -1869,6 +2042,7 @@ mod tests {
             cache_dir: dir.join("cache"),
             cache_max_bytes: 1 << 30,
             row_group_rows: 10_000,
+            embedding_encoding: EmbeddingEncoding::F32,
             parallel_fetches: 4,
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(30),
@@ -2477,5 +2651,64 @@ mod tests {
         read(&hot, 20, 3);
         let report = hot.promote_to_hot().unwrap().unwrap();
         assert_eq!((report.promoted, report.too_young), (0, 1), "{report:?}");
+    }
+
+    #[test]
+    fn int8_embeddings_take_a_fraction_of_the_bytes_and_read_back_close() {
+        let now = jiff::Timestamp::now().as_microsecond();
+        // One day, so that the objects are few and their bytes mostly data.
+        let day = now - 100 * DAY - now % DAY;
+        let records: Vec<Record> = (0..200).map(|i| record(i, day + i as i64 * 1_000_000)).collect();
+        let mut bytes = Vec::new();
+        let mut dirs = Vec::new();
+        for encoding in [EmbeddingEncoding::F32, EmbeddingEncoding::Int8] {
+            let dir = tempfile::tempdir().unwrap();
+            let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
+            hot.attach_warm(WarmConfig {
+                enabled: true,
+                path: dir.path().join("warm.duckdb"),
+                hot_window: Duration::from_secs(7 * 86_400),
+                move_interval: Duration::from_secs(60),
+                hot_window_per_kind: Default::default(),
+                schedule: None,
+            })
+            .unwrap();
+            hot.attach_cold(ColdConfig { embedding_encoding: encoding, ..cold_config(dir.path()) }).unwrap();
+            hot.insert(&records).unwrap();
+            hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+            assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 200);
+            // A second version of one record, moved too: compaction rewrites its group in the same encoding.
+            let mut updated = records[7].clone();
+            updated.ts += 1;
+            hot.insert(std::slice::from_ref(&updated)).unwrap();
+            hot.move_to_warm(now - 7 * DAY).unwrap();
+            hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+            assert_eq!(hot.cold().unwrap().compact().unwrap().groups, 1);
+            bytes.push(hot.cold().unwrap().totals().unwrap().2);
+            let int8_keys = hot.cold().unwrap().catalog().unwrap().iter().filter(|o| o.int8()).count();
+            assert_eq!(int8_keys > 0, encoding == EmbeddingEncoding::Int8, "keys say the encoding");
+            let service = QueryService::new(hot.clone(), None);
+            for r in [&records[3], &updated] {
+                let kind = r.kind;
+                let got = service.get(&r.system_id, kind, &r.id).unwrap().unwrap();
+                assert_eq!(got["tier"], "cold");
+                let stored: Vec<f64> =
+                    got["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+                let original = r.embedding.as_ref().unwrap();
+                let scale = original.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let worst = stored.iter().zip(original).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
+                match encoding {
+                    EmbeddingEncoding::F32 => assert_eq!(worst, 0.0),
+                    EmbeddingEncoding::Int8 => assert!(worst <= scale / 254.0 + 1e-6, "{worst} vs scale {scale}"),
+                }
+            }
+            let probe = records[150].embedding.clone().unwrap();
+            let hits = service.vector(&probe, 3, &Filters::default()).unwrap();
+            assert_eq!(hits[0].record["id"], "r150", "{encoding:?}");
+            let text = service.text("topic3", 1000, &Filters::default()).unwrap();
+            assert_eq!(text.len(), 200 / 7 + 1);
+            dirs.push(dir);
+        }
+        assert!(bytes[1] * 2 < bytes[0], "int8 {} bytes, f32 {} bytes", bytes[1], bytes[0]);
     }
 }

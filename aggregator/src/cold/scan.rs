@@ -4,12 +4,12 @@
 //! Every scan reads the newest version of each key among the objects given; the caller reconciles with the
 //! versions in hot and warm (newest `ts` wins).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use akosha_protocol::{EMBEDDING_DIM, RecordKind};
 use duckdb::Connection;
 
+use super::cache::Lease;
 use super::{ColdError, sql_text, visible_source};
 use crate::hot::{RECORD_COLUMNS, row_json};
 use crate::search::text::Snippet;
@@ -29,10 +29,10 @@ pub struct ColdHit {
 }
 
 /// The newest version of each key in the files, without the rows deletions hid.
-fn newest(kind: RecordKind, paths: &[PathBuf]) -> String {
+fn newest(kind: RecordKind, files: &Lease) -> String {
     format!(
         "(SELECT * FROM {} QUALIFY row_number() OVER (PARTITION BY system_id, id ORDER BY ts DESC) = 1)",
-        visible_source(kind.as_str(), paths)
+        visible_source(kind.as_str(), &files.paths, files.int8)
     )
 }
 
@@ -86,16 +86,16 @@ fn hit(row: &duckdb::Row<'_>, kind: RecordKind, score_column: usize) -> Result<C
     Ok(ColdHit { doc, score: score as f32, record, snippet: None })
 }
 
-/// The `k` records of `kind` in `paths` nearest to `embedding` that pass `filters`.
+/// The `k` records of `kind` in `files` nearest to `embedding` that pass `filters`.
 pub fn vector(
     conn: &Connection,
-    paths: &[PathBuf],
+    files: &Lease,
     kind: RecordKind,
     embedding: &[f32],
     k: usize,
     filters: &Filters,
 ) -> Result<Vec<ColdHit>, ColdError> {
-    if paths.is_empty() || embedding.len() != EMBEDDING_DIM || embedding.iter().any(|x| !x.is_finite()) {
+    if files.paths.is_empty() || embedding.len() != EMBEDDING_DIM || embedding.iter().any(|x| !x.is_finite()) {
         return Ok(Vec::new());
     }
     let query: Vec<String> = embedding.iter().map(|x| format!("{x:?}")).collect();
@@ -103,7 +103,7 @@ pub fn vector(
     let mut sql = format!(
         "SELECT {}, {similarity} AS similarity FROM {} WHERE embedding IS NOT NULL{}",
         result_columns(),
-        newest(kind, paths),
+        newest(kind, files),
         filter_sql(filters)
     );
     if let Some(min) = filters.min_similarity {
@@ -128,18 +128,18 @@ pub fn terms(query: &str) -> Vec<String> {
     terms
 }
 
-/// The `k` best matches for the words of `query` among the records of `kind` in `paths`, BM25 (k1 = 1.2,
+/// The `k` best matches for the words of `query` among the records of `kind` in `files`, BM25 (k1 = 1.2,
 /// b = 0.75) over the text and name of the scanned rows.
 pub fn text(
     conn: &Connection,
-    paths: &[PathBuf],
+    files: &Lease,
     kind: RecordKind,
     query: &str,
     k: usize,
     filters: &Filters,
 ) -> Result<Vec<ColdHit>, ColdError> {
     let terms = terms(query);
-    if paths.is_empty() || terms.is_empty() {
+    if files.paths.is_empty() || terms.is_empty() {
         return Ok(Vec::new());
     }
     // Terms are letters and digits only, so they are safe inside both a SQL literal and a regular expression.
@@ -162,7 +162,7 @@ pub fn text(
                      WHERE regexp_matches(lt, '{any}')), \
          stats AS (SELECT (SELECT n FROM lengths) AS n, (SELECT avgdl FROM lengths) AS avgdl, {df} FROM matched) \
          SELECT {columns}, ({score})::DOUBLE AS score FROM matched, stats ORDER BY score DESC, system_id, id LIMIT {k}",
-        source = newest(kind, paths),
+        source = newest(kind, files),
         filters = filter_sql(filters),
         tf = tf.join(", "),
         df = df.join(", "),
@@ -181,20 +181,20 @@ pub fn text(
     Ok(out)
 }
 
-/// Records of `kind` with these ids (the newest version of each in `paths`), embeddings included.
+/// Records of `kind` with these ids (the newest version of each in `files`), embeddings included.
 pub fn get_many(
     conn: &Connection,
-    paths: &[PathBuf],
+    files: &Lease,
     kind: RecordKind,
     keys: &[(&str, &str)],
 ) -> Result<Vec<serde_json::Value>, ColdError> {
-    if paths.is_empty() || keys.is_empty() {
+    if files.paths.is_empty() || keys.is_empty() {
         return Ok(Vec::new());
     }
     let pairs: Vec<String> = keys.iter().map(|(s, i)| format!("({}, {})", sql_text(s), sql_text(i))).collect();
     let sql = format!(
         "SELECT {RECORD_COLUMNS}, 'cold' AS tier FROM {} WHERE (system_id, id) IN (VALUES {})",
-        newest(kind, paths),
+        newest(kind, files),
         pairs.join(", ")
     );
     let mut stmt = conn.prepare(&sql)?;
