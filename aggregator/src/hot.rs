@@ -118,6 +118,8 @@ pub struct HotTier {
     apply_failed: std::sync::atomic::AtomicBool,
     /// Told about each completed hot→warm move (the log releases what it covers).
     on_warm_move: std::sync::OnceLock<WarmMoveHook>,
+    /// Promotions to hot so far.
+    to_hot: Mutex<HotPromotionTotals>,
     duplicates: AtomicU64,
 }
 
@@ -323,6 +325,26 @@ pub struct HotPromotionReport {
     pub took_ms: u64,
 }
 
+/// A group promoted to hot: kind, system, day (`YYYY-MM-DD`) and the end of its hold (microseconds).
+pub type PromotedGroup = (RecordKind, String, String, i64);
+
+/// Promotion to hot since start (see [`HotTier::promotion_to_hot`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HotPromotionTotals {
+    /// Groups promoted.
+    pub promoted: u64,
+    /// Promoted groups released (idle).
+    pub released: u64,
+    /// Rows copied into hot.
+    pub records_promoted: u64,
+    /// Failed rounds.
+    pub failed: u64,
+    /// The last round.
+    pub last_round: Option<HotPromotionReport>,
+    /// The last failure, if the last round failed.
+    pub last_error: Option<String>,
+}
+
 /// Rows per system and kind.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KindCount {
@@ -391,6 +413,7 @@ impl HotTier {
             applied: AtomicU64::new(0),
             apply_failed: std::sync::atomic::AtomicBool::new(false),
             on_warm_move: std::sync::OnceLock::new(),
+            to_hot: Mutex::new(HotPromotionTotals::default()),
             duplicates: AtomicU64::new(0),
         })
     }
@@ -771,7 +794,7 @@ impl HotTier {
     }
 
     /// The groups promoted to hot: kind, system, day and the end of their hold (microseconds).
-    fn promoted_groups(&self, conn: &Connection) -> Result<Vec<(RecordKind, String, String, i64)>, HotError> {
+    fn promoted_groups(&self, conn: &Connection) -> Result<Vec<PromotedGroup>, HotError> {
         let mut stmt = conn.prepare(
             "SELECT kind, system_id, strftime(day, '%Y-%m-%d'), epoch_us(until) FROM warm.hot_holds ORDER BY 3, 1, 2",
         )?;
@@ -839,6 +862,36 @@ impl HotTier {
     /// promoted, the hot→warm move leaves the copy alone — and promoted groups idle past their hold (`min_age`)
     /// drop the copy and are held in warm for `min_age`. Needs the cold tier, which keeps the read counts.
     pub fn promote_to_hot(&self) -> Result<Option<HotPromotionReport>, HotError> {
+        let result = self.promote_to_hot_round();
+        let mut totals = self.to_hot.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(Some(report)) => {
+                totals.promoted += report.promoted;
+                totals.released += report.released;
+                totals.records_promoted += report.records;
+                totals.last_round = Some(report.clone());
+                totals.last_error = None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                totals.failed += 1;
+                totals.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    /// What promotion to hot has done since start, and the groups promoted now (kind, system, day, hold end).
+    pub fn promotion_to_hot(&self) -> Result<(HotPromotionTotals, Vec<PromotedGroup>), HotError> {
+        let totals = self.to_hot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if self.warm.get().is_none() {
+            return Ok((totals, Vec::new()));
+        }
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        Ok((totals, self.promoted_groups(&conn)?))
+    }
+
+    fn promote_to_hot_round(&self) -> Result<Option<HotPromotionReport>, HotError> {
         let (Some(warm), Some(cold)) = (self.warm.get().cloned(), self.cold.get().cloned()) else { return Ok(None) };
         let started = std::time::Instant::now();
         let promotion = cold.config.promotion.clone();

@@ -558,6 +558,17 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
             "Records moved from warm to cold.",
             c.records_moved.load(Relaxed),
         );
+        if let Ok((totals, promoted)) = r.hot.promotion_to_hot() {
+            counter(&mut e, "akosha_hot_promotions_total", "Groups promoted from warm to hot.", totals.promoted);
+            counter(
+                &mut e,
+                "akosha_hot_promotion_releases_total",
+                "Promoted groups that went idle and left hot.",
+                totals.released,
+            );
+            counter(&mut e, "akosha_hot_promotions_failed_total", "Failed rounds of promotion to hot.", totals.failed);
+            gauge(&mut e, "akosha_hot_promoted_groups", "Groups promoted to hot now.", promoted.len() as u64);
+        }
         counter(
             &mut e,
             "akosha_cold_promotions_total",
@@ -1318,6 +1329,13 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
                 "records_promoted": c.records_promoted.load(std::sync::atomic::Ordering::Relaxed),
                 "candidates": candidates.iter().map(|(g, score)| json!({
                     "kind": g.kind, "system_id": g.system_id, "day": g.day, "reads": score,
+                })).collect::<Vec<_>>(),
+            });
+            let (totals, promoted) = hot.promotion_to_hot().map_err(|e| e.to_string())?;
+            out["warm_to_hot"] = json!({
+                "totals": totals,
+                "promoted_now": promoted.iter().map(|(kind, system_id, day, until)| json!({
+                    "kind": kind.as_str(), "system_id": system_id, "day": day, "held_until": until,
                 })).collect::<Vec<_>>(),
             });
         }

@@ -2620,6 +2620,9 @@ mod tests {
         read(&hot, 22, 1);
         let report = hot.promote_to_hot().unwrap().unwrap();
         assert_eq!((report.promoted, report.records), (1, 1), "{report:?}");
+        let (totals, promoted_now) = hot.promotion_to_hot().unwrap();
+        assert_eq!((totals.promoted, promoted_now.len()), (1, 1));
+        assert_eq!((promoted_now[0].0, promoted_now[0].1.as_str()), (RecordKind::Conversation, "s2"));
         assert_eq!((tier(&hot, 20), tier(&hot, 22)), ("hot".to_owned(), "warm".to_owned()));
         assert_eq!(listed(&hot), everything, "a promoted record is listed once");
         // The hot→warm move leaves the copy where it is; warm keeps its durable version.
