@@ -891,6 +891,41 @@ impl HotTier {
         Ok((totals, self.promoted_groups(&conn)?))
     }
 
+    /// Before a scheduled hot→warm move: the hot groups with rows older than their kind's cutoff that are still
+    /// read often enough to be promoted are promoted in place — the move then copies them to warm (the durable
+    /// copy) and leaves them in hot — so that they do not leave by age and come straight back. Returns the groups.
+    pub fn keep_read_groups_hot(&self, cutoff_of: impl Fn(RecordKind) -> i64) -> Result<u64, HotError> {
+        let (Some(warm), Some(cold)) = (self.warm.get(), self.cold.get()) else { return Ok(0) };
+        let promotion = &cold.config.promotion;
+        if !promotion.enabled {
+            return Ok(0);
+        }
+        let now = jiff::Timestamp::now().as_microsecond();
+        let until = now + promotion.min_age.as_micros() as i64;
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _moving = warm.lock_moves();
+        let mut kept = 0;
+        for (group, _) in cold.read_groups_at_least(promotion.threshold(), now) {
+            let Ok(kind) = group.kind.parse::<RecordKind>() else { continue };
+            let t = kind.as_str();
+            kept += writer.conn.execute(
+                &format!(
+                    "INSERT INTO warm.hot_holds SELECT $1, $2, CAST($3 AS DATE), make_timestamp($4) \
+                     WHERE EXISTS (SELECT 1 FROM main.{t} WHERE system_id = $2 \
+                       AND CAST(ts AS DATE) = CAST($3 AS DATE) AND ts < make_timestamp($5)) \
+                     AND NOT EXISTS (SELECT 1 FROM warm.hot_holds WHERE kind = $1 AND system_id = $2 \
+                       AND day = CAST($3 AS DATE))"
+                ),
+                duckdb::params![t, group.system_id, group.day, until, cutoff_of(kind)],
+            )? as u64;
+        }
+        if kept > 0 {
+            info!(message = "Hot groups still read often stay hot past their window.", groups = kept);
+            self.to_hot.lock().unwrap_or_else(|p| p.into_inner()).promoted += kept;
+        }
+        Ok(kept)
+    }
+
     fn promote_to_hot_round(&self) -> Result<Option<HotPromotionReport>, HotError> {
         let (Some(warm), Some(cold)) = (self.warm.get().cloned(), self.cold.get().cloned()) else { return Ok(None) };
         let started = std::time::Instant::now();

@@ -248,7 +248,13 @@ impl Aggregator {
                     let hot = hot.clone();
                     let windows = warm.config.hot_windows();
                     // Failures are counted and logged by the warm tier; the next round retries.
-                    let _ = tokio::task::spawn_blocking(move || hot.move_to_warm_by(|k| windows.cutoff(k, now))).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(e) = hot.keep_read_groups_hot(|k| windows.cutoff(k, now)) {
+                            warn!(message = "Cannot keep read-often groups hot; they move by age.", error = %e);
+                        }
+                        hot.move_to_warm_by(|k| windows.cutoff(k, now))
+                    })
+                    .await;
                 }
             });
         }

@@ -2636,6 +2636,14 @@ mod tests {
         hot.move_to_cold(now - 10 * DAY).unwrap();
         assert_eq!(tier(&hot, 20), "hot");
         assert_eq!(tier(&hot, 26), "cold", "listed twice: not read enough to stay");
+        // A hot group read often enough stays hot when its age would move it in a scheduled round (promoted in
+        // place), not out and straight back.
+        read(&hot, 2, 3);
+        assert_eq!(hot.keep_read_groups_hot(|_| now - DAY).unwrap(), 1, "the scheduled round's first step");
+        hot.move_to_warm(now - DAY).unwrap().unwrap();
+        assert_eq!(tier(&hot, 2), "hot");
+        assert_eq!(tier(&hot, 4), "warm");
+        assert_eq!(hot.promotion_to_hot().unwrap().1.len(), 2);
 
         // A restart brings the hot copy back (the read counts were never saved: the group is idle now).
         drop(hot);
@@ -2646,8 +2654,8 @@ mod tests {
         assert_eq!(report.released, 0, "held for min_age");
         std::thread::sleep(Duration::from_millis(2100));
         let report = hot.promote_to_hot().unwrap().unwrap();
-        assert_eq!(report.released, 1, "{report:?}");
-        assert_eq!(tier(&hot, 20), "warm");
+        assert_eq!(report.released, 2, "{report:?}");
+        assert_eq!((tier(&hot, 20), tier(&hot, 2)), ("warm".to_owned(), "warm".to_owned()));
         let listed_now = listed(&hot);
         assert!(listed_now.iter().filter(|id| *id == "r20").count() == 1, "{listed_now:?}");
         // Read again at once: it just moved, so it waits out min_age.
