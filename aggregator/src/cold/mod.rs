@@ -2054,24 +2054,31 @@ mod tests {
         }
     }
 
+    /// A hot tier with a warm file in `dir`.
+    fn with_warm(dir: &Path) -> Arc<HotTier> {
+        let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
+        hot.attach_warm(WarmConfig {
+            enabled: true,
+            path: dir.join("warm.duckdb"),
+            hot_window: Duration::from_secs(7 * 86_400),
+            move_interval: Duration::from_secs(60),
+            hot_window_per_kind: Default::default(),
+            schedule: None,
+        })
+        .unwrap();
+        hot
+    }
+
     fn open(dir: &Path, tiers: bool) -> Arc<HotTier> {
         open_sealed(dir, tiers, None)
     }
 
     fn open_sealed(dir: &Path, tiers: bool, keyring: Option<crate::envelope::Keyring>) -> Arc<HotTier> {
-        let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
-        if tiers {
-            hot.attach_warm(WarmConfig {
-                enabled: true,
-                path: dir.join("warm.duckdb"),
-                hot_window: Duration::from_secs(7 * 86_400),
-                move_interval: Duration::from_secs(60),
-                hot_window_per_kind: Default::default(),
-                schedule: None,
-            })
-            .unwrap();
-            hot.attach_cold(ColdConfig { encryption: keyring.map(Arc::new), ..cold_config(dir) }).unwrap();
+        if !tiers {
+            return Arc::new(HotTier::open("512MB", 1, None).unwrap());
         }
+        let hot = with_warm(dir);
+        hot.attach_cold(ColdConfig { encryption: keyring.map(Arc::new), ..cold_config(dir) }).unwrap();
         hot
     }
 
@@ -2227,16 +2234,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = jiff::Timestamp::now().as_microsecond();
         let records: Vec<Record> = (0..6).map(|i| record(i, now - (100 + i as i64) * DAY)).collect();
-        let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
-        hot.attach_warm(WarmConfig {
-            enabled: true,
-            path: dir.path().join("warm.duckdb"),
-            hot_window: Duration::from_secs(7 * 86_400),
-            move_interval: Duration::from_secs(60),
-            hot_window_per_kind: Default::default(),
-            schedule: None,
-        })
-        .unwrap();
+        let hot = with_warm(dir.path());
         // Nothing listens on port 9: every request fails at once.
         let mut config = cold_config(dir.path());
         config.url = "s3://bucket/prefix".into();
@@ -2567,16 +2565,7 @@ mod tests {
         let now = jiff::Timestamp::now().as_microsecond();
         let records: Vec<Record> = (0..40).map(|i| record(i, now - i as i64 * DAY - 1000)).collect();
         let open = || {
-            let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
-            hot.attach_warm(WarmConfig {
-                enabled: true,
-                path: dir.path().join("warm.duckdb"),
-                hot_window: Duration::from_secs(7 * 86_400),
-                move_interval: Duration::from_secs(60),
-                hot_window_per_kind: Default::default(),
-                schedule: None,
-            })
-            .unwrap();
+            let hot = with_warm(dir.path());
             let promotion = PromotionConfig {
                 enabled: true,
                 reads: 3.0,
@@ -2674,16 +2663,7 @@ mod tests {
         let mut dirs = Vec::new();
         for encoding in [EmbeddingEncoding::F32, EmbeddingEncoding::Int8] {
             let dir = tempfile::tempdir().unwrap();
-            let hot = Arc::new(HotTier::open("512MB", 1, None).unwrap());
-            hot.attach_warm(WarmConfig {
-                enabled: true,
-                path: dir.path().join("warm.duckdb"),
-                hot_window: Duration::from_secs(7 * 86_400),
-                move_interval: Duration::from_secs(60),
-                hot_window_per_kind: Default::default(),
-                schedule: None,
-            })
-            .unwrap();
+            let hot = with_warm(dir.path());
             hot.attach_cold(ColdConfig { embedding_encoding: encoding, ..cold_config(dir.path()) }).unwrap();
             hot.insert(&records).unwrap();
             hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
