@@ -365,12 +365,15 @@ impl WarmTier {
         write_manifest(&self.index_dir, &Manifest { rows: warm_rows(conn)?, last_move, key_probe: key_probe() })
     }
 
-    /// Rows per kind in warm.
+    /// Rows per kind that warm answers for (not those of groups promoted to hot, which hot counts).
     pub fn counts(conn: &Connection) -> Result<Vec<(String, &'static str, u64)>, HotError> {
         let mut out = Vec::new();
         for kind in RecordKind::ALL {
-            let mut stmt =
-                conn.prepare(&format!("SELECT system_id, count(*) FROM warm.{} GROUP BY 1 ORDER BY 1", kind.as_str()))?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT system_id, count(*) FROM warm.{} w WHERE {} GROUP BY 1 ORDER BY 1",
+                kind.as_str(),
+                not_promoted(kind, "w")
+            ))?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (system, n) = row?;

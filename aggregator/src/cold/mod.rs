@@ -2614,6 +2614,10 @@ mod tests {
         assert_eq!((promoted_now[0].0, promoted_now[0].1.as_str()), (RecordKind::Conversation, "s2"));
         assert_eq!((tier(&hot, 20), tier(&hot, 22)), ("hot".to_owned(), "warm".to_owned()));
         assert_eq!(listed(&hot), everything, "a promoted record is listed once");
+        let in_hot: u64 = hot.counts().unwrap().iter().map(|c| c.records).sum();
+        let in_warm =
+            hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
+        assert_eq!(in_hot + in_warm, 40, "a promoted record is counted once");
         // The hot→warm move leaves the copy where it is; warm keeps its durable version.
         hot.move_to_warm(now - 7 * DAY).unwrap();
         assert_eq!(tier(&hot, 20), "hot");
