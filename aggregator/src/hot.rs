@@ -891,6 +891,48 @@ impl HotTier {
         Ok((totals, self.promoted_groups(&conn)?))
     }
 
+    /// Warm groups read often enough to be promoted to hot and not promoted yet, with their reads and whether
+    /// they moved less than `min_age` ago.
+    fn warm_candidates(
+        &self,
+        conn: &Connection,
+        cold: &crate::cold::ColdTier,
+        held: &std::collections::HashSet<(String, String, String)>,
+        now: i64,
+    ) -> Result<Vec<(crate::cold::access::Group, RecordKind, f64, bool)>, HotError> {
+        let mut out = Vec::new();
+        for (group, reads) in cold.read_groups_at_least(cold.config.promotion.threshold(), now) {
+            let Ok(kind) = group.kind.parse::<RecordKind>() else { continue };
+            if held.contains(&(group.kind.clone(), group.system_id.clone(), group.day.clone())) {
+                continue;
+            }
+            let (in_warm, young): (i64, bool) = conn.query_row(
+                &format!(
+                    "SELECT (SELECT count(*) FROM warm.{} WHERE system_id = $1 AND CAST(ts AS DATE) = CAST($2 AS DATE)), \
+                     EXISTS (SELECT 1 FROM warm.tier_holds WHERE kind = $3 AND system_id = $1 AND day = CAST($2 AS DATE) \
+                       AND until > now())",
+                    kind.as_str()
+                ),
+                duckdb::params![group.system_id, group.day, group.kind],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if in_warm > 0 {
+                out.push((group, kind, reads, young));
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the next round of promotion to hot would promote: group, reads, and whether it must wait (`min_age`).
+    pub fn hot_promotion_candidates(&self) -> Result<Vec<(crate::cold::access::Group, f64, bool)>, HotError> {
+        let (Some(_), Some(cold)) = (self.warm.get(), self.cold.get()) else { return Ok(Vec::new()) };
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.promoted_groups(&conn)?.into_iter().map(|(k, s, d, _)| (k.as_str().to_owned(), s, d)).collect();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let candidates = self.warm_candidates(&conn, cold, &held, now)?;
+        Ok(candidates.into_iter().map(|(g, _, reads, young)| (g, reads, young)).collect())
+    }
+
     /// Before a scheduled hot→warm move: the hot groups with rows older than their kind's cutoff that are still
     /// read often enough to be promoted are promoted in place — the move then copies them to warm (the durable
     /// copy) and leaves them in hot — so that they do not leave by age and come straight back. Returns the groups.
@@ -983,24 +1025,7 @@ impl HotTier {
         }
         let held: std::collections::HashSet<(String, String, String)> =
             promoted.into_iter().map(|(k, s, d, _)| (k.as_str().to_owned(), s, d)).collect();
-        for (group, reads) in cold.read_groups_at_least(promotion.threshold(), now) {
-            let Ok(kind) = group.kind.parse::<RecordKind>() else { continue };
-            if held.contains(&(group.kind.clone(), group.system_id.clone(), group.day.clone())) {
-                continue;
-            }
-            let (in_warm, young): (i64, bool) = writer.conn.query_row(
-                &format!(
-                    "SELECT (SELECT count(*) FROM warm.{} WHERE system_id = $1 AND CAST(ts AS DATE) = CAST($2 AS DATE)), \
-                     EXISTS (SELECT 1 FROM warm.tier_holds WHERE kind = $3 AND system_id = $1 AND day = CAST($2 AS DATE) \
-                       AND until > now())",
-                    kind.as_str()
-                ),
-                duckdb::params![group.system_id, group.day, group.kind],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            if in_warm == 0 {
-                continue;
-            }
+        for (group, kind, reads, young) in self.warm_candidates(&writer.conn, &cold, &held, now)? {
             if young {
                 report.too_young += 1;
                 continue;

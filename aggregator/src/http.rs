@@ -1332,8 +1332,12 @@ async fn lifecycle(State(agg): State<Arc<Aggregator>>) -> Response {
                 })).collect::<Vec<_>>(),
             });
             let (totals, promoted) = hot.promotion_to_hot().map_err(|e| e.to_string())?;
+            let candidates = hot.hot_promotion_candidates().map_err(|e| e.to_string())?;
             out["warm_to_hot"] = json!({
                 "totals": totals,
+                "candidates": candidates.iter().map(|(g, reads, young)| json!({
+                    "kind": g.kind, "system_id": g.system_id, "day": g.day, "reads": reads, "too_young": young,
+                })).collect::<Vec<_>>(),
                 "promoted_now": promoted.iter().map(|(kind, system_id, day, until)| json!({
                     "kind": kind.as_str(), "system_id": system_id, "day": day, "held_until": until,
                 })).collect::<Vec<_>>(),

@@ -567,16 +567,19 @@ pub(crate) fn lifecycle(args: LifecycleArgs, default_url: String) -> anyhow::Res
                 Some(n) => println!("would move {n} records older than {} from warm to cold", window("warm_to_cold")),
                 None => println!("warm to cold: the cold tier is disabled"),
             }
-            let candidates = status["cold_to_warm"]["candidates"].as_array().cloned().unwrap_or_default();
-            println!("would promote {} groups read often from cold back to warm", candidates.len());
-            for c in candidates.iter().take(20) {
-                println!(
-                    "  {} {} {} ({:.1} reads)",
-                    s(c, "kind"),
-                    s(c, "system_id"),
-                    s(c, "day"),
-                    c["reads"].as_f64().unwrap_or(0.0)
-                );
+            for (tiers, key) in [("from cold back to warm", "cold_to_warm"), ("from warm to hot", "warm_to_hot")] {
+                let candidates = status[key]["candidates"].as_array().cloned().unwrap_or_default();
+                println!("would promote {} groups read often {tiers}", candidates.len());
+                for c in candidates.iter().take(20) {
+                    println!(
+                        "  {} {} {} ({:.1} reads){}",
+                        s(c, "kind"),
+                        s(c, "system_id"),
+                        s(c, "day"),
+                        c["reads"].as_f64().unwrap_or(0.0),
+                        if c["too_young"] == true { ", waits for min_age" } else { "" }
+                    );
+                }
             }
         }
         LifecycleCommand::Run { dry_run: false } => {

@@ -2607,6 +2607,9 @@ mod tests {
         };
         read(&hot, 20, 3);
         read(&hot, 22, 1);
+        let candidates = hot.hot_promotion_candidates().unwrap();
+        assert_eq!(candidates.len(), 1, "what a dry run shows");
+        assert_eq!((candidates[0].0.system_id.as_str(), candidates[0].2), ("s2", false));
         let report = hot.promote_to_hot().unwrap().unwrap();
         assert_eq!((report.promoted, report.records), (1, 1), "{report:?}");
         let (totals, promoted_now) = hot.promotion_to_hot().unwrap();
