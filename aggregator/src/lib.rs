@@ -290,6 +290,9 @@ impl Aggregator {
                         if hot.move_to_cold_by(|k| windows.cutoff(k, now)).is_ok() {
                             let _ = cold.compact();
                         }
+                        if let Err(e) = cold.backfill_rollups(64) {
+                            warn!(message = "Cannot compute hourly rollups of old cold days yet.", error = %e);
+                        }
                         if let Err(e) = cold.rewrap_keys() {
                             warn!(message = "Cannot re-wrap cold data keys with the active key.", error = %e);
                         }

@@ -10,6 +10,9 @@
 //! | `warm.metric_5m`   | `warm.metric`                | hot→warm moves, warm→cold moves, cold→warm promotion, erasure |
 //! | `warm.metric_1h`   | the visible rows of cold objects | warm→cold moves, compaction (which applies erasures), promotion |
 //!
+//! A warm file written before rollups existed gets its 5-minute buckets at open; its cold days are queued in
+//! `warm.rollup_backfill` and the lifecycle computes their hourly buckets a few days per round.
+//!
 //! Each row is `(system_id, name, bucket, n, sum, min, max)`: partial aggregates, so a query merges buckets from
 //! several tiers (a day split between two tiers, a 5-minute bucket folded into an hour) exactly — the mean is
 //! `Σsum / Σn`.
@@ -94,6 +97,15 @@ pub(crate) fn days_relation<'a>(days: impl IntoIterator<Item = (&'a str, &'a str
     }
     (!values.is_empty()).then(|| format!("(VALUES {values}) AS d(system_id, day)"))
 }
+
+/// Cold days whose hourly buckets are still to be computed (a warm file from before rollups existed):
+/// [`crate::cold::ColdTier::backfill_rollups`] works through them a few at a time.
+pub(crate) const BACKFILL_DDL: &str =
+    "CREATE TABLE IF NOT EXISTS warm.rollup_backfill (system_id VARCHAR NOT NULL, day DATE NOT NULL);\n";
+
+/// Queues every cold metric day of the catalog for [`BACKFILL_DDL`].
+pub(crate) const QUEUE_COLD_DAYS: &str =
+    "INSERT INTO warm.rollup_backfill SELECT DISTINCT system_id, day FROM warm.cold_objects WHERE kind = 'metric';\n";
 
 /// Fills `warm.metric_5m` from warm's rows when the table is new (a warm file from before rollups existed).
 pub(crate) fn backfill_sql() -> String {

@@ -143,9 +143,18 @@ impl WarmTier {
             |r| r.get(0),
         )?;
         ddl.push_str(crate::rollup::DDL);
+        let has_catalog: i64 = conn.query_row(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'warm' AND table_name = 'cold_objects'",
+            [],
+            |r| r.get(0),
+        )?;
+        ddl.push_str(crate::rollup::BACKFILL_DDL);
         if had_rollups == 0 {
-            // A warm file from before rollups existed: summarise what it holds once.
+            // A warm file from before rollups existed: summarise what it holds once, and queue its cold days.
             ddl.push_str(&crate::rollup::backfill_sql());
+            if has_catalog > 0 {
+                ddl.push_str(crate::rollup::QUEUE_COLD_DAYS);
+            }
         }
         ddl.push_str(
             "CREATE TABLE IF NOT EXISTS warm.moves (id BIGINT, kind VARCHAR, cutoff TIMESTAMP, state VARCHAR, \

@@ -1663,6 +1663,43 @@ impl ColdTier {
         Ok(replaced)
     }
 
+    /// Computes the hourly rollups of up to `max_days` queued cold days (see [`crate::rollup`]), each from its
+    /// objects in one transaction with its removal from the queue. Returns the days done.
+    pub fn backfill_rollups(&self, max_days: usize) -> Result<u64, ColdError> {
+        let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
+        let queued: Vec<(String, String)> = {
+            let mut stmt = conn.prepare(
+                "SELECT DISTINCT system_id, strftime(day, '%Y-%m-%d') FROM warm.rollup_backfill ORDER BY 2, 1 LIMIT ?",
+            )?;
+            stmt.query_map([max_days as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
+        };
+        for (system_id, day) in &queued {
+            let objects = self.group_objects(&conn, "metric", system_id, day)?;
+            let lease = self.lease(&objects)?;
+            let days = crate::rollup::days_relation([(system_id.as_str(), day.as_str())]).expect("one day");
+            let refresh = if objects.is_empty() {
+                crate::rollup::Rollup::Hour.clear_sql(&days)
+            } else {
+                crate::rollup::Rollup::Hour.refresh_sql(&days, &newest_visible("metric", &lease.paths, lease.int8))
+            };
+            conn.execute_batch(&format!(
+                "BEGIN TRANSACTION;\n{refresh}DELETE FROM warm.rollup_backfill WHERE system_id = {} AND day = DATE {};\nCOMMIT;",
+                sql_text(system_id),
+                sql_text(day)
+            ))
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
+        }
+        if !queued.is_empty() {
+            info!(
+                message = "Hourly rollups computed for cold days written before rollups existed.",
+                days = queued.len()
+            );
+        }
+        Ok(queued.len() as u64)
+    }
+
     /// Hides what a deletion covers from every cold read at once (see [`crate::erasure`]); compaction rewrites
     /// the objects. One tombstone per kind. Returns the tombstones written.
     pub fn tombstone(
@@ -2557,6 +2594,26 @@ mod tests {
             let got = series(&hot, resolution, None, None);
             assert!(got == series(&reference, resolution, None, None), "{resolution:?} after the promotion");
         }
+
+        // A warm file from before rollups existed: 5-minute buckets at open, hourly ones from the queue.
+        let (five, hourly) = (rollup_rows_of(&hot, "warm.metric_5m"), rollup_rows_of(&hot, "warm.metric_1h"));
+        hot.read(|c| Ok(c.execute_batch("DROP TABLE warm.metric_5m; DROP TABLE warm.metric_1h;")?)).unwrap();
+        drop(cold);
+        drop(hot);
+        std::thread::sleep(Duration::from_millis(200));
+        let hot = open(dir.path(), true);
+        hot.insert(&still_hot.iter().filter(|r| r.system_id == "s0").cloned().collect::<Vec<_>>()).unwrap();
+        assert_eq!((rollup_rows_of(&hot, "warm.metric_5m"), rollup_rows_of(&hot, "warm.metric_1h")), (five, 0));
+        let cold = hot.cold().unwrap().clone();
+        let days = cold.backfill_rollups(1000).unwrap();
+        assert!(days >= 29, "{days}");
+        assert_eq!(cold.backfill_rollups(1000).unwrap(), 0, "the queue is empty");
+        assert_eq!(rollup_rows_of(&hot, "warm.metric_1h"), hourly);
+        assert!(series(&hot, Hour, None, None) == series(&reference, Hour, None, None), "after the backfill");
+    }
+
+    fn rollup_rows_of(hot: &Arc<HotTier>, table: &str) -> i64 {
+        hot.read(|c| Ok(c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)).unwrap()
     }
 
     #[test]
