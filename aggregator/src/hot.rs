@@ -906,9 +906,12 @@ impl HotTier {
             if held.contains(&(group.kind.clone(), group.system_id.clone(), group.day.clone())) {
                 continue;
             }
-            let (in_warm, young): (i64, bool) = conn.query_row(
+            // A range on `ts` (not a cast of it) lets DuckDB skip row groups by their min/max: this runs for every
+            // group read often, each round.
+            let (in_warm, young): (bool, bool) = conn.query_row(
                 &format!(
-                    "SELECT (SELECT count(*) FROM warm.{} WHERE system_id = $1 AND CAST(ts AS DATE) = CAST($2 AS DATE)), \
+                    "SELECT EXISTS (SELECT 1 FROM warm.{} WHERE system_id = $1 AND ts >= CAST($2 AS DATE) \
+                       AND ts < CAST($2 AS DATE) + INTERVAL 1 DAY), \
                      EXISTS (SELECT 1 FROM warm.tier_holds WHERE kind = $3 AND system_id = $1 AND day = CAST($2 AS DATE) \
                        AND until > now())",
                     kind.as_str()
@@ -916,7 +919,7 @@ impl HotTier {
                 duckdb::params![group.system_id, group.day, group.kind],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            if in_warm > 0 {
+            if in_warm {
                 out.push((group, kind, reads, young));
             }
         }
