@@ -14,7 +14,7 @@ python3 -c 'import plistlib, sys; [plistlib.load(open(p, "rb")) for p in sys.arg
 cargo build --release --workspace --bins
 cargo clippy --release --workspace --all-targets -- -D warnings
 # Policy plugins: their rules natively, then the WASM components the agent's tests load.
-cargo test --release --manifest-path plugins/Cargo.toml -p akosha-residency -p akosha-compression \
+cargo test --release --manifest-path plugins/Cargo.toml -p akosha-plugin-sdk -p akosha-residency -p akosha-compression \
   --target-dir "$CARGO_TARGET_DIR/plugins-native" --quiet
 bash scripts/build-plugins.sh >/dev/null
 cargo nextest run --release --workspace --no-fail-fast --failure-output final

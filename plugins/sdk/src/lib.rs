@@ -26,6 +26,8 @@
 //! Enable the feature of the world you implement (`residency` or `compression`); one plugin implements one.
 //! Panics are reported to the host (which logs the message with the plugin's name) before the plugin traps.
 
+pub mod arena;
+
 /// The configuration map an operator wrote for the plugin in the agent's config.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -148,19 +150,27 @@ pub mod residency {
                 fn configure(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
                     -> ::core::result::Result<(), ::std::string::String>
                 {
+                    $crate::arena::enter_body();
                     $crate::residency::install_panic_hook();
-                    let policy = <$policy as $crate::residency::Policy>::configure(&$crate::Config::new(config))?;
-                    __AKOSHA_POLICY.with(|slot| *slot.borrow_mut() = Some(policy));
-                    Ok(())
+                    let configured = <$policy as $crate::residency::Policy>::configure(&$crate::Config::new(config));
+                    let result = configured.map(|policy| __AKOSHA_POLICY.with(|slot| *slot.borrow_mut() = Some(policy)));
+                    // SAFETY: `config` was moved into the `Config` dropped above; nothing the host passed is alive.
+                    unsafe { $crate::arena::leave_body() };
+                    result
                 }
 
                 fn decide(
                     records: ::std::vec::Vec<$crate::residency::Record>,
                 ) -> ::std::vec::Vec<$crate::residency::Decision> {
-                    __AKOSHA_POLICY.with(|slot| match slot.borrow().as_ref() {
+                    $crate::arena::enter_body();
+                    let decisions = __AKOSHA_POLICY.with(|slot| match slot.borrow().as_ref() {
                         Some(policy) => $crate::residency::Policy::decide_batch(policy, &records),
                         None => panic!("decide was called before configure"),
-                    })
+                    });
+                    ::core::mem::drop(records);
+                    // SAFETY: the records were the only thing the host passed, and they are dropped.
+                    unsafe { $crate::arena::leave_body() };
+                    decisions
                 }
             }
 
@@ -214,17 +224,25 @@ pub mod compression {
                 fn configure(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>)
                     -> ::core::result::Result<(), ::std::string::String>
                 {
+                    $crate::arena::enter_body();
                     $crate::compression::install_panic_hook();
-                    let policy = <$policy as $crate::compression::Policy>::configure(&$crate::Config::new(config))?;
-                    __AKOSHA_POLICY.with(|slot| *slot.borrow_mut() = Some(policy));
-                    Ok(())
+                    let configured = <$policy as $crate::compression::Policy>::configure(&$crate::Config::new(config));
+                    let result = configured.map(|policy| __AKOSHA_POLICY.with(|slot| *slot.borrow_mut() = Some(policy)));
+                    // SAFETY: `config` was moved into the `Config` dropped above; nothing the host passed is alive.
+                    unsafe { $crate::arena::leave_body() };
+                    result
                 }
 
                 fn choose(stats: $crate::compression::BatchStats) -> $crate::compression::CodecChoice {
-                    __AKOSHA_POLICY.with(|slot| match slot.borrow().as_ref() {
+                    $crate::arena::enter_body();
+                    let choice = __AKOSHA_POLICY.with(|slot| match slot.borrow().as_ref() {
                         Some(policy) => $crate::compression::Policy::choose(policy, &stats),
                         None => panic!("choose was called before configure"),
-                    })
+                    });
+                    ::core::mem::drop(stats);
+                    // SAFETY: the statistics were the only thing the host passed, and they are dropped.
+                    unsafe { $crate::arena::leave_body() };
+                    choice
                 }
             }
 
