@@ -19,6 +19,10 @@ use akosha_protocol::{Record, RecordKind, Residency};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Engine, ResourceLimiter, Store};
 
+mod guest_record;
+
+use guest_record::GuestRecord;
+
 mod residency_bindings {
     wasmtime::component::bindgen!({ world: "residency", path: "../wit/v0.1" });
 }
@@ -617,26 +621,6 @@ impl ResidencyPlugin {
         }
         outcome
     }
-}
-
-/// The contract's `record`, borrowing the host's strings: lowered into guest memory straight from the agent's
-/// own records, where the generated owned type would need a clone of every string first. Field names and order
-/// are checked against the component's type when the function is looked up.
-#[derive(wasmtime::component::ComponentType, wasmtime::component::Lower)]
-#[component(record)]
-struct GuestRecord<'a> {
-    kind: rtypes::Kind,
-    #[component(name = "system-id")]
-    system_id: &'a str,
-    id: &'a str,
-    project: Option<&'a str>,
-    namespace: Option<&'a str>,
-    category: Option<&'a str>,
-    name: Option<&'a str>,
-    tags: &'a [String],
-    text: Option<&'a str>,
-    metadata: Option<&'a str>,
-    embedding: Option<&'a [f32]>,
 }
 
 fn to_guest(r: &Record, embeddings: bool) -> GuestRecord<'_> {

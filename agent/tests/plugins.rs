@@ -91,6 +91,72 @@ fn the_shipped_residency_policy_routes_and_redacts() {
 }
 
 #[test]
+fn records_reach_the_guest_intact() {
+    // The host lowers records with its own batch lowering (agent/src/plugin/guest_record.rs): the `echo` guest
+    // renders every field it received, and each must be what the host sent — present and absent optionals,
+    // no, one and many tags, empty strings, multi-byte text, embeddings on and off, batches of every size.
+    let echo = |embeddings: bool| {
+        let mut config = PluginConfig::new("hostile", plugin("akosha-hostile-plugin"));
+        config.config = vec![("mode".into(), "echo".into())];
+        config.embeddings = embeddings;
+        ResidencyPlugin::load(config).unwrap()
+    };
+    let kinds = [
+        (RecordKind::Conversation, "conversation"),
+        (RecordKind::Reflection, "reflection"),
+        (RecordKind::Entity, "entity"),
+        (RecordKind::Relation, "relation"),
+        (RecordKind::Metric, "metric"),
+    ];
+    let records: Vec<Record> = (0..300)
+        .map(|i| {
+            let some = |s: String| if i % 3 == 0 { None } else { Some(s) };
+            Record {
+                system_id: format!("sys-{}", i % 4),
+                kind: kinds[i % 5].0,
+                id: if i == 7 { String::new() } else { format!("rec-{i}") },
+                ts: 1,
+                project: some(format!("project-{i}")),
+                namespace: if i % 2 == 0 { Some("ns".into()) } else { None },
+                category: some(String::new()),
+                name: if i % 5 == 1 { Some(format!("entity {i} ✓")) } else { None },
+                tags: (0..i % 4).map(|t| format!("tag-{t}-{}", "x".repeat(i % 7))).collect(),
+                text: some(format!("{i}: Grüße, naïve café — {}", "lorem ipsum ".repeat(i % 50))),
+                metadata: if i % 4 == 2 { Some(format!("{{\"turn\":{i}}}")) } else { None },
+                embedding: if i % 2 == 1 { Some(vec![i as f32, -0.5, 1e-3]) } else { None },
+                ..Record::default()
+            }
+        })
+        .collect();
+    for embeddings in [false, true] {
+        let mut plugin = echo(embeddings);
+        for size in [1, 2, 17, 300] {
+            for batch in records.chunks(size) {
+                let decisions = plugin.decide(batch).unwrap();
+                for (r, d) in batch.iter().zip(&decisions) {
+                    let kind = kinds.iter().find(|k| k.0 == r.kind).unwrap().1;
+                    let embedding = if embeddings { r.embedding.clone() } else { None };
+                    let expected = format!(
+                        "{kind}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+                        r.system_id,
+                        r.id,
+                        r.project,
+                        r.namespace,
+                        r.category,
+                        r.name,
+                        r.tags,
+                        r.text,
+                        r.metadata,
+                        embedding
+                    );
+                    assert_eq!(d.reason.as_deref(), Some(expected.as_str()), "record {}", r.id);
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn configuration_errors_are_reported_at_load() {
     let mut config = PluginConfig::new("residency", plugin("akosha-residency"));
     config.config = vec![("on_match".into(), "shrug".into())];

@@ -1,11 +1,13 @@
 //! A residency plugin that misbehaves on purpose, chosen by `mode`: `loop`, `memory-bomb`, `trap`, `panic`,
-//! `short` (one decision too few), `bad-redaction` (a range past the text), `onprem-all`, `cloud-all`.
-//! The agent's tests load it to prove that no misbehaviour lets a record reach a cloud destination.
+//! `short` (one decision too few), `bad-redaction` (a range past the text), `onprem-all`, `cloud-all`, and
+//! `echo` (each record, as the guest received it, rendered into its decision's reason).
+//! The agent's tests load it to prove that no misbehaviour lets a record reach a cloud destination, and that
+//! what the host lowers into a guest arrives intact.
 
 #![cfg(target_arch = "wasm32")]
 
 use akosha_plugin_sdk::Config;
-use akosha_plugin_sdk::residency::{Decision, Policy, Record, Redaction};
+use akosha_plugin_sdk::residency::{Decision, Kind, Policy, Record, Redaction};
 
 struct Hostile {
     mode: String,
@@ -50,10 +52,26 @@ impl Policy for Hostile {
                     d
                 })
                 .collect(),
+            "echo" => records.iter().map(|r| Decision::onprem(echo(r))).collect(),
             "onprem-all" => records.iter().map(|_| Decision::onprem("hostile: everything on-premises")).collect(),
             _ => records.iter().map(|_| Decision::cloud()).collect(),
         }
     }
+}
+
+/// Every field of the record, in the contract's order; the host's test renders its records the same way.
+fn echo(r: &Record) -> String {
+    let kind = match r.kind {
+        Kind::Conversation => "conversation",
+        Kind::Reflection => "reflection",
+        Kind::Entity => "entity",
+        Kind::Relation => "relation",
+        Kind::Metric => "metric",
+    };
+    format!(
+        "{kind}|{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        r.system_id, r.id, r.project, r.namespace, r.category, r.name, r.tags, r.text, r.metadata, r.embedding
+    )
 }
 
 akosha_plugin_sdk::residency_plugin!(Hostile);
