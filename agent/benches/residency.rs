@@ -3,7 +3,8 @@
 //! Records are Session-Buddy-like (≈600 bytes of prose, project, tags, metadata; one in ten carries a secret or
 //! an e-mail address). The native side calls `akosha_residency::rules::Rules::decide` on borrowed records; the
 //! WASM side is the agent's real path: `ResidencyPlugin::decide` with the built component (copying records
-//! into the guest, running the same rules there, checking the decisions). Batches of 1, 100 and 1,000. The
+//! into the guest, running the same rules there, checking the decisions). Batches of 1, 100 and 1,000, each
+//! side timed in the same rounds (median of the per-round ratios). The
 //! last column is the same path with a plugin that decides nothing (the hostile fixture in `cloud-all` mode):
 //! what crossing into the guest and back costs by itself.
 //!
@@ -71,24 +72,38 @@ fn main() {
         let wasm_routes: Vec<_> = wasm.decide(chunk).expect("wasm").iter().map(|d| format!("{:?}", d.route)).collect();
         assert_eq!(native_routes, wasm_routes);
 
-        let native = per_record(seconds, batch, || {
-            for r in chunk {
-                std::hint::black_box(rules.decide(&view(r)));
-            }
-        });
-        let in_wasm = per_record(seconds, batch, || {
-            std::hint::black_box(wasm.decide(chunk).expect("wasm"));
-        });
-        let boundary = per_record(seconds, batch, || {
-            std::hint::black_box(noop.decide(chunk).expect("wasm"));
-        });
+        let rounds = interleaved(
+            seconds,
+            batch,
+            &mut [
+                &mut || {
+                    for r in chunk {
+                        std::hint::black_box(rules.decide(&view(r)));
+                    }
+                },
+                &mut || {
+                    std::hint::black_box(wasm.decide(chunk).expect("wasm"));
+                },
+                &mut || {
+                    std::hint::black_box(noop.decide(chunk).expect("wasm"));
+                },
+            ],
+        );
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let native = median(rounds.iter().map(|r| r[0]).collect());
+        let in_wasm = median(rounds.iter().map(|r| r[1]).collect());
+        let boundary = median(rounds.iter().map(|r| r[2]).collect());
+        let ratio = median(rounds.iter().map(|r| r[1] / r[0]).collect());
+        let added = median(rounds.iter().map(|r| r[1] - r[0]).collect());
         println!(
-            "| {batch} | {:.0} | {:.0} | {:.2}× | {:.2} µs | {:.2} µs |",
-            1.0 / native.as_secs_f64(),
-            1.0 / in_wasm.as_secs_f64(),
-            in_wasm.as_secs_f64() / native.as_secs_f64(),
-            (in_wasm.as_secs_f64() - native.as_secs_f64()) * 1e6,
-            boundary.as_secs_f64() * 1e6,
+            "| {batch} | {:.0} | {:.0} | {ratio:.2}× | {:.2} µs | {:.2} µs |",
+            1.0 / native,
+            1.0 / in_wasm,
+            added * 1e6,
+            boundary * 1e6,
         );
     }
 }
@@ -103,21 +118,30 @@ fn view(r: &Record) -> RecordView<'_> {
     }
 }
 
-/// Median time per record over rounds of `f` (one call = one batch of `batch` records).
-fn per_record(seconds: f64, batch: usize, mut f: impl FnMut()) -> Duration {
-    for _ in 0..3 {
-        f();
-    }
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut samples = Vec::new();
-    while Instant::now() < deadline || samples.len() < 5 {
-        let calls = (2000 / batch).max(1);
-        let start = Instant::now();
-        for _ in 0..calls {
+/// Seconds per record of each of `fs` (one call = one batch of `batch` records), measured in rounds that run
+/// every `f` back to back: on a shared, noisy machine a ratio is only fair between measurements taken at the
+/// same moment, so ratios are taken per round and the caller reports their median.
+fn interleaved(seconds: f64, batch: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    for f in fs.iter_mut() {
+        for _ in 0..3 {
             f();
         }
-        samples.push(start.elapsed() / (calls * batch) as u32);
     }
-    samples.sort();
-    samples[samples.len() / 2]
+    let calls = (2000 / batch).max(1);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds * fs.len() as f64);
+    let mut rounds = Vec::new();
+    while Instant::now() < deadline || rounds.len() < 5 {
+        let round = fs
+            .iter_mut()
+            .map(|f| {
+                let start = Instant::now();
+                for _ in 0..calls {
+                    f();
+                }
+                start.elapsed().as_secs_f64() / (calls * batch) as f64
+            })
+            .collect();
+        rounds.push(round);
+    }
+    rounds
 }
