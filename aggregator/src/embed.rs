@@ -493,12 +493,15 @@ pub struct BackfillJob {
     pub key: u64,
     /// The version the text belongs to.
     pub ts: i64,
+    /// The record's system: answers cached about it are stale once the vector lands.
+    pub system_id: String,
     /// The text to embed.
     pub text: String,
 }
 
 /// Embeds records that arrived without a vector, on its own thread, and hands the vectors to the search
-/// indexes. Never blocks ingest: when the queue is full, further records are counted as skipped (they stay
+/// indexes; `attached` hears which systems' vector answers changed (cached answers computed before the vector
+/// landed would otherwise keep missing the record). Never blocks ingest: when the queue is full, further records are counted as skipped (they stay
 /// searchable by text, and the next restart's replay offers them again).
 pub struct Backfill {
     queue: std::sync::mpsc::SyncSender<BackfillJob>,
@@ -510,7 +513,12 @@ pub struct Backfill {
 
 impl Backfill {
     /// Starts the worker with room for `capacity` waiting records.
-    pub fn start(embedder: Arc<Embedder>, indexes: Arc<SearchIndexes>, capacity: usize) -> std::io::Result<Backfill> {
+    pub fn start(
+        embedder: Arc<Embedder>,
+        indexes: Arc<SearchIndexes>,
+        capacity: usize,
+        attached: impl Fn(Vec<String>) + Send + 'static,
+    ) -> std::io::Result<Backfill> {
         let (queue, rx) = std::sync::mpsc::sync_channel::<BackfillJob>(capacity.max(1));
         let queued = Arc::new(AtomicU64::new(0));
         let embedded = Arc::new(AtomicU64::new(0));
@@ -528,16 +536,25 @@ impl Backfill {
                 let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
                 match embedder.embed(&texts) {
                     Ok(vectors) => {
+                        let mut changed = Vec::new();
                         for (job, vector) in jobs.iter().zip(&vectors) {
                             match indexes.attach_vector(job.key, job.ts, vector) {
-                                Ok(_) => {
+                                Ok(landed) => {
                                     e.fetch_add(1, Ordering::Relaxed);
+                                    if landed {
+                                        changed.push(job.system_id.clone());
+                                    }
                                 }
                                 Err(err) => {
                                     f.fetch_add(1, Ordering::Relaxed);
                                     warn!(message = "Could not index a computed embedding.", error = %err);
                                 }
                             }
+                        }
+                        changed.sort();
+                        changed.dedup();
+                        if !changed.is_empty() {
+                            attached(changed);
                         }
                     }
                     Err(err) => {
@@ -711,6 +728,35 @@ mod tests {
         assert_eq!(seen[0].1["input"], serde_json::json!(["a", "b"]));
         assert_eq!(seen[0].1["model"], "all-MiniLM-L6-v2");
         assert_eq!(seen[1].1["input"], serde_json::json!(["c"]));
+    }
+
+    /// A vector that lands says which system's answers changed (the query cache drops them); one computed
+    /// for a version that was replaced meanwhile lands nowhere and says nothing.
+    #[test]
+    fn the_backfill_reports_the_systems_whose_vectors_landed() {
+        let (runtime, url, _) = serve(|_, body| (200, answer(&body, DIMENSIONS)));
+        let indexes = Arc::new(SearchIndexes::new(DIMENSIONS).unwrap());
+        let record = |id: &str, ts: i64| akosha_protocol::Record {
+            system_id: "laptop-7".into(),
+            id: id.into(),
+            ts,
+            text: Some("a text without a vector".into()),
+            ..akosha_protocol::Record::default()
+        };
+        let (current, replaced) = (record("current", 5), record("replaced", 9));
+        indexes.upsert(&[(1, &current), (2, &replaced)]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let backfill =
+            Backfill::start(Arc::new(remote(&runtime, url, 8)), indexes.clone(), 8, move |s| tx.send(s).unwrap())
+                .unwrap();
+        let job = |key, ts, system: &str| BackfillJob { key, ts, system_id: system.into(), text: "words".into() };
+        backfill.offer(job(2, 8, "laptop-7"));
+        backfill.offer(job(1, 5, "laptop-7"));
+        let changed = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the landed vector is reported");
+        assert_eq!(changed, ["laptop-7"]);
+        assert_eq!(indexes.sizes(), (2, 1), "only the current version got its vector");
+        backfill.offer(job(2, 8, "laptop-7"));
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(500)).is_err(), "a stale vector is not news");
     }
 
     #[test]

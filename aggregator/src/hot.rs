@@ -189,7 +189,12 @@ impl Indexer {
                             if r.embedding.is_none()
                                 && let Some(text) = r.text.as_deref().filter(|t| !t.trim().is_empty())
                             {
-                                backfill.offer(crate::embed::BackfillJob { key: *key, ts: r.ts, text: text.to_owned() });
+                                backfill.offer(crate::embed::BackfillJob {
+                                    key: *key,
+                                    ts: r.ts,
+                                    system_id: r.system_id.clone(),
+                                    text: text.to_owned(),
+                                });
                             }
                         }
                     }
@@ -1284,7 +1289,9 @@ impl HotTier {
         if self.backfill.get().is_some() {
             return Ok(());
         }
-        let backfill = crate::embed::Backfill::start(embedder, self.indexes.clone(), capacity)
+        let on_change = self.on_change.clone();
+        let attached = move |systems: Vec<String>| notify(&on_change, systems.into_iter());
+        let backfill = crate::embed::Backfill::start(embedder, self.indexes.clone(), capacity, attached)
             .map_err(|e| HotError::Thread(e.to_string()))?;
         let _ = self.backfill.set(backfill);
         Ok(())
