@@ -67,6 +67,8 @@ const GROUPS_PER_BATCH: usize = 64;
 const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
 /// Rows per batch, so that a batch's local files stay a bounded amount of disk (a group is never split).
 const ROWS_PER_BATCH: u64 = 500_000;
+/// The mover connection's scratch table of the rows a batch is moving, with their content hashes.
+const MOVING: &str = "cold_moving";
 
 /// Warm rows of one kind, system and day that are due for cold.
 struct Group {
@@ -1271,11 +1273,15 @@ impl ColdTier {
                 sql_text(&batch_dir.display().to_string()),
                 self.config.row_group_rows
             ))?;
+            // The exported versions, hashed once: the sums checked against the files below, and the exact rows
+            // step 4 deletes (re-reading and re-hashing the files there cost a third of a move).
+            conn.execute_batch(&format!(
+                "CREATE OR REPLACE TEMP TABLE {MOVING} AS SELECT g.idx, w.system_id, w.id, w.ts, {} AS h {selection}",
+                self.config.embedding_encoding.warm_hash("w")
+            ))?;
             let in_warm: std::collections::HashMap<usize, (i64, i128)> = {
-                let mut stmt = conn.prepare(&format!(
-                    "SELECT g.idx, count(*), sum({}::HUGEINT)::VARCHAR {selection} GROUP BY g.idx",
-                    self.config.embedding_encoding.warm_hash("w")
-                ))?;
+                let mut stmt = conn
+                    .prepare(&format!("SELECT idx, count(*), sum(h::HUGEINT)::VARCHAR FROM {MOVING} GROUP BY idx"))?;
                 stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?
                     .map(|row| {
                         let (idx, n, sum) = row?;
@@ -1428,16 +1434,12 @@ impl ColdTier {
                 })
                 .collect();
             conn.execute_batch(&format!("INSERT INTO warm.cold_objects VALUES {};", catalog.join(", ")))?;
-            // Exactly the exported versions leave warm: a newer one that arrived meanwhile stays.
-            let files: Vec<PathBuf> = objects.iter().map(|o| o.file.clone()).collect();
+            // Exactly the exported versions leave warm (the files hold the same rows: step 1 compared them): a
+            // newer one, or the same timestamp with other content, that arrived meanwhile stays.
             let mut stmt = conn.prepare(&format!(
-                "DELETE FROM warm.{t} w USING (SELECT system_id, id, ts, {} AS h FROM \
-                   (SELECT {} FROM read_parquet([{}])) p) p \
+                "DELETE FROM warm.{t} w USING {MOVING} p \
                  WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.h = {} \
                  RETURNING w.system_id, w.id",
-                self.config.embedding_encoding.file_hash("p"),
-                self.config.embedding_encoding.file_columns(),
-                files.iter().map(|f| sql_text(&f.display().to_string())).collect::<Vec<_>>().join(", "),
                 self.config.embedding_encoding.warm_hash("w")
             ))?;
             let hashes = stmt
@@ -1467,6 +1469,7 @@ impl ColdTier {
             }
         };
         let register_ms = lap();
+        conn.execute_batch(&format!("DROP TABLE IF EXISTS {MOVING}"))?;
         warm.forget(&hashes)?;
         for o in objects.iter() {
             self.cache.adopt(&o.file, &o.stored.sha256)?;
