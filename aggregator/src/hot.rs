@@ -294,14 +294,26 @@ pub(crate) fn index_records(
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-/// The column definitions every tier's tables share.
 /// The stored columns' names (without `ingested_at`), in table order.
 pub(crate) fn column_names() -> Vec<&'static str> {
     COLUMNS.iter().map(|(name, _)| *name).collect()
 }
 
+/// The column definitions of an on-disk table with these columns (the warm tier's).
+///
+/// `id` is stored uncompressed: at commit DuckDB takes every deleted row out of the ART index on `id` by
+/// fetching that row's `id`, and from a dictionary/FSST segment each single-row fetch decodes the segment again —
+/// a warm→cold move of 32,000 rows spent 2.5–2.9 s in that commit. Uncompressed, a standalone test commits the
+/// same delete in 10 ms instead of 258 ms at the same file size (ids are short; BENCHMARKS.md).
 pub(crate) fn column_ddl() -> String {
-    COLUMNS.iter().map(|(name, ty)| format!("{name} {ty}")).collect::<Vec<_>>().join(", ")
+    COLUMNS
+        .iter()
+        .map(|(name, ty)| match *name {
+            "id" => format!("{name} {ty} USING COMPRESSION uncompressed"),
+            _ => format!("{name} {ty}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Records travelling to the indexer with their contents (≈ 250 MB); beyond this, only their keys travel.
