@@ -4,7 +4,7 @@
 //! append 100 records per call, as HTTP requests would, with the default `batch` fsync policy: every append
 //! returns only once its chunk is fsynced. The baseline is `dd … conv=fdatasync` of the same volume in the same
 //! directory, run right before. Records are generated before the clock starts (generating 384 random floats and
-//! a kilobyte of text took a fifth of the timed CPU) and each source cycles through its own set: the buffer
+//! a kilobyte of text was 8 % of the timed samples) and each source cycles through its own set: the buffer
 //! neither reads nor deduplicates ids, so what is timed is encoding, storing and syncing.
 //!
 //! `cargo bench --profile release --workspace --bench buffer_ingest [-- <seconds>]`

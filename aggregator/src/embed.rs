@@ -501,8 +501,9 @@ pub struct BackfillJob {
 
 /// Embeds records that arrived without a vector, on its own thread, and hands the vectors to the search
 /// indexes; `attached` hears which systems' vector answers changed (cached answers computed before the vector
-/// landed would otherwise keep missing the record). Never blocks ingest: when the queue is full, further records are counted as skipped (they stay
-/// searchable by text, and the next restart's replay offers them again).
+/// landed would otherwise keep missing the record). Never blocks ingest: when the queue is full, further
+/// records are counted as skipped (they stay searchable by text, and the next restart's replay offers them
+/// again).
 pub struct Backfill {
     queue: std::sync::mpsc::SyncSender<BackfillJob>,
     queued: Arc<AtomicU64>,
@@ -744,7 +745,9 @@ mod tests {
             ..akosha_protocol::Record::default()
         };
         let (current, replaced) = (record("current", 5), record("replaced", 9));
-        indexes.upsert(&[(1, &current), (2, &replaced)]).unwrap();
+        let mut elsewhere = record("elsewhere", 3);
+        elsewhere.system_id = "desk-2".into();
+        indexes.upsert(&[(1, &current), (2, &replaced), (3, &elsewhere)]).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let backfill =
             Backfill::start(Arc::new(remote(&runtime, url, 8)), indexes.clone(), 8, move |s| tx.send(s).unwrap())
@@ -754,9 +757,13 @@ mod tests {
         backfill.offer(job(1, 5, "laptop-7"));
         let changed = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the landed vector is reported");
         assert_eq!(changed, ["laptop-7"]);
-        assert_eq!(indexes.sizes(), (2, 1), "only the current version got its vector");
+        assert_eq!(indexes.sizes(), (3, 1), "only the current version got its vector");
+        // Jobs run in order: once the next landing is reported, the stale one before it has been handled.
         backfill.offer(job(2, 8, "laptop-7"));
-        assert!(rx.recv_timeout(std::time::Duration::from_millis(500)).is_err(), "a stale vector is not news");
+        backfill.offer(job(3, 3, "desk-2"));
+        let changed = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the landed vector is reported");
+        assert_eq!(changed, ["desk-2"], "a stale vector is not news");
+        assert_eq!(indexes.sizes(), (3, 2));
     }
 
     #[test]
