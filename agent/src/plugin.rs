@@ -265,6 +265,8 @@ struct HostState {
     memory_grew: bool,
     memory_size: u64,
     panic: Option<String>,
+    /// The plugin tolerates one allocation for all of a call's arguments ([`bulk_arguments`]).
+    bulk_arguments: bool,
 }
 
 impl ResourceLimiter for HostState {
@@ -313,6 +315,36 @@ pub struct PluginIdentity {
     pub sha256: String,
     /// Contract version it implements.
     pub contract: String,
+    /// Whether the plugin lets the host put a call's arguments in one allocation (see [`bulk_arguments`]).
+    pub bulk_arguments: bool,
+}
+
+/// Custom section by which a plugin declares that freeing any address inside a block allocated for a call's
+/// arguments is harmless (the SDK's argument arena, `plugins/sdk/src/arena.rs`), and its expected content.
+const BULK_ARGUMENTS_SECTION: &str = "akosha:bulk-arguments";
+const BULK_ARGUMENTS_VERSION: &[u8] = b"v1";
+
+/// Whether the component carries [`BULK_ARGUMENTS_SECTION`] with the version this host knows, and has one
+/// linear memory (one guest program; the shim modules `wit-component` adds define none). The canonical ABI has
+/// the host ask the guest's `realloc` for one block per string and list (a call into the guest each, most of what
+/// crossing the boundary costs per record); a guest whose allocator tolerates frees of interior addresses may be
+/// given all of them in one block. A component with several memories takes the standard path, since the host
+/// cannot tell whose `realloc` a call uses; a guest that makes the promise falsely only corrupts its own
+/// sandboxed heap, which fails its calls closed.
+pub fn bulk_arguments(component: &[u8]) -> bool {
+    let mut memories = 0;
+    let mut marked = false;
+    for payload in wasmparser::Parser::new(0).parse_all(component) {
+        match payload {
+            Ok(wasmparser::Payload::MemorySection(section)) => memories += section.count(),
+            Ok(wasmparser::Payload::CustomSection(section)) if section.name() == BULK_ARGUMENTS_SECTION => {
+                marked = section.data() == BULK_ARGUMENTS_VERSION;
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    memories == 1 && marked
 }
 
 fn load_component(
@@ -347,7 +379,14 @@ fn load_component(
         }
     };
     let contract = check_contract(engine, &component, &config.name, kind)?;
-    Ok((component, PluginIdentity { name: config.name.clone(), path: config.path.clone(), sha256: actual, contract }))
+    let identity = PluginIdentity {
+        name: config.name.clone(),
+        path: config.path.clone(),
+        sha256: actual,
+        contract,
+        bulk_arguments: bulk_arguments(&bytes),
+    };
+    Ok((component, identity))
 }
 
 /// Loads the component and pre-links it against the contract's host imports (and nothing else).
@@ -452,7 +491,12 @@ pub fn describe(path: &Path) -> Result<String, PluginError> {
                 Ok(_) => "loadable by this agent".to_owned(),
                 Err(e) => format!("NOT loadable: {e}"),
             };
-            format!("{k:?} policy, contract {CONTRACT_PACKAGE}@{version} ({verdict})\n")
+            let arguments = if bulk_arguments(&bytes) {
+                "arguments: one block per call (the plugin declares akosha:bulk-arguments v1)"
+            } else {
+                "arguments: one block per string and list (canonical ABI)"
+            };
+            format!("{k:?} policy, contract {CONTRACT_PACKAGE}@{version} ({verdict})\n{arguments}\n")
         }
         None => format!("not an akosha policy (no {CONTRACT_PACKAGE} policy export)\n"),
     };
@@ -485,13 +529,14 @@ fn classify(error: &wasmtime::Error, state: &HostState, timeout: Duration) -> Ca
     }
 }
 
-fn new_store(engine: &Engine, config: &PluginConfig) -> Store<HostState> {
+fn new_store(engine: &Engine, config: &PluginConfig, identity: &PluginIdentity) -> Store<HostState> {
     let state = HostState {
         memory_limit: config.memory_limit,
         memory_denied: false,
         memory_grew: false,
         memory_size: 0,
         panic: None,
+        bulk_arguments: identity.bulk_arguments,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| s);
@@ -556,7 +601,7 @@ impl ResidencyPlugin {
 
     fn instance(&mut self) -> Result<&mut Live<ResidencyExports>, PluginError> {
         if self.live.is_none() {
-            let mut store = new_store(&self.engine, &self.config);
+            let mut store = new_store(&self.engine, &self.config, &self.identity);
             let call_err = |store: &Store<HostState>, e: wasmtime::Error, plugin: &str, timeout| PluginError::Call {
                 plugin: plugin.to_owned(),
                 cause: classify(&e, store.data(), timeout),
@@ -749,7 +794,7 @@ impl CompressionPlugin {
 
     fn instance(&mut self) -> Result<&mut Live<compression_bindings::Compression>, PluginError> {
         if self.live.is_none() {
-            let mut store = new_store(&self.engine, &self.config);
+            let mut store = new_store(&self.engine, &self.config, &self.identity);
             let plugin = self.config.name.clone();
             let timeout = self.config.timeout;
             let bindings = self.pre.instantiate(&mut store).map_err(|e| PluginError::Call {

@@ -94,12 +94,18 @@ fn the_shipped_residency_policy_routes_and_redacts() {
 fn records_reach_the_guest_intact() {
     // The host lowers records with its own batch lowering (agent/src/plugin/guest_record.rs): the `echo` guest
     // renders every field it received, and each must be what the host sent — present and absent optionals,
-    // no, one and many tags, empty strings, multi-byte text, embeddings on and off, batches of every size.
-    let echo = |embeddings: bool| {
-        let mut config = PluginConfig::new("hostile", plugin("akosha-hostile-plugin"));
+    // no, one and many tags, empty strings, multi-byte text, embeddings on and off, batches of every size —
+    // both as one block per batch (the SDK declares akosha:bulk-arguments) and one per string (the same
+    // component with the declaration renamed away).
+    let unmarked = tempfile::tempdir().unwrap();
+    let echo = |embeddings: bool, bulk: bool| {
+        let path = if bulk { plugin("akosha-hostile-plugin") } else { without_bulk_marker(&unmarked) };
+        let mut config = PluginConfig::new("hostile", path);
         config.config = vec![("mode".into(), "echo".into())];
         config.embeddings = embeddings;
-        ResidencyPlugin::load(config).unwrap()
+        let plugin = ResidencyPlugin::load(config).unwrap();
+        assert_eq!(plugin.identity().bulk_arguments, bulk);
+        plugin
     };
     let kinds = [
         (RecordKind::Conversation, "conversation"),
@@ -128,8 +134,8 @@ fn records_reach_the_guest_intact() {
             }
         })
         .collect();
-    for embeddings in [false, true] {
-        let mut plugin = echo(embeddings);
+    for (embeddings, bulk) in [(false, true), (true, true), (false, false), (true, false)] {
+        let mut plugin = echo(embeddings, bulk);
         for size in [1, 2, 17, 300] {
             for batch in records.chunks(size) {
                 let decisions = plugin.decide(batch).unwrap();
@@ -154,6 +160,18 @@ fn records_reach_the_guest_intact() {
             }
         }
     }
+}
+
+/// The hostile fixture with its akosha:bulk-arguments section renamed (same length), so the host must give it
+/// one allocation per string.
+fn without_bulk_marker(dir: &tempfile::TempDir) -> PathBuf {
+    let mut bytes = std::fs::read(plugin("akosha-hostile-plugin")).unwrap();
+    let marker = b"akosha:bulk-arguments";
+    let at = bytes.windows(marker.len()).position(|w| w == marker).expect("the SDK embeds the marker");
+    bytes[at + marker.len() - 1] = b'z';
+    let path = dir.path().join("unmarked.wasm");
+    std::fs::write(&path, bytes).unwrap();
+    path
 }
 
 #[test]

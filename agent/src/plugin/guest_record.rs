@@ -7,7 +7,9 @@
 //! type check stays derived (field names, order and types are checked against the component when the function
 //! is looked up), and the lowering of a list of records does the ABI's work in two passes: every string's
 //! `realloc` first (the calls into the guest the canonical ABI requires, one per string), then one pass over
-//! memory that copies the bytes and writes the records.
+//! memory that copies the bytes and writes the records. A plugin that declares it tolerates it
+//! ([`super::bulk_arguments`]) gets one `realloc` for all of a batch's strings and tag lists instead: each call
+//! into the guest costs about as much as copying a few hundred bytes.
 //!
 //! This implements `wasmtime::component::Lower` by hand, which uses wasmtime's hidden lowering API: the
 //! workspace pins wasmtime's exact version for it, and anything but UTF-8 strings takes the field-by-field path.
@@ -85,6 +87,90 @@ fn place_string<T>(cx: &mut LowerContext<'_, T>, s: &str) -> Result<u32> {
         bail!("string length of {} too large to copy into wasm", s.len());
     }
     Ok(u32::try_from(cx.realloc(0, 0, 1, s.len())?)?)
+}
+
+/// Whether the store's plugin accepts all of a call's arguments in one block.
+fn bulk_arguments<T: 'static>(cx: &LowerContext<'_, T>) -> bool {
+    let data: &dyn std::any::Any = cx.store.data();
+    data.downcast_ref::<super::HostState>().is_some_and(|state| state.bulk_arguments)
+}
+
+/// The canonical ABI's allocations: one `realloc` per string and per tag list.
+fn place_each<T>(cx: &mut LowerContext<'_, T>, items: &[GuestRecord<'_>]) -> Result<(Vec<Placed>, Vec<u32>)> {
+    let pair = <&str as ComponentType>::SIZE32;
+    let mut placed = Vec::with_capacity(items.len());
+    let mut tags = Vec::new();
+    for r in items {
+        let system_id = place_string(cx, r.system_id)?;
+        let id = place_string(cx, r.id)?;
+        let mut optional = [0u32; 6];
+        for (slot, (_, value)) in optional.iter_mut().zip(optional_strings(r)) {
+            if let Some(s) = value {
+                *slot = place_string(cx, s)?;
+            }
+        }
+        let list_bytes = r.tags.len().checked_mul(pair).ok_or_else(|| format_err!("tag list too large"))?;
+        let tags_list = u32::try_from(cx.realloc(0, 0, <&str as ComponentType>::ALIGN32, list_bytes)?)?;
+        let first_tag = tags.len();
+        for tag in r.tags {
+            tags.push(place_string(cx, tag)?);
+        }
+        placed.push(Placed { system_id, id, optional, tags_list, first_tag });
+    }
+    Ok((placed, tags))
+}
+
+/// The same addresses carved out of one `realloc`: each record's tag list (aligned as the ABI wants) followed by
+/// its strings.
+fn place_in_one_block<T>(cx: &mut LowerContext<'_, T>, items: &[GuestRecord<'_>]) -> Result<(Vec<Placed>, Vec<u32>)> {
+    let pair = <&str as ComponentType>::SIZE32;
+    let list_align = <&str as ComponentType>::ALIGN32;
+    let too_large = || format_err!("a batch's arguments do not fit in 4 GiB of guest memory");
+    let mut end = 0usize;
+    let mut take = |len: usize, align: usize| -> Result<u32> {
+        let start = end.checked_next_multiple_of(align).ok_or_else(too_large)?;
+        end = start.checked_add(len).ok_or_else(too_large)?;
+        u32::try_from(start).map_err(|_| too_large())
+    };
+    let mut placed = Vec::with_capacity(items.len());
+    let mut tags = Vec::new();
+    for r in items {
+        let list_bytes = r.tags.len().checked_mul(pair).ok_or_else(too_large)?;
+        let tags_list = take(list_bytes, list_align as usize)?;
+        let system_id = take(r.system_id.len(), 1)?;
+        let id = take(r.id.len(), 1)?;
+        let mut optional = [0u32; 6];
+        for (slot, (_, value)) in optional.iter_mut().zip(optional_strings(r)) {
+            if let Some(s) = value {
+                *slot = take(s.len(), 1)?;
+            }
+        }
+        let first_tag = tags.len();
+        for tag in r.tags {
+            tags.push(take(tag.len(), 1)?);
+        }
+        placed.push(Placed { system_id, id, optional, tags_list, first_tag });
+    }
+    if end > u32::MAX as usize {
+        return Err(too_large());
+    }
+    // At least one byte, so that even a batch of empty strings points at memory the guest gave out.
+    let base = u32::try_from(cx.realloc(0, 0, list_align, end.max(1))?)?;
+    let at = |offset: u32| base.checked_add(offset).ok_or_else(too_large);
+    for (p, r) in placed.iter_mut().zip(items) {
+        p.tags_list = at(p.tags_list)?;
+        p.system_id = at(p.system_id)?;
+        p.id = at(p.id)?;
+        for (slot, (_, value)) in p.optional.iter_mut().zip(optional_strings(r)) {
+            if value.is_some() {
+                *slot = at(*slot)?;
+            }
+        }
+    }
+    for tag in &mut tags {
+        *tag = at(*tag)?;
+    }
+    Ok((placed, tags))
 }
 
 fn write(memory: &mut [u8], at: usize, bytes: &[u8]) -> Result<()> {
@@ -179,26 +265,8 @@ unsafe impl Lower for GuestRecord<'_> {
         let payload = option_payload_offset();
         let pair = <&str as ComponentType>::SIZE32;
 
-        // 1. Every allocation the ABI asks for: one per string, one per tag list.
-        let mut placed = Vec::with_capacity(items.len());
-        let mut tags = Vec::new();
-        for r in items {
-            let system_id = place_string(cx, r.system_id)?;
-            let id = place_string(cx, r.id)?;
-            let mut optional = [0u32; 6];
-            for (slot, (_, value)) in optional.iter_mut().zip(optional_strings(r)) {
-                if let Some(s) = value {
-                    *slot = place_string(cx, s)?;
-                }
-            }
-            let list_bytes = r.tags.len().checked_mul(pair).ok_or_else(|| format_err!("tag list too large"))?;
-            let tags_list = u32::try_from(cx.realloc(0, 0, <&str as ComponentType>::ALIGN32, list_bytes)?)?;
-            let first_tag = tags.len();
-            for tag in r.tags {
-                tags.push(place_string(cx, tag)?);
-            }
-            placed.push(Placed { system_id, id, optional, tags_list, first_tag });
-        }
+        // 1. Every allocation: one per string and tag list, or one for all of them.
+        let (placed, tags) = if bulk_arguments(cx) { place_in_one_block(cx, items)? } else { place_each(cx, items)? };
 
         // 2. One pass over memory: the strings' bytes, the tag lists, the records.
         let memory = cx.as_slice_mut();

@@ -13,9 +13,16 @@
 //! goes back to the start. Everything a policy allocates itself — its decisions, regex caches, anything it keeps —
 //! comes from the backing allocator, because the body runs with the arena closed.
 //!
-//! A batch that does not fit takes the rest from the backing allocator (freed there as usual) and the next reset
-//! grows the arena to fit such a batch, up to [`MAX_CAPACITY`]; after the first batches its size is stable, so the
-//! guest's memory does not grow from batch to batch.
+//! A batch that does not fit goes on in overflow chunks taken from the backing allocator, released at the next
+//! reset, which also grows the arena to fit such a batch, up to [`MAX_CAPACITY`]; after the first batches its size
+//! is stable, so the guest's memory does not grow from batch to batch.
+//!
+//! Everything allocated while the arena is open lives in the arena or an overflow chunk, and freeing any address
+//! inside them is a no-op. That lets the host place all of a call's strings and lists in **one** allocation
+//! instead of one per string — each allocation is a call from the host into the guest, the largest part of what
+//! crossing the boundary costs per record. A guest tells the host it may do so with the custom section
+//! [`BULK_ARGUMENTS_SECTION`], which this SDK embeds; a guest without it gets one allocation per string, as the
+//! canonical ABI describes.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -23,9 +30,18 @@ use core::ptr;
 
 /// The arena's first size.
 pub const INITIAL_CAPACITY: usize = 64 * 1024;
-/// The arena never grows past this; larger batches take the excess from the backing allocator.
+/// The arena never grows past this; larger batches go on in overflow chunks.
 pub const MAX_CAPACITY: usize = 16 * 1024 * 1024;
 const CHUNK_ALIGN: usize = 16;
+/// Each overflow chunk starts with the address and size of the previous one (a list walked by `contains`).
+const OVERFLOW_HEADER: usize = 16;
+
+/// Name of the custom section by which a guest tells the host that freeing any address inside a block it
+/// allocated for a call's arguments is harmless, so the host may put all of them in one block. Its content is the
+/// version of that promise, [`BULK_ARGUMENTS_VERSION`].
+pub const BULK_ARGUMENTS_SECTION: &str = "akosha:bulk-arguments";
+/// The content of [`BULK_ARGUMENTS_SECTION`].
+pub const BULK_ARGUMENTS_VERSION: &[u8; 2] = b"v1";
 
 /// An allocator that serves allocations from a resettable bump arena while it is open and from `backing`
 /// otherwise. Not thread-safe: WASM guests are single-threaded.
@@ -41,23 +57,59 @@ struct State {
     used: usize,
     /// Bytes that did not fit since the last reset.
     overflow: usize,
+    /// The newest overflow chunk (null when none), its size and the bytes used in it.
+    spill: *mut u8,
+    spill_capacity: usize,
+    spill_used: usize,
+}
+
+/// Bumps `used` within the chunk at `base` of `capacity` bytes.
+fn bump_in(base: *mut u8, capacity: usize, used: &mut usize, layout: Layout) -> Option<*mut u8> {
+    if base.is_null() {
+        return None;
+    }
+    let start = base as usize + *used;
+    let aligned = start.checked_add(layout.align() - 1)? & !(layout.align() - 1);
+    let end = aligned.checked_add(layout.size())?;
+    if end > base as usize + capacity {
+        return None;
+    }
+    *used = end - base as usize;
+    // Derived from `base` so the pointer keeps the chunk's provenance.
+    Some(base.wrapping_add(aligned - base as usize))
+}
+
+fn within(base: *mut u8, capacity: usize, p: *mut u8) -> bool {
+    !base.is_null() && p >= base && (p as usize) < base as usize + capacity
+}
+
+/// The previous overflow chunk and its size, from a chunk's header.
+///
+/// # Safety
+/// `chunk` is a live overflow chunk.
+unsafe fn previous_spill(chunk: *mut u8) -> (*mut u8, usize) {
+    // SAFETY: every overflow chunk starts with this header, written when it was allocated (CHUNK_ALIGN-aligned).
+    unsafe { (chunk.cast::<*mut u8>().read(), chunk.add(OVERFLOW_HEADER / 2).cast::<usize>().read()) }
 }
 
 impl State {
     fn contains(&self, p: *mut u8) -> bool {
-        !self.base.is_null() && p >= self.base && (p as usize) < self.base as usize + self.capacity
+        if within(self.base, self.capacity, p) {
+            return true;
+        }
+        let (mut chunk, mut size) = (self.spill, self.spill_capacity);
+        while !chunk.is_null() {
+            if within(chunk, size, p) {
+                return true;
+            }
+            // SAFETY: the list holds only live overflow chunks.
+            (chunk, size) = unsafe { previous_spill(chunk) };
+        }
+        false
     }
 
     fn bump(&mut self, layout: Layout) -> Option<*mut u8> {
-        let start = self.base as usize + self.used;
-        let aligned = start.checked_add(layout.align() - 1)? & !(layout.align() - 1);
-        let end = aligned.checked_add(layout.size())?;
-        if self.base.is_null() || end > self.base as usize + self.capacity {
-            return None;
-        }
-        self.used = end - self.base as usize;
-        // Derived from `base` so the pointer keeps the chunk's provenance.
-        Some(self.base.wrapping_add(aligned - self.base as usize))
+        bump_in(self.base, self.capacity, &mut self.used, layout)
     }
 }
 
@@ -66,7 +118,16 @@ impl<A: GlobalAlloc> ArgumentArena<A> {
     pub const fn new(backing: A) -> Self {
         Self {
             backing,
-            state: UnsafeCell::new(State { open: false, base: ptr::null_mut(), capacity: 0, used: 0, overflow: 0 }),
+            state: UnsafeCell::new(State {
+                open: false,
+                base: ptr::null_mut(),
+                capacity: 0,
+                used: 0,
+                overflow: 0,
+                spill: ptr::null_mut(),
+                spill_capacity: 0,
+                spill_used: 0,
+            }),
         }
     }
 
@@ -84,6 +145,13 @@ impl<A: GlobalAlloc> ArgumentArena<A> {
     pub unsafe fn reset_and_open(&self) {
         // SAFETY: single-threaded; the caller guarantees no arena allocation is alive.
         let state = unsafe { &mut *self.state.get() };
+        while !state.spill.is_null() {
+            // SAFETY: a live overflow chunk, allocated with this layout in `spill`.
+            let previous = unsafe { previous_spill(state.spill) };
+            unsafe { self.backing.dealloc(state.spill, chunk_layout(state.spill_capacity)) };
+            (state.spill, state.spill_capacity) = previous;
+        }
+        state.spill_used = 0;
         let wanted = (state.capacity + state.overflow).max(INITIAL_CAPACITY).next_power_of_two().min(MAX_CAPACITY);
         if state.base.is_null() || wanted > state.capacity {
             if !state.base.is_null() {
@@ -111,16 +179,45 @@ impl<A: GlobalAlloc> ArgumentArena<A> {
         // SAFETY: single-threaded.
         unsafe { (*self.state.get()).capacity }
     }
+
+    /// Serves `layout` from the newest overflow chunk, or from a new one.
+    fn spill(&self, state: &mut State, layout: Layout) -> *mut u8 {
+        if let Some(p) = bump_in(state.spill, state.spill_capacity, &mut state.spill_used, layout) {
+            return p;
+        }
+        let Some(size) = layout
+            .size()
+            .checked_add(layout.align().max(CHUNK_ALIGN) + OVERFLOW_HEADER)
+            .map(|needed| needed.max(INITIAL_CAPACITY).next_multiple_of(CHUNK_ALIGN))
+        else {
+            return ptr::null_mut();
+        };
+        let Ok(chunk_layout) = Layout::from_size_align(size, CHUNK_ALIGN) else { return ptr::null_mut() };
+        // SAFETY: the layout has a non-zero size.
+        let chunk = unsafe { self.backing.alloc(chunk_layout) };
+        if chunk.is_null() {
+            return chunk;
+        }
+        // SAFETY: the chunk is at least OVERFLOW_HEADER bytes, CHUNK_ALIGN-aligned.
+        unsafe {
+            chunk.cast::<*mut u8>().write(state.spill);
+            chunk.add(OVERFLOW_HEADER / 2).cast::<usize>().write(state.spill_capacity);
+        }
+        state.spill = chunk;
+        state.spill_capacity = size;
+        state.spill_used = OVERFLOW_HEADER;
+        bump_in(chunk, size, &mut state.spill_used, layout).unwrap_or(ptr::null_mut())
+    }
 }
 
 fn chunk_layout(size: usize) -> Layout {
-    // The sizes are powers of two no larger than MAX_CAPACITY: always a valid layout.
+    // Sizes are multiples of CHUNK_ALIGN that were valid layouts when allocated: always a valid layout.
     Layout::from_size_align(size, CHUNK_ALIGN).unwrap_or(Layout::new::<u8>())
 }
 
-// SAFETY: allocations come either from a chunk this arena owns (never handed out twice before a reset, which
-// the caller of `reset_and_open` guarantees is only done once they are all dead) or from `backing`; frees and
-// reallocations are routed by address, so each block goes back to where it came from.
+// SAFETY: allocations come either from a chunk this arena owns (the arena or an overflow chunk, never handed out
+// twice before a reset, which the caller of `reset_and_open` guarantees is only done once they are all dead) or
+// from `backing`; frees and reallocations are routed by address, so each block goes back to where it came from.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for ArgumentArena<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: single-threaded; the borrow ends before the backing allocator is called.
@@ -129,7 +226,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for ArgumentArena<A> {
             if let Some(p) = state.bump(layout) {
                 return p;
             }
-            state.overflow += layout.size();
+            state.overflow = state.overflow.saturating_add(layout.size());
+            return self.spill(state, layout);
         }
         // SAFETY: forwarded with the caller's layout.
         unsafe { self.backing.alloc(layout) }
@@ -189,6 +287,12 @@ mod global {
 
     #[global_allocator]
     pub(super) static ALLOCATOR: SingleThreaded = SingleThreaded(ArgumentArena::new(std::alloc::System));
+
+    // The promise described in the module documentation; its name is `BULK_ARGUMENTS_SECTION` (an attribute
+    // needs the literal).
+    #[used]
+    #[unsafe(link_section = "akosha:bulk-arguments")]
+    static BULK_ARGUMENTS: [u8; 2] = *super::BULK_ARGUMENTS_VERSION;
 }
 
 /// Called by the export macros when a body starts.
@@ -252,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn overflow_falls_back_and_grows_the_arena_for_the_next_batch() {
+    fn overflow_spills_and_grows_the_arena_for_the_next_batch() {
         let arena = ArgumentArena::new(System);
         unsafe {
             arena.reset_and_open();
@@ -277,6 +381,37 @@ mod tests {
             arena.close();
             arena.reset_and_open();
             assert_eq!(arena.capacity(), capacity, "a batch that fits does not grow it");
+        }
+    }
+
+    #[test]
+    fn whatever_is_allocated_while_open_tolerates_interior_frees() {
+        let arena = ArgumentArena::new(System);
+        unsafe {
+            arena.reset_and_open();
+            // One block for a whole batch, larger than the arena will ever be, then one that spills again.
+            let batch = arena.alloc(layout(MAX_CAPACITY + 100, 4));
+            assert!(!batch.is_null());
+            batch.write_bytes(1, MAX_CAPACITY + 100);
+            let small = arena.alloc(layout(10, 1));
+            small.write_bytes(2, 10);
+            let more = arena.alloc(layout(INITIAL_CAPACITY * 2, 8));
+            assert_eq!(more as usize % 8, 0);
+            more.write_bytes(3, INITIAL_CAPACITY * 2);
+            // The guest frees each string it was given: addresses inside the blocks, with their own layouts.
+            arena.dealloc(batch.add(4096), layout(17, 1));
+            arena.dealloc(more.add(8), layout(3, 1));
+            assert_eq!(*batch.add(MAX_CAPACITY + 99), 1, "an interior free left the block alone");
+            assert_eq!(*small.add(9), 2);
+            assert_eq!(*more.add(INITIAL_CAPACITY * 2 - 1), 3);
+            // A string kept past the body is moved out of the arena before the reset.
+            arena.close();
+            let kept = arena.realloc(batch.add(100), layout(4, 1), 4);
+            assert_eq!(std::slice::from_raw_parts(kept, 4), &[1, 1, 1, 1]);
+            arena.reset_and_open();
+            assert_eq!(arena.capacity(), MAX_CAPACITY, "grown to the cap, the spills released");
+            assert_eq!(std::slice::from_raw_parts(kept, 4), &[1, 1, 1, 1]);
+            arena.dealloc(kept, layout(4, 1));
         }
     }
 
