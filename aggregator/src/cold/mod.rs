@@ -231,19 +231,22 @@ impl EmbeddingEncoding {
     /// (`embedding`, `embedding_i8`, `embedding_scale`, `embedding_hash`; the unused ones NULL), then
     /// `ingested_at`. `embedding_hash` (int8) fingerprints the floats the object was written from, so that a
     /// move can check the object against warm.
+    ///
+    /// The unused vector column is a NULL *list*, not a NULL fixed-size array: in Parquet both are the same
+    /// LIST column, but DuckDB keeps the 384 child slots of a NULL array and its writer visits every one —
+    /// that NULL column cost as much as the real vectors, half of a warm→cold export (BENCHMARKS.md).
     fn stored_columns(self, row: &str) -> String {
-        let dim = akosha_protocol::EMBEDDING_DIM;
         crate::hot::column_names()
             .iter()
             .map(|c| match (*c, self) {
                 ("embedding", EmbeddingEncoding::F32) => format!(
-                    "{row}.embedding, NULL::TINYINT[{dim}] AS embedding_i8, NULL::FLOAT AS embedding_scale, \
+                    "{row}.embedding, NULL::TINYINT[] AS embedding_i8, NULL::FLOAT AS embedding_scale, \
                      NULL::UBIGINT AS embedding_hash"
                 ),
                 ("embedding", EmbeddingEncoding::Int8) => {
                     let (q, scale) = quantized(row);
                     format!(
-                        "NULL::FLOAT[{dim}] AS embedding, {q} AS embedding_i8, {scale} AS embedding_scale, \
+                        "NULL::FLOAT[] AS embedding, {q} AS embedding_i8, {scale} AS embedding_scale, \
                          hash({row}.embedding) AS embedding_hash"
                     )
                 }
