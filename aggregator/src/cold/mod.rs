@@ -1270,7 +1270,7 @@ impl ColdTier {
             let _moving = warm.lock_moves();
             conn.execute_batch(&format!(
                 "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} {selection}) w ORDER BY w.ts, w.id) TO {} \
-                 (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                 (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
                 self.config.embedding_encoding.stored_columns("w"),
                 self.config.embedding_encoding.scale_column("w"),
                 sql_text(&batch_dir.display().to_string()),
