@@ -619,6 +619,12 @@ fn sealed_path(file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// How many exports of a batch run at once: one per DuckDB worker thread (at most four).
+fn export_streams(conn: &Connection) -> Result<usize, ColdError> {
+    let threads: i64 = conn.query_row("SELECT current_setting('threads')::BIGINT", [], |r| r.get(0))?;
+    Ok(usize::try_from(threads).unwrap_or(1).clamp(1, 4))
+}
+
 /// The sha256 and length of a file, read in chunks.
 fn sha256_file(path: &Path) -> Result<(String, u64), ColdError> {
     use std::io::Read;
@@ -1265,17 +1271,45 @@ impl ColdTier {
             values.join(", ")
         );
         let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", batch_dir.display()));
+        let copy_ms;
         // 1. Export and compare under the warm lock, so that a hot→warm move cannot change the rows in between.
         {
             let _moving = warm.lock_moves();
-            conn.execute_batch(&format!(
-                "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} {selection}) w ORDER BY w.ts, w.id) TO {} \
-                 (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                self.config.embedding_encoding.stored_columns("w"),
-                self.config.embedding_encoding.scale_column("w"),
-                sql_text(&batch_dir.display().to_string()),
-                self.config.row_group_rows
-            ))?;
+            let streams = export_streams(conn)?.min(groups.len()).max(1);
+            // DuckDB creates each stream's directory, not its parent.
+            std::fs::create_dir_all(batch_dir).map_err(io)?;
+            let export = |conn: &Connection, stream: usize| -> Result<(), ColdError> {
+                let values: Vec<&str> =
+                    values.iter().enumerate().filter(|(i, _)| i % streams == stream).map(|(_, v)| v.as_str()).collect();
+                conn.execute_batch(&format!(
+                    "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
+                     ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})) w \
+                     ORDER BY w.ts, w.id) TO {} \
+                     (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
+                    self.config.embedding_encoding.stored_columns("w"),
+                    self.config.embedding_encoding.scale_column("w"),
+                    values.join(", "),
+                    sql_text(&batch_dir.join(format!("stream={stream}")).display().to_string()),
+                    self.config.row_group_rows
+                ))?;
+                Ok(())
+            };
+            // DuckDB writes a partitioned COPY on one core: the groups are split over several exports, each on its
+            // own connection, that run at once (90,000 rows: 1.7–2.1 s as one export, 1.1–1.5 s as two).
+            std::thread::scope(|scope| -> Result<(), ColdError> {
+                let others: Vec<_> = (1..streams)
+                    .map(|stream| {
+                        let conn = conn.try_clone()?;
+                        Ok(scope.spawn(move || export(&conn, stream)))
+                    })
+                    .collect::<Result<_, ColdError>>()?;
+                let mine = export(conn, 0);
+                for other in others {
+                    other.join().map_err(|_| ColdError::Io("a cold export thread panicked".into()))??;
+                }
+                mine
+            })?;
+            copy_ms = lap();
             // The exported versions, hashed once: the sums checked against the files below, and the exact rows
             // step 4 deletes (re-reading and re-hashing the files there cost a third of a move).
             conn.execute_batch(&format!(
@@ -1292,15 +1326,19 @@ impl ColdTier {
                     })
                     .collect::<Result<_, ColdError>>()?
             };
-            // DuckDB writes `<batch_dir>/idx=<i>/data_<n>.parquet`; each file becomes one object.
+            // DuckDB writes `<batch_dir>/stream=<s>/idx=<i>/data_<n>.parquet`; each file becomes one object.
             let mut files = Vec::new();
-            if batch_dir.exists() {
-                for dir in std::fs::read_dir(batch_dir).map_err(io)?.flatten() {
+            for stream in 0..streams {
+                let stream_dir = batch_dir.join(format!("stream={stream}"));
+                if !stream_dir.exists() {
+                    continue;
+                }
+                for dir in std::fs::read_dir(&stream_dir).map_err(io)?.flatten() {
                     let name = dir.file_name().to_string_lossy().into_owned();
                     let Some(idx) = name.strip_prefix("idx=").and_then(|i| i.parse::<usize>().ok()) else {
                         continue;
                     };
-                    let group = groups.get(idx).ok_or_else(|| {
+                    let group = groups.get(idx).filter(|_| idx % streams == stream).ok_or_else(|| {
                         ColdError::Corrupt(format!("export wrote partition {name}, which is not in the batch"))
                     })?;
                     for file in std::fs::read_dir(dir.path()).map_err(io)?.flatten() {
@@ -1386,7 +1424,7 @@ impl ColdTier {
             })
             .collect();
         conn.execute_batch(&format!("INSERT INTO warm.cold_moves VALUES {};", journal.join(", ")))?;
-        let export_ms = lap();
+        let compare_ms = lap();
         // 2 and 3. Upload and read back, several at once.
         let uploads: Vec<(PathBuf, String, String, u64)> = objects
             .iter()
@@ -1481,7 +1519,8 @@ impl ColdTier {
             message = "Moved a batch to cold.",
             kind = t,
             objects = objects.len(),
-            export_ms,
+            copy_ms,
+            compare_ms,
             upload_ms,
             register_ms,
             forget_ms = lap()
