@@ -9,8 +9,8 @@
 //!
 //! ## A move (warm → cold), one object per kind, system and day, in batches of up to 64 objects
 //! 1. **export** (journal `exporting`): the warm rows older than the cutoff are written to a local Parquet file
-//!    (zstd, statistics, row groups of `row_group_rows`), which is read back and compared with warm (row count and
-//!    the sum of row hashes).
+//!    (zstd, statistics, row groups of `row_group_rows`; a batch's groups split over one export per DuckDB worker
+//!    thread), which is read back and compared with warm (row count and the sum of row hashes).
 //! 2. **upload** (`uploading`): a single PUT, or a multipart upload for large files, several objects at once;
 //!    the store's client retries 5xx, SlowDown and timeouts with backoff and jitter.
 //! 3. **verify**: each object is read back and its sha256 compared with the local file's.
@@ -1265,11 +1265,15 @@ impl ColdTier {
             .enumerate()
             .map(|(i, g)| format!("({i}, {}, DATE {})", sql_text(&g.system_id), sql_text(&g.day)))
             .collect();
-        let selection = format!(
-            "FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
-             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})",
-            values.join(", ")
-        );
+        // The warm rows of some of the batch's groups, each with its group's index `g.idx`.
+        let selection_of = |values: &[&str]| {
+            format!(
+                "FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
+                 ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})",
+                values.join(", ")
+            )
+        };
+        let selection = selection_of(&values.iter().map(String::as_str).collect::<Vec<_>>());
         let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", batch_dir.display()));
         let copy_ms;
         // 1. Export and compare under the warm lock, so that a hot→warm move cannot change the rows in between.
@@ -1282,13 +1286,11 @@ impl ColdTier {
                 let values: Vec<&str> =
                     values.iter().enumerate().filter(|(i, _)| i % streams == stream).map(|(_, v)| v.as_str()).collect();
                 conn.execute_batch(&format!(
-                    "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
-                     ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})) w \
-                     ORDER BY w.ts, w.id) TO {} \
+                    "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} {}) w ORDER BY w.ts, w.id) TO {} \
                      (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
                     self.config.embedding_encoding.stored_columns("w"),
                     self.config.embedding_encoding.scale_column("w"),
-                    values.join(", "),
+                    selection_of(&values),
                     sql_text(&batch_dir.join(format!("stream={stream}")).display().to_string()),
                     self.config.row_group_rows
                 ))?;
