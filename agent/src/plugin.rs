@@ -19,8 +19,10 @@ use akosha_protocol::{Record, RecordKind, Residency};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Engine, ResourceLimiter, Store};
 
+mod guest_decision;
 mod guest_record;
 
+use guest_decision::GuestDecisions;
 use guest_record::GuestRecord;
 
 mod residency_bindings {
@@ -649,9 +651,9 @@ impl ResidencyPlugin {
         let result = live
             .bindings
             .decide
-            .typed::<(&[GuestRecord<'_>],), (Vec<rtypes::Decision>,)>(&live.store)
+            .typed::<(&[GuestRecord<'_>],), (GuestDecisions,)>(&live.store)
             .and_then(|decide| decide.call(&mut live.store, (&input,)))
-            .map(|(decisions,)| decisions);
+            .map(|(GuestDecisions(decisions),)| decisions);
         let outcome = match result {
             Ok(decisions) => check_decisions(records, decisions).map_err(|cause| PluginError::Call { plugin, cause }),
             Err(e) => Err(PluginError::Call { plugin, cause: classify(&e, live.store.data(), timeout) }),

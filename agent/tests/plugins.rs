@@ -201,6 +201,20 @@ fn a_memory_bomb_hits_the_limit() {
 }
 
 #[test]
+fn malformed_results_are_refused_and_the_host_goes_on() {
+    // The host lifts decisions out of guest memory itself (agent/src/plugin/guest_decision.rs): a reason that is
+    // not UTF-8 is an error naming it, not a panic or a garbled string, and the next good call works.
+    let mut bad = hostile("bad-utf8").unwrap();
+    match failure(bad.decide(&[record("a", "x"), record("b", "y")])) {
+        CallFailure::Trap(message) => assert!(message.contains("invalid utf-8"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let mut fine = hostile("onprem-all").unwrap();
+    let decisions = fine.decide(&[record("a", "x")]).unwrap();
+    assert_eq!(decisions[0].reason.as_deref(), Some("hostile: everything on-premises"));
+}
+
+#[test]
 fn traps_and_panics_are_named_with_the_guest_message() {
     let mut trap = hostile("trap").unwrap();
     assert!(matches!(failure(trap.decide(&[record("a", "x")])), CallFailure::Trap(m) if m.contains("unreachable")));
@@ -278,6 +292,7 @@ fn every_hostile_residency_policy_fails_closed() {
         ("akosha-hostile-plugin", "panic", "panic"),
         ("akosha-hostile-plugin", "short", "wrong_count"),
         ("akosha-hostile-plugin", "bad-redaction", "bad_redaction"),
+        ("akosha-hostile-plugin", "bad-utf8", "trap"),
         ("akosha-wrong-version-plugin", "", "contract_version"),
         ("akosha-wasi-import-plugin", "", "ungranted_import"),
     ];

@@ -62,7 +62,7 @@ fn field_offsets() -> [usize; FIELDS] {
 }
 
 /// Where an `option<string>`'s string sits: after its one-byte discriminant, at the string's alignment.
-fn option_payload_offset() -> usize {
+pub(super) fn option_payload_offset() -> usize {
     let align = <&str as ComponentType>::ALIGN32 as usize;
     1usize.div_ceil(align) * align
 }

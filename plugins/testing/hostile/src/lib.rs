@@ -1,6 +1,7 @@
 //! A residency plugin that misbehaves on purpose, chosen by `mode`: `loop`, `memory-bomb`, `trap`, `panic`,
-//! `short` (one decision too few), `bad-redaction` (a range past the text), `onprem-all`, `cloud-all`, and
-//! `echo` (each record, as the guest received it, rendered into its decision's reason).
+//! `short` (one decision too few), `bad-redaction` (a range past the text), `bad-utf8` (a reason that is not
+//! UTF-8, as a guest in another language could return), `onprem-all`, `cloud-all`, and `echo` (each record, as
+//! the guest received it, rendered into its decision's reason).
 //! The agent's tests load it to prove that no misbehaviour lets a record reach a cloud destination, and that
 //! what the host lowers into a guest arrives intact.
 
@@ -50,6 +51,15 @@ impl Policy for Hostile {
                     let mut d = Decision::cloud();
                     d.redactions.push(Redaction { start: 0, end: len + 10 });
                     d
+                })
+                .collect(),
+            "bad-utf8" => records
+                .iter()
+                .map(|_| {
+                    // SAFETY: not safe, on purpose: the bytes only cross into the host, which must refuse them.
+                    #[allow(unsafe_code)]
+                    let reason = unsafe { String::from_utf8_unchecked(vec![b'o', b'k', 0xff, 0xfe]) };
+                    Decision::onprem(reason)
                 })
                 .collect(),
             "echo" => records.iter().map(|r| Decision::onprem(echo(r))).collect(),
