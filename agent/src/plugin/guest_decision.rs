@@ -91,6 +91,8 @@ impl GuestDecisions {
         let string_offset = super::guest_record::option_payload_offset();
         let mut decisions = Vec::with_capacity(len as usize);
         for base in list.step_by(layout.size) {
+            // The contract's case order (`enum route` in wit/v0.1/plugin.wit); the derived type check of the
+            // list guarantees the component agrees.
             let route = match byte_at(memory, base)? {
                 0 => rtypes::Route::Cloud,
                 1 => rtypes::Route::Onprem,
@@ -144,5 +146,31 @@ unsafe impl Lift for GuestDecisions {
         let ptr = u32::from_le_bytes([ptr[0], ptr[1], ptr[2], ptr[3]]);
         let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
         Self::lift_utf8(cx, ptr, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_pointers_are_checked_for_bounds_overflow_and_alignment() {
+        let memory = [0u8; 64];
+        assert_eq!(checked_range(&memory, 8, 3, 8, 4).unwrap(), 8..32);
+        assert_eq!(checked_range(&memory, 64, 0, 8, 4).unwrap(), 64..64, "an empty list at the end is fine");
+        assert!(checked_range(&memory, 60, 1, 8, 4).unwrap_err().to_string().contains("out of bounds"));
+        assert!(checked_range(&memory, 8, u32::MAX, 8, 4).unwrap_err().to_string().contains("out of bounds"));
+        assert!(checked_range(&memory, u32::MAX, 1, 1, 1).unwrap_err().to_string().contains("out of bounds"));
+        assert!(checked_range(&memory, 6, 1, 8, 4).unwrap_err().to_string().contains("not aligned"));
+        assert!(u32_at(&memory, 61).is_err());
+        assert!(byte_at(&memory, 64).is_err());
+    }
+
+    #[test]
+    fn the_decision_layout_is_the_canonical_one() {
+        // route (u8) at 0, redactions (ptr, len) at 4, reason (discriminant, then ptr, len at 4 more) at 12.
+        let layout = layout();
+        assert_eq!((layout.redactions, layout.reason, layout.size, layout.align), (4, 12, 24, 4));
+        assert_eq!(super::super::guest_record::option_payload_offset(), 4);
     }
 }
