@@ -39,12 +39,33 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// A free loopback TCP port.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free tcp port")
+    free_port(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free tcp port").port())
 }
 
 /// A free loopback UDP port.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free udp port")
+    free_port(|port| UdpSocket::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free udp port").port())
+}
+
+/// A port that `is_free` accepts, drawn at random from below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` lies in the ephemeral range, which is also where every outgoing
+/// connection of every process takes its local port: between our probe and the server's own bind, a client
+/// connection (SeaweedFS's components talk to each other while they start) can take it, and the server dies
+/// with "address already in use". Below that range only explicit binds compete. `None` when the range
+/// cannot be read or leaves no room, and the caller falls back to `bind(0)`.
+fn free_port(is_free: impl Fn(u16) -> bool) -> Option<u16> {
+    use rand::Rng;
+    const LOWEST: u16 = 10_000;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let ephemeral_start: u16 = range.split_whitespace().next()?.parse().ok()?;
+    if ephemeral_start <= LOWEST + 1_000 {
+        return None;
+    }
+    let mut rng = rand::rng();
+    (0..200).map(|_| rng.random_range(LOWEST..ephemeral_start)).find(|&port| is_free(port))
 }
 
 /// A temporary site: certificates, one aggregator, agents.

@@ -28,16 +28,39 @@ pub struct S3Server {
 
 impl S3Server {
     /// Starts SeaweedFS under `dir` with the given buckets created, and waits until it accepts writes.
+    ///
+    /// A server that dies while starting (one of its many ports taken after we chose it) is started again on
+    /// fresh ports, a few times, before the test gives up.
     pub async fn start(dir: &Path, buckets: &[&str]) -> Result<S3Server> {
+        const ATTEMPTS: usize = 3;
         let weed = which_weed()?;
-        std::fs::create_dir_all(dir.join("data"))?;
         let identities = serde_json::json!({"identities": [{
             "name": "akosha",
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]});
+        std::fs::create_dir_all(dir)?;
         let s3_config = dir.join("s3.json");
         std::fs::write(&s3_config, identities.to_string())?;
+        let mut attempt = 1;
+        loop {
+            let data = dir.join("data");
+            if data.exists() {
+                std::fs::remove_dir_all(&data)?;
+            }
+            std::fs::create_dir_all(&data)?;
+            let mut server = Self::launch(&weed, dir, &s3_config, buckets)?;
+            if server.wait_until_writable(buckets[0]).await? {
+                return Ok(server);
+            }
+            if attempt == ATTEMPTS {
+                bail!("SeaweedFS exited while starting, {ATTEMPTS} times:\n{}", server.proc.log_tail());
+            }
+            attempt += 1;
+        }
+    }
+
+    fn launch(weed: &Path, dir: &Path, s3_config: &Path, buckets: &[&str]) -> Result<S3Server> {
         let s3_port = free_tcp_port();
         let mut args = vec![
             "mini".to_owned(),
@@ -66,20 +89,24 @@ impl S3Server {
         ] {
             args.push(format!("-{flag}={}", free_tcp_port()));
         }
-        let proc = Proc::spawn("seaweedfs", weed, args, dir.join("weed.log"), vec![])?;
-        let server = S3Server { proc, endpoint: format!("http://127.0.0.1:{s3_port}") };
-        // Ready when a bucket takes a write (the volume server allocates its first volume lazily).
+        let proc = Proc::spawn("seaweedfs", weed.to_owned(), args, dir.join("weed.log"), vec![])?;
+        Ok(S3Server { proc, endpoint: format!("http://127.0.0.1:{s3_port}") })
+    }
+
+    /// `true` once a bucket takes a write (the volume server allocates its first volume lazily), `false` if
+    /// the server exited first; an error if it neither exits nor accepts writes within a minute.
+    async fn wait_until_writable(&mut self, bucket: &str) -> Result<bool> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let probe = ObjectPath::from("ready-probe");
         loop {
-            let attempt = server.bucket(buckets[0])?.put(&probe, "ok".into()).await;
-            match attempt {
+            match self.bucket(bucket)?.put(&probe, "ok".into()).await {
                 Ok(_) => {
-                    server.bucket(buckets[0])?.delete(&probe).await?;
-                    return Ok(server);
+                    self.bucket(bucket)?.delete(&probe).await?;
+                    return Ok(true);
                 }
+                Err(_) if !self.proc.is_running() => return Ok(false),
                 Err(e) if Instant::now() > deadline => {
-                    bail!("SeaweedFS did not accept writes within 60 s: {e}\n{}", server.proc.log_tail())
+                    bail!("SeaweedFS did not accept writes within 60 s: {e}\n{}", self.proc.log_tail())
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
