@@ -23,6 +23,8 @@ const SOURCES: usize = 4;
 const PER_APPEND: usize = 100;
 /// Distinct appends each source cycles through (~10 MB of records per source, beyond any CPU cache).
 const PREPARED_APPENDS: usize = 40;
+/// Rounds per policy; the median ratio is reported.
+const ROUNDS: usize = 5;
 
 fn main() {
     let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
@@ -37,16 +39,19 @@ fn main() {
         ("always", FsyncPolicy::Always),
     ] {
         let mut rounds = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..ROUNDS {
+            // Each measurement starts from a clean page cache: neither inherits the other's write-back.
+            settle();
             let raw = dd_bandwidth(dir.path(), 512);
+            settle();
             let (records, bytes, elapsed) = run(dir.path(), name, fsync, Duration::from_secs(seconds));
             let mbps = bytes as f64 / elapsed.as_secs_f64() / 1e6;
             rounds.push((mbps / raw, records as f64 / elapsed.as_secs_f64(), mbps, raw));
         }
         rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (ratio, rps, mbps, raw) = rounds[1];
+        let (ratio, rps, mbps, raw) = rounds[ROUNDS / 2];
         println!(
-            "buffer fsync={name}: median of 3 rounds: {rps:.0} records/s, {mbps:.1} MB/s durable vs dd {raw:.1} MB/s = {:.0}% of raw (rounds: {})",
+            "buffer fsync={name}: median of {ROUNDS} rounds: {rps:.0} records/s, {mbps:.1} MB/s durable vs dd {raw:.1} MB/s = {:.0}% of raw (rounds: {})",
             100.0 * ratio,
             rounds.iter().map(|r| format!("{:.0}%", 100.0 * r.0)).collect::<Vec<_>>().join(", ")
         );
@@ -91,6 +96,12 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
     drop(buffer);
     let _ = std::fs::remove_dir_all(&path);
     (records.load(Ordering::Relaxed), stats.bytes, elapsed)
+}
+
+/// Writes every dirty page back (`sync`), so that the next measurement does not pay for the previous one.
+fn settle() {
+    let status = Command::new("sync").status().expect("run sync");
+    assert!(status.success(), "sync failed");
 }
 
 /// MB/s of `dd` writing `mib` MiB with a final fdatasync, in `dir`.

@@ -133,9 +133,9 @@ impl Quarantine {
         self.buffer
             .get_or_try_init(|| async {
                 let (path, config) = (self.path.clone(), self.config.clone());
-                tokio::task::spawn_blocking(move || Buffer::open(&path, config)).await.map_err(|e| {
-                    BufferError::Storage { path: self.path.clone(), source: sled::Error::Io(std::io::Error::other(e)) }
-                })?
+                tokio::task::spawn_blocking(move || Buffer::open(&path, config))
+                    .await
+                    .map_err(|e| BufferError::Storage { path: self.path.clone(), source: std::io::Error::other(e) })?
             })
             .await
     }

@@ -79,10 +79,31 @@ impl From<WireError> for MalformedRecord {
 
 /// Appends one length-prefixed record to `out`.
 pub fn encode_record(record: &Record, out: &mut Vec<u8>) {
-    let mut body = Vec::with_capacity(record.approx_size());
-    encode_body(record, &mut body);
-    out.put_varint(body.len() as u64);
-    out.extend_from_slice(&body);
+    // The exact size first, so the body is written once, straight into `out` behind its length prefix.
+    let len = body_len(record);
+    out.reserve(len + varint_len(len as u64));
+    out.put_varint(len as u64);
+    let start = out.len();
+    encode_body(record, out);
+    debug_assert_eq!(out.len() - start, len, "body_len disagrees with encode_body");
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// The size `encode_body` writes for `r`.
+fn body_len(r: &Record) -> usize {
+    let str_len = |s: &str| varint_len(s.len() as u64) + s.len();
+    let opt_str = |s: &Option<String>| s.as_deref().map_or(0, str_len);
+    let mut len = 1 + 1 + str_len(&r.system_id) + str_len(&r.id) + 8 + 2;
+    len += [&r.project, &r.namespace, &r.category, &r.text, &r.name].into_iter().map(opt_str).sum::<usize>();
+    len += r.embedding.as_ref().map_or(0, |e| varint_len(e.len() as u64) + 4 * e.len());
+    len += opt_str(&r.metadata);
+    len += 8 * usize::from(r.importance.is_some()) + usize::from(r.residency.is_some());
+    len += [&r.from, &r.to, &r.relation_type].into_iter().map(opt_str).sum::<usize>();
+    len += 8 * (usize::from(r.weight.is_some()) + usize::from(r.value.is_some()));
+    len + varint_len(r.tags.len() as u64) + r.tags.iter().map(|t| str_len(t)).sum::<usize>()
 }
 
 /// Encodes records into one payload.
@@ -197,9 +218,11 @@ fn encode_body(r: &Record, out: &mut Vec<u8>) {
     }
     if let Some(embedding) = &r.embedding {
         out.put_varint(embedding.len() as u64);
-        out.reserve(embedding.len() * 4);
-        for v in embedding {
-            out.put_f32(*v);
+        // Resize-then-fill compiles to a plain copy on little-endian targets; pushing float by float does not.
+        let start = out.len();
+        out.resize(start + embedding.len() * 4, 0);
+        for (bytes, v) in out[start..].chunks_exact_mut(4).zip(embedding) {
+            bytes.copy_from_slice(&v.to_le_bytes());
         }
     }
     if let Some(m) = &r.metadata {
@@ -390,7 +413,13 @@ pub(crate) mod tests {
         fn records_round_trip(records in proptest::collection::vec(arb_record(), 0..8)) {
             let payload = encode_records(&records);
             let decoded = decode_records(&payload, records.len()).unwrap();
-            prop_assert_eq!(decoded, records);
+            prop_assert_eq!(&decoded, &records);
+            // The length prefix is computed ahead of the body: both must agree on every shape of record.
+            for record in &records {
+                let mut body = Vec::new();
+                encode_body(record, &mut body);
+                prop_assert_eq!(body.len(), body_len(record));
+            }
         }
 
         #[test]
@@ -403,6 +432,15 @@ pub(crate) mod tests {
             let payload = encode_records([&record]);
             let cut = cut.min(payload.len());
             prop_assert!(decode_records(&payload[..payload.len() - cut], 1).is_err());
+        }
+    }
+
+    #[test]
+    fn varint_lengths_match_what_is_written() {
+        for v in [0, 1, 127, 128, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            out.put_varint(v);
+            assert_eq!(varint_len(v), out.len(), "{v}");
         }
     }
 

@@ -153,7 +153,6 @@ pub(crate) trait WriteExt {
     fn put_u32(&mut self, v: u32);
     fn put_u64(&mut self, v: u64);
     fn put_i64(&mut self, v: i64);
-    fn put_f32(&mut self, v: f32);
     fn put_f64(&mut self, v: f64);
     fn put_varint(&mut self, v: u64);
     fn put_str(&mut self, v: &str);
@@ -173,9 +172,6 @@ impl WriteExt for Vec<u8> {
         self.extend_from_slice(&v.to_le_bytes());
     }
     fn put_i64(&mut self, v: i64) {
-        self.extend_from_slice(&v.to_le_bytes());
-    }
-    fn put_f32(&mut self, v: f32) {
         self.extend_from_slice(&v.to_le_bytes());
     }
     fn put_f64(&mut self, v: f64) {

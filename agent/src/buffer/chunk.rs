@@ -28,19 +28,26 @@ pub(crate) enum ChunkError {
 }
 
 /// Serialises records into a chunk value.
+#[cfg(test)]
 pub(crate) fn encode_chunk(records: &[Record], accepted_at: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + records.iter().map(Record::approx_size).sum::<usize>());
+    append_chunk(&mut out, records, accepted_at);
+    out
+}
+
+/// Serialises records into a chunk value at the end of `out`.
+pub(crate) fn append_chunk(out: &mut Vec<u8>, records: &[Record], accepted_at: i64) {
+    let start = out.len();
     out.push(CHUNK_FORMAT);
     out.extend_from_slice(&[0; 4]);
     // Chunks are cut well below 4 Gi records.
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     out.extend_from_slice(&accepted_at.to_le_bytes());
     for record in records {
-        encode_record(record, &mut out);
+        encode_record(record, out);
     }
-    let crc = crc32c::crc32c(&out[5..]);
-    out[1..5].copy_from_slice(&crc.to_le_bytes());
-    out
+    let crc = crc32c::crc32c(&out[start + 5..]);
+    out[start + 1..start + 5].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Checks a chunk value and returns its header and the encoded-records payload.

@@ -115,8 +115,10 @@ fn corrupted_chunk_is_skipped_counted_and_removed() {
     let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
     assert_eq!(ids(&batch), vec!["0", "2"]);
     // Corruption discovered while sending (not at open) is handled the same way.
-    rt.block_on(buffer.append(&[record(9, 10)], Duration::ZERO)).unwrap();
-    buffer.corrupt_chunk_for_test(4);
+    // (The damaged chunk's count cannot be trusted: sequence numbers go on from a safe bound after it.)
+    let receipt = rt.block_on(buffer.append(&[record(9, 10)], Duration::ZERO)).unwrap();
+    assert!(receipt.first_seq >= 4, "{receipt:?}");
+    buffer.corrupt_chunk_for_test(receipt.first_seq);
     assert!(buffer.next_batch(10, u64::MAX).unwrap().is_none());
     assert_eq!(buffer.stats().corrupted_chunks, 2);
 }
@@ -155,7 +157,8 @@ fn inspect_reads_without_changing_anything() {
     assert_eq!((report.chunks, report.records, report.corrupted_chunks), (2, 2, 1));
     assert_eq!(report.seq_range, Some((2, 4)));
     assert_eq!((report.dead_letter_chunks, report.dead_letter_records), (1, 1));
-    assert_eq!(report.next_seq, 5);
+    // What the agent will hand out next: past the damaged chunk's bound, so never a number already used.
+    assert!(report.next_seq >= 5, "{report:?}");
     // Inspecting twice sees the same: nothing was repaired or removed.
     assert_eq!(inspect(dir.path()).unwrap().corrupted_chunks, 1);
     assert!(inspect(&dir.path().join("missing")).is_err());
@@ -170,6 +173,127 @@ fn always_and_interval_policies_store_records() {
         rt.block_on(buffer.append(&[record(1, 10), record(2, 10)], Duration::ZERO)).unwrap();
         assert_eq!(buffer.stats().records, 2);
     }
+}
+
+#[test]
+fn spent_segments_are_deleted_and_sequence_numbers_survive_an_empty_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    // 1 MiB segments (the smallest); chunks of one 200 KB record each.
+    let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
+    {
+        let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
+        for i in 0..12 {
+            rt.block_on(buffer.append(&[record(i, 200_000)], Duration::ZERO)).unwrap();
+        }
+        assert_eq!(buffer.segments_for_test(), vec![1, 7], "the 7th append found the first segment full");
+        // Everything of the first segment and half the second is acknowledged: only the first file goes.
+        let batch = buffer.next_batch(9, u64::MAX).unwrap().unwrap();
+        assert_eq!(batch.record_count, 9);
+        buffer.ack(&batch.chunks).unwrap();
+        assert_eq!(buffer.segments_for_test(), vec![7]);
+        assert!(buffer.stats().disk_bytes >= 6 * 200_000, "{:?}", buffer.stats());
+        let rest = buffer.next_batch(100, u64::MAX).unwrap().unwrap();
+        assert_eq!(ids(&rest), vec!["9", "10", "11"]);
+        buffer.ack(&rest.chunks).unwrap();
+        buffer.flush().unwrap();
+    }
+    // Reopened empty: the spent active segment goes, a new one carries the next sequence number.
+    let buffer = Buffer::open(dir.path(), config).unwrap();
+    assert_eq!((buffer.stats().records, buffer.stats().next_seq), (0, 13));
+    assert_eq!(buffer.segments_for_test(), vec![13]);
+    let receipt = rt.block_on(buffer.append(&[record(12, 10)], Duration::ZERO)).unwrap();
+    assert_eq!(receipt.first_seq, 13);
+}
+
+#[test]
+fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+        for i in 0..3 {
+            rt.block_on(buffer.append(&[record(i, 50)], Duration::ZERO)).unwrap();
+        }
+    }
+    // What a kill during the next write leaves: a whole header and part of its chunk.
+    let segment = dir.path().join("segments").join(segment::segment_name(1));
+    let whole = std::fs::metadata(&segment).unwrap().len();
+    let mut frame = vec![0; FRAME_HEADER_LEN];
+    frame.extend(chunk::encode_chunk(&[record(3, 50)], 0));
+    segment::seal_frame(&mut frame, 4);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&segment).unwrap();
+    std::io::Write::write_all(&mut file, &frame[..frame.len() / 2]).unwrap();
+    drop(file);
+
+    let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), whole, "the torn frame is cut off");
+    assert_eq!((buffer.stats().records, buffer.stats().corrupted_chunks, buffer.stats().next_seq), (3, 0, 4));
+    rt.block_on(buffer.append(&[record(3, 50)], Duration::ZERO)).unwrap();
+    let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
+    assert_eq!(ids(&batch), vec!["0", "1", "2", "3"]);
+}
+
+#[test]
+fn damage_inside_an_older_segment_is_counted_and_later_segments_still_deliver() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+        for i in 0..2 {
+            rt.block_on(buffer.append(&[record(i, 50)], Duration::ZERO)).unwrap();
+        }
+    }
+    // Reopening starts segment 3, so segment 1 is no longer the newest; the damage is a flipped length in its
+    // second frame.
+    drop(Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap());
+    let segment = dir.path().join("segments").join(segment::segment_name(1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let second = bytes.len() / 2;
+    bytes[second + 9] ^= 0x01;
+    std::fs::write(&segment, &bytes).unwrap();
+    {
+        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+        rt.block_on(buffer.append(&[record(2, 50)], Duration::ZERO)).unwrap();
+        assert_eq!(buffer.stats().corrupted_chunks, 1);
+    }
+    let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+    let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
+    assert_eq!(ids(&batch), vec!["0", "2"]);
+}
+
+#[test]
+fn a_buffer_of_the_sled_only_format_is_moved_into_a_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let epoch = 0x5eed_u64;
+    {
+        // The layout the first version wrote: chunks as sled values keyed by their first sequence number.
+        let db = sled::Config::new().path(dir.path()).segment_size(SLED_SEGMENT_BYTES).open().unwrap();
+        db.open_tree("meta").unwrap().insert(META_EPOCH, &epoch.to_be_bytes()).unwrap();
+        db.open_tree("meta").unwrap().insert(META_NEXT_SEQ, &40u64.to_be_bytes()).unwrap();
+        let chunks = db.open_tree("chunks").unwrap();
+        chunks.insert(10u64.to_be_bytes(), chunk::encode_chunk(&[record(0, 20), record(1, 20)], 7)).unwrap();
+        chunks.insert(12u64.to_be_bytes(), chunk::encode_chunk(&[record(2, 20)], 8)).unwrap();
+        chunks.insert(13u64.to_be_bytes(), b"\x01damaged".to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+        let stats = buffer.stats();
+        assert_eq!((stats.epoch, stats.records, stats.corrupted_chunks, stats.next_seq), (epoch, 3, 1, 40));
+        let batch = buffer.next_batch(1, u64::MAX).unwrap().unwrap();
+        assert_eq!((ids(&batch), batch.first_record), (vec!["0".to_owned(), "1".to_owned()], 10));
+        buffer.ack(&batch.chunks).unwrap();
+        buffer.flush().unwrap();
+    }
+    // The second open finds the migrated chunks in their segment, and nothing is migrated twice.
+    let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+    assert_eq!((buffer.stats().records, buffer.stats().corrupted_chunks), (1, 0));
+    let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
+    assert_eq!((ids(&batch), batch.first_record), (vec!["2".to_owned()], 12));
+    let receipt = rt.block_on(buffer.append(&[record(3, 20)], Duration::ZERO)).unwrap();
+    assert_eq!(receipt.first_seq, 40);
 }
 
 #[derive(Debug, Clone)]
@@ -300,5 +424,52 @@ proptest! {
         prop_assert_eq!(buffer.stats().records, 0);
         // Every corruption was discovered (by a read or an open) and counted exactly once.
         prop_assert_eq!(discovered_corruptions + buffer.stats().corrupted_chunks, model.corrupted);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Whatever a disk does to a segment, the agent starts, and what it delivers is a subset of what it
+    /// accepted, each record once.
+    #[test]
+    fn damaged_segments_never_stop_the_agent(
+        damage in proptest::collection::vec((any::<u16>(), proptest::collection::vec(any::<u8>(), 1..64)), 1..4),
+        cut in proptest::option::of(any::<u16>()),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        {
+            let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+            for i in 0..8 {
+                rt.block_on(buffer.append(&[record(i, 40), record(100 + i, 40)], Duration::ZERO)).unwrap();
+            }
+        }
+        let segment = dir.path().join("segments").join(segment::segment_name(1));
+        let mut bytes = std::fs::read(&segment).unwrap();
+        for (at, garbage) in damage {
+            let at = usize::from(at) % bytes.len();
+            let end = (at + garbage.len()).min(bytes.len());
+            bytes[at..end].copy_from_slice(&garbage[..end - at]);
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(usize::from(cut) % bytes.len());
+        }
+        std::fs::write(&segment, &bytes).unwrap();
+
+        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+        let mut delivered = Vec::new();
+        while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
+            delivered.extend(ids(&batch));
+            buffer.ack(&batch.chunks).unwrap();
+        }
+        let accepted: HashSet<String> = (0..8).flat_map(|i| [i, 100 + i]).map(|i: u64| i.to_string()).collect();
+        let unique: HashSet<String> = delivered.iter().cloned().collect();
+        prop_assert_eq!(unique.len(), delivered.len(), "delivered twice: {:?}", delivered);
+        prop_assert!(unique.is_subset(&accepted), "{:?}", delivered);
+        // New records still go in and come out.
+        let receipt = rt.block_on(buffer.append(&[record(999, 10)], Duration::ZERO)).unwrap();
+        let batch = buffer.next_batch(1000, u64::MAX).unwrap().unwrap();
+        prop_assert_eq!((ids(&batch), batch.first_record), (vec!["999".to_owned()], receipt.first_seq));
     }
 }
