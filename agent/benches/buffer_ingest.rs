@@ -112,7 +112,7 @@ fn write_sync_loop(dir: &Path, append_bytes: u64, duration: Duration) -> f64 {
     use std::os::unix::fs::FileExt;
     let path = dir.join("loop.bin");
     let file = std::fs::File::create(&path).expect("create loop file");
-    let block: Vec<u8> = (0..append_bytes).map(|i| (i * 2_654_435_761 >> 13) as u8).collect();
+    let block: Vec<u8> = (0..append_bytes).map(|i| ((i * 2_654_435_761) >> 13) as u8).collect();
     let start = Instant::now();
     let mut offset = 0u64;
     while start.elapsed() < duration {
