@@ -1082,7 +1082,6 @@ impl<'a> Recovery<'a> {
             segment::write_at(&segment.file, &frames, base)?;
             segment.file.sync_data()?;
             segment.len += frames.len() as u64;
-            let file = segment.file.clone();
             for (i, &(seq, start)) in chunks.iter().enumerate() {
                 let end = chunks.get(i + 1).map_or(frames.len(), |(_, next)| *next);
                 let chunk = &frames[start + FRAME_HEADER_LEN..end];
@@ -1093,7 +1092,6 @@ impl<'a> Recovery<'a> {
                     segment.live += 1;
                 }
             }
-            drop(file);
             tracing::info!(message = "Moved the chunks of an older buffer format into a segment.", chunks = chunks.len(), path = %self.path.display());
         }
         self.trees.legacy_chunks.clear()?;
