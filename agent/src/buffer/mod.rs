@@ -287,15 +287,15 @@ pub fn inspect(path: &Path) -> Result<InspectReport, BufferError> {
         if segments_dir.exists() { segment::list(&segments_dir).map_err(storage)?.segments } else { Vec::new() };
     let newest = segments.last().map(|(first, _)| *first);
     for (first, file) in &segments {
-        let scan = segment::scan(file).map_err(storage)?;
+        let scan = segment::scan(file, |header, _, chunk| {
+            report.next_seq = report.next_seq.max(header.seq + seq_span(chunk));
+            if !removed.contains(&header.seq) {
+                count(header.seq, chunk, &mut report);
+            }
+        })
+        .map_err(storage)?;
         report.disk_bytes += scan.file_len;
         report.next_seq = report.next_seq.max(*first);
-        for frame in &scan.frames {
-            report.next_seq = report.next_seq.max(frame.header.seq + seq_span(&frame.chunk));
-            if !removed.contains(&frame.header.seq) {
-                count(frame.header.seq, &frame.chunk, &mut report);
-            }
-        }
         // A cut-short write at the end of the newest segment was never accepted; elsewhere it is damage.
         if scan.has_unreadable_tail() && Some(*first) != newest {
             report.corrupted_chunks += 1;
@@ -590,10 +590,25 @@ impl Buffer {
                     bytes += meta.bytes;
                     taken.push((*seq, *meta));
                 }
-                taken
-                    .into_iter()
-                    .filter_map(|(seq, meta)| state.segments.get(&meta.segment).map(|s| (seq, meta, s.file.clone())))
-                    .collect()
+                let mut readable = Vec::with_capacity(taken.len());
+                let mut orphaned = Vec::new();
+                for (seq, meta) in taken {
+                    match state.segments.get(&meta.segment) {
+                        Some(segment) => readable.push((seq, meta, segment.file.clone())),
+                        None => orphaned.push(seq),
+                    }
+                }
+                // Only possible if a segment file vanished under us: its chunks are lost, counted like corruption,
+                // and never left in flight forever.
+                if !orphaned.is_empty() {
+                    error!(message = "Buffer chunks lost their segment file; their records are lost.", chunks = orphaned.len(), path = %self.inner.path.display());
+                    self.remove(&mut state, &orphaned)?;
+                    self.inner.counters.corrupted_chunks.fetch_add(orphaned.len() as u64, Ordering::Relaxed);
+                    if readable.is_empty() {
+                        continue;
+                    }
+                }
+                readable
             };
             if taken.is_empty() {
                 return Ok(None);
@@ -980,24 +995,20 @@ impl<'a> Recovery<'a> {
     }
 
     fn load_segment(&mut self, state: &mut State, first: u64, file: &Path, newest: bool) -> io::Result<()> {
-        let scan = segment::scan(file)?;
         let mut live = 0;
-        for frame in &scan.frames {
-            let seq = frame.header.seq;
+        let scan = segment::scan(file, |header, chunk_offset, chunk| {
+            let seq = header.seq;
             // Whether the chunk is still here, gone or damaged, its sequence numbers were handed out and must
             // never be again: the aggregator may hold them.
-            state.next_seq = state.next_seq.max(seq + seq_span(&frame.chunk));
+            state.next_seq = state.next_seq.max(seq + seq_span(chunk));
             if self.removed.contains(&seq) {
                 self.seen_removed.insert(seq);
-                continue;
+                return;
             }
-            if state.index.contains_key(&seq) {
-                continue;
-            }
-            if self.index_chunk(state, seq, &frame.chunk, first, frame.chunk_offset) {
+            if !state.index.contains_key(&seq) && self.index_chunk(state, seq, chunk, first, chunk_offset) {
                 live += 1;
             }
-        }
+        })?;
         let mut len = scan.file_len;
         if scan.has_unreadable_tail() {
             let cut = scan.file_len - scan.valid_len;

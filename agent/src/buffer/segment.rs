@@ -47,17 +47,8 @@ fn parse_header(bytes: &[u8; FRAME_HEADER_LEN]) -> Option<FrameHeader> {
     })
 }
 
-/// One frame found by [`scan`]: where its chunk is and the chunk itself.
-pub(crate) struct ScannedFrame {
-    pub(crate) header: FrameHeader,
-    /// Offset of the chunk (after the frame header) in the file.
-    pub(crate) chunk_offset: u64,
-    pub(crate) chunk: Vec<u8>,
-}
-
 /// What a scan of a whole segment found.
 pub(crate) struct Scan {
-    pub(crate) frames: Vec<ScannedFrame>,
     /// Bytes of well-formed frames from the start of the file.
     pub(crate) valid_len: u64,
     /// File size.
@@ -71,13 +62,14 @@ impl Scan {
     }
 }
 
-/// Reads every frame of a segment, in order, up to the first header that fails its checksum or runs past the
-/// end of the file. Chunk bodies are returned unverified; the caller checks them.
-pub(crate) fn scan(path: &Path) -> io::Result<Scan> {
+/// Hands every frame of a segment to `visit` (header, offset of the chunk in the file, unverified chunk), in
+/// order, up to the first header that fails its checksum or runs past the end of the file. One chunk is in
+/// memory at a time, whatever the segment's size.
+pub(crate) fn scan(path: &Path, mut visit: impl FnMut(FrameHeader, u64, &[u8])) -> io::Result<Scan> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = io::BufReader::with_capacity(1 << 20, file);
-    let mut frames = Vec::new();
+    let mut chunk = Vec::new();
     let mut offset = 0u64;
     loop {
         let mut header = [0u8; FRAME_HEADER_LEN];
@@ -90,12 +82,12 @@ pub(crate) fn scan(path: &Path) -> io::Result<Scan> {
         if u64::from(header.len) > file_len - chunk_offset {
             break;
         }
-        let mut chunk = vec![0; header.len as usize];
+        chunk.resize(header.len as usize, 0);
         reader.read_exact(&mut chunk)?;
-        frames.push(ScannedFrame { header, chunk_offset, chunk });
+        visit(header, chunk_offset, &chunk);
         offset = chunk_offset + u64::from(header.len);
     }
-    Ok(Scan { frames, valid_len: offset, file_len })
+    Ok(Scan { valid_len: offset, file_len })
 }
 
 /// The file name of the segment whose sequence numbers start at `first_seq`.
@@ -175,9 +167,10 @@ mod tests {
         bytes.extend(frame(9, b"second chunk"));
         let whole = bytes.len() as u64;
         std::fs::write(&path, &bytes).unwrap();
-        let found = scan(&path).unwrap();
-        assert_eq!(found.frames.iter().map(|f| f.header.seq).collect::<Vec<_>>(), vec![7, 9]);
-        assert_eq!(found.frames[1].chunk, b"second chunk");
+        let mut frames = Vec::new();
+        let found = scan(&path, |header, _, chunk| frames.push((header.seq, chunk.to_vec()))).unwrap();
+        assert_eq!(frames.iter().map(|f| f.0).collect::<Vec<_>>(), vec![7, 9]);
+        assert_eq!(frames[1].1, b"second chunk");
         assert_eq!((found.valid_len, found.file_len), (whole, whole));
         assert!(!found.has_unreadable_tail());
 
@@ -185,15 +178,17 @@ mod tests {
         let mut torn = bytes.clone();
         torn.extend(&frame(11, b"third")[..FRAME_HEADER_LEN + 2]);
         std::fs::write(&path, &torn).unwrap();
-        let found = scan(&path).unwrap();
-        assert_eq!((found.frames.len(), found.valid_len, found.has_unreadable_tail()), (2, whole, true));
+        let mut count = 0;
+        let found = scan(&path, |_, _, _| count += 1).unwrap();
+        assert_eq!((count, found.valid_len, found.has_unreadable_tail()), (2, whole, true));
 
         // A damaged length in the first header: nothing can be located.
         let mut damaged = bytes.clone();
         damaged[9] ^= 0x40;
         std::fs::write(&path, &damaged).unwrap();
-        let found = scan(&path).unwrap();
-        assert_eq!((found.frames.len(), found.valid_len), (0, 0));
+        let mut count = 0;
+        let found = scan(&path, |_, _, _| count += 1).unwrap();
+        assert_eq!((count, found.valid_len), (0, 0));
     }
 
     #[test]
