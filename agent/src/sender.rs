@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use akosha_protocol::{
-    Batch, Codec, DEFAULT_MAX_FRAME_LEN, ErrorCode, FRAME_HEADER_LEN, FrameHeader, Hello, MIN_PROTOCOL_VERSION,
-    Message, PROTOCOL_VERSION, SendWindow,
+    Codec, DEFAULT_MAX_FRAME_LEN, ErrorCode, FRAME_HEADER_LEN, FrameHeader, Hello, MIN_PROTOCOL_VERSION, Message,
+    OutgoingBatch, PROTOCOL_VERSION, SendWindow,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -201,18 +201,15 @@ impl Session<'_> {
                     break;
                 };
                 let (codec, pending) = self.choose_codec(pending).await?;
-                let payload = codec.compress(&pending.payload);
-                let chunks = pending.chunks;
-                let seq = window.send(chunks).map_err(|e| e.to_string())?;
-                let frame = Message::Batch(Batch {
+                let seq = window.send(pending.chunks).map_err(|e| e.to_string())?;
+                let frame = OutgoingBatch {
                     seq,
                     first_record: pending.first_record,
                     last_record: pending.last_record,
                     record_count: pending.record_count,
                     codec,
-                    uncompressed_len: pending.payload.len() as u32,
-                    payload,
-                })
+                    records: &pending.payload,
+                }
                 .encode();
                 send.write_all(&frame).await?;
                 self.status.batches_sent.fetch_add(1, Ordering::Relaxed);

@@ -94,7 +94,7 @@ fn main() {
         let (wal, _) = Wal::open(wal_config, |_, _| None, durable_tx).expect("wal");
         let hot = Arc::new(HotTier::open("256MB", 1, None).expect("hot"));
         let receiver = Arc::new(Receiver::new(quic.clone(), wal.clone(), hot, Arc::new(ReceiverMetrics::default())));
-        let elapsed_akosha = runtime.block_on(async {
+        let (elapsed_akosha, cpu_akosha) = runtime.block_on(async {
             let (endpoint, port) = server_endpoint(server_config());
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let server = tokio::spawn(receiver.clone().serve(endpoint, stop_rx.clone()));
@@ -102,6 +102,7 @@ fn main() {
             dest.address = format!("127.0.0.1:{port}");
             let status = Arc::new(DestinationStatus::default());
             let start = Instant::now();
+            let cpu_start = cpu_seconds();
             let compression = Arc::new(std::sync::Mutex::new(CompressionChooser::fixed(
                 &dest.name,
                 dest.codec,
@@ -120,23 +121,25 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let elapsed = start.elapsed();
+            let cpu = cpu_seconds() - cpu_start;
             let _ = stop_tx.send(true);
             let _ = sender.await;
             let _ = server.await;
-            elapsed
+            (elapsed, cpu)
         });
         let akosha_mbps = payload_bytes as f64 / elapsed_akosha.as_secs_f64() / 1e6;
         println!(
-            "akosha agent→aggregator (codec {codec}, acks after WAL fsync): {records} records, {:.1} MB in {:.2}s = {:.0} records/s, {akosha_mbps:.1} MB/s, {} group commits, WAL {:.1} MB",
+            "akosha agent→aggregator (codec {codec}, acks after WAL fsync): {records} records, {:.1} MB in {:.2}s = {:.0} records/s, {akosha_mbps:.1} MB/s, {} group commits, WAL {:.1} MB, {:.2} cores busy",
             payload_bytes as f64 / 1e6,
             elapsed_akosha.as_secs_f64(),
             records as f64 / elapsed_akosha.as_secs_f64(),
             wal.group_commits(),
-            wal.size_bytes() as f64 / 1e6
+            wal.size_bytes() as f64 / 1e6,
+            cpu_akosha / elapsed_akosha.as_secs_f64()
         );
 
         // --- baseline: the same bytes on one plain quinn stream, same TLS, no framing, no fsync, no acks
-        let elapsed_plain = runtime.block_on(async {
+        let (elapsed_plain, cpu_plain) = runtime.block_on(async {
             let (endpoint, port) = server_endpoint(server_config());
             let server = tokio::spawn(async move {
                 let connection = endpoint.accept().await.expect("incoming").await.expect("handshake");
@@ -159,6 +162,7 @@ fn main() {
             let (mut send, mut recv) = connection.open_bi().await.expect("stream");
             let chunk = vec![7u8; 1 << 20];
             let start = Instant::now();
+            let cpu_start = cpu_seconds();
             let mut left = payload_bytes as usize;
             while left > 0 {
                 let n = left.min(chunk.len());
@@ -168,12 +172,17 @@ fn main() {
             send.finish().expect("finish");
             let _ = recv.read_to_end(16).await.expect("reply");
             let elapsed = start.elapsed();
+            let cpu = cpu_seconds() - cpu_start;
             connection.close(0u32.into(), b"");
             let _ = server.await;
-            elapsed
+            (elapsed, cpu)
         });
         let plain_mbps = payload_bytes as f64 / elapsed_plain.as_secs_f64() / 1e6;
-        println!("plain quinn stream, same bytes: {plain_mbps:.1} MB/s in {:.2}s", elapsed_plain.as_secs_f64());
+        println!(
+            "plain quinn stream, same bytes: {plain_mbps:.1} MB/s in {:.2}s, {:.2} cores busy",
+            elapsed_plain.as_secs_f64(),
+            cpu_plain / elapsed_plain.as_secs_f64()
+        );
         ratios.push(akosha_mbps / plain_mbps);
         let _ = std::fs::remove_dir_all(dir.path().join(format!("wal-{round}")));
     }
@@ -207,4 +216,15 @@ fn server_endpoint(config: quinn::ServerConfig) -> (quinn::Endpoint, u16) {
         quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), udp, Arc::new(quinn::TokioRuntime))
             .expect("endpoint");
     (endpoint, port)
+}
+
+/// CPU time (user + system) this process has used so far, in seconds: how busy the two ends kept the cores.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
+    // /proc reports clock ticks in USER_HZ, which the Linux ABI fixes at 100 per second.
+    ticks / 100.0
 }

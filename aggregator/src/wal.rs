@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,6 +44,9 @@ use std::time::Duration;
 use akosha_protocol::{Codec, MAX_BATCH_UNCOMPRESSED_LEN, Record, decode_records};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
+
+mod segment_file;
+use segment_file::SegmentFile;
 
 const SEGMENT_MAGIC: &[u8; 8] = b"AKWAL001";
 const ENTRY_HEADER_LEN: usize = 8;
@@ -274,7 +277,7 @@ impl Wal {
             Some((id, path)) => (id, path),
             None => (1, segment_path(&config.dir, 1)),
         };
-        let file = open_segment(&path)?;
+        let segment = open_segment(&path)?;
         segment_max_ts.entry(id).or_insert(i64::MIN);
         let shared = Arc::new(WalShared {
             dir: config.dir.clone(),
@@ -293,8 +296,7 @@ impl Wal {
             config: config.clone(),
             segment_id: id,
             entries: entries_in_last,
-            path,
-            file: Arc::new(file),
+            segment,
             shared: shared.clone(),
         };
         std::thread::Builder::new()
@@ -449,8 +451,7 @@ struct Writer {
     segment_id: u64,
     /// Entries written to the current segment.
     entries: u64,
-    path: PathBuf,
-    file: Arc<File>,
+    segment: SegmentFile,
     shared: Arc<WalShared>,
 }
 
@@ -481,7 +482,6 @@ impl Writer {
                 return;
             }
         };
-        let mut buf = Vec::with_capacity(1 << 20);
         while let Some(first) = rx.blocking_recv() {
             if !self.config.group_commit_window.is_zero() {
                 std::thread::sleep(self.config.group_commit_window);
@@ -503,27 +503,25 @@ impl Writer {
                 }
                 continue;
             }
-            buf.clear();
             for request in &mut group {
-                encode_entry(&request.entry, &mut buf);
                 request.position = position(self.segment_id, self.entries);
                 self.entries += 1;
             }
-            let (file, path, segment) = (self.file.clone(), self.path.clone(), self.segment_id);
+            let (file, path, segment) = (self.segment.file().clone(), self.segment.path().to_owned(), self.segment_id);
             let newest = group.iter().flat_map(|r| &r.records).map(|r| r.ts).max().unwrap_or(i64::MIN);
             {
                 let mut map = self.shared.segment_max_ts.lock().unwrap_or_else(|p| p.into_inner());
                 let slot = map.entry(segment).or_insert(i64::MIN);
                 *slot = (*slot).max(newest);
             }
-            match self.write(&buf) {
+            match self.write(&group) {
                 Ok(()) => {
                     if to_flusher.send(Written { file, path, group }).is_err() {
                         self.shared.failed.store(true, Ordering::Relaxed);
                     }
                 }
                 Err(e) => {
-                    error!(message = "Write-ahead log write failed; refusing further writes until restart.", error = %e, path = %self.path.display());
+                    error!(message = "Write-ahead log write failed; refusing further writes until restart.", error = %e, path = %self.segment.path().display());
                     self.shared.failed.store(true, Ordering::Relaxed);
                     for request in group {
                         let _ = request.done.send(Err(e.clone()));
@@ -533,18 +531,27 @@ impl Writer {
         }
         drop(to_flusher);
         let _ = flusher.join();
-        let _ = self.file.sync_all();
+        let _ = self.segment.trim();
+        let _ = self.segment.file().sync_all();
     }
 
-    fn write(&mut self, buf: &[u8]) -> Result<(), WalError> {
-        (&*self.file).write_all(buf).map_err(|e| WalError::io(&self.path, e))?;
-        self.shared.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let len = (&*self.file).stream_position().map_err(|e| WalError::io(&self.path, e))?;
-        if len >= self.config.segment_bytes {
+    /// Writes a group's entries to the segment with one write, and rolls to a new segment past the size limit.
+    fn write(&mut self, group: &[WalRequest]) -> Result<(), WalError> {
+        let bytes = group.iter().map(|r| entry_len(&r.entry)).sum();
+        self.segment
+            .append(bytes, |out| {
+                for request in group {
+                    encode_entry(&request.entry, out);
+                }
+            })
+            .map_err(|e| WalError::io(self.segment.path(), e))?;
+        self.shared.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        if self.segment.len() >= self.config.segment_bytes {
+            // The sealed segment keeps no padding (recovery would read past it as the end of the log anyway).
+            self.segment.trim().map_err(|e| WalError::io(self.segment.path(), e))?;
             self.segment_id += 1;
             self.entries = 0;
-            self.path = segment_path(&self.config.dir, self.segment_id);
-            self.file = Arc::new(open_segment(&self.path)?);
+            self.segment = open_segment(&segment_path(&self.config.dir, self.segment_id))?;
             self.shared
                 .segment_max_ts
                 .lock()
@@ -627,14 +634,8 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
 }
 
 /// Opens a segment for appending, writing the magic if it is new.
-fn open_segment(path: &Path) -> Result<File, WalError> {
-    let mut file =
-        OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| WalError::io(path, e))?;
-    if file.metadata().map_err(|e| WalError::io(path, e))?.len() == 0 {
-        file.write_all(SEGMENT_MAGIC).map_err(|e| WalError::io(path, e))?;
-        file.sync_all().map_err(|e| WalError::io(path, e))?;
-    }
-    Ok(file)
+fn open_segment(path: &Path) -> Result<SegmentFile, WalError> {
+    SegmentFile::open(path, SEGMENT_MAGIC).map_err(|e| WalError::io(path, e))
 }
 
 /// Replays one segment; returns its length after any truncation.
@@ -659,11 +660,17 @@ fn replay_segment(
         return Ok(data.len() as u64);
     }
     let mut pos = SEGMENT_MAGIC.len();
+    let mut padding = false;
     while pos < data.len() {
         let rest = &data[pos..];
         let Some(header) = rest.first_chunk::<ENTRY_HEADER_LEN>() else { break };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 && rest.iter().all(|b| *b == 0) {
+            // The padding a direct write leaves after the last entry (see `segment_file`): the end of the log.
+            padding = true;
+            break;
+        }
         if len == 0 || len > MAX_ENTRY_LEN {
             error!(message = "Write-ahead log entry has an impossible length; the rest of the segment is lost.", path = %path.display(), offset = pos, len);
             break;
@@ -686,6 +693,13 @@ fn replay_segment(
         }
         pos += ENTRY_HEADER_LEN + len;
     }
+    if padding {
+        if is_last {
+            let file = OpenOptions::new().write(true).open(path).map_err(|e| WalError::io(path, e))?;
+            file.set_len(pos as u64).map_err(|e| WalError::io(path, e))?;
+        }
+        return Ok(pos as u64);
+    }
     if pos < data.len() {
         let lost = (data.len() - pos) as u64;
         report.truncated_bytes += lost;
@@ -698,6 +712,11 @@ fn replay_segment(
         }
     }
     Ok(data.len() as u64)
+}
+
+/// Bytes [`encode_entry`] writes for `entry`.
+fn entry_len(entry: &WalEntry) -> usize {
+    ENTRY_HEADER_LEN + 1 + 4 + entry.system_id.len() + 8 + 8 + 8 + 4 + 2 + 4 + entry.payload.len()
 }
 
 fn encode_entry(entry: &WalEntry, out: &mut Vec<u8>) {
@@ -719,6 +738,7 @@ fn encode_entry(entry: &WalEntry, out: &mut Vec<u8>) {
     let crc = crc32c::crc32c(&out[start + ENTRY_HEADER_LEN..]);
     out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len() - start, entry_len(entry));
 }
 
 fn decode_entry(body: &[u8]) -> Option<WalEntry> {

@@ -72,6 +72,51 @@ fn appended_entries_replay_in_order_across_segments() {
     assert_eq!(replayed[3].records().unwrap()[0].id, "16");
 }
 
+/// The segment's length once the writer, stopping, has cut the padding of its direct writes (see `segment_file`):
+/// three small entries never end on a block boundary.
+fn trimmed_len(segment: &Path) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let len = std::fs::metadata(segment).unwrap().len();
+        if !len.is_multiple_of(segment_file::BLOCK as u64) || std::time::Instant::now() > deadline {
+            return len;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn padding_after_the_last_entry_is_the_end_of_the_log_not_a_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut written = Vec::new();
+    {
+        let (wal, _, _, _durable) = open(dir.path(), 1 << 20);
+        for i in 0..3 {
+            let (e, r) = entry("h", i * 2 + 1, 2);
+            rt.block_on(wal.append(e.clone(), r)).unwrap();
+            written.push(e);
+        }
+    }
+    // A kill -9 leaves the zeros up to the block boundary that a clean stop would have cut.
+    let segment = segment_path(dir.path(), 1);
+    let logical = trimmed_len(&segment);
+    let padded = logical.next_multiple_of(segment_file::BLOCK as u64);
+    OpenOptions::new().write(true).open(&segment).unwrap().set_len(padded).unwrap();
+    let (wal, report, replayed, _durable) = open(dir.path(), 1 << 20);
+    assert_eq!(replayed, written);
+    assert_eq!((report.truncated_bytes, report.corrupt_entries), (0, 0));
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), logical, "the padding is cut at open");
+    let (e, r) = entry("h", 7, 2);
+    rt.block_on(wal.append(e.clone(), r)).unwrap();
+    written.push(e);
+    drop(wal);
+    trimmed_len(&segment);
+    let (_, report, replayed, _) = open(dir.path(), 1 << 20);
+    assert_eq!(replayed, written);
+    assert_eq!(report.truncated_bytes, 0);
+}
+
 #[test]
 fn torn_tail_is_truncated_and_the_log_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,7 +129,7 @@ fn torn_tail_is_truncated_and_the_log_keeps_working() {
         }
     }
     let segment = segment_path(dir.path(), 1);
-    let full = std::fs::metadata(&segment).unwrap().len();
+    let full = trimmed_len(&segment);
     // A crash in the middle of writing a fourth entry.
     let (partial, _) = entry("h", 7, 2);
     let mut bytes = Vec::new();

@@ -80,6 +80,27 @@ impl Codec {
         }
     }
 
+    /// Appends `input` compressed to `out` (what [`Codec::compress`] returns, without a buffer of its own: a
+    /// batch is compressed straight into its frame).
+    pub fn compress_onto(self, input: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Codec::None => out.extend_from_slice(input),
+            Codec::Lz4 => {
+                let start = out.len();
+                out.resize(start + lz4_flex::block::get_maximum_output_size(input.len()), 0);
+                match lz4_flex::block::compress_into(input, &mut out[start..]) {
+                    Ok(n) => out.truncate(start + n),
+                    // Cannot happen with the maximum output size; fall back to the allocating path anyway.
+                    Err(_) => {
+                        out.truncate(start);
+                        out.extend_from_slice(&lz4_flex::block::compress(input));
+                    }
+                }
+            }
+            Codec::Zstd(_) => out.extend_from_slice(&self.compress(input)),
+        }
+    }
+
     /// The codec family name, without level.
     fn name(self) -> &'static str {
         match self {

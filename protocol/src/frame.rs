@@ -142,7 +142,12 @@ impl FrameHeader {
 
     /// Checks the body against the header's checksum.
     pub fn verify(&self, body: &[u8]) -> Result<(), FrameError> {
-        let actual = crc32c::crc32c_append(crc32c::crc32c(&self.prefix), body);
+        self.verify_split(body, &[])
+    }
+
+    /// [`FrameHeader::verify`] for a body read in two parts (`first` followed by `second`).
+    pub fn verify_split(&self, first: &[u8], second: &[u8]) -> Result<(), FrameError> {
+        let actual = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&self.prefix), first), second);
         if actual != self.crc {
             return Err(FrameError::ChecksumMismatch { expected: self.crc, actual });
         }

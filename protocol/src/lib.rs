@@ -34,7 +34,9 @@ pub use frame::{
     DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, FRAME_MAGIC, FrameDecoder, FrameError, FrameHeader, FrameType,
     encode_frame,
 };
-pub use message::{Batch, ErrorCode, ErrorFrame, Hello, Message, Welcome, negotiate_version};
+pub use message::{
+    BATCH_HEAD_LEN, Batch, ErrorCode, ErrorFrame, Hello, Message, OutgoingBatch, Welcome, negotiate_version,
+};
 pub use record::{EMBEDDING_DIM, Record, RecordError, RecordKind, Residency};
 pub use record_codec::{PayloadStats, RecordDecodeError, decode_records, encode_record, encode_records, payload_stats};
 

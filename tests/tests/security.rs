@@ -163,6 +163,32 @@ async fn garbage_oversized_and_wrong_version_frames_close_with_typed_errors() ->
     }
     assert_eq!(saw, Some(ErrorCode::MalformedFrame));
 
+    // A full-sized Batch frame (read as head and payload) with one payload byte flipped in flight.
+    let mut client = raw(&site, &aggregator, "host-1").await?;
+    client.hello("host-1").await?;
+    let mut frame = Message::Batch(akosha_protocol::Batch {
+        seq: 1,
+        first_record: 1,
+        last_record: 1,
+        record_count: 1,
+        codec: akosha_protocol::Codec::None,
+        uncompressed_len: 100,
+        payload: vec![7; 100],
+    })
+    .encode();
+    *frame.last_mut().expect("a frame has bytes") ^= 1;
+    client.send_raw(&frame).await?;
+    let mut saw = None;
+    while let Some(m) = client.recv(Duration::from_secs(10)).await? {
+        if let Message::Error(e) = m {
+            saw = Some((e.code, e.message));
+            break;
+        }
+    }
+    let (code, message) = saw.expect("an error frame");
+    assert_eq!(code, ErrorCode::MalformedFrame, "{message}");
+    assert!(message.contains("checksum"), "{message}");
+
     // A frame header announcing 1 GiB.
     let mut client = raw(&site, &aggregator, "host-1").await?;
     client.hello("host-1").await?;
