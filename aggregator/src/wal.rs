@@ -41,12 +41,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use akosha_fsio::AppendFile;
 use akosha_protocol::{Codec, MAX_BATCH_UNCOMPRESSED_LEN, Record, decode_records};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
-
-mod segment_file;
-use segment_file::SegmentFile;
 
 const SEGMENT_MAGIC: &[u8; 8] = b"AKWAL001";
 const ENTRY_HEADER_LEN: usize = 8;
@@ -451,7 +449,7 @@ struct Writer {
     segment_id: u64,
     /// Entries written to the current segment.
     entries: u64,
-    segment: SegmentFile,
+    segment: AppendFile,
     shared: Arc<WalShared>,
 }
 
@@ -539,7 +537,7 @@ impl Writer {
     fn write(&mut self, group: &[WalRequest]) -> Result<(), WalError> {
         let bytes = group.iter().map(|r| entry_len(&r.entry)).sum();
         self.segment
-            .append(bytes, |out| {
+            .append_with(bytes, |out| {
                 for request in group {
                     encode_entry(&request.entry, out);
                 }
@@ -633,9 +631,15 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
     Ok(segments)
 }
 
-/// Opens a segment for appending, writing the magic if it is new.
-fn open_segment(path: &Path) -> Result<SegmentFile, WalError> {
-    SegmentFile::open(path, SEGMENT_MAGIC).map_err(|e| WalError::io(path, e))
+/// Opens a segment for appending, writing the magic (durably) if it is new.
+fn open_segment(path: &Path) -> Result<AppendFile, WalError> {
+    let io = |e| WalError::io(path, e);
+    let file = OpenOptions::new().write(true).create(true).truncate(false).open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() == 0 {
+        (&file).write_all(SEGMENT_MAGIC).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    AppendFile::open(path).map_err(io)
 }
 
 /// Replays one segment; returns its length after any truncation.
@@ -666,8 +670,8 @@ fn replay_segment(
         let Some(header) = rest.first_chunk::<ENTRY_HEADER_LEN>() else { break };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len == 0 && rest.iter().all(|b| *b == 0) {
-            // The padding a direct write leaves after the last entry (see `segment_file`): the end of the log.
+        if len == 0 && akosha_fsio::is_padding(rest) {
+            // The padding a direct write leaves after the last entry (see `akosha_fsio`): the end of the log.
             padding = true;
             break;
         }

@@ -72,13 +72,13 @@ fn appended_entries_replay_in_order_across_segments() {
     assert_eq!(replayed[3].records().unwrap()[0].id, "16");
 }
 
-/// The segment's length once the writer, stopping, has cut the padding of its direct writes (see `segment_file`):
+/// The segment's length once the writer, stopping, has cut the padding of its direct writes (see `akosha_fsio`):
 /// three small entries never end on a block boundary.
 fn trimmed_len(segment: &Path) -> u64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let len = std::fs::metadata(segment).unwrap().len();
-        if !len.is_multiple_of(segment_file::BLOCK as u64) || std::time::Instant::now() > deadline {
+        if !len.is_multiple_of(akosha_fsio::BLOCK as u64) || std::time::Instant::now() > deadline {
             return len;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -101,7 +101,7 @@ fn padding_after_the_last_entry_is_the_end_of_the_log_not_a_loss() {
     // A kill -9 leaves the zeros up to the block boundary that a clean stop would have cut.
     let segment = segment_path(dir.path(), 1);
     let logical = trimmed_len(&segment);
-    let padded = logical.next_multiple_of(segment_file::BLOCK as u64);
+    let padded = logical.next_multiple_of(akosha_fsio::BLOCK as u64);
     OpenOptions::new().write(true).open(&segment).unwrap().set_len(padded).unwrap();
     let (wal, report, replayed, _durable) = open(dir.path(), 1 << 20);
     assert_eq!(replayed, written);

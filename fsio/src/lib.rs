@@ -1,15 +1,20 @@
-//! The segment being appended, written with direct I/O where the filesystem allows it.
+//! # Durable-log file I/O
+//!
+//! [`AppendFile`]: the file a durable log appends to (the aggregator's WAL segments, the agent buffer's
+//! segments), written with direct I/O where the filesystem allows it.
 //!
 //! Why: a buffered `write` copies every logged byte into freshly allocated page-cache pages (allocate, zero,
 //! copy, account dirty, write back later). The transport profile showed that copy as a quarter of the
-//! aggregator's CPU while receiving; the log is only read again after a restart, so caching it buys nothing.
-//! With `O_DIRECT` the device reads the bytes straight from our buffer.
+//! aggregator's CPU while receiving, and an append followed by `fdatasync` through the page cache reached about
+//! half the disk bandwidth that direct appends reach on the same disk. A log is read rarely (after a restart; the
+//! agent's sender shortly after the write), so caching what it writes buys little. With `O_DIRECT` the device
+//! reads the bytes straight from our buffer.
 //!
 //! Direct I/O needs the file offset, the length and the memory of every write aligned to the device's logical
 //! block. Each group is therefore written from the start of the block holding the end of the log: the bytes of
 //! that partial block (kept in memory as `tail`), the new entries, and zeros up to the next block boundary. The
-//! file can thus end in up to a block of zero padding after the last entry, which recovery reads as the end of
-//! the log; rolling to a new segment and a clean shutdown trim it. Rewriting the partial block is what the page
+//! file can thus end in up to a block of zero padding after the last entry, which a reader must take for the end
+//! of the log; [`AppendFile::trim`] cuts it when the file is left for good. Rewriting the partial block is what the page
 //! cache does for a buffered append as well: the block's earlier bytes are written again unchanged.
 //!
 //! Where `O_DIRECT` is refused (some filesystems, older tmpfs) the file is written through the page cache with
@@ -24,9 +29,10 @@ use std::sync::Arc;
 use tracing::debug;
 
 /// Alignment of direct writes: a multiple of the logical block size of any disk (512 B or 4 KiB).
-pub(super) const BLOCK: usize = 4096;
+pub const BLOCK: usize = 4096;
 
-pub(super) struct SegmentFile {
+/// A file appended to at its end, one write per append; durable once the caller syncs [`AppendFile::file`].
+pub struct AppendFile {
     file: Arc<File>,
     path: PathBuf,
     /// Bytes of log in the file (the file may be longer by zero padding, never shorter).
@@ -38,17 +44,12 @@ pub(super) struct SegmentFile {
     staging: Vec<u8>,
 }
 
-impl SegmentFile {
-    /// Opens a segment for appending at its end, creating it with `magic` (made durable) if it is new or empty.
-    /// An existing segment must end exactly where its log ends (recovery trims what follows).
-    pub(super) fn open(path: &Path, magic: &[u8]) -> io::Result<SegmentFile> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        let mut len = file.metadata()?.len();
-        if len == 0 {
-            file.write_all_at(magic, 0)?;
-            file.sync_all()?;
-            len = magic.len() as u64;
-        }
+impl AppendFile {
+    /// Opens an existing file for appending at its end, which must be the end of its log (recovery cuts off
+    /// what follows, padding included).
+    pub fn open(path: &Path) -> io::Result<AppendFile> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
         let boundary = block_floor(len);
         let mut tail = vec![0; (len - boundary) as usize];
         file.read_exact_at(&mut tail, boundary)?;
@@ -63,12 +64,26 @@ impl SegmentFile {
                 (file, false)
             }
         };
-        Ok(SegmentFile { file: Arc::new(file), path: path.to_owned(), len, tail, direct, staging: Vec::new() })
+        Ok(AppendFile { file: Arc::new(file), path: path.to_owned(), len, tail, direct, staging: Vec::new() })
     }
 
-    /// Appends what `fill` writes into the vector it is given (exactly `bytes` bytes) with one write. Not durable
-    /// until the file is synced.
-    pub(super) fn append(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
+    /// Appends `data` with one write. Not durable until the file is synced.
+    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.append_with(data.len(), |out| out.extend_from_slice(data))
+    }
+
+    /// Appends what `fill` writes into the vector it is given (exactly `bytes` bytes) with one write, so that a
+    /// caller can encode straight into the write buffer. Not durable until the file is synced. On failure the
+    /// file is cut back to the end of the log, so that a half-written append is never followed by later ones.
+    pub fn append_with(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
+        let written = self.write_group(bytes, fill);
+        if written.is_err() {
+            let _ = self.file.set_len(self.len);
+        }
+        written
+    }
+
+    fn write_group(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
         let base = block_floor(self.len);
         // Room for the alignment slack, the partial block, the new bytes and the padding: the vector must not
         // grow while it is filled, or it would move and lose its alignment.
@@ -118,23 +133,40 @@ impl SegmentFile {
     }
 
     /// Cuts the zero padding after the log (before the file is left for good).
-    pub(super) fn trim(&self) -> io::Result<()> {
+    pub fn trim(&self) -> io::Result<()> {
         if self.direct { self.file.set_len(self.len) } else { Ok(()) }
     }
 
     /// Bytes of log in the file.
-    pub(super) fn len(&self) -> u64 {
+    pub fn len(&self) -> u64 {
         self.len
     }
 
-    /// The file, for syncing.
-    pub(super) fn file(&self) -> &Arc<File> {
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The file, for syncing (`fdatasync` on any handle of the file makes these writes durable).
+    pub fn file(&self) -> &Arc<File> {
         &self.file
     }
 
-    pub(super) fn path(&self) -> &Path {
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether writes bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+}
+
+/// Whether `rest` (what follows the last whole entry of a log) is only the zero padding of direct appends: the
+/// end of the log, not a torn or damaged write.
+pub fn is_padding(rest: &[u8]) -> bool {
+    rest.len() < BLOCK && rest.iter().all(|b| *b == 0)
 }
 
 fn block_floor(offset: u64) -> u64 {
@@ -149,33 +181,42 @@ mod tests {
     fn appends_of_every_size_read_back_as_one_log_and_trim_cuts_the_padding() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("segment");
+        std::fs::write(&path, b"MAGIC").expect("create");
         let mut expected = b"MAGIC".to_vec();
-        let mut segment = SegmentFile::open(&path, b"MAGIC").expect("open");
+        let mut segment = AppendFile::open(&path).expect("open");
         for (i, size) in [1usize, 4090, 4096, 5, 10_000, 0, 3, 8191, 8192, 70_001].into_iter().enumerate() {
             let chunk: Vec<u8> = (0..size).map(|j| (i * 31 + j) as u8 | 1).collect();
-            segment.append(size, |out| out.extend_from_slice(&chunk)).expect("append");
+            segment.append(&chunk).expect("append");
             expected.extend_from_slice(&chunk);
             assert_eq!(segment.len(), expected.len() as u64);
             let on_disk = std::fs::read(&path).expect("read");
             assert_eq!(&on_disk[..expected.len()], &expected[..], "after append {i}");
-            assert!(on_disk[expected.len()..].iter().all(|b| *b == 0), "only zeros after the log");
-            assert!(on_disk.len() - expected.len() < BLOCK);
+            assert!(is_padding(&on_disk[expected.len()..]), "only padding after the log");
         }
         segment.trim().expect("trim");
         assert_eq!(std::fs::read(&path).expect("read"), expected);
     }
 
     #[test]
+    fn padding_is_only_short_runs_of_zeros() {
+        assert!(is_padding(&[]));
+        assert!(is_padding(&[0; BLOCK - 1]));
+        assert!(!is_padding(&[0; BLOCK]));
+        assert!(!is_padding(&[0, 0, 1]));
+    }
+
+    #[test]
     fn reopening_continues_after_the_last_byte_of_the_log() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("segment");
-        let mut segment = SegmentFile::open(&path, b"M").expect("open");
-        segment.append(5000, |out| out.extend_from_slice(&[7; 5000])).expect("append");
+        std::fs::write(&path, b"M").expect("create");
+        let mut segment = AppendFile::open(&path).expect("open");
+        segment.append(&[7; 5000]).expect("append");
         segment.trim().expect("trim");
         drop(segment);
-        let mut segment = SegmentFile::open(&path, b"M").expect("reopen");
+        let mut segment = AppendFile::open(&path).expect("reopen");
         assert_eq!(segment.len(), 5001);
-        segment.append(3, |out| out.extend_from_slice(b"abc")).expect("append");
+        segment.append_with(3, |out| out.extend_from_slice(b"abc")).expect("append");
         segment.trim().expect("trim");
         let data = std::fs::read(&path).expect("read");
         assert_eq!(data.len(), 5004);
