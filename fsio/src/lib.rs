@@ -1,14 +1,18 @@
 //! # Durable-log file I/O
 //!
-//! [`AppendFile`]: the file a durable log appends to (the aggregator's WAL segments, the agent buffer's
-//! segments), written with direct I/O where the filesystem allows it.
+//! [`AppendFile`]: the file a durable log appends to (the aggregator's WAL segments), written with direct I/O
+//! where the filesystem allows it.
 //!
 //! Why: a buffered `write` copies every logged byte into freshly allocated page-cache pages (allocate, zero,
 //! copy, account dirty, write back later). The transport profile showed that copy as a quarter of the
 //! aggregator's CPU while receiving, and an append followed by `fdatasync` through the page cache reached about
-//! half the disk bandwidth that direct appends reach on the same disk. A log is read rarely (after a restart; the
-//! agent's sender shortly after the write), so caching what it writes buys little. With `O_DIRECT` the device
-//! reads the bytes straight from our buffer.
+//! half the disk bandwidth that direct appends reach on the same disk. A log that is read only after a restart
+//! gains nothing from caching what it writes. With `O_DIRECT` the device reads the bytes straight from our
+//! buffer.
+//!
+//! Not for a log that is read back right after it is written: the agent buffer tried it and its sender then
+//! read every batch from the disk instead of the page cache (rounds of the transport bench with the cores
+//! idle, waiting for those reads), so the buffer stays buffered.
 //!
 //! Direct I/O needs the file offset, the length and the memory of every write aligned to the device's logical
 //! block. Each group is therefore written from the start of the block holding the end of the log: the bytes of

@@ -23,9 +23,7 @@
 //! Why not values in sled, as the first version did: sled copies every value through its own log buffers and
 //! I/O threads and then needs an extra `fdatasync` of its files (its flush uses `sync_file_range`); that capped
 //! durable ingest at ~10–30 % of the disk's sequential bandwidth. An append-only file costs one copy into the
-//! page cache and one `fdatasync` per group commit, as `dd` does. The active segment is appended with direct
-//! I/O where the filesystem allows (`akosha_fsio`): no page-cache copy, and a developer machine's page cache
-//! is not filled with records that are read once; the sender reads them back through the page cache.
+//! page cache and one `fdatasync` per group commit, as `dd` does.
 //!
 //! ## Invariants
 //! - A chunk is durable (per the fsync policy) before [`Buffer::append`] returns; that return is what a source
@@ -48,11 +46,7 @@
 //! `corrupted_chunks` and logged with its sequence number. A frame header that does not verify ends the scan of
 //! its segment: at the end of the newest segment that is a write cut short by a crash (never acknowledged, so
 //! nothing accepted is lost) and the file is cut back to its last whole frame; anywhere else it is counted as
-//! corruption. Direct appends add two shapes of the same thing: zeros after the last frame (the padding up to
-//! a block boundary) are the end of a segment, and a last chunk that does not verify while the sector holding
-//! its end reads as zeros is a direct write cut short (cut off in the newest segment, not counted anywhere; its
-//! sequence numbers are still never handed out again). The price: real damage to exactly that shape of a
-//! segment's last chunk goes uncounted. The agent never refuses to start because of a bad chunk: losing one chunk is bad, a crash loop
+//! corruption. The agent never refuses to start because of a bad chunk: losing one chunk is bad, a crash loop
 //! that loses everything that arrives afterwards is worse. Buffers written by the sled-only version (chunks in
 //! a `chunks` tree) are moved into a segment at the first open.
 
@@ -68,10 +62,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
-use akosha_fsio::AppendFile;
 use akosha_protocol::Record;
 use tokio::sync::{Notify, oneshot};
-use tracing::{debug, error, warn};
+use tracing::{error, warn};
 
 pub(crate) use chunk::{ChunkError, append_chunk, decode_chunk};
 use segment::FRAME_HEADER_LEN;
@@ -294,11 +287,9 @@ pub fn inspect(path: &Path) -> Result<InspectReport, BufferError> {
         if segments_dir.exists() { segment::list(&segments_dir).map_err(storage)?.segments } else { Vec::new() };
     let newest = segments.last().map(|(first, _)| *first);
     for (first, file) in &segments {
-        let scan = segment::scan(file, |header, offset, chunk, at_end| {
+        let scan = segment::scan(file, |header, _, chunk| {
             report.next_seq = report.next_seq.max(header.seq + seq_span(chunk));
-            // A last chunk that does not verify is a write cut short (see `segment::scan`), not damage.
-            let torn = at_end && segment::ends_unwritten(offset, chunk) && decode_chunk(chunk).is_err();
-            if !removed.contains(&header.seq) && !torn {
+            if !removed.contains(&header.seq) {
                 count(header.seq, chunk, &mut report);
             }
         })
@@ -416,11 +407,7 @@ struct State {
 }
 
 struct Segment {
-    /// For reads and syncs (and the rare write outside an append, e.g. a migration).
     file: Arc<File>,
-    /// The active segment's appends, bypassing the page cache where the filesystem allows (opened at the first
-    /// append; see `akosha_fsio`).
-    writer: Option<AppendFile>,
     /// Bytes written (appends go here).
     len: u64,
     /// Chunks in the index that live in this segment.
@@ -518,7 +505,7 @@ impl Buffer {
         let reuse = state.segments.last_key_value().is_some_and(|(first, s)| *first == state.next_seq && s.len == 0);
         if !reuse {
             let file = segment::create(&segments_dir, state.next_seq).map_err(storage)?;
-            state.segments.insert(state.next_seq, Segment { file: Arc::new(file), writer: None, len: 0, live: 0 });
+            state.segments.insert(state.next_seq, Segment { file: Arc::new(file), len: 0, live: 0 });
         }
 
         let segment_bytes = (config.max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
@@ -822,7 +809,7 @@ impl Buffer {
         }
         let (segment_first, active) = state.active();
         let base = active.len;
-        self.write_active(segment_first, active, &frames.bytes).map_err(|e| self.storage(e))?;
+        segment::write_at(&active.file, &frames.bytes, base).map_err(|e| self.storage(e))?;
         active.len += frames.bytes.len() as u64;
         active.live += frames.chunks.len() as u64;
         let file = active.file.clone();
@@ -841,22 +828,6 @@ impl Buffer {
         Ok(Some(AppendReceipt { first_seq, records: seq - first_seq, dropped }))
     }
 
-    /// Appends to the active segment: through its direct writer, opened at the first append, or through the
-    /// page cache if that cannot be opened or does not agree with what the segment holds.
-    fn write_active(&self, first: u64, active: &mut Segment, bytes: &[u8]) -> io::Result<()> {
-        if active.writer.is_none() {
-            match AppendFile::open(&self.inner.segments_dir.join(segment::segment_name(first))) {
-                Ok(writer) if writer.len() == active.len => active.writer = Some(writer),
-                Ok(_) => {}
-                Err(e) => debug!(message = "Appending through the page cache.", error = %e),
-            }
-        }
-        match active.writer.as_mut() {
-            Some(writer) => writer.append(bytes),
-            None => segment::write_at(&active.file, bytes, active.len),
-        }
-    }
-
     /// Starts a new active segment when the current one is full, or holds only chunks that have left.
     fn rotate_if_due(&self, state: &mut State) -> Result<(), BufferError> {
         let segment_bytes = self.inner.segment_bytes;
@@ -865,13 +836,9 @@ impl Buffer {
         if !due {
             return Ok(());
         }
-        // The segment is left for good: cut its padding (a scan would take it for the end anyway).
-        if let Some(writer) = active.writer.take() {
-            let _ = writer.trim();
-        }
         let next = state.next_seq;
         let file = segment::create(&self.inner.segments_dir, next).map_err(|e| self.storage(e))?;
-        state.segments.insert(next, Segment { file: Arc::new(file), writer: None, len: 0, live: 0 });
+        state.segments.insert(next, Segment { file: Arc::new(file), len: 0, live: 0 });
         self.delete_spent_segments(state)
     }
 
@@ -983,15 +950,11 @@ impl Buffer {
     /// Overwrites a stored chunk with garbage, as a disk error would.
     #[cfg(test)]
     pub(crate) fn corrupt_chunk_for_test(&self, seq: u64) {
-        let mut state = self.lock();
+        let state = self.lock();
         let meta = state.index[&seq];
         let garbage = b"\x01garbage-garbage-garbage";
         let len = garbage.len().min(meta.bytes as usize);
-        let segment = state.segments.get_mut(&meta.segment).expect("a chunk's segment is known");
-        segment.file.write_all_at(&garbage[..len], meta.offset).unwrap();
-        // The writer keeps the segment's last block in memory and would write the good bytes back with the next
-        // append; the damage must stay, as on a disk whose block went bad after it was written.
-        segment.writer = None;
+        state.segments[&meta.segment].file.write_all_at(&garbage[..len], meta.offset).unwrap();
     }
 
     /// Keys of the stored chunks.
@@ -1033,8 +996,7 @@ impl<'a> Recovery<'a> {
 
     fn load_segment(&mut self, state: &mut State, first: u64, file: &Path, newest: bool) -> io::Result<()> {
         let mut live = 0;
-        let mut torn_at = None;
-        let scan = segment::scan(file, |header, chunk_offset, chunk, at_end| {
+        let scan = segment::scan(file, |header, chunk_offset, chunk| {
             let seq = header.seq;
             // Whether the chunk is still here, gone or damaged, its sequence numbers were handed out and must
             // never be again: the aggregator may hold them.
@@ -1043,27 +1005,19 @@ impl<'a> Recovery<'a> {
                 self.seen_removed.insert(seq);
                 return;
             }
-            if at_end && segment::ends_unwritten(chunk_offset, chunk) && decode_chunk(chunk).is_err() {
-                // A direct append cut short by a crash (see `segment::scan`): never accepted, not damage.
-                torn_at = Some(chunk_offset - FRAME_HEADER_LEN as u64);
-                return;
-            }
             if !state.index.contains_key(&seq) && self.index_chunk(state, seq, chunk, first, chunk_offset) {
                 live += 1;
             }
         })?;
         let mut len = scan.file_len;
-        let valid_len = torn_at.unwrap_or(scan.valid_len);
-        if valid_len < scan.file_len && (newest || scan.has_unreadable_tail()) {
-            let cut = scan.file_len - valid_len;
+        if scan.has_unreadable_tail() {
+            let cut = scan.file_len - scan.valid_len;
             if newest {
-                if torn_at.is_some() || scan.has_unreadable_tail() {
-                    warn!(message = "Cutting off a write the last run did not finish; it was never accepted.", bytes = cut, segment = %file.display());
-                }
+                warn!(message = "Cutting off a write the last run did not finish; it was never accepted.", bytes = cut, segment = %file.display());
                 let handle = std::fs::OpenOptions::new().write(true).open(file)?;
-                handle.set_len(valid_len)?;
+                handle.set_len(scan.valid_len)?;
                 handle.sync_all()?;
-                len = valid_len;
+                len = scan.valid_len;
             } else {
                 error!(message = "A buffer segment is damaged; the chunks after the damage are lost.", offset = scan.valid_len, bytes = cut, segment = %file.display());
                 self.corrupted += 1;
@@ -1071,7 +1025,7 @@ impl<'a> Recovery<'a> {
         }
         state.next_seq = state.next_seq.max(first);
         let handle = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
-        state.segments.insert(first, Segment { file: Arc::new(handle), writer: None, len, live });
+        state.segments.insert(first, Segment { file: Arc::new(handle), len, live });
         Ok(())
     }
 
@@ -1132,7 +1086,7 @@ impl<'a> Recovery<'a> {
                 std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::btree_map::Entry::Vacant(entry) => {
                     let file = segment::create(segments_dir, target)?;
-                    entry.insert(Segment { file: Arc::new(file), writer: None, len: 0, live: 0 })
+                    entry.insert(Segment { file: Arc::new(file), len: 0, live: 0 })
                 }
             };
             let base = segment.len;

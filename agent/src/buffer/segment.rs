@@ -53,25 +53,19 @@ pub(crate) struct Scan {
     pub(crate) valid_len: u64,
     /// File size.
     pub(crate) file_len: u64,
-    /// Whether what follows the valid part is only the zero padding of a direct append (see `akosha_fsio`).
-    pub(crate) padding: bool,
 }
 
 impl Scan {
-    /// Whether something that is not a whole, verified frame (nor padding) follows the valid part.
+    /// Whether something that is not a whole, verified frame follows the valid part.
     pub(crate) fn has_unreadable_tail(&self) -> bool {
-        self.valid_len < self.file_len && !self.padding
+        self.valid_len < self.file_len
     }
 }
 
-/// Hands every frame of a segment to `visit` (header, offset of the chunk in the file, unverified chunk, and
-/// whether only padding follows it), in order, up to the first header that fails its checksum or runs past the
-/// end of the file. One chunk is in memory at a time, whatever the segment's size.
-///
-/// The last frame matters on its own: a direct append cut short by a crash can leave a whole header and a chunk
-/// whose last block was never written (zeros), so a last chunk that does not verify and [`ends_unwritten`] is a
-/// write that never finished, not damage (which the caller decides, as only it verifies chunks).
-pub(crate) fn scan(path: &Path, mut visit: impl FnMut(FrameHeader, u64, &[u8], bool)) -> io::Result<Scan> {
+/// Hands every frame of a segment to `visit` (header, offset of the chunk in the file, unverified chunk), in
+/// order, up to the first header that fails its checksum or runs past the end of the file. One chunk is in
+/// memory at a time, whatever the segment's size.
+pub(crate) fn scan(path: &Path, mut visit: impl FnMut(FrameHeader, u64, &[u8])) -> io::Result<Scan> {
     let file = File::open(path)?;
     let file_len = file.metadata()?.len();
     let mut reader = io::BufReader::with_capacity(1 << 20, file);
@@ -90,33 +84,10 @@ pub(crate) fn scan(path: &Path, mut visit: impl FnMut(FrameHeader, u64, &[u8], b
         }
         chunk.resize(header.len as usize, 0);
         reader.read_exact(&mut chunk)?;
+        visit(header, chunk_offset, &chunk);
         offset = chunk_offset + u64::from(header.len);
-        let at_end = offset == file_len || padding_after(reader.get_ref(), offset, file_len)?;
-        visit(header, chunk_offset, &chunk, at_end);
     }
-    let padding = offset < file_len && padding_after(reader.get_ref(), offset, file_len)?;
-    Ok(Scan { valid_len: offset, file_len, padding })
-}
-
-/// Whether a chunk that does not verify looks like a direct append cut short rather than damage: the sector
-/// holding its end was never written (a disk writes whole 512-byte sectors), so that part reads as zeros.
-pub(crate) fn ends_unwritten(chunk_offset: u64, chunk: &[u8]) -> bool {
-    const SECTOR: u64 = 512;
-    let end = chunk_offset + chunk.len() as u64;
-    let last_sector_start = (end.saturating_sub(1) / SECTOR * SECTOR).max(chunk_offset);
-    let from = (last_sector_start - chunk_offset) as usize;
-    !chunk.is_empty() && chunk[from..].iter().all(|b| *b == 0)
-}
-
-/// Whether the bytes from `offset` to the end of the file are the zero padding of a direct append.
-fn padding_after(file: &File, offset: u64, file_len: u64) -> io::Result<bool> {
-    let rest = file_len - offset;
-    if rest == 0 || rest >= akosha_fsio::BLOCK as u64 {
-        return Ok(false);
-    }
-    let mut tail = vec![0; rest as usize];
-    file.read_exact_at(&mut tail, offset)?;
-    Ok(akosha_fsio::is_padding(&tail))
+    Ok(Scan { valid_len: offset, file_len })
 }
 
 /// The file name of the segment whose sequence numbers start at `first_seq`.
@@ -197,7 +168,7 @@ mod tests {
         let whole = bytes.len() as u64;
         std::fs::write(&path, &bytes).unwrap();
         let mut frames = Vec::new();
-        let found = scan(&path, |header, _, chunk, _| frames.push((header.seq, chunk.to_vec()))).unwrap();
+        let found = scan(&path, |header, _, chunk| frames.push((header.seq, chunk.to_vec()))).unwrap();
         assert_eq!(frames.iter().map(|f| f.0).collect::<Vec<_>>(), vec![7, 9]);
         assert_eq!(frames[1].1, b"second chunk");
         assert_eq!((found.valid_len, found.file_len), (whole, whole));
@@ -208,7 +179,7 @@ mod tests {
         torn.extend(&frame(11, b"third")[..FRAME_HEADER_LEN + 2]);
         std::fs::write(&path, &torn).unwrap();
         let mut count = 0;
-        let found = scan(&path, |_, _, _, _| count += 1).unwrap();
+        let found = scan(&path, |_, _, _| count += 1).unwrap();
         assert_eq!((count, found.valid_len, found.has_unreadable_tail()), (2, whole, true));
 
         // A damaged length in the first header: nothing can be located.
@@ -216,7 +187,7 @@ mod tests {
         damaged[9] ^= 0x40;
         std::fs::write(&path, &damaged).unwrap();
         let mut count = 0;
-        let found = scan(&path, |_, _, _, _| count += 1).unwrap();
+        let found = scan(&path, |_, _, _| count += 1).unwrap();
         assert_eq!((count, found.valid_len), (0, 0));
     }
 
@@ -230,17 +201,5 @@ mod tests {
         let Listing { segments, strangers } = list(dir.path()).unwrap();
         assert_eq!(segments.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 41, 300]);
         assert_eq!(strangers, vec![dir.path().join("notes.txt")]);
-    }
-
-    #[test]
-    fn a_chunk_ends_unwritten_only_if_the_sector_holding_its_end_is_zeros() {
-        let mut chunk = vec![7u8; 2000];
-        assert!(!ends_unwritten(100, &chunk));
-        // The chunk spans file bytes 100..2100; its end is in the sector starting at 2048.
-        chunk[1948..].fill(0);
-        assert!(ends_unwritten(100, &chunk));
-        chunk[1948] = 1;
-        assert!(!ends_unwritten(100, &chunk));
-        assert!(ends_unwritten(600, &[0; 10]) && !ends_unwritten(600, &[]));
     }
 }
