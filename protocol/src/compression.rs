@@ -80,6 +80,16 @@ impl Codec {
         }
     }
 
+    /// Most bytes [`Codec::compress_onto`] appends for `len` input bytes (zstd's own bound is not exposed by the
+    /// bulk API; its output goes through a buffer of its own anyway).
+    pub fn compressed_bound(self, len: usize) -> usize {
+        match self {
+            Codec::None => len,
+            Codec::Lz4 => lz4_flex::block::get_maximum_output_size(len),
+            Codec::Zstd(_) => len + len / 128 + 512,
+        }
+    }
+
     /// Appends `input` compressed to `out` (what [`Codec::compress`] returns, without a buffer of its own: a
     /// batch is compressed straight into its frame).
     pub fn compress_onto(self, input: &[u8], out: &mut Vec<u8>) {

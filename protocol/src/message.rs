@@ -120,7 +120,8 @@ pub struct OutgoingBatch<'a> {
 impl OutgoingBatch<'_> {
     /// The complete frame.
     pub fn encode(&self) -> Vec<u8> {
-        let hint = BATCH_HEAD_LEN + self.records.len() + self.records.len() / 255 + 16;
+        // Room for the worst case, so that the frame never moves while the payload is compressed into it.
+        let hint = BATCH_HEAD_LEN + self.codec.compressed_bound(self.records.len());
         encode_frame(FrameType::Batch, hint, |out| {
             put_batch_head(out, self.seq, self.first_record, self.last_record, self.record_count, self.codec);
             out.put_u32(u32::try_from(self.records.len()).unwrap_or(u32::MAX));
@@ -546,6 +547,9 @@ mod tests {
             };
             let frame = outgoing.encode();
             prop_assert_eq!(&frame, &Message::Batch(batch.clone()).encode());
+            // Compressed in place: the frame was never reallocated (a move would copy the whole payload).
+            let bound = crate::FRAME_HEADER_LEN + BATCH_HEAD_LEN + codec.compressed_bound(records.len());
+            prop_assert!(frame.capacity() <= bound, "capacity {} > bound {}", frame.capacity(), bound);
             let header = crate::FrameHeader::parse(frame[..crate::FRAME_HEADER_LEN].try_into().unwrap(), 1 << 24).unwrap();
             let body = &frame[crate::FRAME_HEADER_LEN..];
             let (head, payload) = body.split_at(BATCH_HEAD_LEN);
