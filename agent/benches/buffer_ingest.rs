@@ -21,7 +21,10 @@ use akosha_agent::buffer::{Buffer, BufferConfig, FsyncPolicy};
 use akosha_e2e::bench_record as record;
 use akosha_protocol::Record;
 
-const SOURCES: usize = 4;
+/// Concurrent sources (`BENCH_SOURCES` overrides: more sources, bigger group commits).
+fn sources() -> usize {
+    std::env::var("BENCH_SOURCES").ok().and_then(|s| s.parse().ok()).filter(|n| *n > 0).unwrap_or(4)
+}
 const PER_APPEND: usize = 100;
 /// Distinct appends each source cycles through (~10 MB of records per source, beyond any CPU cache).
 const PREPARED_APPENDS: usize = 40;
@@ -71,7 +74,7 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
     let buffer = Buffer::open(&path, config).expect("open buffer");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let records = Arc::new(AtomicU64::new(0));
-    let prepared: Vec<Arc<Vec<Vec<Record>>>> = (0..SOURCES)
+    let prepared: Vec<Arc<Vec<Vec<Record>>>> = (0..sources())
         .map(|source| {
             let appends = (0..PREPARED_APPENDS)
                 .map(|a| (0..PER_APPEND).map(|i| record(source * 1_000_000_000 + a * PER_APPEND + i)).collect())
@@ -106,7 +109,7 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
 }
 
 /// MB/s of the least any durable append log must do with this workload: one thread `pwrite`s appends of
-/// `append_bytes` (already encoded) to one file and `fdatasync`s after every `SOURCES` of them — the group a
+/// `append_bytes` (already encoded) to one file and `fdatasync`s after every `sources()` of them — the group a
 /// commit sees when each of the sources waits for its append — for `duration`.
 fn write_sync_loop(dir: &Path, append_bytes: u64, duration: Duration) -> f64 {
     use std::os::unix::fs::FileExt;
@@ -116,7 +119,7 @@ fn write_sync_loop(dir: &Path, append_bytes: u64, duration: Duration) -> f64 {
     let start = Instant::now();
     let mut offset = 0u64;
     while start.elapsed() < duration {
-        for _ in 0..SOURCES {
+        for _ in 0..sources() {
             file.write_all_at(&block, offset).expect("write");
             offset += append_bytes;
         }
