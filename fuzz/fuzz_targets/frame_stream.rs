@@ -1,7 +1,7 @@
 //! Arbitrary bytes as a stream of frames, fed in arbitrary pieces: decoding must never panic.
 #![no_main]
 
-use akosha_protocol::{FrameDecoder, Message};
+use akosha_protocol::{BATCH_HEAD_LEN, FrameDecoder, Message};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,4 +19,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = decoder.finish();
+    // The receiver's split read of a batch frame: head and payload decoded apart.
+    if let Some((head, payload)) = rest.split_first_chunk::<BATCH_HEAD_LEN>()
+        && let Ok(message) = Message::decode_batch_parts(head, payload.to_vec())
+    {
+        let mut again = FrameDecoder::new(1 << 20);
+        again.push(&message.encode());
+        assert_eq!(again.next_message().ok().flatten(), Some(message));
+    }
 });

@@ -521,6 +521,9 @@ mod tests {
             let ft = [FrameType::Hello, FrameType::Welcome, FrameType::Batch, FrameType::Ack, FrameType::Credit,
                 FrameType::Heartbeat, FrameType::HeartbeatAck, FrameType::Error, FrameType::Goodbye][usize::from(frame_type - 1)];
             let _ = Message::decode(ft, &bytes);
+            if let Some((head, payload)) = bytes.split_first_chunk::<BATCH_HEAD_LEN>() {
+                let _ = Message::decode_batch_parts(head, payload.to_vec());
+            }
         }
     }
 
