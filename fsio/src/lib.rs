@@ -52,11 +52,27 @@ impl AppendFile {
     /// Opens an existing file for appending at its end, which must be the end of its log (recovery cuts off
     /// what follows, padding included).
     pub fn open(path: &Path) -> io::Result<AppendFile> {
+        Self::open_with(path, true)
+    }
+
+    /// [`AppendFile::open`], through the page cache if `direct` is false (what a filesystem that refuses
+    /// `O_DIRECT` gets; also how the tests exercise that path on any filesystem).
+    pub fn open_with(path: &Path, direct: bool) -> io::Result<AppendFile> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
         let boundary = block_floor(len);
         let mut tail = vec![0; (len - boundary) as usize];
         file.read_exact_at(&mut tail, boundary)?;
+        if !direct {
+            return Ok(AppendFile {
+                file: Arc::new(file),
+                path: path.to_owned(),
+                len,
+                tail,
+                direct,
+                staging: Vec::new(),
+            });
+        }
         let (file, direct) = match OpenOptions::new()
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
@@ -183,11 +199,21 @@ mod tests {
 
     #[test]
     fn appends_of_every_size_read_back_as_one_log_and_trim_cuts_the_padding() {
+        appends_read_back(true);
+    }
+
+    #[test]
+    fn through_the_page_cache_the_same_appends_read_back_with_no_padding() {
+        appends_read_back(false);
+    }
+
+    fn appends_read_back(direct: bool) {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("segment");
         std::fs::write(&path, b"MAGIC").expect("create");
         let mut expected = b"MAGIC".to_vec();
-        let mut segment = AppendFile::open(&path).expect("open");
+        let mut segment = AppendFile::open_with(&path, direct).expect("open");
+        assert!(direct || !segment.is_direct());
         for (i, size) in [1usize, 4090, 4096, 5, 10_000, 0, 3, 8191, 8192, 70_001].into_iter().enumerate() {
             let chunk: Vec<u8> = (0..size).map(|j| (i * 31 + j) as u8 | 1).collect();
             segment.append(&chunk).expect("append");
@@ -196,6 +222,9 @@ mod tests {
             let on_disk = std::fs::read(&path).expect("read");
             assert_eq!(&on_disk[..expected.len()], &expected[..], "after append {i}");
             assert!(is_padding(&on_disk[expected.len()..]), "only padding after the log");
+            if !segment.is_direct() {
+                assert_eq!(on_disk.len(), expected.len(), "page-cache appends leave no padding");
+            }
         }
         segment.trim().expect("trim");
         assert_eq!(std::fs::read(&path).expect("read"), expected);
