@@ -17,13 +17,17 @@
 //!             │ u32 record_count │ u8 codec │ i8 level │ u32 uncompressed_len │ payload (as received)
 //! ```
 //!
-//! The payload is stored exactly as the agent compressed it: the log never re-encodes records.
+//! The payload is stored exactly as the agent compressed it: the log never re-encodes records. Segments are
+//! written with direct I/O where the filesystem allows (`akosha_fsio`: the log is read only after a restart,
+//! so copying it into the page cache was a quarter of the receiving side's CPU); the segment being appended may
+//! therefore end in less than a block of zeros after its last entry.
 //!
 //! ## Recovery
 //! Segments are read in order. A torn tail (a crash in the middle of a group write) ends the last segment: it is
 //! truncated back to the last complete entry; nothing in it was acknowledged, because acks follow the fsync. An
 //! entry whose checksum fails in the middle of the log is skipped, counted and logged; a length that cannot be
-//! right ends that segment, and the remainder is counted as lost. Start-up never fails because of a bad entry.
+//! right ends that segment, and the remainder is counted as lost. Zero padding after the last entry is the end of
+//! the log, not a loss (cut off silently in the last segment). Start-up never fails because of a bad entry.
 //!
 //! ## Retention
 //! The hot tier lives only in memory, so the log is its durable copy until records reach the warm tier. Each
@@ -466,9 +470,12 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WalRequest>, durable: std::sync::mpsc::SyncSender<DurableBatch>) {
         let (to_flusher, flusher_rx) = std::sync::mpsc::sync_channel::<Written>(8);
         let shared = self.shared.clone();
-        let flusher = std::thread::Builder::new()
-            .name("wal-flusher".into())
-            .spawn(move || flush_loop(flusher_rx, shared, durable));
+        let flusher = std::thread::Builder::new().name("wal-flusher".into()).spawn({
+            // The writer keeps a sender too, so that the channel closes only once the segment is trimmed and
+            // synced: a closed channel means the log is closed.
+            let durable = durable.clone();
+            move || flush_loop(flusher_rx, shared, durable)
+        });
         let flusher = match flusher {
             Ok(handle) => handle,
             Err(e) => {
@@ -531,6 +538,7 @@ impl Writer {
         let _ = flusher.join();
         let _ = self.segment.trim();
         let _ = self.segment.file().sync_all();
+        drop(durable);
     }
 
     /// Writes a group's entries to the segment with one write, and rolls to a new segment past the size limit.
@@ -667,14 +675,15 @@ fn replay_segment(
     let mut padding = false;
     while pos < data.len() {
         let rest = &data[pos..];
-        let Some(header) = rest.first_chunk::<ENTRY_HEADER_LEN>() else { break };
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len == 0 && akosha_fsio::is_padding(rest) {
-            // The padding a direct write leaves after the last entry (see `akosha_fsio`): the end of the log.
+        if akosha_fsio::is_padding(rest) {
+            // The padding a direct write leaves after the last entry (see `akosha_fsio`), however short: the end
+            // of the log. An entry never starts with zeros to the end of the file (its length is not zero).
             padding = true;
             break;
         }
+        let Some(header) = rest.first_chunk::<ENTRY_HEADER_LEN>() else { break };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len == 0 || len > MAX_ENTRY_LEN {
             error!(message = "Write-ahead log entry has an impossible length; the rest of the segment is lost.", path = %path.display(), offset = pos, len);
             break;

@@ -17,9 +17,10 @@
 //! Direct I/O needs the file offset, the length and the memory of every write aligned to the device's logical
 //! block. Each group is therefore written from the start of the block holding the end of the log: the bytes of
 //! that partial block (kept in memory as `tail`), the new entries, and zeros up to the next block boundary. The
-//! file can thus end in up to a block of zero padding after the last entry, which a reader must take for the end
-//! of the log; [`AppendFile::trim`] cuts it when the file is left for good. Rewriting the partial block is what the page
-//! cache does for a buffered append as well: the block's earlier bytes are written again unchanged.
+//! file can thus end in less than a block of zero padding after the last entry, which a reader must take for
+//! the end of the log ([`is_padding`]); [`AppendFile::trim`] cuts it when the file is left for good. Rewriting
+//! the partial block is what the page cache does for a buffered append as well: the block's earlier bytes are
+//! written again unchanged, so a write torn at a sector leaves them as they were.
 //!
 //! Where `O_DIRECT` is refused (some filesystems, older tmpfs) the file is written through the page cache with
 //! plain appends at the end of the log, no padding.
@@ -119,6 +120,7 @@ impl AppendFile {
         fill(&mut self.staging);
         let end = self.staging.len();
         let added = end - from;
+        debug_assert_eq!(added, bytes, "`fill` must write exactly the announced bytes");
         if self.direct {
             self.staging.resize(start + (end - start).next_multiple_of(BLOCK), 0);
             let aligned = (self.staging.as_ptr() as usize + start).is_multiple_of(BLOCK);
