@@ -9,7 +9,12 @@
 //! a kilobyte of text was 8 % of the timed samples) and each source cycles through its own set: the buffer
 //! neither reads nor deduplicates ids, so what is timed is encoding, storing and syncing.
 //!
-//! `cargo bench --profile release --workspace --bench buffer_ingest [-- <seconds>]`
+//! Two situations: `steady`, the agent at work — a drain task takes batches and acknowledges them as the sender
+//! does when the aggregator keeps up (it reads every chunk back), so spent segments are recycled; and `filling`,
+//! the aggregator away — nothing is acknowledged and every segment is a new file.
+//!
+//! `cargo bench --profile release --workspace --bench buffer_ingest [-- <seconds>]` (`BENCH_ONLY=<text>` runs
+//! the situations whose name contains it).
 
 use std::path::Path;
 use std::process::Command;
@@ -38,29 +43,36 @@ fn main() {
             .expect("temp dir");
     // This machine's disk is shared and noisy: every round measures dd right before the buffer, and the median of
     // the per-round ratios is reported.
-    for (name, fsync) in [
-        ("batch (default, 0ms window)", FsyncPolicy::Batch { window: Duration::ZERO }),
-        ("batch (2ms window)", FsyncPolicy::Batch { window: Duration::from_millis(2) }),
-        ("always", FsyncPolicy::Always),
+    let default = FsyncPolicy::Batch { window: Duration::ZERO };
+    for (name, fsync, drain) in [
+        ("batch (default, 0ms window), steady", default, true),
+        ("batch (default, 0ms window), filling", default, false),
+        ("batch (2ms window), steady", FsyncPolicy::Batch { window: Duration::from_millis(2) }, true),
+        ("always, steady", FsyncPolicy::Always, true),
     ] {
+        if std::env::var("BENCH_ONLY").is_ok_and(|only| !name.contains(&only)) {
+            continue;
+        }
         let mut rounds = Vec::new();
         for _ in 0..ROUNDS {
             // Each measurement starts from a clean page cache: neither inherits the other's write-back.
             settle();
             let raw = dd_bandwidth(dir.path(), 512);
             settle();
-            let (records, bytes, elapsed) = run(dir.path(), name, fsync, Duration::from_secs(seconds));
+            let cpu_before = akosha_e2e::process_cpu_seconds();
+            let (records, bytes, elapsed) = run(dir.path(), name, fsync, drain, Duration::from_secs(seconds));
+            let cores = (akosha_e2e::process_cpu_seconds() - cpu_before) / elapsed.as_secs_f64();
             let mbps = bytes as f64 / elapsed.as_secs_f64() / 1e6;
             settle();
             let floor = write_sync_loop(dir.path(), bytes / records.max(1) * PER_APPEND as u64, elapsed);
-            rounds.push((mbps / raw, records as f64 / elapsed.as_secs_f64(), mbps, raw, mbps / floor));
+            rounds.push((mbps / raw, records as f64 / elapsed.as_secs_f64(), mbps, raw, mbps / floor, cores));
         }
         rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (ratio, rps, mbps, raw, _) = rounds[ROUNDS / 2];
+        let (ratio, rps, mbps, raw, _, cores) = rounds[ROUNDS / 2];
         let mut of_loop: Vec<f64> = rounds.iter().map(|r| r.4).collect();
         of_loop.sort_by(f64::total_cmp);
         println!(
-            "buffer fsync={name}: median of {ROUNDS} rounds: {rps:.0} records/s, {mbps:.1} MB/s durable vs dd {raw:.1} MB/s = {:.0}% of raw (rounds: {}); {:.0}% of a bare pwrite+fdatasync loop",
+            "buffer fsync={name}: median of {ROUNDS} rounds: {rps:.0} records/s, {mbps:.1} MB/s durable vs dd {raw:.1} MB/s = {:.0}% of raw (rounds: {}); {:.0}% of a bare pwrite+fdatasync loop; {cores:.2} cores busy",
             100.0 * ratio,
             rounds.iter().map(|r| format!("{:.0}%", 100.0 * r.0)).collect::<Vec<_>>().join(", "),
             100.0 * of_loop[ROUNDS / 2],
@@ -68,8 +80,8 @@ fn main() {
     }
 }
 
-fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, u64, Duration) {
-    let path = dir.join(name.replace(' ', "_"));
+fn run(dir: &Path, name: &str, fsync: FsyncPolicy, drain: bool, duration: Duration) -> (u64, u64, Duration) {
+    let path = dir.join(name.replace([' ', ',', '(', ')'], "_"));
     let config = BufferConfig { max_bytes: 64 << 30, fsync, ..BufferConfig::default() };
     let buffer = Buffer::open(&path, config).expect("open buffer");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
@@ -84,6 +96,21 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
         .collect();
     let start = Instant::now();
     runtime.block_on(async {
+        let drainer = drain.then(|| {
+            let buffer = buffer.clone();
+            tokio::spawn(async move {
+                while start.elapsed() < duration {
+                    match buffer.next_batch(2000, 4 << 20).expect("take a batch") {
+                        Some(batch) => {
+                            buffer.ack(&batch.chunks).expect("ack");
+                        }
+                        None => {
+                            let _ = tokio::time::timeout(Duration::from_millis(10), buffer.wait_for_data()).await;
+                        }
+                    }
+                }
+            })
+        });
         let mut tasks = Vec::new();
         for appends in &prepared {
             let (buffer, records, appends) = (buffer.clone(), records.clone(), appends.clone());
@@ -100,12 +127,15 @@ fn run(dir: &Path, name: &str, fsync: FsyncPolicy, duration: Duration) -> (u64, 
         for t in tasks {
             t.await.expect("source task");
         }
+        if let Some(drainer) = drainer {
+            drainer.await.expect("drain task");
+        }
     });
     let elapsed = start.elapsed();
     let stats = buffer.stats();
     drop(buffer);
     let _ = std::fs::remove_dir_all(&path);
-    (records.load(Ordering::Relaxed), stats.bytes, elapsed)
+    (records.load(Ordering::Relaxed), stats.appended_bytes, elapsed)
 }
 
 /// MB/s of the least any durable append log must do with this workload: one thread `pwrite`s appends of

@@ -161,6 +161,8 @@ struct RawBuffer {
     fsync_interval: String,
     #[serde(default = "default_chunk")]
     max_chunk_bytes: String,
+    #[serde(default = "default_spare_segments")]
+    spare_segments: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +212,9 @@ struct RawDestination {
     drain_timeout: String,
 }
 
+/// Upper bound on `buffer.spare_segments`: more buys nothing once a sender keeps up.
+const MAX_SPARE_SEGMENTS: usize = 16;
+
 macro_rules! defaults {
     ($($name:ident: $ty:ty = $value:expr;)*) => {
         $(fn $name() -> $ty { $value.into() })*
@@ -229,6 +234,7 @@ defaults! {
     default_fsync_window: String = "0ms";
     default_fsync_interval: String = "1s";
     default_chunk: String = "1MiB";
+    default_spare_segments: usize = 1usize;
     default_server_name: String = "localhost";
     default_codec: String = "lz4";
     default_batch_records: u32 = 2000u32;
@@ -268,6 +274,7 @@ impl Default for RawBuffer {
             fsync_window: default_fsync_window(),
             fsync_interval: default_fsync_interval(),
             max_chunk_bytes: default_chunk(),
+            spare_segments: default_spare_segments(),
         }
     }
 }
@@ -474,12 +481,19 @@ impl AgentConfig {
                 "must be between 4KiB and 64MiB and below buffer.max_bytes",
             ));
         }
+        if b.spare_segments > MAX_SPARE_SEGMENTS {
+            return Err(ConfigError::invalid(
+                "buffer.spare_segments",
+                format!("must be at most {MAX_SPARE_SEGMENTS} (each keeps up to 128MiB of disk)"),
+            ));
+        }
         let buffer = BufferConfig {
             max_bytes,
             when_full,
             fsync,
             max_chunk_bytes: max_chunk_bytes as usize,
             cache_bytes: 8 << 20,
+            spare_segments: b.spare_segments,
         };
 
         if raw.destinations.is_empty() {

@@ -103,7 +103,7 @@ fn main() {
             dest.address = format!("127.0.0.1:{port}");
             let status = Arc::new(DestinationStatus::default());
             let start = Instant::now();
-            let cpu_start = cpu_seconds();
+            let cpu_start = akosha_e2e::process_cpu_seconds();
             let compression = Arc::new(std::sync::Mutex::new(CompressionChooser::fixed(
                 &dest.name,
                 dest.codec,
@@ -122,7 +122,7 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let elapsed = start.elapsed();
-            let cpu = cpu_seconds() - cpu_start;
+            let cpu = akosha_e2e::process_cpu_seconds() - cpu_start;
             let _ = stop_tx.send(true);
             let _ = sender.await;
             let _ = server.await;
@@ -163,7 +163,7 @@ fn main() {
             let (mut send, mut recv) = connection.open_bi().await.expect("stream");
             let chunk = vec![7u8; 1 << 20];
             let start = Instant::now();
-            let cpu_start = cpu_seconds();
+            let cpu_start = akosha_e2e::process_cpu_seconds();
             let mut left = payload_bytes as usize;
             while left > 0 {
                 let n = left.min(chunk.len());
@@ -173,7 +173,7 @@ fn main() {
             send.finish().expect("finish");
             let _ = recv.read_to_end(16).await.expect("reply");
             let elapsed = start.elapsed();
-            let cpu = cpu_seconds() - cpu_start;
+            let cpu = akosha_e2e::process_cpu_seconds() - cpu_start;
             connection.close(0u32.into(), b"");
             let _ = server.await;
             (elapsed, cpu)
@@ -217,15 +217,4 @@ fn server_endpoint(config: quinn::ServerConfig) -> (quinn::Endpoint, u16) {
         quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), udp, Arc::new(quinn::TokioRuntime))
             .expect("endpoint");
     (endpoint, port)
-}
-
-/// CPU time (user + system) this process has used so far, in seconds: how busy the two ends kept the cores.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
-    // /proc reports clock ticks in USER_HZ, which the Linux ABI fixes at 100 per second.
-    ticks / 100.0
 }

@@ -600,6 +600,17 @@ pub fn clustered_vector(seed: u64, dims: usize, in_cluster: impl Fn(usize) -> bo
     v.into_iter().map(|a| a / norm).collect()
 }
 
+/// CPU time (user + system) this process has used so far, in seconds: for benchmarks that report how busy they kept the cores.
+pub fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()).unwrap_or(0.0);
+    // /proc reports clock ticks in USER_HZ, which the Linux ABI fixes at 100 per second.
+    ticks / 100.0
+}
+
 /// A Session-Buddy-shaped record: ~1 KB of varied English-like text and a 384-float embedding of pseudo-random
 /// values (real embeddings are close to incompressible; a smooth function of `i` would flatter every codec).
 pub fn bench_record(i: usize) -> akosha_protocol::Record {

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //!  <dir>/segments/<first seq>.log   frames: u64 seq │ u32 len │ u32 crc32c(seq ‖ len) │ chunk   (see segment.rs)
+//!  <dir>/segments/<old seq>.spare   spent segments kept for recycling (`spare_segments`)
 //!  <dir>/db (sled)   meta:    "epoch" → u64   random identity of this buffer, sent in the handshake
 //!                    removed: seq → ()        chunks that left the buffer while their segment is still on disk
 //!                    dead:    seq → chunk     batches the aggregator rejected for good (for `buffer inspect`)
@@ -23,7 +24,9 @@
 //! Why not values in sled, as the first version did: sled copies every value through its own log buffers and
 //! I/O threads and then needs an extra `fdatasync` of its files (its flush uses `sync_file_range`); that capped
 //! durable ingest at ~10–30 % of the disk's sequential bandwidth. An append-only file costs one copy into the
-//! page cache and one `fdatasync` per group commit, as `dd` does.
+//! page cache and one `fdatasync` per group commit, as `dd` does. Spent segments are recycled rather than
+//! deleted, up to `spare_segments`: a group commit into blocks the file already owns syncs data only, where one
+//! that grows a file also commits the filesystem journal.
 //!
 //! ## Invariants
 //! - A chunk is durable (per the fsync policy) before [`Buffer::append`] returns; that return is what a source
@@ -31,8 +34,8 @@
 //!   to it.
 //! - A chunk leaves the buffer only when the aggregator acknowledged its batch, when `drop_oldest` evicts it
 //!   (counted and logged), when it is dead-lettered after a permanent rejection, or when it is corrupt. Leaving
-//!   is recorded in `removed`; a segment whose chunks have all left is deleted (never the active one), together
-//!   with its `removed` keys.
+//!   is recorded in `removed`; a segment whose chunks have all left is deleted or kept as a spare (never the
+//!   active one), and its `removed` keys go. A segment is recycled only if no reader or sync holds its file.
 //! - `removed` is flushed lazily: after a crash an acknowledged chunk may be sent again. In-flight marks live
 //!   only in memory, so after a restart every chunk is pending again too. The aggregator deduplicates, so
 //!   at-least-once here becomes exactly-once in storage.
@@ -45,8 +48,10 @@
 //! A chunk whose checksum fails or whose format is unknown is skipped, recorded as removed, counted in
 //! `corrupted_chunks` and logged with its sequence number. A frame header that does not verify ends the scan of
 //! its segment: at the end of the newest segment that is a write cut short by a crash (never acknowledged, so
-//! nothing accepted is lost) and the file is cut back to its last whole frame; anywhere else it is counted as
-//! corruption. The agent never refuses to start because of a bad chunk: losing one chunk is bad, a crash loop
+//! nothing accepted is lost) and the file is cut back to its last whole frame; in an older segment it is
+//! counted as corruption, unless the frames before it reach the next segment's first sequence number (then it
+//! is a recycled file's earlier life). An end marker, or a frame numbered below its segment's name, ends a
+//! segment cleanly. The agent never refuses to start because of a bad chunk: losing one chunk is bad, a crash loop
 //! that loses everything that arrives afterwards is worse. Buffers written by the sled-only version (chunks in
 //! a `chunks` tree) are moved into a segment at the first open.
 
@@ -59,7 +64,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::time::Duration;
 
 use akosha_protocol::Record;
@@ -105,6 +110,8 @@ pub struct BufferConfig {
     pub max_chunk_bytes: usize,
     /// Page cache of the sled database that holds the buffer's metadata.
     pub cache_bytes: u64,
+    /// Spent segments kept for recycling (0: delete them). Each holds up to a segment's size of disk.
+    pub spare_segments: usize,
 }
 
 impl Default for BufferConfig {
@@ -115,6 +122,7 @@ impl Default for BufferConfig {
             fsync: FsyncPolicy::Batch { window: Duration::ZERO },
             max_chunk_bytes: 1 << 20,
             cache_bytes: 8 << 20,
+            spare_segments: 1,
         }
     }
 }
@@ -213,6 +221,8 @@ pub struct BufferStats {
     pub epoch: u64,
     /// Records appended since start.
     pub appended_records: u64,
+    /// Chunk bytes appended since start.
+    pub appended_bytes: u64,
     /// Records acknowledged since start.
     pub acked_records: u64,
     /// Records evicted by `drop_oldest` since start.
@@ -283,21 +293,25 @@ pub fn inspect(path: &Path) -> Result<InspectReport, BufferError> {
         Err(_) => report.corrupted_chunks += 1,
     };
     let segments_dir = path.join(SEGMENTS_DIR);
-    let segments =
-        if segments_dir.exists() { segment::list(&segments_dir).map_err(storage)?.segments } else { Vec::new() };
-    let newest = segments.last().map(|(first, _)| *first);
-    for (first, file) in &segments {
-        let scan = segment::scan(file, |header, _, chunk| {
-            report.next_seq = report.next_seq.max(header.seq + seq_span(chunk));
+    let segment::Listing { segments, spares, .. } = if segments_dir.exists() {
+        segment::list(&segments_dir).map_err(storage)?
+    } else {
+        segment::Listing { segments: Vec::new(), spares: Vec::new(), strangers: Vec::new() }
+    };
+    report.disk_bytes += spares.iter().map(|s| s.bytes).sum::<u64>();
+    for (i, (first, file)) in segments.iter().enumerate() {
+        let mut end_seq = *first;
+        let scan = segment::scan(file, *first, |header, _, chunk| {
+            end_seq = end_seq.max(header.seq + seq_span(chunk));
             if !removed.contains(&header.seq) {
                 count(header.seq, chunk, &mut report);
             }
         })
         .map_err(storage)?;
         report.disk_bytes += scan.file_len;
-        report.next_seq = report.next_seq.max(*first);
+        report.next_seq = report.next_seq.max(end_seq);
         // A cut-short write at the end of the newest segment was never accepted; elsewhere it is damage.
-        if scan.has_unreadable_tail() && Some(*first) != newest {
+        if segments.get(i + 1).is_some_and(|(successor, _)| scan.lost_frames(end_seq, *successor)) {
             report.corrupted_chunks += 1;
         }
     }
@@ -336,8 +350,8 @@ struct Inner {
     state: Mutex<State>,
     space_freed: Notify,
     data_ready: Notify,
-    /// Segments written to since their last sync; shared with the committer.
-    unsynced: Arc<Mutex<Vec<Arc<File>>>>,
+    /// What the next commit makes durable; shared with the committer.
+    unsynced: Arc<Unsynced>,
     committer: Option<Committer>,
     counters: Counters,
 }
@@ -390,6 +404,7 @@ impl Drop for Committer {
 #[derive(Default)]
 struct Counters {
     appended: AtomicU64,
+    appended_bytes: AtomicU64,
     acked: AtomicU64,
     dropped: AtomicU64,
     corrupted_chunks: AtomicU64,
@@ -404,14 +419,24 @@ struct State {
     dead_records: u64,
     /// By first sequence number; the last one is the active segment.
     segments: BTreeMap<u64, Segment>,
+    /// Spent segments waiting to be recycled into new ones.
+    spares: Vec<segment::Spare>,
 }
 
 struct Segment {
     file: Arc<File>,
-    /// Bytes written (appends go here).
+    /// Bytes of frames (appends go here).
     len: u64,
+    /// File size: at least `len`; more in a recycled file, whose earlier bytes follow.
+    allocated: u64,
     /// Chunks in the index that live in this segment.
     live: u64,
+}
+
+impl Segment {
+    fn new(file: File, len: u64, allocated: u64) -> Segment {
+        Segment { file: Arc::new(file), len, allocated: allocated.max(len), live: 0 }
+    }
 }
 
 impl State {
@@ -444,7 +469,7 @@ struct ChunkMeta {
     offset: u64,
 }
 
-/// One or more chunks encoded as frames back to back, ready for one write.
+/// One or more chunks encoded as frames back to back and an end marker, ready for one write.
 struct Frames {
     bytes: Vec<u8>,
     /// (records, frame start, frame end) per chunk.
@@ -490,13 +515,14 @@ impl Buffer {
 
         let mut recovery = Recovery::new(path, &trees).map_err(storage)?;
         let mut state = State { next_seq: stored_next.max(1), ..State::default() };
-        let segment::Listing { segments, strangers } = segment::list(&segments_dir).map_err(storage)?;
+        let segment::Listing { segments, spares, strangers } = segment::list(&segments_dir).map_err(storage)?;
         for stranger in strangers {
             warn!(message = "Ignoring a file that is not a buffer segment.", file = %stranger.display());
         }
-        let newest = segments.last().map(|(first, _)| *first);
-        for (first, file) in &segments {
-            recovery.load_segment(&mut state, *first, file, Some(*first) == newest).map_err(storage)?;
+        state.spares = spares;
+        for (i, (first, file)) in segments.iter().enumerate() {
+            let successor = segments.get(i + 1).map(|(next, _)| *next);
+            recovery.load_segment(&mut state, *first, file, successor).map_err(storage)?;
         }
         recovery.migrate_legacy(&mut state, &segments_dir).map_err(storage)?;
         let corrupted = recovery.finish().map_err(storage)?;
@@ -504,12 +530,14 @@ impl Buffer {
         // A fresh active segment named after the next sequence number, unless the newest one is that already.
         let reuse = state.segments.last_key_value().is_some_and(|(first, s)| *first == state.next_seq && s.len == 0);
         if !reuse {
-            let file = segment::create(&segments_dir, state.next_seq).map_err(storage)?;
-            state.segments.insert(state.next_seq, Segment { file: Arc::new(file), len: 0, live: 0 });
+            let spare = take_spare(&mut state.spares);
+            let (file, allocated) = segment::create(&segments_dir, state.next_seq, spare.as_ref()).map_err(storage)?;
+            segment::sync_dir(&segments_dir).map_err(storage)?;
+            state.segments.insert(state.next_seq, Segment::new(file, 0, allocated));
         }
 
         let segment_bytes = (config.max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
-        let unsynced = Arc::new(Mutex::new(Vec::new()));
+        let unsynced = Arc::new(Unsynced::new(segments_dir.clone()));
         let committer = spawn_committer(unsynced.clone(), config.fsync).map_err(storage)?;
         let counters = Counters::default();
         counters.corrupted_chunks.store(corrupted, Ordering::Relaxed);
@@ -567,6 +595,7 @@ impl Buffer {
         };
         self.make_durable().await?;
         self.inner.counters.appended.fetch_add(receipt.records, Ordering::Relaxed);
+        self.inner.counters.appended_bytes.fetch_add(needed, Ordering::Relaxed);
         self.inner.data_ready.notify_one();
         Ok(receipt)
     }
@@ -740,17 +769,20 @@ impl Buffer {
             next_seq: state.next_seq,
             epoch: self.inner.epoch,
             appended_records: c.appended.load(Ordering::Relaxed),
+            appended_bytes: c.appended_bytes.load(Ordering::Relaxed),
             acked_records: c.acked.load(Ordering::Relaxed),
             dropped_records: c.dropped.load(Ordering::Relaxed),
             corrupted_chunks: c.corrupted_chunks.load(Ordering::Relaxed),
             dead_letter_records: state.dead_records,
-            disk_bytes: state.segments.values().map(|s| s.len).sum::<u64>() + self.inner.db.size_on_disk().unwrap_or(0),
+            disk_bytes: state.segments.values().map(|s| s.allocated).sum::<u64>()
+                + state.spares.iter().map(|s| s.bytes).sum::<u64>()
+                + self.inner.db.size_on_disk().unwrap_or(0),
         }
     }
 
     /// Makes everything durable, removals included (used at shutdown).
     pub fn flush(&self) -> Result<(), BufferError> {
-        sync_unsynced(&self.inner.unsynced).map_err(|e| self.storage(io::Error::new(e.kind(), e.to_string())))?;
+        self.inner.unsynced.sync().map_err(|e| self.storage(io::Error::new(e.kind(), e.to_string())))?;
         self.inner.db.flush().map(drop).map_err(|e| self.storage(e.into()))
     }
 
@@ -778,6 +810,7 @@ impl Buffer {
             size += s;
         }
         push(&mut frames, &records[start..]);
+        frames.bytes.extend_from_slice(&segment::END_MARKER);
         frames
     }
 
@@ -810,7 +843,9 @@ impl Buffer {
         let (segment_first, active) = state.active();
         let base = active.len;
         segment::write_at(&active.file, &frames.bytes, base).map_err(|e| self.storage(e))?;
-        active.len += frames.bytes.len() as u64;
+        // The end marker is overwritten by the next append.
+        active.len += (frames.bytes.len() - FRAME_HEADER_LEN) as u64;
+        active.allocated = active.allocated.max(base + frames.bytes.len() as u64);
         active.live += frames.chunks.len() as u64;
         let file = active.file.clone();
         let mut seq = first_seq;
@@ -824,21 +859,29 @@ impl Buffer {
             seq += u64::from(count);
         }
         state.next_seq = seq;
-        self.inner.unsynced.lock().unwrap_or_else(|p| p.into_inner()).push(file);
+        self.inner.unsynced.file(&file);
         Ok(Some(AppendReceipt { first_seq, records: seq - first_seq, dropped }))
     }
 
-    /// Starts a new active segment when the current one is full, or holds only chunks that have left.
+    /// Starts a new active segment (a recycled one if a spare is waiting) when the current one is full, or
+    /// holds only chunks that have left and a quarter of its size: acknowledged data gives its room back soon,
+    /// and a sender that keeps up does not cause a rotation (a directory sync) per group commit.
     fn rotate_if_due(&self, state: &mut State) -> Result<(), BufferError> {
         let segment_bytes = self.inner.segment_bytes;
         let (_, active) = state.active();
-        let due = active.len >= segment_bytes || (active.live == 0 && active.len >= MIN_SEGMENT_BYTES);
+        let due =
+            active.len >= segment_bytes || (active.live == 0 && active.len >= early_rotation_bytes(segment_bytes));
         if !due {
             return Ok(());
         }
         let next = state.next_seq;
-        let file = segment::create(&self.inner.segments_dir, next).map_err(|e| self.storage(e))?;
-        state.segments.insert(next, Segment { file: Arc::new(file), len: 0, live: 0 });
+        let spare = take_spare(&mut state.spares);
+        let (file, allocated) =
+            segment::create(&self.inner.segments_dir, next, spare.as_ref()).map_err(|e| self.storage(e))?;
+        // The new name must be durable before anything written under it is reported durable; the commit that
+        // covers the first append does that, off this lock (a directory sync is a journal commit).
+        self.inner.unsynced.directory();
+        state.segments.insert(next, Segment::new(file, 0, allocated));
         self.delete_spent_segments(state)
     }
 
@@ -870,11 +913,13 @@ impl Buffer {
             if state.segments.get(&first).is_none_or(|s| s.live > 0) {
                 continue;
             }
-            let path = self.inner.segments_dir.join(segment::segment_name(first));
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(self.storage(e)),
+            // Recycled only when nothing else holds the file (a reader of a chunk dropped while in flight, or a
+            // pending sync): the next life of a recycled file overwrites what such a reader expects to find. A
+            // deleted file stays readable through an open handle.
+            let unshared = state.segments.get(&first).is_some_and(|s| Arc::strong_count(&s.file) == 1);
+            let keep = unshared && state.spares.len() < self.inner.config.spare_segments;
+            if let Some(spare) = segment::retire(&self.inner.segments_dir, first, keep).map_err(|e| self.storage(e))? {
+                state.spares.push(spare);
             }
             state.segments.remove(&first);
             deleted = true;
@@ -886,7 +931,9 @@ impl Buffer {
             self.inner.trees.removed.apply_batch(batch).map_err(|e| self.storage(e.into()))?;
         }
         if deleted {
-            segment::sync_dir(&self.inner.segments_dir).map_err(|e| self.storage(e))?;
+            // Until the next commit a crash may bring the segment back; its chunks are then sent again, which
+            // the invariants allow (as for removal marks).
+            self.inner.unsynced.directory();
         }
         Ok(())
     }
@@ -911,6 +958,7 @@ impl Buffer {
         Ok(dropped)
     }
 
+    /// Waits for the commit that covers what this append wrote.
     async fn make_durable(&self) -> Result<(), BufferError> {
         if matches!(self.inner.config.fsync, FsyncPolicy::Interval(_)) {
             return Ok(());
@@ -963,6 +1011,18 @@ impl Buffer {
         self.lock().index.keys().copied().collect()
     }
 
+    /// A handle on a segment's file, as a reader of one of its chunks holds one.
+    #[cfg(test)]
+    pub(crate) fn hold_segment_for_test(&self, first: u64) -> Arc<File> {
+        self.lock().segments[&first].file.clone()
+    }
+
+    /// Spare files on disk.
+    #[cfg(test)]
+    pub(crate) fn spares_for_test(&self) -> Vec<PathBuf> {
+        segment::list(&self.inner.segments_dir).unwrap().spares.into_iter().map(|s| s.path).collect()
+    }
+
     /// Segment files on disk, by first sequence number.
     #[cfg(test)]
     pub(crate) fn segments_for_test(&self) -> Vec<u64> {
@@ -994,13 +1054,16 @@ impl<'a> Recovery<'a> {
         })
     }
 
-    fn load_segment(&mut self, state: &mut State, first: u64, file: &Path, newest: bool) -> io::Result<()> {
+    /// Loads the segment starting at `first`; `successor` is the first sequence number of the next segment
+    /// (`None` for the newest, where appends continue).
+    fn load_segment(&mut self, state: &mut State, first: u64, file: &Path, successor: Option<u64>) -> io::Result<()> {
         let mut live = 0;
-        let scan = segment::scan(file, |header, chunk_offset, chunk| {
+        let mut end_seq = first;
+        let scan = segment::scan(file, first, |header, chunk_offset, chunk| {
             let seq = header.seq;
             // Whether the chunk is still here, gone or damaged, its sequence numbers were handed out and must
             // never be again: the aggregator may hold them.
-            state.next_seq = state.next_seq.max(seq + seq_span(chunk));
+            end_seq = end_seq.max(seq + seq_span(chunk));
             if self.removed.contains(&seq) {
                 self.seen_removed.insert(seq);
                 return;
@@ -1009,23 +1072,32 @@ impl<'a> Recovery<'a> {
                 live += 1;
             }
         })?;
-        let mut len = scan.file_len;
-        if scan.has_unreadable_tail() {
-            let cut = scan.file_len - scan.valid_len;
-            if newest {
-                warn!(message = "Cutting off a write the last run did not finish; it was never accepted.", bytes = cut, segment = %file.display());
+        state.next_seq = state.next_seq.max(end_seq);
+        let mut allocated = scan.file_len;
+        match successor {
+            // Appends continue after the last whole frame; whatever follows it goes, so that nothing written
+            // before can ever line up behind a later append.
+            None if scan.valid_len < scan.file_len => {
+                let cut = scan.file_len - scan.valid_len;
+                if scan.end == segment::ScanEnd::Unreadable {
+                    warn!(message = "Cutting off a write the last run did not finish; it was never accepted.", bytes = cut, segment = %file.display());
+                }
                 let handle = std::fs::OpenOptions::new().write(true).open(file)?;
                 handle.set_len(scan.valid_len)?;
                 handle.sync_all()?;
-                len = scan.valid_len;
-            } else {
-                error!(message = "A buffer segment is damaged; the chunks after the damage are lost.", offset = scan.valid_len, bytes = cut, segment = %file.display());
+                allocated = scan.valid_len;
+            }
+            Some(successor) if scan.lost_frames(end_seq, successor) => {
+                error!(message = "A buffer segment is damaged; the chunks after the damage are lost.", offset = scan.valid_len, bytes = scan.file_len - scan.valid_len, segment = %file.display());
                 self.corrupted += 1;
             }
+            _ => {}
         }
         state.next_seq = state.next_seq.max(first);
         let handle = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
-        state.segments.insert(first, Segment { file: Arc::new(handle), len, live });
+        let mut segment = Segment::new(handle, scan.valid_len, allocated);
+        segment.live = live;
+        state.segments.insert(first, segment);
         Ok(())
     }
 
@@ -1085,14 +1157,16 @@ impl<'a> Recovery<'a> {
             let segment = match state.segments.entry(target) {
                 std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::btree_map::Entry::Vacant(entry) => {
-                    let file = segment::create(segments_dir, target)?;
-                    entry.insert(Segment { file: Arc::new(file), len: 0, live: 0 })
+                    let (file, allocated) = segment::create(segments_dir, target, None)?;
+                    segment::sync_dir(segments_dir)?;
+                    entry.insert(Segment::new(file, 0, allocated))
                 }
             };
             let base = segment.len;
             segment::write_at(&segment.file, &frames, base)?;
             segment.file.sync_data()?;
             segment.len += frames.len() as u64;
+            segment.allocated = segment.allocated.max(segment.len);
             for (i, &(seq, start)) in chunks.iter().enumerate() {
                 let end = chunks.get(i + 1).map_or(frames.len(), |(_, next)| *next);
                 let chunk = &frames[start + FRAME_HEADER_LEN..end];
@@ -1145,35 +1219,74 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> io::Result<Option<u64>> {
     Ok(tree.get(key)?.and_then(|v| seq_of_key(&v)))
 }
 
-/// `fdatasync` of every segment written since its last sync.
-fn sync_unsynced(unsynced: &Mutex<Vec<Arc<File>>>) -> Result<(), Arc<io::Error>> {
-    let mut files = std::mem::take(&mut *unsynced.lock().unwrap_or_else(|p| p.into_inner()));
-    files.dedup_by(|a, b| Arc::ptr_eq(a, b));
-    for (i, file) in files.iter().enumerate() {
-        if let Err(e) = file.sync_data() {
-            // Whatever was not synced stays due; the error goes to every waiter of this round.
-            unsynced.lock().unwrap_or_else(|p| p.into_inner()).extend(files[i..].iter().cloned());
+/// What the next commit must make durable: segments written to since their last sync, and the segment
+/// directory after a segment was created, renamed or deleted.
+struct Unsynced {
+    dir: PathBuf,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Weak: a segment whose chunks have all left needs no sync, and must not look held to the recycling check.
+    files: Vec<Weak<File>>,
+    dir: bool,
+}
+
+impl Unsynced {
+    fn new(dir: PathBuf) -> Self {
+        Unsynced { dir, pending: Mutex::new(Pending::default()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn file(&self, file: &Arc<File>) {
+        self.lock().files.push(Arc::downgrade(file));
+    }
+
+    fn directory(&self) {
+        self.lock().dir = true;
+    }
+
+    /// Syncs the directory if due, then `fdatasync`s every segment written since its last sync that is still in
+    /// use. Whatever failed stays due; the error goes to every waiter of this round.
+    fn sync(&self) -> Result<(), Arc<io::Error>> {
+        let Pending { mut files, dir } = std::mem::take(&mut *self.lock());
+        if dir && let Err(e) = segment::sync_dir(&self.dir) {
+            let mut pending = self.lock();
+            pending.dir = true;
+            pending.files.extend(files);
             return Err(Arc::new(e));
         }
+        files.dedup_by(|a, b| Weak::ptr_eq(a, b));
+        for (i, file) in files.iter().enumerate() {
+            let Some(file) = file.upgrade() else { continue };
+            if let Err(e) = file.sync_data() {
+                self.lock().files.extend(files[i..].iter().cloned());
+                return Err(Arc::new(e));
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The commit thread. `always` and `batch`: waits for the first waiter, lets the window pass, then one sync
 /// answers everyone who arrived meanwhile (`always` has no window: every waiter gets its own sync).
 /// `interval`: syncs on a timer; appends do not wait. At shutdown it syncs what is left.
-fn spawn_committer(unsynced: Arc<Mutex<Vec<Arc<File>>>>, policy: FsyncPolicy) -> io::Result<Committer> {
+fn spawn_committer(unsynced: Arc<Unsynced>, policy: FsyncPolicy) -> io::Result<Committer> {
     let (tx, rx) = mpsc::channel::<CommitWaiter>();
     let thread = std::thread::Builder::new().name("buffer-commit".into()).spawn(move || match policy {
         FsyncPolicy::Interval(every) => loop {
             match rx.recv_timeout(every) {
                 Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Err(error) = sync_unsynced(&unsynced) {
+                    if let Err(error) = unsynced.sync() {
                         error!(message = "Periodic buffer sync failed; will retry.", %error);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = sync_unsynced(&unsynced);
+                    let _ = unsynced.sync();
                     break;
                 }
             }
@@ -1191,15 +1304,26 @@ fn spawn_committer(unsynced: Arc<Mutex<Vec<Arc<File>>>>, policy: FsyncPolicy) ->
                     }
                     waiters.extend(rx.try_iter());
                 }
-                let result = sync_unsynced(&unsynced);
+                let result = unsynced.sync();
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
                 }
             }
-            let _ = sync_unsynced(&unsynced);
+            let _ = unsynced.sync();
         }
     })?;
     Ok(Committer { waiters: Mutex::new(Some(tx)), thread: Some(thread) })
+}
+
+/// The spare that brings the most blocks, if any.
+fn take_spare(spares: &mut Vec<segment::Spare>) -> Option<segment::Spare> {
+    let largest = spares.iter().enumerate().max_by_key(|(_, s)| s.bytes).map(|(i, _)| i)?;
+    Some(spares.swap_remove(largest))
+}
+
+/// Size from which a segment that holds only chunks that have left is replaced before it is full.
+fn early_rotation_bytes(segment_bytes: u64) -> u64 {
+    (segment_bytes / 4).max(MIN_SEGMENT_BYTES)
 }
 
 /// sled's log segment size. sled refuses to open a database with another size than it was created with, so
@@ -1209,7 +1333,8 @@ const SLED_SEGMENT_BYTES: usize = 8 << 20;
 const SLED_FLUSH_MS: u64 = 200;
 /// Bounds on the size at which the active segment is replaced (an eighth of `max_bytes` in between): small
 /// enough that acknowledged data is given back soon, large enough that rotation is rare.
-const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+/// Tests use a smaller minimum, so that a model test rotates and recycles segments with a few records.
+const MIN_SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 1 << 20 };
 const MAX_SEGMENT_BYTES: u64 = 128 << 20;
 
 /// sled's files, for a real `fdatasync` after its flush when the buffer's identity is first written (sled's

@@ -20,6 +20,7 @@ fn config(max_bytes: u64, when_full: WhenFull) -> BufferConfig {
         fsync: FsyncPolicy::Batch { window: Duration::ZERO },
         max_chunk_bytes: 600,
         cache_bytes: 1 << 20,
+        spare_segments: 1,
     }
 }
 
@@ -207,6 +208,158 @@ fn spent_segments_are_deleted_and_sequence_numbers_survive_an_empty_buffer() {
 }
 
 #[test]
+fn spent_segments_are_recycled_and_their_earlier_life_never_comes_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    // 1 MiB segments; chunks of one 200 KB record each, so the 7th append rotates.
+    let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
+    let segment_path = |first: u64| dir.path().join("segments").join(segment::segment_name(first));
+    let append = |buffer: &Buffer, from: u64, to: u64| {
+        for i in from..to {
+            rt.block_on(buffer.append(&[record(i, 200_000)], Duration::ZERO)).unwrap();
+        }
+    };
+    let drain = |buffer: &Buffer| {
+        let mut ids_seen = Vec::new();
+        while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
+            ids_seen.extend(ids(&batch));
+            buffer.ack(&batch.chunks).unwrap();
+        }
+        ids_seen
+    };
+    {
+        let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
+        append(&buffer, 0, 7);
+        let first_inode = std::fs::metadata(segment_path(1)).unwrap().ino();
+        assert_eq!(drain(&buffer).len(), 7);
+        assert_eq!(buffer.segments_for_test(), vec![7]);
+        assert_eq!(buffer.spares_for_test(), vec![dir.path().join("segments").join(segment::spare_name(1))]);
+        // Segment 7 fills up (6 more records) and the next one is the first file again, full of its old frames.
+        append(&buffer, 7, 13);
+        assert_eq!(buffer.segments_for_test(), vec![7, 13]);
+        assert!(buffer.spares_for_test().is_empty());
+        assert_eq!(std::fs::metadata(segment_path(13)).unwrap().ino(), first_inode);
+        assert!(std::fs::metadata(segment_path(13)).unwrap().len() >= 6 * 200_000);
+        assert_eq!(drain(&buffer), (7..13).map(|i| i.to_string()).collect::<Vec<_>>());
+        // Two records into the recycled file; segment 7 is spent and waits as the spare.
+        append(&buffer, 13, 15);
+        assert_eq!(buffer.segments_for_test(), vec![13]);
+        assert_eq!(buffer.spares_for_test().len(), 1);
+        // What a crash leaves: the removal marks of the newest records may not have reached the disk, but
+        // nothing has been acknowledged here anyway.
+        buffer.flush().unwrap();
+        let stats = buffer.stats();
+        assert_eq!((stats.records, stats.next_seq), (2, 16));
+        assert!(stats.disk_bytes >= 12 * 200_000, "the spare and the recycled file's old bytes count: {stats:?}");
+    }
+    // After a restart exactly the two new records are there; the recycled file's earlier frames (numbered 1 to
+    // 6, below its name 13) are neither delivered nor damage.
+    let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
+    let stats = buffer.stats();
+    assert_eq!((stats.records, stats.next_seq, stats.corrupted_chunks), (2, 16, 0));
+    assert_eq!(drain(&buffer), vec!["13", "14"]);
+    drop(buffer);
+    // With recycling off, spent segments are deleted; a spare found at open is still used.
+    let buffer = Buffer::open(dir.path(), BufferConfig { spare_segments: 0, ..config }).unwrap();
+    assert_eq!((buffer.segments_for_test(), buffer.spares_for_test().len()), (vec![16], 1));
+    append(&buffer, 15, 22);
+    drain(&buffer);
+    append(&buffer, 22, 23);
+    assert_eq!((buffer.segments_for_test().len(), buffer.spares_for_test().len()), (1, 0));
+}
+
+#[test]
+fn an_older_recycled_segment_ending_in_its_earlier_life_is_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    // 1 MiB segments; record i has sequence number i + 1.
+    let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
+    let append = |buffer: &Buffer, ids: std::ops::Range<u64>, size: usize| {
+        for i in ids {
+            rt.block_on(buffer.append(&[record(i, size)], Duration::ZERO)).unwrap();
+        }
+    };
+    {
+        let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
+        append(&buffer, 0..7, 200_000);
+        let batch = buffer.next_batch(7, u64::MAX).unwrap().unwrap();
+        buffer.ack(&batch.chunks).unwrap();
+        // Segment 1 is the spare; segment 7 fills up and segment 13 is the first file again.
+        append(&buffer, 7..13, 200_000);
+        assert_eq!((buffer.segments_for_test(), buffer.spares_for_test().len()), (vec![7, 13], 0));
+        // Segment 13 ends about 100 KB before its earlier life did, and is rotated away.
+        append(&buffer, 13..17, 200_000);
+        append(&buffer, 17..18, 100_000);
+        append(&buffer, 18..19, 10);
+        assert_eq!(buffer.segments_for_test(), vec![7, 13, 19]);
+        buffer.flush().unwrap();
+    }
+    // A crash that lost segment 13's end marker (power loss can persist pages out of order): its last frame is
+    // followed by the middle of an earlier frame.
+    let path = dir.path().join("segments").join(segment::segment_name(13));
+    let scan = segment::scan(&path, 13, |_, _, _| {}).unwrap();
+    assert_eq!(scan.end, segment::ScanEnd::Marker);
+    assert!(scan.file_len > scan.valid_len + 50_000, "{scan:?}");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let marker = scan.valid_len as usize;
+    bytes[marker..marker + FRAME_HEADER_LEN].fill(0x5a);
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(segment::scan(&path, 13, |_, _, _| {}).unwrap().end, segment::ScanEnd::Unreadable);
+
+    let buffer = Buffer::open(dir.path(), config).unwrap();
+    assert_eq!((buffer.stats().corrupted_chunks, buffer.stats().records), (0, 12));
+    let mut delivered = Vec::new();
+    while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
+        delivered.extend(ids(&batch));
+        buffer.ack(&batch.chunks).unwrap();
+    }
+    assert_eq!(delivered, (7..19).map(|i| i.to_string()).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_segment_a_reader_still_holds_is_deleted_not_recycled_and_a_pending_sync_does_not_hold_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    // `interval` keeps written segments in its pending-sync list until its timer fires.
+    let config = BufferConfig {
+        max_chunk_bytes: 1,
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        ..config(8 << 20, WhenFull::Block)
+    };
+    let buffer = Buffer::open(dir.path(), config).unwrap();
+    let append = |from: u64, to: u64| {
+        for i in from..to {
+            rt.block_on(buffer.append(&[record(i, 200_000)], Duration::ZERO)).unwrap();
+        }
+    };
+    // Segment 1, full and waiting for its sync, is spent: it becomes the spare all the same.
+    append(0, 7);
+    let batch = buffer.next_batch(6, u64::MAX).unwrap().unwrap();
+    buffer.ack(&batch.chunks).unwrap();
+    assert_eq!((buffer.segments_for_test(), buffer.spares_for_test().len()), (vec![7], 1));
+    // Segment 7 is spent while a reader still holds it (a chunk dropped while in flight): it is deleted, and the
+    // reader still reads what it expected.
+    append(7, 13);
+    assert_eq!((buffer.segments_for_test(), buffer.spares_for_test().len()), (vec![7, 13], 0));
+    let reader = buffer.hold_segment_for_test(7);
+    let before = {
+        let mut bytes = vec![0; 4096];
+        reader.read_exact_at(&mut bytes, 0).unwrap();
+        bytes
+    };
+    let batch = buffer.next_batch(100, u64::MAX).unwrap().unwrap();
+    assert_eq!(batch.record_count, 7);
+    buffer.ack(&batch.chunks).unwrap();
+    assert_eq!((buffer.segments_for_test(), buffer.spares_for_test().len()), (vec![13], 0));
+    append(13, 20);
+    let mut after = vec![0; 4096];
+    reader.read_exact_at(&mut after, 0).unwrap();
+    assert_eq!(before, after);
+    buffer.flush().unwrap();
+}
+
+#[test]
 fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
@@ -216,14 +369,14 @@ fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
             rt.block_on(buffer.append(&[record(i, 50)], Duration::ZERO)).unwrap();
         }
     }
-    // What a kill during the next write leaves: a whole header and part of its chunk.
+    // What a kill during the next write leaves: a whole header and part of its chunk, over the end marker.
     let segment = dir.path().join("segments").join(segment::segment_name(1));
-    let whole = std::fs::metadata(&segment).unwrap().len();
+    let whole = std::fs::metadata(&segment).unwrap().len() - FRAME_HEADER_LEN as u64;
     let mut frame = vec![0; FRAME_HEADER_LEN];
     frame.extend(chunk::encode_chunk(&[record(3, 50)], 0));
     segment::seal_frame(&mut frame, 4);
-    let mut file = std::fs::OpenOptions::new().append(true).open(&segment).unwrap();
-    std::io::Write::write_all(&mut file, &frame[..frame.len() / 2]).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&frame[..frame.len() / 2], whole).unwrap();
     drop(file);
 
     let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
@@ -337,7 +490,9 @@ proptest! {
     fn buffer_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
-        let open = || Buffer::open(dir.path(), config(1 << 24, WhenFull::Block)).unwrap();
+        // 16 KiB segments (rotated early from 4 KiB once spent): rotation and recycling happen all the time.
+        // 128 KiB hold everything 60 operations can append.
+        let open = || Buffer::open(dir.path(), config(128 << 10, WhenFull::Block)).unwrap();
         let mut buffer = open();
         let mut model = Model::default();
         let mut discovered_corruptions = 0;
