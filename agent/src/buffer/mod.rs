@@ -110,7 +110,8 @@ pub struct BufferConfig {
     pub max_chunk_bytes: usize,
     /// Page cache of the sled database that holds the buffer's metadata.
     pub cache_bytes: u64,
-    /// Spent segments kept for recycling (0: delete them). Each holds up to a segment's size of disk.
+    /// Spent segments kept for recycling (0: delete them). An idle buffer then still holds its active segment
+    /// and the spares on disk: up to `1 + spare_segments` segments of `max_bytes / 8` (at most 128 MiB each).
     pub spare_segments: usize,
 }
 
@@ -863,15 +864,17 @@ impl Buffer {
         Ok(Some(AppendReceipt { first_seq, records: seq - first_seq, dropped }))
     }
 
-    /// Starts a new active segment (a recycled one if a spare is waiting) when the current one is full, or
-    /// holds only chunks that have left and a quarter of its size: acknowledged data gives its room back soon,
-    /// and a sender that keeps up does not cause a rotation (a directory sync) per group commit.
+    /// Starts a new active segment (a recycled one if a spare is waiting) when the current one is full. Without
+    /// recycling also when it holds only chunks that have left and a quarter of its size, so that acknowledged
+    /// data gives its room back soon. With recycling a spent segment keeps its room as a spare anyway, and early
+    /// rotations under a sender that keeps up would only add renames and directory syncs (one per quarter
+    /// segment instead of one per segment).
     fn rotate_if_due(&self, state: &mut State) -> Result<(), BufferError> {
         let segment_bytes = self.inner.segment_bytes;
+        let recycling = self.inner.config.spare_segments > 0;
         let (_, active) = state.active();
-        let due =
-            active.len >= segment_bytes || (active.live == 0 && active.len >= early_rotation_bytes(segment_bytes));
-        if !due {
+        let spent_early = !recycling && active.live == 0 && active.len >= early_rotation_bytes(segment_bytes);
+        if active.len < segment_bytes && !spent_early {
             return Ok(());
         }
         let next = state.next_seq;

@@ -490,7 +490,7 @@ proptest! {
     fn buffer_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let rt = rt();
-        // 16 KiB segments (rotated early from 4 KiB once spent): rotation and recycling happen all the time.
+        // 16 KiB segments: rotation and recycling happen all the time.
         // 128 KiB hold everything 60 operations can append.
         let open = || Buffer::open(dir.path(), config(128 << 10, WhenFull::Block)).unwrap();
         let mut buffer = open();
