@@ -751,6 +751,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/home/u/.akosha/agent"));
         assert_eq!(c.ingest.listen, "127.0.0.1:8682".parse().unwrap());
         assert_eq!(c.buffer.fsync, FsyncPolicy::Batch { window: Duration::ZERO });
+        assert_eq!(c.buffer.spare_segments, 1);
         assert_eq!(c.destinations["main"].codec, Codec::Lz4);
     }
 
@@ -815,6 +816,8 @@ policies:
         let cases = [
             (format!("{MINIMAL}buffer: {{fsync: sometimes}}"), "buffer.fsync"),
             (format!("{MINIMAL}buffer: {{max_bytes: lots}}"), "buffer.max_bytes"),
+            (format!("{MINIMAL}buffer: {{spare_segments: 99}}"), "buffer.spare_segments"),
+            (format!("{MINIMAL}buffer: {{spare_segments: -1}}"), "buffer.spare_segments"),
             (format!("{MINIMAL}bufer: {{}}"), "bufer"),
             (MINIMAL.replace("8684", "port"), "destinations.main.address"),
             (MINIMAL.replace("host-1", "bad id"), "system_id"),
