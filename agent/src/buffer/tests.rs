@@ -28,6 +28,23 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// Appends one record of `text_len` bytes per id, one call each.
+fn append_each(rt: &tokio::runtime::Runtime, buffer: &Buffer, ids: std::ops::Range<u64>, text_len: usize) {
+    for i in ids {
+        rt.block_on(buffer.append(&[record(i, text_len)], Duration::ZERO)).unwrap();
+    }
+}
+
+/// Takes and acknowledges everything waiting; the ids in delivery order.
+fn drain(buffer: &Buffer) -> Vec<String> {
+    let mut delivered = Vec::new();
+    while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
+        delivered.extend(ids(&batch));
+        buffer.ack(&batch.chunks).unwrap();
+    }
+    delivered
+}
+
 fn ids(batch: &PendingBatch) -> Vec<String> {
     decode_records(&batch.payload, batch.record_count as usize).unwrap().into_iter().map(|r| r.id).collect()
 }
@@ -89,9 +106,7 @@ fn drop_oldest_evicts_and_counts() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let buffer = Buffer::open(dir.path(), config(1000, WhenFull::DropOldest)).unwrap();
-    for i in 0..5 {
-        rt.block_on(buffer.append(&[record(i, 400)], Duration::ZERO)).unwrap();
-    }
+    append_each(&rt, &buffer, 0..5, 400);
     let stats = buffer.stats();
     assert_eq!(stats.records, 2);
     assert_eq!(stats.dropped_records, 3);
@@ -105,9 +120,7 @@ fn corrupted_chunk_is_skipped_counted_and_removed() {
     let rt = rt();
     {
         let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        for i in 0..3 {
-            rt.block_on(buffer.append(&[record(i, 10)], Duration::ZERO)).unwrap();
-        }
+        append_each(&rt, &buffer, 0..3, 10);
         buffer.corrupt_chunk_for_test(2);
         buffer.flush().unwrap();
     }
@@ -129,9 +142,7 @@ fn dead_letter_and_skip_through() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-    for i in 0..4 {
-        rt.block_on(buffer.append(&[record(i, 10)], Duration::ZERO)).unwrap();
-    }
+    append_each(&rt, &buffer, 0..4, 10);
     let batch = buffer.next_batch(1, u64::MAX).unwrap().unwrap();
     assert_eq!(buffer.dead_letter(&batch.chunks, "test").unwrap(), 1);
     assert_eq!(buffer.skip_through(3).unwrap(), 2);
@@ -146,9 +157,7 @@ fn inspect_reads_without_changing_anything() {
     let rt = rt();
     {
         let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        for i in 0..4 {
-            rt.block_on(buffer.append(&[record(i, 10)], Duration::ZERO)).unwrap();
-        }
+        append_each(&rt, &buffer, 0..4, 10);
         let batch = buffer.next_batch(1, u64::MAX).unwrap().unwrap();
         buffer.dead_letter(&batch.chunks, "test").unwrap();
         buffer.corrupt_chunk_for_test(3);
@@ -184,9 +193,7 @@ fn spent_segments_are_deleted_and_sequence_numbers_survive_an_empty_buffer() {
     let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
     {
         let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
-        for i in 0..12 {
-            rt.block_on(buffer.append(&[record(i, 200_000)], Duration::ZERO)).unwrap();
-        }
+        append_each(&rt, &buffer, 0..12, 200_000);
         assert_eq!(buffer.segments_for_test(), vec![1, 7], "the 7th append found the first segment full");
         // Everything of the first segment and half the second is acknowledged: only the first file goes.
         let batch = buffer.next_batch(9, u64::MAX).unwrap().unwrap();
@@ -215,19 +222,7 @@ fn spent_segments_are_recycled_and_their_earlier_life_never_comes_back() {
     // 1 MiB segments; chunks of one 200 KB record each, so the 7th append rotates.
     let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
     let segment_path = |first: u64| dir.path().join("segments").join(segment::segment_name(first));
-    let append = |buffer: &Buffer, from: u64, to: u64| {
-        for i in from..to {
-            rt.block_on(buffer.append(&[record(i, 200_000)], Duration::ZERO)).unwrap();
-        }
-    };
-    let drain = |buffer: &Buffer| {
-        let mut ids_seen = Vec::new();
-        while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
-            ids_seen.extend(ids(&batch));
-            buffer.ack(&batch.chunks).unwrap();
-        }
-        ids_seen
-    };
+    let append = |buffer: &Buffer, from: u64, to: u64| append_each(&rt, buffer, from..to, 200_000);
     {
         let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
         append(&buffer, 0, 7);
@@ -275,23 +270,18 @@ fn an_older_recycled_segment_ending_in_its_earlier_life_is_not_damage() {
     let rt = rt();
     // 1 MiB segments; record i has sequence number i + 1.
     let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
-    let append = |buffer: &Buffer, ids: std::ops::Range<u64>, size: usize| {
-        for i in ids {
-            rt.block_on(buffer.append(&[record(i, size)], Duration::ZERO)).unwrap();
-        }
-    };
     {
         let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
-        append(&buffer, 0..7, 200_000);
+        append_each(&rt, &buffer, 0..7, 200_000);
         let batch = buffer.next_batch(7, u64::MAX).unwrap().unwrap();
         buffer.ack(&batch.chunks).unwrap();
         // Segment 1 is the spare; segment 7 fills up and segment 13 is the first file again.
-        append(&buffer, 7..13, 200_000);
+        append_each(&rt, &buffer, 7..13, 200_000);
         assert_eq!((buffer.segments_for_test(), buffer.spares_for_test().len()), (vec![7, 13], 0));
         // Segment 13 ends about 100 KB before its earlier life did, and is rotated away.
-        append(&buffer, 13..17, 200_000);
-        append(&buffer, 17..18, 100_000);
-        append(&buffer, 18..19, 10);
+        append_each(&rt, &buffer, 13..17, 200_000);
+        append_each(&rt, &buffer, 17..18, 100_000);
+        append_each(&rt, &buffer, 18..19, 10);
         assert_eq!(buffer.segments_for_test(), vec![7, 13, 19]);
         buffer.flush().unwrap();
     }
@@ -309,11 +299,7 @@ fn an_older_recycled_segment_ending_in_its_earlier_life_is_not_damage() {
 
     let buffer = Buffer::open(dir.path(), config).unwrap();
     assert_eq!((buffer.stats().corrupted_chunks, buffer.stats().records), (0, 12));
-    let mut delivered = Vec::new();
-    while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
-        delivered.extend(ids(&batch));
-        buffer.ack(&batch.chunks).unwrap();
-    }
+    let delivered = drain(&buffer);
     assert_eq!(delivered, (7..19).map(|i| i.to_string()).collect::<Vec<_>>());
 }
 
@@ -328,11 +314,7 @@ fn a_segment_a_reader_still_holds_is_deleted_not_recycled_and_a_pending_sync_doe
         ..config(8 << 20, WhenFull::Block)
     };
     let buffer = Buffer::open(dir.path(), config).unwrap();
-    let append = |from: u64, to: u64| {
-        for i in from..to {
-            rt.block_on(buffer.append(&[record(i, 200_000)], Duration::ZERO)).unwrap();
-        }
-    };
+    let append = |from: u64, to: u64| append_each(&rt, &buffer, from..to, 200_000);
     // Segment 1, full and waiting for its sync, is spent: it becomes the spare all the same.
     append(0, 7);
     let batch = buffer.next_batch(6, u64::MAX).unwrap().unwrap();
@@ -365,9 +347,7 @@ fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
     let rt = rt();
     {
         let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        for i in 0..3 {
-            rt.block_on(buffer.append(&[record(i, 50)], Duration::ZERO)).unwrap();
-        }
+        append_each(&rt, &buffer, 0..3, 50);
     }
     // What a kill during the next write leaves: a whole header and part of its chunk, over the end marker.
     let segment = dir.path().join("segments").join(segment::segment_name(1));
@@ -393,9 +373,7 @@ fn damage_inside_an_older_segment_is_counted_and_later_segments_still_deliver() 
     let rt = rt();
     {
         let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        for i in 0..2 {
-            rt.block_on(buffer.append(&[record(i, 50)], Duration::ZERO)).unwrap();
-        }
+        append_each(&rt, &buffer, 0..2, 50);
     }
     // Reopening starts segment 3, so segment 1 is no longer the newest; the damage is a flipped length in its
     // second frame.
@@ -569,11 +547,7 @@ proptest! {
         for batch in model.in_flight.drain(..) {
             buffer.release(&batch.chunks);
         }
-        let mut delivered = Vec::new();
-        while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
-            delivered.extend(ids(&batch));
-            buffer.ack(&batch.chunks).unwrap();
-        }
+        let delivered = drain(&buffer);
         let expected: Vec<String> = model.chunks.iter().flat_map(|(_, ids)| ids.iter().map(u64::to_string)).collect();
         prop_assert_eq!(delivered, expected);
         prop_assert_eq!(buffer.stats().records, 0);
@@ -613,11 +587,7 @@ proptest! {
         std::fs::write(&segment, &bytes).unwrap();
 
         let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        let mut delivered = Vec::new();
-        while let Some(batch) = buffer.next_batch(1000, u64::MAX).unwrap() {
-            delivered.extend(ids(&batch));
-            buffer.ack(&batch.chunks).unwrap();
-        }
+        let delivered = drain(&buffer);
         let accepted: HashSet<String> = (0..8).flat_map(|i| [i, 100 + i]).map(|i: u64| i.to_string()).collect();
         let unique: HashSet<String> = delivered.iter().cloned().collect();
         prop_assert_eq!(unique.len(), delivered.len(), "delivered twice: {:?}", delivered);
