@@ -24,6 +24,12 @@ fn config(max_bytes: u64, when_full: WhenFull) -> BufferConfig {
     }
 }
 
+/// 1 MiB segments (the smallest) and chunks of one record each: six 200 KB records fill a segment, the 7th
+/// append starts the next.
+fn one_mib_segments() -> BufferConfig {
+    BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -189,8 +195,7 @@ fn always_and_interval_policies_store_records() {
 fn spent_segments_are_deleted_and_sequence_numbers_survive_an_empty_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
-    // 1 MiB segments (the smallest); chunks of one 200 KB record each.
-    let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
+    let config = one_mib_segments();
     {
         let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
         append_each(&rt, &buffer, 0..12, 200_000);
@@ -219,8 +224,7 @@ fn spent_segments_are_recycled_and_their_earlier_life_never_comes_back() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
-    // 1 MiB segments; chunks of one 200 KB record each, so the 7th append rotates.
-    let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
+    let config = one_mib_segments();
     let segment_path = |first: u64| dir.path().join("segments").join(segment::segment_name(first));
     let append = |buffer: &Buffer, from: u64, to: u64| append_each(&rt, buffer, from..to, 200_000);
     {
@@ -268,8 +272,8 @@ fn spent_segments_are_recycled_and_their_earlier_life_never_comes_back() {
 fn an_older_recycled_segment_ending_in_its_earlier_life_is_not_damage() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
-    // 1 MiB segments; record i has sequence number i + 1.
-    let config = BufferConfig { max_chunk_bytes: 1, ..config(8 << 20, WhenFull::Block) };
+    // Record i has sequence number i + 1.
+    let config = one_mib_segments();
     {
         let buffer = Buffer::open(dir.path(), config.clone()).unwrap();
         append_each(&rt, &buffer, 0..7, 200_000);
@@ -308,11 +312,7 @@ fn a_segment_a_reader_still_holds_is_deleted_not_recycled_and_a_pending_sync_doe
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     // `interval` keeps written segments in its pending-sync list until its timer fires.
-    let config = BufferConfig {
-        max_chunk_bytes: 1,
-        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
-        ..config(8 << 20, WhenFull::Block)
-    };
+    let config = BufferConfig { fsync: FsyncPolicy::Interval(Duration::from_secs(3600)), ..one_mib_segments() };
     let buffer = Buffer::open(dir.path(), config).unwrap();
     let append = |from: u64, to: u64| append_each(&rt, &buffer, from..to, 200_000);
     // Segment 1, full and waiting for its sync, is spent: it becomes the spare all the same.
