@@ -48,10 +48,10 @@
 //! A chunk whose checksum fails or whose format is unknown is skipped, recorded as removed, counted in
 //! `corrupted_chunks` and logged with its sequence number. A frame header that does not verify ends the scan of
 //! its segment: at the end of the newest segment that is a write cut short by a crash (never acknowledged, so
-//! nothing accepted is lost) and the file is cut back to its last whole frame; in an older segment it is
-//! counted as corruption, unless the frames before it reach the next segment's first sequence number (then it
-//! is a recycled file's earlier life). An end marker, or a frame numbered below its segment's name, ends a
-//! segment cleanly. The agent never refuses to start because of a bad chunk: losing one chunk is bad, a crash loop
+//! nothing accepted is lost) and the file is cut back to its last whole frame. An end marker, or a frame
+//! numbered below its segment's name (a recycled file's earlier life), ends a segment too. An older segment whose
+//! frames stop inside the file before the next segment's first sequence number is counted as corruption,
+//! whatever stopped them; bytes after frames that do reach it are a recycled file's earlier life. The agent never refuses to start because of a bad chunk: losing one chunk is bad, a crash loop
 //! that loses everything that arrives afterwards is worse. Buffers written by the sled-only version (chunks in
 //! a `chunks` tree) are moved into a segment at the first open.
 

@@ -124,11 +124,13 @@ pub(crate) fn scan(path: &Path, first_seq: u64, mut visit: impl FnMut(FrameHeade
 }
 
 impl Scan {
-    /// Whether a segment that is not the newest lost frames: its scan stopped at something unreadable before
-    /// `end_seq` (the sequence number after its last frame) reached the first one of the segment after it.
-    /// Unreadable bytes after the last frame are a recycled file's earlier life, not damage.
+    /// Whether a segment that is not the newest lost frames: its scan stopped inside the file (at something
+    /// unreadable, or at zeros or an older frame where damage wiped a frame) before `end_seq` (the sequence
+    /// number after its last frame) reached the first one of the segment after it. Whatever follows a segment's
+    /// last frame is a recycled file's earlier life, not damage. A file that simply ends early was cut by the
+    /// filesystem after a crash, before its last writes were synced (and accepted).
     pub(crate) fn lost_frames(&self, end_seq: u64, successor_first: u64) -> bool {
-        self.end == ScanEnd::Unreadable && end_seq < successor_first
+        self.end != ScanEnd::EndOfFile && end_seq < successor_first
     }
 }
 
@@ -307,9 +309,11 @@ mod tests {
         assert_eq!((found.valid_len, found.end), (current.len() as u64, ScanEnd::Unreadable));
         assert!(!found.lost_frames(101, 101));
         assert!(found.lost_frames(101, 105));
-        // A clean end never lost anything, whatever the numbers say.
-        let clean = Scan { end: ScanEnd::Marker, ..found };
-        assert!(!clean.lost_frames(101, 105));
+        // Zeros or an older frame where the next frame should be lost frames just the same; a file that ends
+        // early does not (its missing writes were never synced).
+        assert!(Scan { end: ScanEnd::Marker, ..found }.lost_frames(101, 105));
+        assert!(!Scan { end: ScanEnd::Marker, ..found }.lost_frames(101, 101));
+        assert!(!Scan { end: ScanEnd::EndOfFile, ..found }.lost_frames(101, 105));
     }
 
     #[test]

@@ -369,28 +369,32 @@ fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
 
 #[test]
 fn damage_inside_an_older_segment_is_counted_and_later_segments_still_deliver() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = rt();
-    {
+    // A flipped length in the second frame's header, and the header wiped with zeros (which would otherwise read
+    // as an end marker).
+    let damages: [fn(&mut [u8]); 2] = [|header| header[9] ^= 0x01, |header| header.fill(0)];
+    for damage in damages {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = rt();
+        {
+            let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+            append_each(&rt, &buffer, 0..2, 50);
+        }
+        // Reopening starts segment 3, so segment 1 is no longer the newest (and is cut to its two frames).
+        drop(Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap());
+        let segment = dir.path().join("segments").join(segment::segment_name(1));
+        let mut bytes = std::fs::read(&segment).unwrap();
+        let second = bytes.len() / 2;
+        damage(&mut bytes[second..second + FRAME_HEADER_LEN]);
+        std::fs::write(&segment, &bytes).unwrap();
+        {
+            let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
+            rt.block_on(buffer.append(&[record(2, 50)], Duration::ZERO)).unwrap();
+            assert_eq!(buffer.stats().corrupted_chunks, 1);
+        }
         let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        append_each(&rt, &buffer, 0..2, 50);
+        let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
+        assert_eq!(ids(&batch), vec!["0", "2"]);
     }
-    // Reopening starts segment 3, so segment 1 is no longer the newest; the damage is a flipped length in its
-    // second frame.
-    drop(Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap());
-    let segment = dir.path().join("segments").join(segment::segment_name(1));
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let second = bytes.len() / 2;
-    bytes[second + 9] ^= 0x01;
-    std::fs::write(&segment, &bytes).unwrap();
-    {
-        let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-        rt.block_on(buffer.append(&[record(2, 50)], Duration::ZERO)).unwrap();
-        assert_eq!(buffer.stats().corrupted_chunks, 1);
-    }
-    let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
-    let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
-    assert_eq!(ids(&batch), vec!["0", "2"]);
 }
 
 #[test]
