@@ -757,7 +757,7 @@ mod tests {
 
     #[test]
     fn shipped_example_is_valid() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/agent.yaml")).unwrap();
+        let text = std::fs::read_to_string(crate::crate_path("../config/agent.yaml")).unwrap();
         let c = parse(&text, &[("HOME", "/home/dev"), ("AKOSHA_SYSTEM_ID", "laptop-7")]).unwrap();
         assert_eq!(c.system_id, "laptop-7");
         assert_eq!(c.destinations["primary"].cert, PathBuf::from("/home/dev/.akosha/dev/certs/agents/laptop-7.pem"));

@@ -16,6 +16,16 @@ pub mod sender;
 pub mod sources;
 pub mod tls;
 
+/// `rel` under this crate's directory as the running test finds it. cargo and nextest set `CARGO_MANIFEST_DIR` in
+/// every test process; the compile-time value is stale when a shared target dir reuses a build made in another
+/// checkout of the repository (cargo does not rebuild a workspace member for a new absolute path).
+#[cfg(test)]
+pub(crate) fn crate_path(rel: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
+        .join(rel)
+}
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;

@@ -817,7 +817,7 @@ mod tests {
 
     #[test]
     fn shipped_example_is_valid() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/lite.yaml")).unwrap();
+        let text = std::fs::read_to_string(crate::crate_path("../config/lite.yaml")).unwrap();
         let c = parse(&text, &[("HOME", "/home/dev")]).unwrap();
         assert_eq!(c.mode, Mode::Lite);
         assert_eq!(c.ca_cert, PathBuf::from("/home/dev/.akosha/dev/certs/ca.pem"));

@@ -16,7 +16,9 @@ fn session_buddy_embeddings_are_reproduced() {
         return;
     }
     let embedder = Embedder::load(&model_dir, 256).expect("model loads");
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small/reflection.duckdb");
+    // The running test's CARGO_MANIFEST_DIR: a build reused from another checkout keeps the old compile-time one.
+    let fixture = std::path::Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../../shared/fixtures/session-buddy/small/reflection.duckdb");
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("reflection.duckdb");
     std::fs::copy(fixture, &copy).expect("fixture present");

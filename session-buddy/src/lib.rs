@@ -382,6 +382,16 @@ fn json_object(text: Option<String>) -> Option<String> {
     (!map.is_empty()).then(|| serde_json::Value::Object(map).to_string())
 }
 
+/// `rel` under this crate's directory as the running test finds it. cargo and nextest set `CARGO_MANIFEST_DIR` in
+/// every test process; the compile-time value is stale when a shared target dir reuses a build made in another
+/// checkout of the repository (cargo does not rebuild a workspace member for a new absolute path).
+#[cfg(test)]
+pub(crate) fn crate_path(rel: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
+        .join(rel)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -390,7 +400,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small")).join(name)
+        crate::crate_path("../../shared/fixtures/session-buddy/small").join(name)
     }
 
     fn counts(records: &[Record]) -> HashMap<&'static str, usize> {

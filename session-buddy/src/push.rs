@@ -321,7 +321,7 @@ mod tests {
     use super::*;
 
     fn fixture_calls() -> Vec<(String, Value)> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/http_push_20.jsonl");
+        let path = crate::crate_path("../../shared/fixtures/session-buddy/http_push_20.jsonl");
         std::fs::read_to_string(path)
             .unwrap()
             .lines()

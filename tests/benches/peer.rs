@@ -133,7 +133,7 @@ fn peer(records: &[Value], queries: &[Vec<f32>]) -> Result<Option<Side>> {
     std::fs::write(&dataset, rows)?;
     let queries_path = dir.path().join("queries.json");
     std::fs::write(&queries_path, serde_json::to_vec(queries)?)?;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/peer_bench.py");
+    let script = akosha_e2e::crate_path("../scripts/peer_bench.py");
     let output = std::process::Command::new(&python).arg(script).arg(&dataset).arg(&queries_path).output()?;
     if !output.status.success() {
         bail!("the peer harness failed: {}", String::from_utf8_lossy(&output.stderr));

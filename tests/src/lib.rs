@@ -15,6 +15,15 @@ use serde_json::Value;
 pub mod raw_client;
 pub mod s3;
 
+/// `rel` under this crate's directory (`tests/`) as the running test or bench finds it. cargo and nextest set `CARGO_MANIFEST_DIR` in
+/// every test process; the compile-time value is stale when a shared target dir reuses a build made in another
+/// checkout of the repository (cargo does not rebuild a workspace member for a new absolute path).
+pub fn crate_path(rel: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join(rel)
+}
+
 /// Locates a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -100,7 +109,7 @@ impl Site {
     pub fn session_buddy_data(&self, databases: &[&str]) -> Result<PathBuf> {
         let dir = self.path("session-buddy-data");
         std::fs::create_dir_all(&dir)?;
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/session-buddy/small");
+        let fixtures = crate_path("../../shared/fixtures/session-buddy/small");
         for name in databases {
             std::fs::copy(fixtures.join(name), dir.join(name)).with_context(|| format!("copying fixture {name}"))?;
         }

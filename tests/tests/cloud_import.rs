@@ -10,7 +10,9 @@ use akosha_e2e::s3::S3Server;
 use akosha_e2e::{Aggregator, Site, binary};
 use object_store::path::Path as ObjectPath;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/cloud_upload_small");
+fn fixture() -> String {
+    akosha_e2e::crate_path("../../shared/fixtures/session-buddy/cloud_upload_small").display().to_string()
+}
 const UPLOAD: &str = "20261122_094622_edge-host-1";
 
 fn import(site: &Site, aggregator: &Aggregator, s3: &S3Server, url: &str) -> Output {
@@ -29,14 +31,15 @@ fn text(output: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_in_s3_are_imported_once_and_a_broken_one_does_not_stop_the_rest() -> anyhow::Result<()> {
+    let fixture = fixture();
     let site = Site::new()?;
     let aggregator = Aggregator::start(&site, "aggregator").await?;
     let s3 = S3Server::start(&site.path("s3"), &["sb-uploads"]).await?;
     let bucket = s3.bucket("sb-uploads")?;
-    assert_eq!(s3.upload_dir("sb-uploads", "team-a", Path::new(FIXTURE)).await?, 3);
+    assert_eq!(s3.upload_dir("sb-uploads", "team-a", Path::new(&fixture)).await?, 3);
 
     // A second system whose database object is damaged, and an upload still being written (no manifest yet).
-    let manifest = std::fs::read_to_string(format!("{FIXTURE}/systems/edge-host-1/uploads/{UPLOAD}/manifest.json"))?;
+    let manifest = std::fs::read_to_string(format!("{fixture}/systems/edge-host-1/uploads/{UPLOAD}/manifest.json"))?;
     let broken = manifest.replace("edge-host-1", "broken-host");
     let broken_dir = "team-a/systems/broken-host/uploads/20261122_094622_broken-host";
     bucket.put(&ObjectPath::from(format!("{broken_dir}/manifest.json")), broken.into_bytes().into()).await?;
@@ -70,7 +73,7 @@ async fn uploads_in_s3_are_imported_once_and_a_broken_one_does_not_stop_the_rest
     assert!(stats["systems"].get("broken-host").is_none(), "{stats}");
 
     // The upload's records are the same rows as Session-Buddy's own push: an id from the push is found.
-    let push = std::fs::read_to_string(format!("{FIXTURE}/../http_push_20.jsonl"))?;
+    let push = std::fs::read_to_string(format!("{fixture}/../http_push_20.jsonl"))?;
     let memory_id = push
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -96,6 +99,7 @@ async fn uploads_in_s3_are_imported_once_and_a_broken_one_does_not_stop_the_rest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_directory_imports_and_bad_arguments_are_named() -> anyhow::Result<()> {
+    let fixture = fixture();
     let site = Site::new()?;
     let aggregator = Aggregator::start(&site, "aggregator").await?;
     let config = site.path("aggregator/aggregator.yaml");
@@ -103,7 +107,7 @@ async fn a_local_directory_imports_and_bad_arguments_are_named() -> anyhow::Resu
         Command::new(binary("akosha-aggregator")).arg("--config").arg(&config).args(args).output().expect("run")
     };
     let quic = format!("127.0.0.1:{}", aggregator.quic_port);
-    let ok = run(&["import", FIXTURE, "--aggregator", &quic, "--timezone", "Europe/Berlin"]);
+    let ok = run(&["import", &fixture, "--aggregator", &quic, "--timezone", "Europe/Berlin"]);
     assert!(ok.status.success(), "{}", text(&ok));
     aggregator.wait_total(67, Duration::from_secs(30)).await?;
 
@@ -122,7 +126,7 @@ async fn a_local_directory_imports_and_bad_arguments_are_named() -> anyhow::Resu
     let staging = site.path("staging");
     std::fs::create_dir_all(&staging)?;
     let script = format!(
-        "cp -r {FIXTURE}/systems {staging} && cd {staging}/systems && mv edge-host-1 laptop-2 && \
+        "cp -r {fixture}/systems {staging} && cd {staging}/systems && mv edge-host-1 laptop-2 && \
          sed -i 's/edge-host-1/laptop-2/g' laptop-2/uploads/*/manifest.json && \
          mv laptop-2/uploads/{UPLOAD} laptop-2/uploads/20261122_094622_laptop-2 && mv {staging}/systems {watched}/",
         staging = staging.display(),
@@ -138,7 +142,7 @@ async fn a_local_directory_imports_and_bad_arguments_are_named() -> anyhow::Resu
     let bad_option = run(&["import", "s3://bucket", "-o", "endpiont=http://127.0.0.1:1", "--aggregator", &quic]);
     assert!(!bad_option.status.success());
     assert!(text(&bad_option).contains("unknown option `endpiont` for S3"), "{}", text(&bad_option));
-    let bad_zone = run(&["import", FIXTURE, "--timezone", "Mars/Olympus"]);
+    let bad_zone = run(&["import", &fixture, "--timezone", "Mars/Olympus"]);
     assert!(text(&bad_zone).contains("--timezone `Mars/Olympus`"), "{}", text(&bad_zone));
     Ok(())
 }

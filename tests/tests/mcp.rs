@@ -14,9 +14,10 @@ const WRITER: &str = "writer-token-0123456789";
 const READER: &str = "reader-token-0123456789";
 
 fn session(url: &str, token: &str, calls: &Value) -> Result<Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/mcp_session.py");
+    let script = akosha_e2e::crate_path("clients/mcp_session.py");
     let mut child = Command::new("python3")
-        .args([script, url, token])
+        .arg(script)
+        .args([url, token])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

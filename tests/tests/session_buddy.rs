@@ -7,7 +7,7 @@ use akosha_e2e::{Agent, AgentOptions, Aggregator, Site};
 use serde_json::Value;
 
 fn fixture() -> Vec<Value> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/http_push_20.jsonl");
+    let path = akosha_e2e::crate_path("../../shared/fixtures/session-buddy/http_push_20.jsonl");
     std::fs::read_to_string(path)
         .expect("fixture")
         .lines()
@@ -161,7 +161,7 @@ async fn snapshots_work_while_session_buddy_holds_the_database_for_writing() -> 
     let sb = site.session_buddy_data(&["reflection.duckdb"])?;
 
     // "Session-Buddy": another process with the database open for writing, inserting while we snapshot.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/helpers/session_buddy_writer.py");
+    let script = akosha_e2e::crate_path("helpers/session_buddy_writer.py");
     let mut writer = Command::new("python3")
         .arg(script)
         .arg(sb.join("reflection.duckdb"))

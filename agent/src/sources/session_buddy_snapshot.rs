@@ -313,7 +313,7 @@ mod tests {
     use super::*;
 
     fn fixture_dir() -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/session-buddy/small"))
+        crate::crate_path("../../shared/fixtures/session-buddy/small")
     }
 
     #[test]

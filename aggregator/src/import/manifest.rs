@@ -119,14 +119,15 @@ impl ManifestFile {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures/session-buddy/cloud_upload_small/systems/edge-host-1/uploads/20261122_094622_edge-host-1/manifest.json"
-    );
+    fn fixture() -> std::path::PathBuf {
+        crate::crate_path(
+            "../../shared/fixtures/session-buddy/cloud_upload_small/systems/edge-host-1/uploads/20261122_094622_edge-host-1/manifest.json",
+        )
+    }
 
     #[test]
     fn the_real_manifest_parses() {
-        let bytes = std::fs::read(FIXTURE).unwrap();
+        let bytes = std::fs::read(fixture()).unwrap();
         let m = Manifest::parse(&bytes, "k", "edge-host-1", "20261122_094622_edge-host-1").unwrap();
         assert_eq!(m.files.len(), 2);
         assert!(m.files.iter().all(|f| f.gzipped() && f.expected_sha256().is_none()));
@@ -138,7 +139,7 @@ mod tests {
 
     #[test]
     fn a_manifest_cannot_speak_for_another_system_or_reach_outside_its_upload() {
-        let bytes = std::fs::read(FIXTURE).unwrap();
+        let bytes = std::fs::read(fixture()).unwrap();
         let err = Manifest::parse(&bytes, "k", "other-host", "20261122_094622_edge-host-1").unwrap_err();
         assert!(err.to_string().contains("claims system `edge-host-1` but is stored under systems/other-host/"));
         let evil = String::from_utf8(bytes)

@@ -359,9 +359,8 @@ mod tests {
     #[test]
     fn gunzip_rejects_a_truncated_object() {
         let dir = tempfile::tempdir().unwrap();
-        let fixture = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/session-buddy/cloud_upload_small/systems/edge-host-1/uploads/20261122_094622_edge-host-1/knowledge_graph.duckdb"
+        let fixture = crate::crate_path(
+            "../../shared/fixtures/session-buddy/cloud_upload_small/systems/edge-host-1/uploads/20261122_094622_edge-host-1/knowledge_graph.duckdb",
         );
         let bytes = std::fs::read(fixture).unwrap();
         let whole = dir.path().join("whole");
