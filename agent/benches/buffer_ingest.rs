@@ -47,8 +47,8 @@ fn main() {
     let dir =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
             .expect("temp dir");
-    // This machine's disk is shared and noisy: every round measures dd right before the buffer, and the median of
-    // the per-round ratios is reported.
+    // This machine's disk is shared and noisy: every round measures dd right before and right after the buffer,
+    // and the median of the per-round ratios is reported.
     let default = FsyncPolicy::Batch { window: Duration::ZERO };
     for (name, fsync, drain, situation_sources) in [
         ("batch (default, 0ms window), steady, 16 sources", default, true, 16),
