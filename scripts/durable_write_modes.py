@@ -18,6 +18,7 @@ fdatasync, so the writers do run at once.
 prints MB/s per mode and `dd … conv=fdatasync` of 512 MiB right before and after, for comparison.
 """
 
+import argparse
 import mmap
 import os
 import subprocess
@@ -111,11 +112,21 @@ def dd(directory):
 
 
 def main():
-    directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.gettempdir()
-    writers = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    append_bytes = (int(sys.argv[3]) if len(sys.argv) > 3 else 260) << 10
-    append_bytes = (append_bytes + BLOCK - 1) // BLOCK * BLOCK
-    seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 3
+    parser = argparse.ArgumentParser(description="MB/s a durable log gets from this disk, per write mode.")
+    parser.add_argument("dir", nargs="?", default=tempfile.gettempdir(), help="where to write (default: temp dir)")
+    parser.add_argument("writers", nargs="?", type=int, default=4, help="closed-loop writers (default 4)")
+    parser.add_argument("append_kib", nargs="?", type=int, default=260, help="append size in KiB (default 260)")
+    parser.add_argument("seconds", nargs="?", type=float, default=3, help="seconds per mode (default 3)")
+    args = parser.parse_args()
+    if args.writers < 1 or args.append_kib < 1 or args.seconds <= 0:
+        parser.error("writers, append_kib and seconds must be positive")
+    if args.append_kib << 10 > FILE_BYTES // 2:
+        parser.error(f"append_kib must be at most {FILE_BYTES // 2 >> 10}")
+    if not os.path.isdir(args.dir):
+        parser.error(f"{args.dir} is not a directory")
+    directory, writers, seconds = args.dir, args.writers, args.seconds
+    append_bytes = (args.append_kib << 10) + BLOCK - 1
+    append_bytes = append_bytes // BLOCK * BLOCK
     with tempfile.TemporaryDirectory(dir=directory) as work:
         path = os.path.join(work, "log.bin")
         prepare(path)
