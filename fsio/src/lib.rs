@@ -1,7 +1,7 @@
 //! # Durable-log file I/O
 //!
-//! [`AppendFile`]: the file a durable log appends to (the aggregator's WAL segments), written with direct I/O
-//! where the filesystem allows it.
+//! [`AppendFile`]: the file a durable log appends to (the aggregator's WAL segments, the agent buffer's
+//! segments), written with direct I/O where the filesystem allows it.
 //!
 //! Why: a buffered `write` copies every logged byte into freshly allocated page-cache pages (allocate, zero,
 //! copy, account dirty, write back later). The transport profile showed that copy as a quarter of the
@@ -10,9 +10,9 @@
 //! gains nothing from caching what it writes. With `O_DIRECT` the device reads the bytes straight from our
 //! buffer.
 //!
-//! Not for a log that is read back right after it is written: the agent buffer tried it and its sender then
-//! read every batch from the disk instead of the page cache (rounds of the transport bench with the cores
-//! idle, waiting for those reads), so the buffer stays buffered.
+//! A log that is read back soon after it is written must keep its own copy of what it wrote: nothing is left in
+//! the page cache, so a read goes to the disk (the agent buffer's first try at direct writes had its sender
+//! wait for those reads; the buffer now keeps recent chunks in memory for the sender).
 //!
 //! Direct I/O needs the file offset, the length and the memory of every write aligned to the device's logical
 //! block. Each group is therefore written from the start of the block holding the end of the log: the bytes of
@@ -40,8 +40,10 @@ pub const BLOCK: usize = 4096;
 pub struct AppendFile {
     file: Arc<File>,
     path: PathBuf,
-    /// Bytes of log in the file (the file may be longer by zero padding, never shorter).
+    /// Bytes of log in the file (the file may be longer: padding, a trailer, earlier bytes of a reused file).
     len: u64,
+    /// The furthest byte written so far (or the file size at open, if larger).
+    end: u64,
     /// The log's bytes from the last block boundary at or before `len` up to `len`.
     tail: Vec<u8>,
     direct: bool,
@@ -59,33 +61,43 @@ impl AppendFile {
     /// [`AppendFile::open`], through the page cache if `direct` is false (what a filesystem that refuses
     /// `O_DIRECT` gets; also how the tests exercise that path on any filesystem).
     pub fn open_with(path: &Path, direct: bool) -> io::Result<AppendFile> {
+        let len = std::fs::metadata(path)?.len();
+        Self::open_at(path, len, direct)
+    }
+
+    /// Opens an existing file whose log ends at `len`, for appending there; whatever the file holds after `len`
+    /// (a reused file's earlier life) is overwritten by the appends.
+    pub fn open_at(path: &Path, len: u64, direct: bool) -> io::Result<AppendFile> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let len = file.metadata()?.len();
+        let size = file.metadata()?.len();
+        if size < len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} holds {size} bytes, less than its log's {len}", path.display()),
+            ));
+        }
         let boundary = block_floor(len);
         let mut tail = vec![0; (len - boundary) as usize];
         file.read_exact_at(&mut tail, boundary)?;
-        if !direct {
-            return Ok(AppendFile {
-                file: Arc::new(file),
-                path: path.to_owned(),
-                len,
-                tail,
-                direct,
-                staging: Vec::new(),
-            });
-        }
-        let (file, direct) = match OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path)
-        {
-            Ok(direct) => (direct, true),
-            Err(e) => {
-                debug!(message = "Direct I/O refused; the write-ahead log goes through the page cache.", path = %path.display(), error = %e);
-                (file, false)
-            }
+        let append_file = |file, direct| AppendFile {
+            file: Arc::new(file),
+            path: path.to_owned(),
+            len,
+            end: size,
+            tail,
+            direct,
+            staging: Vec::new(),
         };
-        Ok(AppendFile { file: Arc::new(file), path: path.to_owned(), len, tail, direct, staging: Vec::new() })
+        if !direct {
+            return Ok(append_file(file, false));
+        }
+        match OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(path) {
+            Ok(direct) => Ok(append_file(direct, true)),
+            Err(e) => {
+                debug!(message = "Direct I/O refused; the log goes through the page cache.", path = %path.display(), error = %e);
+                Ok(append_file(file, false))
+            }
+        }
     }
 
     /// Appends `data` with one write. Not durable until the file is synced.
@@ -97,18 +109,25 @@ impl AppendFile {
     /// caller can encode straight into the write buffer. Not durable until the file is synced. On failure the
     /// file is cut back to the end of the log, so that a half-written append is never followed by later ones.
     pub fn append_with(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
-        let written = self.write_group(bytes, fill);
-        if written.is_err() {
-            let _ = self.file.set_len(self.len);
+        self.append_marked(bytes, fill, &[])
+    }
+
+    /// [`AppendFile::append_with`], with `trailer` written right after the appended bytes in the same write but
+    /// left out of the log: the next append overwrites it (an end marker, for a reader of a file whose earlier
+    /// bytes follow the log).
+    pub fn append_marked(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>), trailer: &[u8]) -> io::Result<()> {
+        let written = self.write_group(bytes, fill, trailer);
+        if written.is_err() && self.file.set_len(self.len).is_ok() {
+            self.end = self.len;
         }
         written
     }
 
-    fn write_group(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
+    fn write_group(&mut self, bytes: usize, fill: impl FnOnce(&mut Vec<u8>), trailer: &[u8]) -> io::Result<()> {
         let base = block_floor(self.len);
-        // Room for the alignment slack, the partial block, the new bytes and the padding: the vector must not
-        // grow while it is filled, or it would move and lose its alignment.
-        let needed = BLOCK + self.tail.len() + bytes + BLOCK;
+        // Room for the alignment slack, the partial block, the new bytes, the trailer and the padding: the vector
+        // must not grow while it is filled, or it would move and lose its alignment.
+        let needed = BLOCK + self.tail.len() + bytes + trailer.len() + BLOCK;
         if self.staging.capacity() < needed {
             self.staging = Vec::with_capacity(needed.next_power_of_two());
         }
@@ -121,8 +140,10 @@ impl AppendFile {
         let end = self.staging.len();
         let added = end - from;
         debug_assert_eq!(added, bytes, "`fill` must write exactly the announced bytes");
+        self.staging.extend_from_slice(trailer);
+        let written_to = self.staging.len();
         if self.direct {
-            self.staging.resize(start + (end - start).next_multiple_of(BLOCK), 0);
+            self.staging.resize(start + (written_to - start).next_multiple_of(BLOCK), 0);
             let aligned = (self.staging.as_ptr() as usize + start).is_multiple_of(BLOCK);
             let written = if aligned {
                 self.file.write_all_at(&self.staging[start..], base)
@@ -138,13 +159,15 @@ impl AppendFile {
                     debug!(message = "Direct write refused; the write-ahead log goes through the page cache.", path = %self.path.display(), error = %e);
                     self.file = Arc::new(OpenOptions::new().write(true).open(&self.path)?);
                     self.direct = false;
-                    self.file.write_all_at(&self.staging[from..end], self.len)?;
+                    self.file.write_all_at(&self.staging[from..written_to], self.len)?;
                 }
                 Err(e) => return Err(e),
             }
         } else {
-            self.file.write_all_at(&self.staging[from..end], self.len)?;
+            self.file.write_all_at(&self.staging[from..written_to], self.len)?;
         }
+        let physical = if self.direct { (self.staging.len() - start) as u64 } else { (written_to - start) as u64 };
+        self.end = self.end.max(base + physical);
         self.len += added as u64;
         let boundary = block_floor(self.len);
         let tail_from = start + (boundary - base) as usize;
@@ -162,6 +185,11 @@ impl AppendFile {
     /// Bytes of log in the file.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// Bytes the file holds at least: the log and whatever was written or found after it.
+    pub fn end(&self) -> u64 {
+        self.end
     }
 
     /// Whether nothing was written yet.
@@ -230,6 +258,39 @@ mod tests {
         }
         segment.trim().expect("trim");
         assert_eq!(std::fs::read(&path).expect("read"), expected);
+    }
+
+    #[test]
+    fn a_reused_file_is_appended_from_the_given_length_and_the_trailer_is_overwritten_by_the_next_append() {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("segment");
+            // An earlier life: 10,000 bytes of 0xee; the new log is 5 bytes long.
+            let mut earlier = vec![0xee; 10_000];
+            earlier[..5].copy_from_slice(b"HELLO");
+            std::fs::write(&path, &earlier).expect("create");
+            let mut segment = AppendFile::open_at(&path, 5, direct).expect("open");
+            assert_eq!((segment.len(), segment.end()), (5, 10_000));
+            segment.append_marked(3, |out| out.extend_from_slice(b"abc"), b"END").expect("append");
+            assert_eq!(segment.len(), 8);
+            let on_disk = std::fs::read(&path).expect("read");
+            assert_eq!(&on_disk[..11], b"HELLOabcEND");
+            if segment.is_direct() {
+                assert!(on_disk[11..BLOCK].iter().all(|b| *b == 0), "padding to the block boundary");
+                assert!(on_disk[BLOCK..].iter().all(|b| *b == 0xee), "the earlier life beyond it untouched");
+            } else {
+                assert!(on_disk[11..].iter().all(|b| *b == 0xee));
+            }
+            segment.append_marked(5000, |out| out.extend_from_slice(&[7; 5000]), b"END").expect("append");
+            let on_disk = std::fs::read(&path).expect("read");
+            assert_eq!(&on_disk[..8], b"HELLOabc");
+            assert!(on_disk[8..5008].iter().all(|b| *b == 7), "the trailer was overwritten");
+            assert_eq!(&on_disk[5008..5011], b"END");
+            assert_eq!(segment.end(), 10_000, "the earlier life still ends the file");
+            segment.append(&[9; 6000]).expect("append past the end");
+            assert_eq!(segment.end(), if segment.is_direct() { 12_288 } else { 11_008 });
+            assert!(AppendFile::open_at(&path, 20_000, direct).is_err(), "a log longer than its file");
+        }
     }
 
     #[test]

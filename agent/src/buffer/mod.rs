@@ -5,7 +5,8 @@
 //! the little state that changes in place:
 //!
 //! ```text
-//!  <dir>/segments/<first seq>.log   frames: u64 seq │ u32 len │ u32 crc32c(seq ‖ len) │ chunk   (see segment.rs)
+//!  <dir>/segments/<first seq>.log   frames: u64 seq │ u32 len │ u32 crc32c(seq ‖ len) │ chunk, then an end
+//!                                   marker and zeros to the block boundary   (see segment.rs)
 //!  <dir>/segments/<old seq>.spare   spent segments kept for recycling (`spare_segments`)
 //!  <dir>/db (sled)   meta:    "epoch" → u64   random identity of this buffer, sent in the handshake
 //!                    removed: seq → ()        chunks that left the buffer while their segment is still on disk
@@ -16,17 +17,29 @@
 //!
 //! Every record gets a sequence number; a chunk holds consecutive ones, so its frame's seq plus its count gives
 //! its range. A chunk is the unit of everything: appending (one source call → one or more chunks of at most
-//! `max_chunk_bytes`, written with one `pwrite`), sending (a batch is one or more whole chunks), acknowledging,
-//! dropping and dead-lettering. An in-memory index of the chunks (sequence, count, size, age, segment and offset,
-//! in-flight flag) answers every question without touching the disk, and is rebuilt at open by reading and
-//! verifying every segment.
+//! `max_chunk_bytes`), sending (a batch is one or more whole chunks), acknowledging, dropping and
+//! dead-lettering. An in-memory index of the chunks (sequence, count, size, age, segment and offset, in-flight
+//! flag) answers every question without touching the disk, and is rebuilt at open by reading and verifying every
+//! segment.
+//!
+//! ## Writing
+//! A source's records are encoded into sealed frames on its own task, numbered and queued under the state lock,
+//! and written by one writer at a time: the appender that found nobody writing takes the whole queue on a
+//! blocking-pool thread, writes it into the active segment with one direct-I/O write (`akosha_fsio`, the file's
+//! last partial block rewritten from memory), syncs, indexes the chunks and answers every appender of that
+//! round; appends queued meanwhile form the next round. Under load the disk therefore sees few large writes
+//! each followed by one `fdatasync` (group commit), the way `dd` writes; `always` writes and syncs one append per
+//! round, `interval` leaves the sync to a timer. Direct I/O skips the page cache, so the sender would read every
+//! chunk back from the disk: the chunks just written stay in memory (up to [`CACHE_BYTES`]) until the sender
+//! takes them, and the disk is read only when it has fallen further behind or after a restart.
 //!
 //! Why not values in sled, as the first version did: sled copies every value through its own log buffers and
 //! I/O threads and then needs an extra `fdatasync` of its files (its flush uses `sync_file_range`); that capped
-//! durable ingest at ~10–30 % of the disk's sequential bandwidth. An append-only file costs one copy into the
-//! page cache and one `fdatasync` per group commit, as `dd` does. Spent segments are recycled rather than
-//! deleted, up to `spare_segments`: a group commit into blocks the file already owns syncs data only, where one
-//! that grows a file also commits the filesystem journal.
+//! durable ingest at ~10–30 % of the disk's sequential bandwidth. Why not buffered writes, as the next version
+//! did: copying into the page cache, writing it back and reading it again for the sender took more CPU than
+//! encoding, and on two cores that capped ingest near 1 GB/s whatever the disk could do. Spent segments are
+//! recycled rather than deleted, up to `spare_segments`: a group commit into blocks the file already owns syncs
+//! data only, where one that grows a file also commits the filesystem journal.
 //!
 //! ## Invariants
 //! - A chunk is durable (per the fsync policy) before [`Buffer::append`] returns; that return is what a source
@@ -46,7 +59,10 @@
 //!
 //! ## Recovery
 //! A chunk whose checksum fails or whose format is unknown is skipped, recorded as removed, counted in
-//! `corrupted_chunks` and logged with its sequence number. A frame header that does not verify ends the scan of
+//! `corrupted_chunks` and logged with its sequence number — except the last frame of the newest segment: a
+//! direct write is padded to a whole block, so a write cut short by a crash leaves a whole header and a chunk
+//! that does not verify rather than a short file; that frame is cut off with a warning (it was never accepted)
+//! and its sequence numbers are not handed out again. A frame header that does not verify ends the scan of
 //! its segment: at the end of the newest segment that is a write cut short by a crash (never acknowledged, so
 //! nothing accepted is lost) and the file is cut back to its last whole frame. An end marker, or a frame
 //! numbered below its segment's name (a recycled file's earlier life), ends a segment too. An older segment whose
@@ -58,7 +74,7 @@
 mod chunk;
 mod segment;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -67,6 +83,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::time::Duration;
 
+use akosha_fsio::AppendFile;
 use akosha_protocol::Record;
 use tokio::sync::{Notify, oneshot};
 use tracing::{error, warn};
@@ -87,9 +104,10 @@ pub enum WhenFull {
 pub enum FsyncPolicy {
     /// One fsync for every append, before it returns.
     Always,
-    /// Group commit: appends arriving within `window` of each other share one fsync, before they return.
+    /// Group commit: appends waiting while the previous group is written and synced, or arriving within
+    /// `window` of the first, go to the disk in one write and share one fsync, before they return.
     Batch {
-        /// How long the committer waits for more appends after the first one.
+        /// How long the writer waits for more appends after the first one.
         window: Duration,
     },
     /// A background flush every interval; appends return before they are durable. A crash or `kill -9`
@@ -158,7 +176,7 @@ pub enum BufferError {
         #[source]
         source: io::Error,
     },
-    /// The committer is gone (the buffer is shutting down).
+    /// The writer is gone (the buffer is shutting down).
     #[error("buffer is closed")]
     Closed,
 }
@@ -351,9 +369,10 @@ struct Inner {
     state: Mutex<State>,
     space_freed: Notify,
     data_ready: Notify,
-    /// What the next commit makes durable; shared with the committer.
+    /// What the next sync makes durable; shared with the `interval` policy's sync thread.
     unsynced: Arc<Unsynced>,
-    committer: Option<Committer>,
+    /// That thread (held for its `Drop`, which stops it after a last sync).
+    _periodic_sync: Option<Committer>,
     counters: Counters,
 }
 
@@ -385,17 +404,17 @@ impl Trees {
 }
 
 type CommitResult = Result<(), Arc<io::Error>>;
-type CommitWaiter = oneshot::Sender<CommitResult>;
 
-/// Handle on the commit thread; dropping it syncs what is left, stops and joins the thread.
+/// Handle on the periodic sync thread of the `interval` policy; dropping it syncs what is left, stops and
+/// joins the thread.
 struct Committer {
-    waiters: Mutex<Option<mpsc::Sender<CommitWaiter>>>,
+    stop: Mutex<Option<mpsc::Sender<()>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Committer {
     fn drop(&mut self) {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -422,10 +441,58 @@ struct State {
     segments: BTreeMap<u64, Segment>,
     /// Spent segments waiting to be recycled into new ones.
     spares: Vec<segment::Spare>,
+    /// Recently appended chunks not yet taken by the sender, by sequence number: segments are written around
+    /// the page cache, so without this copy the sender would read every chunk back from the disk.
+    cache: HashMap<u64, CachedChunk>,
+    /// Chunk bytes in `cache`, at most [`CACHE_BYTES`].
+    cached_bytes: u64,
+    /// Appends numbered but not written yet, in sequence order; one appender at a time writes them.
+    queue: std::collections::VecDeque<QueuedAppend>,
+    /// Chunk bytes in `queue`: they count against `max_bytes` already.
+    queued_bytes: u64,
+    /// Whether an appender is writing the queue.
+    writing: bool,
+}
+
+/// Writes the queue when dropped, whether or not the task it was handed to ran.
+struct QueueWriter(Buffer);
+
+impl Drop for QueueWriter {
+    fn drop(&mut self) {
+        self.0.write_queued();
+    }
+}
+
+/// Sealed frames waiting for the writer.
+struct QueuedAppend {
+    frames: Frames,
+    first_seq: u64,
+    accepted_at: i64,
+    /// Chunk bytes.
+    bytes: u64,
+    /// Told when the frames are written and, unless the policy is `interval`, synced; or that they failed.
+    done: oneshot::Sender<CommitResult>,
+}
+
+/// A chunk as it was written: a range of the append's frames.
+struct CachedChunk {
+    frames: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl CachedChunk {
+    fn chunk(&self) -> &[u8] {
+        &self.frames[self.start..self.end]
+    }
 }
 
 struct Segment {
+    /// For reading, syncing and telling whether a reader holds the file.
     file: Arc<File>,
+    /// Appends go through this (direct I/O); opened at the first append, closed when the segment stops being
+    /// the active one.
+    writer: Option<AppendFile>,
     /// Bytes of frames (appends go here).
     len: u64,
     /// File size: at least `len`; more in a recycled file, whose earlier bytes follow.
@@ -436,7 +503,7 @@ struct Segment {
 
 impl Segment {
     fn new(file: File, len: u64, allocated: u64) -> Segment {
-        Segment { file: Arc::new(file), len, allocated: allocated.max(len), live: 0 }
+        Segment { file: Arc::new(file), writer: None, len, allocated: allocated.max(len), live: 0 }
     }
 }
 
@@ -444,12 +511,20 @@ impl State {
     /// Removes a chunk from the index and its accounting; the caller records the removal.
     fn forget(&mut self, seq: u64) -> Option<ChunkMeta> {
         let meta = self.index.remove(&seq)?;
+        self.uncache(seq);
         self.bytes -= meta.bytes;
         self.records -= u64::from(meta.count);
         if let Some(segment) = self.segments.get_mut(&meta.segment) {
             segment.live -= 1;
         }
         Some(meta)
+    }
+
+    /// Drops the in-memory copy of a chunk, if there is one.
+    fn uncache(&mut self, seq: u64) -> Option<CachedChunk> {
+        let cached = self.cache.remove(&seq)?;
+        self.cached_bytes -= (cached.end - cached.start) as u64;
+        Some(cached)
     }
 
     fn active(&mut self) -> (u64, &mut Segment) {
@@ -470,7 +545,7 @@ struct ChunkMeta {
     offset: u64,
 }
 
-/// One or more chunks encoded as frames back to back and an end marker, ready for one write.
+/// One or more chunks encoded as frames back to back, ready for one write.
 struct Frames {
     bytes: Vec<u8>,
     /// (records, frame start, frame end) per chunk.
@@ -539,7 +614,10 @@ impl Buffer {
 
         let segment_bytes = (config.max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);
         let unsynced = Arc::new(Unsynced::new(segments_dir.clone()));
-        let committer = spawn_committer(unsynced.clone(), config.fsync).map_err(storage)?;
+        let periodic_sync = match config.fsync {
+            FsyncPolicy::Interval(every) => Some(spawn_committer(unsynced.clone(), every).map_err(storage)?),
+            FsyncPolicy::Always | FsyncPolicy::Batch { .. } => None,
+        };
         let counters = Counters::default();
         counters.corrupted_chunks.store(corrupted, Ordering::Relaxed);
         let buffer = Buffer {
@@ -555,7 +633,7 @@ impl Buffer {
                 space_freed: Notify::new(),
                 data_ready: Notify::new(),
                 unsynced,
-                committer: Some(committer),
+                _periodic_sync: periodic_sync,
                 counters,
             }),
         };
@@ -581,11 +659,11 @@ impl Buffer {
             return Err(BufferError::TooLarge { bytes: needed, max });
         }
         let deadline = tokio::time::Instant::now() + wait;
-        let receipt = loop {
+        let (receipt, written, writes) = loop {
             // Register interest before checking, so an ack between the check and the wait is not missed.
             let freed = self.inner.space_freed.notified();
-            match self.try_insert(&mut frames, needed, accepted_at)? {
-                Some(receipt) => break receipt,
+            match self.try_queue(&mut frames, needed, accepted_at)? {
+                Some(queued) => break queued,
                 None => {
                     let used = self.lock().bytes;
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -594,7 +672,21 @@ impl Buffer {
                 }
             }
         };
-        self.make_durable().await?;
+        if writes {
+            // On a blocking-pool thread: a direct write sleeps until the device has the bytes, and a runtime
+            // worker blocked there cannot encode the next appends meanwhile (with two workers that halved the
+            // throughput). If the runtime drops the task unrun (shutting down), the guard writes here.
+            let writer = QueueWriter(self.clone());
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(writer))),
+                Err(_) => drop(writer),
+            }
+        }
+        match written.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(self.storage(io::Error::new(e.kind(), e.to_string()))),
+            Err(_) => return Err(BufferError::Closed),
+        }
         self.inner.counters.appended.fetch_add(receipt.records, Ordering::Relaxed);
         self.inner.counters.appended_bytes.fetch_add(needed, Ordering::Relaxed);
         self.inner.data_ready.notify_one();
@@ -605,7 +697,7 @@ impl Buffer {
     /// and marks them in flight.
     pub fn next_batch(&self, max_records: u32, max_bytes: u64) -> Result<Option<PendingBatch>, BufferError> {
         loop {
-            let taken: Vec<(u64, ChunkMeta, Arc<File>)> = {
+            let taken: Vec<(u64, ChunkMeta, Arc<File>, Option<CachedChunk>)> = {
                 let mut state = self.lock();
                 let mut taken = Vec::new();
                 let (mut records, mut bytes) = (0u64, 0u64);
@@ -624,7 +716,10 @@ impl Buffer {
                 let mut orphaned = Vec::new();
                 for (seq, meta) in taken {
                     match state.segments.get(&meta.segment) {
-                        Some(segment) => readable.push((seq, meta, segment.file.clone())),
+                        Some(segment) => {
+                            let file = segment.file.clone();
+                            readable.push((seq, meta, file, state.uncache(seq)));
+                        }
                         None => orphaned.push(seq),
                     }
                 }
@@ -648,19 +743,26 @@ impl Buffer {
                 first_record: 0,
                 last_record: 0,
                 record_count: 0,
-                payload: Vec::with_capacity(taken.iter().map(|(_, m, _)| m.bytes as usize).sum()),
+                payload: Vec::with_capacity(taken.iter().map(|(_, m, ..)| m.bytes as usize).sum()),
             };
             let mut chunk = Vec::new();
-            for (i, (seq, meta, file)) in taken.iter().enumerate() {
-                chunk.resize(meta.bytes as usize, 0);
-                if let Err(e) = file.read_exact_at(&mut chunk, meta.offset) {
-                    // Nothing was lost; the chunks go back to waiting and the sender retries later.
-                    self.release(&taken[i..].iter().map(|(seq, ..)| *seq).collect::<Vec<_>>());
-                    self.release(&batch.chunks);
-                    return Err(self.storage(e));
-                }
-                match decode_chunk(&chunk) {
-                    Ok((_, payload)) => {
+            for (i, (seq, meta, file, cached)) in taken.iter().enumerate() {
+                let verified = match cached {
+                    // Checked when it was encoded, and never left memory since.
+                    Some(cached) => Ok(&cached.chunk()[chunk::CHUNK_HEADER_LEN..]),
+                    None => {
+                        chunk.resize(meta.bytes as usize, 0);
+                        if let Err(e) = file.read_exact_at(&mut chunk, meta.offset) {
+                            // Nothing was lost; the chunks go back to waiting and the sender retries later.
+                            self.release(&taken[i..].iter().map(|(seq, ..)| *seq).collect::<Vec<_>>());
+                            self.release(&batch.chunks);
+                            return Err(self.storage(e));
+                        }
+                        decode_chunk(&chunk).map(|(_, payload)| payload)
+                    }
+                };
+                match verified {
+                    Ok(payload) => {
                         if batch.chunks.is_empty() {
                             batch.first_record = *seq;
                         }
@@ -811,57 +913,161 @@ impl Buffer {
             size += s;
         }
         push(&mut frames, &records[start..]);
-        frames.bytes.extend_from_slice(&segment::END_MARKER);
         frames
     }
 
-    /// Writes the chunks if they fit (evicting under `drop_oldest`); `None` if they must wait.
-    fn try_insert(
+    /// Queues the chunks for writing if they fit (evicting under `drop_oldest`), numbering them; `None` if they
+    /// must wait. Returns the receipt, what tells when they are written, and whether the caller must write the
+    /// queue (nobody is writing it).
+    fn try_queue(
         &self,
         frames: &mut Frames,
         needed: u64,
         accepted_at: i64,
-    ) -> Result<Option<AppendReceipt>, BufferError> {
+    ) -> Result<Option<(AppendReceipt, oneshot::Receiver<CommitResult>, bool)>, BufferError> {
         let mut state = self.lock();
         let max = self.inner.config.max_bytes;
         let mut dropped = 0;
-        if state.bytes + needed > max {
+        let used = state.bytes + state.queued_bytes;
+        if used + needed > max {
             match self.inner.config.when_full {
                 WhenFull::Block => return Ok(None),
-                WhenFull::DropOldest => {
-                    let to_free = state.bytes + needed - max;
-                    dropped = self.evict_oldest(&mut state, to_free)?;
-                }
+                WhenFull::DropOldest => dropped = self.evict_oldest(&mut state, used + needed - max)?,
             }
         }
-        self.rotate_if_due(&mut state)?;
         let first_seq = state.next_seq;
         let mut seq = first_seq;
         for &(count, start, end) in &frames.chunks {
             segment::seal_frame(&mut frames.bytes[start..end], seq);
             seq += u64::from(count);
         }
-        let (segment_first, active) = state.active();
-        let base = active.len;
-        segment::write_at(&active.file, &frames.bytes, base).map_err(|e| self.storage(e))?;
-        // The end marker is overwritten by the next append.
-        active.len += (frames.bytes.len() - FRAME_HEADER_LEN) as u64;
-        active.allocated = active.allocated.max(base + frames.bytes.len() as u64);
-        active.live += frames.chunks.len() as u64;
-        let file = active.file.clone();
-        let mut seq = first_seq;
-        for &(count, start, end) in &frames.chunks {
+        state.next_seq = seq;
+        state.queued_bytes += needed;
+        let (done, written) = oneshot::channel();
+        let frames = std::mem::replace(frames, Frames { bytes: Vec::new(), chunks: Vec::new() });
+        state.queue.push_back(QueuedAppend { frames, first_seq, accepted_at, bytes: needed, done });
+        let writes = !std::mem::replace(&mut state.writing, true);
+        Ok(Some((AppendReceipt { first_seq, records: seq - first_seq, dropped }, written, writes)))
+    }
+
+    /// Writes everything queued, with one write per round into the active segment, until the queue is empty.
+    /// One caller at a time (the one that found nobody writing): appends queued meanwhile join the next round,
+    /// so that under load the disk gets few large writes, which it takes several times faster than many small
+    /// ones (a 1 MiB direct write and its sync ran at 1.7× the speed of 260 KiB ones here).
+    fn write_queued(&self) {
+        let policy = self.inner.config.fsync;
+        loop {
+            if let FsyncPolicy::Batch { window } = policy
+                && !window.is_zero()
+            {
+                std::thread::sleep(window);
+            }
+            let mut state = self.lock();
+            let round: Vec<QueuedAppend> = match policy {
+                // Every append has its own write and its own sync.
+                FsyncPolicy::Always => state.queue.pop_front().into_iter().collect(),
+                FsyncPolicy::Batch { .. } | FsyncPolicy::Interval(_) => state.queue.drain(..).collect(),
+            };
+            let Some(first) = round.first() else {
+                state.writing = false;
+                return;
+            };
+            let taken = self.rotate_if_due(&mut state, first.first_seq).and_then(|()| {
+                let segments_dir = &self.inner.segments_dir;
+                let (segment_first, active) = state.active();
+                let writer = match active.writer.take() {
+                    Some(writer) => writer,
+                    None => {
+                        AppendFile::open_at(&segments_dir.join(segment::segment_name(segment_first)), active.len, true)
+                            .map_err(|e| self.storage(e))?
+                    }
+                };
+                Ok((segment_first, writer))
+            });
+            let (segment_first, mut writer) = match taken {
+                Ok(taken) => taken,
+                Err(error) => {
+                    state.queued_bytes -= round.iter().map(|q| q.bytes).sum::<u64>();
+                    drop(state);
+                    let error = Arc::new(io::Error::other(error.to_string()));
+                    for queued in round {
+                        let _ = queued.done.send(Err(error.clone()));
+                    }
+                    continue;
+                }
+            };
+            drop(state);
+
+            let base = writer.len();
+            let total = round.iter().map(|q| q.frames.bytes.len()).sum();
+            // The end marker tells a scan where this segment's frames stop; the next round overwrites it.
+            let written = writer.append_marked(
+                total,
+                |out| round.iter().for_each(|q| out.extend_from_slice(&q.frames.bytes)),
+                &segment::END_MARKER,
+            );
+
+            let mut state = self.lock();
+            state.queued_bytes -= round.iter().map(|q| q.bytes).sum::<u64>();
+            let active = state.segments.get_mut(&segment_first).expect("only the writer rotates the active segment");
+            active.len = writer.len();
+            active.allocated = active.allocated.max(writer.end());
+            active.writer = Some(writer);
+            let file = active.file.clone();
+            let result = match written {
+                Ok(()) => {
+                    let mut at = base;
+                    let mut chunks = 0;
+                    let mut ready = Vec::with_capacity(round.len());
+                    for queued in round {
+                        let len = queued.frames.bytes.len() as u64;
+                        chunks += queued.frames.chunks.len() as u64;
+                        ready.push(self.index(&mut state, queued, segment_first, at));
+                        at += len;
+                    }
+                    if let Some(active) = state.segments.get_mut(&segment_first) {
+                        active.live += chunks;
+                    }
+                    self.inner.unsynced.file(&file);
+                    (ready, Ok(()))
+                }
+                // The writer cut the file back: none of these frames is there, and none of them was accepted.
+                Err(e) => (round.into_iter().map(|q| q.done).collect(), Err(Arc::new(e))),
+            };
+            drop(state);
+            let (ready, mut result) = result;
+            // The sync happens here rather than on a thread of its own: it then never overlaps the next round's
+            // write (a device cache flush in the middle of a direct write slowed both; measured: 53 % → 82 % of
+            // `dd` with four sources), and appends arriving meanwhile make the next round larger.
+            if result.is_ok() && !matches!(policy, FsyncPolicy::Interval(_)) {
+                result = self.inner.unsynced.sync();
+            }
+            for done in ready {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+
+    /// Adds the chunks of an append written at `at` to the index (and to the cache, while it has room); returns
+    /// whom to tell.
+    fn index(&self, state: &mut State, queued: QueuedAppend, segment: u64, at: u64) -> oneshot::Sender<CommitResult> {
+        let frames = Arc::new(queued.frames.bytes);
+        let mut seq = queued.first_seq;
+        for &(count, start, end) in &queued.frames.chunks {
             let bytes = (end - start - FRAME_HEADER_LEN) as u64;
-            let offset = base + (start + FRAME_HEADER_LEN) as u64;
-            let meta = ChunkMeta { count, bytes, accepted_at, in_flight: false, segment: segment_first, offset };
+            let offset = at + (start + FRAME_HEADER_LEN) as u64;
+            let accepted_at = queued.accepted_at;
+            let meta = ChunkMeta { count, bytes, accepted_at, in_flight: false, segment, offset };
             state.bytes += bytes;
             state.records += u64::from(count);
             state.index.insert(seq, meta);
+            if state.cached_bytes + bytes <= CACHE_BYTES {
+                state.cache.insert(seq, CachedChunk { frames: frames.clone(), start: start + FRAME_HEADER_LEN, end });
+                state.cached_bytes += bytes;
+            }
             seq += u64::from(count);
         }
-        state.next_seq = seq;
-        self.inner.unsynced.file(&file);
-        Ok(Some(AppendReceipt { first_seq, records: seq - first_seq, dropped }))
+        queued.done
     }
 
     /// Starts a new active segment (a recycled one if a spare is waiting) when the current one is full. Without
@@ -869,7 +1075,8 @@ impl Buffer {
     /// data gives its room back soon. With recycling a spent segment keeps its room as a spare anyway, and early
     /// rotations under a sender that keeps up would only add renames and directory syncs (one per quarter
     /// segment instead of one per segment).
-    fn rotate_if_due(&self, state: &mut State) -> Result<(), BufferError> {
+    /// `first_seq` is the first sequence number the next write holds: a new segment is named after it.
+    fn rotate_if_due(&self, state: &mut State, first_seq: u64) -> Result<(), BufferError> {
         let segment_bytes = self.inner.segment_bytes;
         let recycling = self.inner.config.spare_segments > 0;
         let (_, active) = state.active();
@@ -877,7 +1084,9 @@ impl Buffer {
         if active.len < segment_bytes && !spent_early {
             return Ok(());
         }
-        let next = state.next_seq;
+        let next = first_seq;
+        // No more appends go to the segment that was active: its direct-I/O handle closes.
+        state.active().1.writer = None;
         let spare = take_spare(&mut state.spares);
         let (file, allocated) =
             segment::create(&self.inner.segments_dir, next, spare.as_ref()).map_err(|e| self.storage(e))?;
@@ -961,24 +1170,6 @@ impl Buffer {
         Ok(dropped)
     }
 
-    /// Waits for the commit that covers what this append wrote.
-    async fn make_durable(&self) -> Result<(), BufferError> {
-        if matches!(self.inner.config.fsync, FsyncPolicy::Interval(_)) {
-            return Ok(());
-        }
-        let Some(committer) = &self.inner.committer else { return Ok(()) };
-        let (tx, rx) = oneshot::channel();
-        {
-            let waiters = committer.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            waiters.as_ref().ok_or(BufferError::Closed)?.send(tx).map_err(|_| BufferError::Closed)?;
-        }
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.storage(io::Error::new(e.kind(), e.to_string()))),
-            Err(_) => Err(BufferError::Closed),
-        }
-    }
-
     fn discard_corrupt(&self, seq: u64, error: &ChunkError) -> Result<(), BufferError> {
         error!(message = "Removing corrupted buffer chunk; its records are lost.", %error, seq, path = %self.inner.path.display());
         {
@@ -1001,11 +1192,16 @@ impl Buffer {
     /// Overwrites a stored chunk with garbage, as a disk error would.
     #[cfg(test)]
     pub(crate) fn corrupt_chunk_for_test(&self, seq: u64) {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.uncache(seq);
         let meta = state.index[&seq];
         let garbage = b"\x01garbage-garbage-garbage";
         let len = garbage.len().min(meta.bytes as usize);
-        state.segments[&meta.segment].file.write_all_at(&garbage[..len], meta.offset).unwrap();
+        let segment = state.segments.get_mut(&meta.segment).unwrap();
+        segment.file.write_all_at(&garbage[..len], meta.offset).unwrap();
+        // The writer keeps the file's last partial block in memory and would write it back unharmed; reopened,
+        // it reads the damage back.
+        segment.writer = None;
     }
 
     /// Keys of the stored chunks.
@@ -1062,7 +1258,14 @@ impl<'a> Recovery<'a> {
     fn load_segment(&mut self, state: &mut State, first: u64, file: &Path, successor: Option<u64>) -> io::Result<()> {
         let mut live = 0;
         let mut end_seq = first;
+        // In the newest segment, a last frame whose chunk does not verify is a write the last run did not finish
+        // (direct writes are padded, so a torn one need not end early): cut off, not counted as damage. Held
+        // here until a later frame shows it was not the last.
+        let mut unfinished: Option<(u64, u64, ChunkError)> = None;
         let scan = segment::scan(file, first, |header, chunk_offset, chunk| {
+            if let Some((seq, _, error)) = unfinished.take() {
+                self.count_corrupt(seq, &error);
+            }
             let seq = header.seq;
             // Whether the chunk is still here, gone or damaged, its sequence numbers were handed out and must
             // never be again: the aggregator may hold them.
@@ -1071,24 +1274,37 @@ impl<'a> Recovery<'a> {
                 self.seen_removed.insert(seq);
                 return;
             }
-            if !state.index.contains_key(&seq) && self.index_chunk(state, seq, chunk, first, chunk_offset) {
-                live += 1;
+            if state.index.contains_key(&seq) {
+                return;
+            }
+            match decode_chunk(chunk) {
+                Err(error) if successor.is_none() => {
+                    unfinished = Some((seq, chunk_offset - FRAME_HEADER_LEN as u64, error));
+                }
+                _ => live += u64::from(self.index_chunk(state, seq, chunk, first, chunk_offset)),
             }
         })?;
         state.next_seq = state.next_seq.max(end_seq);
         let mut allocated = scan.file_len;
+        let mut valid_len = scan.valid_len;
+        let mut unfinished_write = scan.end == segment::ScanEnd::Unreadable;
+        if let Some((seq, frame_offset, error)) = unfinished {
+            warn!(message = "The newest buffer chunk does not verify: a write the last run did not finish.", seq, %error, segment = %file.display());
+            valid_len = frame_offset;
+            unfinished_write = true;
+        }
         match successor {
             // Appends continue after the last whole frame; whatever follows it goes, so that nothing written
             // before can ever line up behind a later append.
-            None if scan.valid_len < scan.file_len => {
-                let cut = scan.file_len - scan.valid_len;
-                if scan.end == segment::ScanEnd::Unreadable {
+            None if valid_len < scan.file_len => {
+                let cut = scan.file_len - valid_len;
+                if unfinished_write {
                     warn!(message = "Cutting off a write the last run did not finish; it was never accepted.", bytes = cut, segment = %file.display());
                 }
                 let handle = std::fs::OpenOptions::new().write(true).open(file)?;
-                handle.set_len(scan.valid_len)?;
+                handle.set_len(valid_len)?;
                 handle.sync_all()?;
-                allocated = scan.valid_len;
+                allocated = valid_len;
             }
             Some(successor) if scan.lost_frames(end_seq, successor) => {
                 error!(message = "A buffer segment is damaged; the chunks after the damage are lost.", offset = scan.valid_len, bytes = scan.file_len - scan.valid_len, segment = %file.display());
@@ -1098,7 +1314,7 @@ impl<'a> Recovery<'a> {
         }
         state.next_seq = state.next_seq.max(first);
         let handle = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
-        let mut segment = Segment::new(handle, scan.valid_len, allocated);
+        let mut segment = Segment::new(handle, valid_len, allocated);
         segment.live = live;
         state.segments.insert(first, segment);
         Ok(())
@@ -1124,12 +1340,17 @@ impl<'a> Recovery<'a> {
                 true
             }
             Err(error) => {
-                error!(message = "Removing corrupted buffer chunk; its records are lost.", %error, seq, path = %self.path.display());
-                self.corrupted += 1;
-                self.newly_removed.push(seq);
+                self.count_corrupt(seq, &error);
                 false
             }
         }
+    }
+
+    /// Counts, logs and marks removed a chunk that does not verify.
+    fn count_corrupt(&mut self, seq: u64, error: &ChunkError) {
+        error!(message = "Removing corrupted buffer chunk; its records are lost.", %error, seq, path = %self.path.display());
+        self.corrupted += 1;
+        self.newly_removed.push(seq);
     }
 
     /// Moves the chunks the sled-only version stored into a segment of their own, then empties its tree.
@@ -1275,47 +1496,20 @@ impl Unsynced {
     }
 }
 
-/// The commit thread. `always` and `batch`: waits for the first waiter, lets the window pass, then one sync
-/// answers everyone who arrived meanwhile (`always` has no window: every waiter gets its own sync).
-/// `interval`: syncs on a timer; appends do not wait. At shutdown it syncs what is left.
-fn spawn_committer(unsynced: Arc<Unsynced>, policy: FsyncPolicy) -> io::Result<Committer> {
-    let (tx, rx) = mpsc::channel::<CommitWaiter>();
-    let thread = std::thread::Builder::new().name("buffer-commit".into()).spawn(move || match policy {
-        FsyncPolicy::Interval(every) => loop {
-            match rx.recv_timeout(every) {
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Err(error) = unsynced.sync() {
-                        error!(message = "Periodic buffer sync failed; will retry.", %error);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = unsynced.sync();
-                    break;
-                }
+/// The `interval` policy's sync thread: syncs on a timer (appends do not wait for it), and what is left at
+/// shutdown.
+fn spawn_committer(unsynced: Arc<Unsynced>, every: Duration) -> io::Result<Committer> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new().name("buffer-commit".into()).spawn(move || {
+        // Nothing is ever sent: the sender's drop is the stop signal.
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+            if let Err(error) = unsynced.sync() {
+                error!(message = "Periodic buffer sync failed; will retry.", %error);
             }
-        },
-        FsyncPolicy::Always | FsyncPolicy::Batch { .. } => {
-            let window = match policy {
-                FsyncPolicy::Batch { window } => Some(window),
-                _ => None,
-            };
-            while let Ok(first) = rx.recv() {
-                let mut waiters = vec![first];
-                if let Some(window) = window {
-                    if !window.is_zero() {
-                        std::thread::sleep(window);
-                    }
-                    waiters.extend(rx.try_iter());
-                }
-                let result = unsynced.sync();
-                for waiter in waiters {
-                    let _ = waiter.send(result.clone());
-                }
-            }
-            let _ = unsynced.sync();
         }
+        let _ = unsynced.sync();
     })?;
-    Ok(Committer { waiters: Mutex::new(Some(tx)), thread: Some(thread) })
+    Ok(Committer { stop: Mutex::new(Some(stop)), thread: Some(thread) })
 }
 
 /// The spare that brings the most blocks, if any.
@@ -1339,6 +1533,10 @@ const SLED_FLUSH_MS: u64 = 200;
 /// Tests use a smaller minimum, so that a model test rotates and recycles segments with a few records.
 const MIN_SEGMENT_BYTES: u64 = if cfg!(test) { 4 << 10 } else { 1 << 20 };
 const MAX_SEGMENT_BYTES: u64 = 128 << 20;
+/// Memory for chunks waiting to be sent ([`State::cache`]): at 1 GB/s of appends, the sender may fall this many
+/// tens of milliseconds behind before it reads from the disk. When the aggregator is away, it holds the oldest
+/// waiting chunks: the first to be sent when it is back.
+const CACHE_BYTES: u64 = 64 << 20;
 
 /// sled's files, for a real `fdatasync` after its flush when the buffer's identity is first written (sled's
 /// own flush uses `sync_file_range`, which neither flushes the device cache nor the file size).

@@ -1,7 +1,8 @@
 //! Segment files: where the buffer's chunks live on disk.
 //!
-//! A segment is a file `segments/<first seq, 20 digits>.log` holding frames back to back, each append followed
-//! by an end marker that the next append overwrites:
+//! A segment is a file `segments/<first seq, 20 digits>.log` holding frames back to back, each write followed
+//! by an end marker that the next write overwrites (and, since writes are direct I/O, by zeros up to the next
+//! 4 KiB boundary):
 //!
 //! ```text
 //!  frame:  u64 seq │ u32 len │ u32 crc32c(seq ‖ len) │ chunk[len]      (little-endian; the chunk has its own CRC)

@@ -351,7 +351,8 @@ fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
     }
     // What a kill during the next write leaves: a whole header and part of its chunk, over the end marker.
     let segment = dir.path().join("segments").join(segment::segment_name(1));
-    let whole = std::fs::metadata(&segment).unwrap().len() - FRAME_HEADER_LEN as u64;
+    // (The file may be longer than its frames: direct writes pad it to a whole block after the end marker.)
+    let whole = segment::scan(&segment, 1, |_, _, _| {}).unwrap().valid_len;
     let mut frame = vec![0; FRAME_HEADER_LEN];
     frame.extend(chunk::encode_chunk(&[record(3, 50)], 0));
     segment::seal_frame(&mut frame, 4);
@@ -361,7 +362,8 @@ fn a_write_cut_short_by_a_crash_is_cut_off_and_everything_accepted_stays() {
 
     let buffer = Buffer::open(dir.path(), config(1 << 20, WhenFull::Block)).unwrap();
     assert_eq!(std::fs::metadata(&segment).unwrap().len(), whole, "the torn frame is cut off");
-    assert_eq!((buffer.stats().records, buffer.stats().corrupted_chunks, buffer.stats().next_seq), (3, 0, 4));
+    // The torn chunk's sequence number is not handed out again (a sender may have taken it before the crash).
+    assert_eq!((buffer.stats().records, buffer.stats().corrupted_chunks, buffer.stats().next_seq), (3, 0, 5));
     rt.block_on(buffer.append(&[record(3, 50)], Duration::ZERO)).unwrap();
     let batch = buffer.next_batch(10, u64::MAX).unwrap().unwrap();
     assert_eq!(ids(&batch), vec!["0", "1", "2", "3"]);
@@ -460,6 +462,10 @@ struct Model {
     in_flight: VecDeque<PendingBatch>,
     next_id: u64,
     corrupted: u64,
+    /// The chunk written last since the buffer was opened: the last frame of the newest segment, where damage
+    /// cannot be told from a write cut short by a crash (recovery cuts it off without counting it), so the
+    /// model does not damage it.
+    last_written: Option<u64>,
 }
 
 proptest! {
@@ -492,6 +498,7 @@ proptest! {
                         let ids = (*key..end).map(|seq| model.next_id + (seq - receipt.first_seq)).collect();
                         model.chunks.push((*key, ids));
                     }
+                    model.last_written = new_keys.last().copied();
                     model.next_id += u64::from(count);
                 }
                 Op::Take { max_records } => {
@@ -529,11 +536,14 @@ proptest! {
                     drop(buffer);
                     buffer = open();
                     model.in_flight.clear();
+                    model.last_written = None;
                 }
                 Op::Corrupt { pick } => {
                     // Only chunks not in flight: an in-flight chunk was already read into memory.
                     let taken: Vec<u64> = model.in_flight.iter().flat_map(|b| b.chunks.clone()).collect();
-                    let candidates: Vec<usize> = (0..model.chunks.len()).filter(|i| !taken.contains(&model.chunks[*i].0)).collect();
+                    let candidates: Vec<usize> = (0..model.chunks.len())
+                        .filter(|i| !taken.contains(&model.chunks[*i].0) && Some(model.chunks[*i].0) != model.last_written)
+                        .collect();
                     if !candidates.is_empty() {
                         let index = candidates[usize::from(pick) % candidates.len()];
                         let (key, _) = model.chunks.remove(index);
