@@ -213,6 +213,14 @@ impl AppendFile {
     }
 }
 
+/// Asks the kernel to start reading `len` bytes of `file` from `offset` into the page cache in the background
+/// (`posix_fadvise(WILLNEED)`), so that the reads that follow find them there: what direct writes left behind is
+/// not cached, and the kernel's own readahead for a reader of whole chunks is a fraction of a chunk. A hint only;
+/// a filesystem that ignores it costs nothing.
+pub fn prefetch(file: &File, offset: u64, len: u64) {
+    let _ = rustix::fs::fadvise(file, offset, std::num::NonZeroU64::new(len), rustix::fs::Advice::WillNeed);
+}
+
 /// Whether `rest` (what follows the last whole entry of a log) is only the zero padding of direct appends: the
 /// end of the log, not a torn or damaged write.
 pub fn is_padding(rest: &[u8]) -> bool {

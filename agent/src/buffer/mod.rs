@@ -745,6 +745,11 @@ impl Buffer {
                 record_count: 0,
                 payload: Vec::with_capacity(taken.iter().map(|(_, m, ..)| m.bytes as usize).sum()),
             };
+            // A sender catching up reads what is no longer in memory from the disk: this batch's chunks and those
+            // after them are read in large requests, ahead of the reads below.
+            if let Some((_, meta, file, _)) = taken.iter().find(|(.., cached)| cached.is_none()) {
+                akosha_fsio::prefetch(file, meta.offset, PREFETCH_BYTES);
+            }
             let mut chunk = Vec::new();
             for (i, (seq, meta, file, cached)) in taken.iter().enumerate() {
                 let verified = match cached {
@@ -1537,6 +1542,8 @@ const MAX_SEGMENT_BYTES: u64 = 128 << 20;
 /// tens of milliseconds behind before it reads from the disk. When the aggregator is away, it holds the oldest
 /// waiting chunks: the first to be sent when it is back.
 const CACHE_BYTES: u64 = 64 << 20;
+/// How much of a segment is read ahead from the first chunk of a batch that is read from the disk.
+const PREFETCH_BYTES: u64 = 16 << 20;
 
 /// sled's files, for a real `fdatasync` after its flush when the buffer's identity is first written (sled's
 /// own flush uses `sync_file_range`, which neither flushes the device cache nor the file size).
