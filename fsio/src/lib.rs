@@ -187,7 +187,7 @@ impl AppendFile {
         self.len
     }
 
-    /// Bytes the file holds at least: the log and whatever was written or found after it.
+    /// How far the file reaches: the furthest byte written, or its size at open if larger (until a `trim`).
     pub fn end(&self) -> u64 {
         self.end
     }

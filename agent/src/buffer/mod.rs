@@ -463,6 +463,21 @@ impl Drop for QueueWriter {
     }
 }
 
+/// Should the writer panic, lets the next append write again instead of every later append waiting forever;
+/// the appends it held are told the buffer closed (their senders are dropped), none is reported stored.
+struct WriterUnwind<'a>(&'a Buffer);
+
+impl Drop for WriterUnwind<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.lock();
+            state.writing = false;
+            state.queued_bytes = 0;
+            state.queue.clear();
+        }
+    }
+}
+
 /// Sealed frames waiting for the writer.
 struct QueuedAppend {
     frames: Frames,
@@ -518,6 +533,28 @@ impl State {
             segment.live -= 1;
         }
         Some(meta)
+    }
+
+    /// Adds the chunks of an append written at `at` in `segment` to the index (and to the cache, while it has
+    /// room); returns whom to tell.
+    fn index_written(&mut self, queued: QueuedAppend, segment: u64, at: u64) -> oneshot::Sender<CommitResult> {
+        let frames = Arc::new(queued.frames.bytes);
+        let mut seq = queued.first_seq;
+        for &(count, start, end) in &queued.frames.chunks {
+            let bytes = (end - start - FRAME_HEADER_LEN) as u64;
+            let offset = at + (start + FRAME_HEADER_LEN) as u64;
+            let accepted_at = queued.accepted_at;
+            let meta = ChunkMeta { count, bytes, accepted_at, in_flight: false, segment, offset };
+            self.bytes += bytes;
+            self.records += u64::from(count);
+            self.index.insert(seq, meta);
+            if self.cached_bytes + bytes <= CACHE_BYTES {
+                self.cache.insert(seq, CachedChunk { frames: frames.clone(), start: start + FRAME_HEADER_LEN, end });
+                self.cached_bytes += bytes;
+            }
+            seq += u64::from(count);
+        }
+        queued.done
     }
 
     /// Drops the in-memory copy of a chunk, if there is one.
@@ -665,7 +702,10 @@ impl Buffer {
             match self.try_queue(&mut frames, needed, accepted_at)? {
                 Some(queued) => break queued,
                 None => {
-                    let used = self.lock().bytes;
+                    let used = {
+                        let state = self.lock();
+                        state.bytes + state.queued_bytes
+                    };
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
                         return Err(BufferError::Full { used, max, needed });
                     }
@@ -961,6 +1001,7 @@ impl Buffer {
     /// ones (a 1 MiB direct write and its sync ran at 1.7× the speed of 260 KiB ones here).
     fn write_queued(&self) {
         let policy = self.inner.config.fsync;
+        let _unwinding = WriterUnwind(self);
         loop {
             if let FsyncPolicy::Batch { window } = policy
                 && !window.is_zero()
@@ -994,7 +1035,10 @@ impl Buffer {
                 Err(error) => {
                     state.queued_bytes -= round.iter().map(|q| q.bytes).sum::<u64>();
                     drop(state);
-                    let error = Arc::new(io::Error::other(error.to_string()));
+                    let error = Arc::new(match error {
+                        BufferError::Storage { source, .. } => source,
+                        other => io::Error::other(other.to_string()),
+                    });
                     for queued in round {
                         let _ = queued.done.send(Err(error.clone()));
                     }
@@ -1014,7 +1058,13 @@ impl Buffer {
 
             let mut state = self.lock();
             state.queued_bytes -= round.iter().map(|q| q.bytes).sum::<u64>();
-            let active = state.segments.get_mut(&segment_first).expect("only the writer rotates the active segment");
+            // Only this writer rotates, and the active segment is never deleted: it is still there.
+            let Some(active) = state.segments.get_mut(&segment_first) else {
+                drop(state);
+                let error = Arc::new(io::Error::other("the active buffer segment vanished during a write"));
+                round.into_iter().for_each(|q| drop(q.done.send(Err(error.clone()))));
+                continue;
+            };
             active.len = writer.len();
             active.allocated = active.allocated.max(writer.end());
             active.writer = Some(writer);
@@ -1027,7 +1077,7 @@ impl Buffer {
                     for queued in round {
                         let len = queued.frames.bytes.len() as u64;
                         chunks += queued.frames.chunks.len() as u64;
-                        ready.push(self.index(&mut state, queued, segment_first, at));
+                        ready.push(state.index_written(queued, segment_first, at));
                         at += len;
                     }
                     if let Some(active) = state.segments.get_mut(&segment_first) {
@@ -1051,28 +1101,6 @@ impl Buffer {
                 let _ = done.send(result.clone());
             }
         }
-    }
-
-    /// Adds the chunks of an append written at `at` to the index (and to the cache, while it has room); returns
-    /// whom to tell.
-    fn index(&self, state: &mut State, queued: QueuedAppend, segment: u64, at: u64) -> oneshot::Sender<CommitResult> {
-        let frames = Arc::new(queued.frames.bytes);
-        let mut seq = queued.first_seq;
-        for &(count, start, end) in &queued.frames.chunks {
-            let bytes = (end - start - FRAME_HEADER_LEN) as u64;
-            let offset = at + (start + FRAME_HEADER_LEN) as u64;
-            let accepted_at = queued.accepted_at;
-            let meta = ChunkMeta { count, bytes, accepted_at, in_flight: false, segment, offset };
-            state.bytes += bytes;
-            state.records += u64::from(count);
-            state.index.insert(seq, meta);
-            if state.cached_bytes + bytes <= CACHE_BYTES {
-                state.cache.insert(seq, CachedChunk { frames: frames.clone(), start: start + FRAME_HEADER_LEN, end });
-                state.cached_bytes += bytes;
-            }
-            seq += u64::from(count);
-        }
-        queued.done
     }
 
     /// Starts a new active segment (a recycled one if a spare is waiting) when the current one is full. Without
