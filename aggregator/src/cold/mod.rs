@@ -41,6 +41,7 @@
 pub mod access;
 pub mod cache;
 pub mod scan;
+mod write;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -67,6 +68,9 @@ const GROUPS_PER_BATCH: usize = 64;
 const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
 /// Rows per batch, so that a batch's local files stay a bounded amount of disk (a group is never split).
 const ROWS_PER_BATCH: u64 = 500_000;
+/// Rows per object at most: a writer holds an object's rows in memory until it is written and verified (with
+/// vectors ≈ 1.6 KB per row, so ≈ 400 MB).
+const OBJECT_MAX_ROWS: usize = 250_000;
 /// The mover connection's scratch table of the rows a batch is moving, with their content hashes.
 const MOVING: &str = "cold_moving";
 
@@ -88,6 +92,33 @@ struct Export {
     stored: Stored,
     min_ts: i64,
     max_ts: i64,
+}
+
+/// Rows on their way to one object (see [`ColdTier::write_groups`]).
+struct Pending {
+    idx: usize,
+    part: usize,
+    rows: usize,
+    checksum: i128,
+    batches: Vec<arrow::array::RecordBatch>,
+}
+
+impl Pending {
+    fn new(idx: usize, part: usize) -> Pending {
+        Pending { idx, part, rows: 0, checksum: 0, batches: Vec::new() }
+    }
+}
+
+/// An object written for one group (see [`ColdTier::write_groups`]).
+struct GroupFile {
+    /// The group's index.
+    idx: usize,
+    /// Which of the group's objects (a group above `OBJECT_MAX_ROWS` rows gets several).
+    part: usize,
+    path: PathBuf,
+    written: write::Written,
+    /// Sum of the exported rows' content hashes (recorded in the journal).
+    checksum: i128,
 }
 
 /// What goes to the store for a local Parquet file: the file itself, or a sealed copy beside it.
@@ -264,22 +295,6 @@ impl EmbeddingEncoding {
             EmbeddingEncoding::Int8 => hash_with_embedding(row, &format!("hash({row}.embedding)")),
         }
     }
-
-    /// The same hash of a row read from a freshly written object ([`Self::file_columns`]).
-    fn file_hash(self, row: &str) -> String {
-        match self {
-            EmbeddingEncoding::F32 => row_hash(row),
-            EmbeddingEncoding::Int8 => hash_with_embedding(row, &format!("{row}.embedding_hash")),
-        }
-    }
-
-    /// The columns [`Self::file_hash`] needs from a freshly written object.
-    fn file_columns(self) -> String {
-        match self {
-            EmbeddingEncoding::F32 => typed_columns(false),
-            EmbeddingEncoding::Int8 => format!("{}, embedding_hash", typed_columns(true)),
-        }
-    }
 }
 
 impl ColdConfig {
@@ -347,6 +362,12 @@ pub enum ColdError {
         /// The last failure.
         last: String,
     },
+    /// Writing or reading back a Parquet object failed.
+    #[error("cold tier Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    /// Arrow data from the warm tier could not be handled.
+    #[error("cold tier Arrow data: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
     /// An object does not match what was written.
     #[error("cold tier verification failed: {0}")]
     Corrupt(String),
@@ -607,41 +628,11 @@ fn batches(groups: &[Group]) -> Vec<&[Group]> {
     out
 }
 
-/// A `sum(hash)` as DuckDB prints a HUGEINT.
-fn parse_sum(text: &str) -> Result<i128, ColdError> {
-    text.parse().map_err(|_| ColdError::Corrupt(format!("checksum {text:?} is not a number")))
-}
-
 /// Where the sealed copy of a local Parquet file goes (removed with it).
 fn sealed_path(file: &Path) -> PathBuf {
     let mut name = file.as_os_str().to_owned();
     name.push(".sealed");
     PathBuf::from(name)
-}
-
-/// How many exports of a batch run at once: one per DuckDB worker thread (at most four).
-fn export_streams(conn: &Connection) -> Result<usize, ColdError> {
-    let threads: i64 = conn.query_row("SELECT current_setting('threads')::BIGINT", [], |r| r.get(0))?;
-    Ok(usize::try_from(threads).unwrap_or(1).clamp(1, 4))
-}
-
-/// The sha256 and length of a file, read in chunks.
-fn sha256_file(path: &Path) -> Result<(String, u64), ColdError> {
-    use std::io::Read;
-    let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex(&hasher.finalize()), len))
 }
 
 fn new_uuid() -> String {
@@ -845,13 +836,6 @@ impl ColdTier {
         result
     }
 
-    /// Uploads `file` as `key` and reads it back to compare checksums.
-    fn upload_verified(&self, file: &Path, key: &str, sha256: &str, bytes: u64) -> Result<(), ColdError> {
-        self.check_breaker()?;
-        let result = self.block_on(self.upload_one(file, key, sha256, bytes));
-        self.record(result)
-    }
-
     async fn upload_one(&self, file: &Path, key: &str, sha256: &str, bytes: u64) -> Result<(), ColdError> {
         let path = self.location.join(key);
         let store = &self.location.store;
@@ -878,18 +862,19 @@ impl ColdTier {
     }
 
     /// The form `file` is stored in: as it is, or sealed under a new data key when encryption is configured.
-    fn stored_form(&self, file: &Path) -> Result<Stored, ColdError> {
+    fn stored_form(&self, file: &Path, plain: &[u8], sha256: &str) -> Result<Stored, ColdError> {
         let Some(keyring) = &self.config.encryption else {
-            let (sha256, bytes) = sha256_file(file)?;
-            return Ok(Stored { path: file.to_owned(), sha256, bytes, sealed: None });
+            return Ok(Stored {
+                path: file.to_owned(),
+                sha256: sha256.to_owned(),
+                bytes: plain.len() as u64,
+                sealed: None,
+            });
         };
-        let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", file.display()));
-        let plain = std::fs::read(file).map_err(io)?;
         let (sealed, wrapped) =
-            keyring.seal(&plain).map_err(|error| ColdError::Sealed { key: file.display().to_string(), error })?;
-        drop(plain);
+            keyring.seal(plain).map_err(|error| ColdError::Sealed { key: file.display().to_string(), error })?;
         let path = sealed_path(file);
-        std::fs::write(&path, &sealed).map_err(io)?;
+        std::fs::write(&path, &sealed).map_err(|e| ColdError::Io(format!("{}: {e}", path.display())))?;
         Ok(Stored { path, sha256: hex(&Sha256::digest(&sealed)), bytes: sealed.len() as u64, sealed: Some(wrapped) })
     }
 
@@ -1265,119 +1250,23 @@ impl ColdTier {
             .enumerate()
             .map(|(i, g)| format!("({i}, {}, DATE {})", sql_text(&g.system_id), sql_text(&g.day)))
             .collect();
-        // The warm rows of some of the batch's groups, each with its group's index `g.idx`.
-        let selection_of = |values: &[&str]| {
-            format!(
-                "FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
-                 ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})",
-                values.join(", ")
-            )
-        };
-        let selection = selection_of(&values.iter().map(String::as_str).collect::<Vec<_>>());
-        let io = |e: std::io::Error| ColdError::Io(format!("{}: {e}", batch_dir.display()));
+        // The warm rows of the batch's groups, each with its group's index `g.idx`.
+        let selection = format!(
+            "FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
+             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})",
+            values.join(", ")
+        );
         let copy_ms;
-        // 1. Export and compare under the warm lock, so that a hot→warm move cannot change the rows in between.
+        // 1. Export under the warm lock, so that a hot→warm move cannot change the rows in between.
         {
             let _moving = warm.lock_moves();
-            let streams = export_streams(conn)?.min(groups.len()).max(1);
-            // DuckDB creates each stream's directory, not its parent.
-            std::fs::create_dir_all(batch_dir).map_err(io)?;
-            let export = |conn: &Connection, stream: usize| -> Result<(), ColdError> {
-                let values: Vec<&str> =
-                    values.iter().enumerate().filter(|(i, _)| i % streams == stream).map(|(_, v)| v.as_str()).collect();
-                conn.execute_batch(&format!(
-                    "COPY (SELECT w.idx, {} FROM (SELECT g.idx, w.*{} {}) w ORDER BY w.ts, w.id) TO {} \
-                     (FORMAT parquet, PARTITION_BY (idx), COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                    self.config.embedding_encoding.stored_columns("w"),
-                    self.config.embedding_encoding.scale_column("w"),
-                    selection_of(&values),
-                    sql_text(&batch_dir.join(format!("stream={stream}")).display().to_string()),
-                    self.config.row_group_rows
-                ))?;
-                Ok(())
-            };
-            // DuckDB writes a partitioned COPY on one core: the groups are split over several exports, each on its
-            // own connection, that run at once (90,000 rows: 1.7–2.1 s as one export, 1.1–1.5 s as two).
-            std::thread::scope(|scope| -> Result<(), ColdError> {
-                let others: Vec<_> = (1..streams)
-                    .map(|stream| {
-                        let conn = conn.try_clone()?;
-                        Ok(scope.spawn(move || export(&conn, stream)))
-                    })
-                    .collect::<Result<_, ColdError>>()?;
-                let mine = export(conn, 0);
-                for other in others {
-                    other.join().map_err(|_| ColdError::Io("a cold export thread panicked".into()))??;
-                }
-                mine
-            })?;
+            std::fs::create_dir_all(batch_dir).map_err(|e| ColdError::Io(format!("{}: {e}", batch_dir.display())))?;
+            let files =
+                self.write_groups(conn, &format!("(SELECT g.idx, w.* {selection})"), groups.len(), batch_dir, true)?;
             copy_ms = lap();
-            // The exported versions, hashed once: the sums checked against the files below, and the exact rows
-            // step 4 deletes (re-reading and re-hashing the files there cost a third of a move).
-            conn.execute_batch(&format!(
-                "CREATE OR REPLACE TEMP TABLE {MOVING} AS SELECT g.idx, w.system_id, w.id, w.ts, {} AS h {selection}",
-                self.config.embedding_encoding.warm_hash("w")
-            ))?;
-            let in_warm: std::collections::HashMap<usize, (i64, i128)> = {
-                let mut stmt = conn
-                    .prepare(&format!("SELECT idx, count(*), sum(h::HUGEINT)::VARCHAR FROM {MOVING} GROUP BY idx"))?;
-                stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?
-                    .map(|row| {
-                        let (idx, n, sum) = row?;
-                        Ok((idx as usize, (n, parse_sum(&sum)?)))
-                    })
-                    .collect::<Result<_, ColdError>>()?
-            };
-            // DuckDB writes `<batch_dir>/stream=<s>/idx=<i>/data_<n>.parquet`; each file becomes one object.
-            let mut files = Vec::new();
-            for stream in 0..streams {
-                let stream_dir = batch_dir.join(format!("stream={stream}"));
-                if !stream_dir.exists() {
-                    continue;
-                }
-                for dir in std::fs::read_dir(&stream_dir).map_err(io)?.flatten() {
-                    let name = dir.file_name().to_string_lossy().into_owned();
-                    let Some(idx) = name.strip_prefix("idx=").and_then(|i| i.parse::<usize>().ok()) else {
-                        continue;
-                    };
-                    let group = groups.get(idx).filter(|_| idx % streams == stream).ok_or_else(|| {
-                        ColdError::Corrupt(format!("export wrote partition {name}, which is not in the batch"))
-                    })?;
-                    for file in std::fs::read_dir(dir.path()).map_err(io)?.flatten() {
-                        files.push((idx, group, file.path()));
-                    }
-                }
-            }
-            files.sort_by(|a, b| a.2.cmp(&b.2));
-            let in_files: std::collections::HashMap<String, (i64, i128, i64, i64)> = if files.is_empty() {
-                Default::default()
-            } else {
-                let list: Vec<String> = files.iter().map(|f| sql_text(&f.2.display().to_string())).collect();
-                let mut stmt = conn.prepare(&format!(
-                    "SELECT filename, count(*), sum({}::HUGEINT)::VARCHAR, epoch_us(min(ts)), epoch_us(max(ts)) \
-                     FROM (SELECT {}, filename FROM read_parquet([{}], filename = true, hive_partitioning = false)) w \
-                     GROUP BY filename",
-                    self.config.embedding_encoding.file_hash("w"),
-                    self.config.embedding_encoding.file_columns(),
-                    list.join(", ")
-                ))?;
-                stmt.query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?))
-                })?
-                .map(|row| {
-                    let (file, n, sum, min_ts, max_ts) = row?;
-                    Ok((file, (n, parse_sum(&sum)?, min_ts, max_ts)))
-                })
-                .collect::<Result<_, ColdError>>()?
-            };
-            let mut exported: std::collections::HashMap<usize, (i64, i128)> = Default::default();
-            for (idx, group, file) in &files {
-                let (rows, sum, min_ts, max_ts) =
-                    in_files.get(&file.display().to_string()).copied().unwrap_or_default();
-                let total = exported.entry(*idx).or_default();
-                total.0 += rows;
-                total.1 += sum;
-                let stored = self.stored_form(file)?;
+            for file in files {
+                let group = &groups[file.idx];
+                let stored = self.stored_form(&file.path, &file.written.bytes, &file.written.sha256)?;
                 objects.push(Export {
                     key: format!(
                         "kind={t}/system={}/date={}/part-{}{}",
@@ -1386,28 +1275,15 @@ impl ColdTier {
                         new_uuid(),
                         self.config.embedding_encoding.key_suffix()
                     ),
-                    file: file.clone(),
+                    file: file.path,
                     system_id: group.system_id.clone(),
                     day: group.day.clone(),
-                    rows: rows as u64,
-                    checksum: sum.to_string(),
+                    rows: file.written.rows,
+                    checksum: file.checksum.to_string(),
                     stored,
-                    min_ts,
-                    max_ts,
+                    min_ts: file.written.min_ts,
+                    max_ts: file.written.max_ts,
                 });
-            }
-            if exported != in_warm {
-                let group_of = |i: &usize| groups.get(*i).map(|g| format!("{}/{}", g.system_id, g.day));
-                let differing: Vec<String> = in_warm
-                    .keys()
-                    .chain(exported.keys())
-                    .filter(|i| in_warm.get(i) != exported.get(i))
-                    .filter_map(group_of)
-                    .collect();
-                return Err(ColdError::Corrupt(format!(
-                    "{t}: the exported files do not match warm (row count or content) for {}",
-                    differing.join(", ")
-                )));
             }
         }
         if objects.is_empty() {
@@ -1426,7 +1302,7 @@ impl ColdTier {
             })
             .collect();
         conn.execute_batch(&format!("INSERT INTO warm.cold_moves VALUES {};", journal.join(", ")))?;
-        let compare_ms = lap();
+        let journal_ms = lap();
         // 2 and 3. Upload and read back, several at once.
         let uploads: Vec<(PathBuf, String, String, u64)> = objects
             .iter()
@@ -1522,12 +1398,151 @@ impl ColdTier {
             kind = t,
             objects = objects.len(),
             copy_ms,
-            compare_ms,
+            journal_ms,
             upload_ms,
             register_ms,
             forget_ms = lap()
         );
         Ok(())
+    }
+
+    /// Writes the rows of `rows` (a relation with the stored table columns, `ingested_at` and a group index
+    /// `idx` below `groups`) as objects, one or more per group, sorted by `ts` and `id`: DuckDB streams them out
+    /// sorted by group, and several writer threads each write and verify a whole object while DuckDB produces the
+    /// next rows. Objects are `<dir>/<idx>-<part>.parquet`, in order. With `moving`, the exported versions' keys
+    /// and content hashes go into `MOVING` (exactly those rows leave warm when a move registers).
+    fn write_groups(
+        &self,
+        conn: &Connection,
+        rows: &str,
+        groups: usize,
+        dir: &Path,
+        moving: bool,
+    ) -> Result<Vec<GroupFile>, ColdError> {
+        use arrow::array::{AsArray, RecordBatch};
+        use arrow::datatypes::{Int32Type, UInt64Type};
+        let encoding = self.config.embedding_encoding;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT w.idx::INTEGER AS idx, {}, {} AS h FROM (SELECT w.*{} FROM {rows} w) w ORDER BY w.idx, w.ts, w.id",
+            encoding.stored_columns("w"),
+            if moving { format!("{}::UBIGINT", encoding.warm_hash("w")) } else { "NULL::UBIGINT".into() },
+            encoding.scale_column("w"),
+        ))?;
+        let stream = stmt.stream_arrow([])?;
+        let schema = stream.get_schema();
+        let last = schema.fields().len() - 1;
+        let stored: Vec<usize> = (1..last).collect();
+        let stored_schema = Arc::new(schema.project(&stored)?);
+        let mut moving_columns = vec![0];
+        for c in ["system_id", "id", "ts"] {
+            moving_columns.push(schema.index_of(c)?);
+        }
+        moving_columns.push(last);
+        let properties = write::properties(&stored_schema, self.config.row_group_rows)?;
+        let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(groups.max(1));
+        let (to_writers, queue) = std::sync::mpsc::sync_channel::<Pending>(writers);
+        let queue = Mutex::new(queue);
+
+        // Each writer takes whole objects until the queue closes; after a failure it keeps draining the queue
+        // (unwritten) so that the producer never waits on a full queue nobody reads.
+        let write_objects = || -> Result<Vec<GroupFile>, ColdError> {
+            let mut done = Vec::new();
+            let mut failed = None;
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok(object) = next else { break };
+                if failed.is_some() {
+                    continue;
+                }
+                let result = write::write_verified(&stored_schema, &object.batches, &properties).and_then(|written| {
+                    let path = dir.join(format!("{}-{}.parquet", object.idx, object.part));
+                    std::fs::write(&path, &written.bytes)
+                        .map_err(|e| ColdError::Io(format!("{}: {e}", path.display())))?;
+                    Ok(GroupFile { idx: object.idx, part: object.part, path, written, checksum: object.checksum })
+                });
+                match result {
+                    Ok(file) => done.push(file),
+                    Err(e) => failed = Some(e),
+                }
+            }
+            failed.map_or(Ok(done), Err)
+        };
+
+        let mut keys: Vec<RecordBatch> = Vec::new();
+        let (produced, written) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..writers).map(|_| scope.spawn(write_objects)).collect();
+            let to_writers = to_writers;
+            let send = |object: Pending| {
+                to_writers.send(object).map_err(|_| ColdError::Io("the cold writer threads stopped".into()))
+            };
+            let produced = (|| -> Result<(), ColdError> {
+                let mut current: Option<Pending> = None;
+                for batch in stream {
+                    let batch = batch?;
+                    let unexpected =
+                        |c: &str| ColdError::Corrupt(format!("the export's {c} column has an unexpected type"));
+                    let idx = batch.column(0).as_primitive_opt::<Int32Type>().ok_or_else(|| unexpected("idx"))?;
+                    let hashes = batch.column(last).as_primitive_opt::<UInt64Type>().ok_or_else(|| unexpected("h"))?;
+                    if moving {
+                        keys.push(batch.project(&moving_columns)?);
+                    }
+                    let values = batch.project(&stored)?;
+                    let mut start = 0;
+                    while start < batch.num_rows() {
+                        let group = idx.value(start);
+                        let run_end =
+                            (start..batch.num_rows()).find(|&i| idx.value(i) != group).unwrap_or(batch.num_rows());
+                        let group = usize::try_from(group).ok().filter(|g| *g < groups).ok_or_else(|| {
+                            ColdError::Corrupt(format!("the export returned group {group}, not one of the batch's"))
+                        })?;
+                        // The object this run continues, or a new one (the next group, or the next part of a
+                        // group that filled an object).
+                        let part = match current.take() {
+                            Some(object) if object.idx == group && object.rows < OBJECT_MAX_ROWS => {
+                                current = Some(object);
+                                0
+                            }
+                            Some(object) => {
+                                let next = if object.idx == group { object.part + 1 } else { 0 };
+                                send(object)?;
+                                next
+                            }
+                            None => 0,
+                        };
+                        let object = current.get_or_insert_with(|| Pending::new(group, part));
+                        let end = run_end.min(start + (OBJECT_MAX_ROWS - object.rows));
+                        object.rows += end - start;
+                        object.checksum += hashes.values()[start..end].iter().map(|h| i128::from(*h)).sum::<i128>();
+                        object.batches.push(values.slice(start, end - start));
+                        start = end;
+                    }
+                }
+                current.map_or(Ok(()), send)
+            })();
+            drop(to_writers);
+            let written: Vec<Result<Vec<GroupFile>, ColdError>> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(ColdError::Io("a cold writer thread panicked".into()))))
+                .collect();
+            (produced, written)
+        });
+        produced?;
+        let mut files = Vec::new();
+        for result in written {
+            files.extend(result?);
+        }
+        files.sort_by_key(|f| (f.idx, f.part));
+        if moving {
+            conn.execute_batch(&format!(
+                "CREATE OR REPLACE TEMP TABLE {MOVING} (idx INTEGER, system_id VARCHAR, id VARCHAR, ts TIMESTAMP, h UBIGINT)"
+            ))?;
+            let mut appender = conn.appender_to_catalog_and_db(MOVING, "temp", "main")?;
+            for batch in keys {
+                appender.append_record_batch(batch)?;
+            }
+            appender.flush()?;
+        }
+        Ok(files)
     }
 
     /// Deletes objects `parallel_fetches` at a time (a missing one counts as deleted) and returns those that could
@@ -1643,39 +1658,52 @@ impl ColdTier {
             }
             return Ok(objects.len() as u64);
         }
-        let uuid = new_uuid();
-        let key = format!(
-            "kind={kind}/system={}/date={day}/part-{uuid}{}",
-            key_segment(system_id),
-            self.config.embedding_encoding.key_suffix()
-        );
-        let file = self.cache.tmp_dir().join(format!("{uuid}.parquet"));
+        let dir = self.cache.tmp_dir().join(new_uuid());
+        let mut written: Vec<(String, GroupFile, Stored)> = Vec::new();
         let result = (|| -> Result<u64, ColdError> {
-            conn.execute_batch(&format!(
-                "COPY (SELECT {} FROM (SELECT *{} FROM {} v) v ORDER BY ts, id) TO {} \
-                 (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {}, PARQUET_VERSION V2)",
-                self.config.embedding_encoding.stored_columns("v"),
-                self.config.embedding_encoding.scale_column("v"),
-                newest_visible(kind, &lease.paths, lease.int8),
-                sql_text(&file.display().to_string()),
-                self.config.row_group_rows
-            ))?;
-            let stored = self.stored_form(&file)?;
-            self.upload_verified(&stored.path, &key, &stored.sha256, stored.bytes)?;
+            std::fs::create_dir_all(&dir).map_err(|e| ColdError::Io(format!("{}: {e}", dir.display())))?;
+            let rows = format!("(SELECT 0 AS idx, v.* FROM {} v)", newest_visible(kind, &lease.paths, lease.int8));
+            for file in self.write_groups(conn, &rows, 1, &dir, false)? {
+                let stored = self.stored_form(&file.path, &file.written.bytes, &file.written.sha256)?;
+                let key = format!(
+                    "kind={kind}/system={}/date={day}/part-{}{}",
+                    key_segment(system_id),
+                    new_uuid(),
+                    self.config.embedding_encoding.key_suffix()
+                );
+                written.push((key, file, stored));
+            }
+            let uploads: Vec<(PathBuf, String, String, u64)> = written
+                .iter()
+                .map(|(key, _, stored)| (stored.path.clone(), key.clone(), stored.sha256.clone(), stored.bytes))
+                .collect();
+            self.upload_all(&uploads)?;
+            let catalog: Vec<String> = written
+                .iter()
+                .map(|(key, file, stored)| {
+                    format!(
+                        "({}, {}, {}, DATE {}, make_timestamp({}), make_timestamp({}), {}, {}, '{}', now(), {})",
+                        sql_text(key),
+                        sql_text(kind),
+                        sql_text(system_id),
+                        sql_text(day),
+                        file.written.min_ts,
+                        file.written.max_ts,
+                        file.written.rows,
+                        stored.bytes,
+                        stored.sha256,
+                        stored.key_columns()
+                    )
+                })
+                .collect();
+            let paths: Vec<PathBuf> = written.iter().map(|(_, file, _)| file.path.clone()).collect();
             conn.execute_batch("BEGIN TRANSACTION")?;
             let swapped = (|| -> Result<(), ColdError> {
-                conn.execute(
-                    &format!(
-                        "INSERT INTO warm.cold_objects SELECT ?, ?, ?, CAST(? AS DATE), min(ts), max(ts), count(*), ?, ?, now(), {} FROM {}",
-                        stored.key_columns(),
-                        parquet_source(std::slice::from_ref(&file), int8)
-                    ),
-                    duckdb::params![key, kind, system_id, day, stored.bytes as i64, stored.sha256],
-                )?;
+                conn.execute_batch(&format!("INSERT INTO warm.cold_objects VALUES {};", catalog.join(", ")))?;
                 let old: Vec<String> = objects.iter().map(|o| sql_text(&o.key)).collect();
                 conn.execute(&format!("DELETE FROM warm.cold_objects WHERE key IN ({})", old.join(", ")), [])?;
-                // Compaction applies erasures: the day's hourly buckets follow the rewritten object.
-                let rollups = hourly(Some(parquet_source(std::slice::from_ref(&file), int8)));
+                // Compaction applies erasures: the day's hourly buckets follow the rewritten objects.
+                let rollups = hourly(Some(parquet_source(&paths, int8)));
                 if !rollups.is_empty() {
                     conn.execute_batch(&rollups)?;
                 }
@@ -1685,19 +1713,21 @@ impl ColdTier {
                 Ok(()) => conn.execute_batch("COMMIT")?,
                 Err(e) => {
                     let _ = conn.execute_batch("ROLLBACK");
-                    let _ = self.block_on(self.location.store.delete(&self.location.join(&key)));
                     return Err(e);
                 }
             }
-            self.cache.adopt(&file, &stored.sha256)?;
-            if stored.path != file {
-                let _ = std::fs::remove_file(&stored.path);
+            for (_, file, stored) in &written {
+                self.cache.adopt(&file.path, &stored.sha256)?;
             }
             Ok(objects.len() as u64)
         })();
-        let _ = std::fs::remove_file(&file);
-        let _ = std::fs::remove_file(sealed_path(&file));
+        let _ = std::fs::remove_dir_all(&dir);
         drop(lease);
+        if result.is_err() && !self.circuit_open() {
+            // Uploaded objects the catalog never named: remove them now if the store lets us, else the sweep will.
+            let keys: Vec<String> = written.iter().map(|(key, _, _)| key.clone()).collect();
+            self.delete_objects(&keys, Some(CLEANUP_BUDGET));
+        }
         let replaced = result?;
         for object in &objects {
             self.cache.forget(&object.sha256);

@@ -1,0 +1,196 @@
+//! Writing one cold object: Arrow batches (as DuckDB hands them over) into a Parquet file, read back and compared
+//! before anything else sees it.
+//!
+//! DuckDB's own `COPY … (FORMAT parquet)` wrote the 384 floats of an embedding as a LIST with a repetition level
+//! per element on one core, at 40–70k rows/s on this class of machine — below the move's target on its own
+//! (BENCHMARKS.md). arrow-rs writes the same LIST column from a fixed-size list's flat buffer, and a move runs one
+//! writer per core.
+//!
+//! Layout choices (documented for readers in `docs/STORAGE.md`):
+//! - zstd (level 1: the vectors are most of the bytes and higher levels barely shrink them) on every column;
+//! - the embedding's floats byte-stream-split, without dictionary or statistics (neither helps a vector);
+//! - free text without dictionary (rarely repeats), the short labels with one;
+//! - chunk and page statistics elsewhere, so that readers prune row groups by time, system or project;
+//! - the sort order (`ts`, `id`) recorded in the row groups' metadata.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Schema, TimeUnit, TimestampMicrosecondType};
+use parquet::arrow::ArrowSchemaConverter;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, Encoding, Type as PhysicalType, ZstdLevel};
+use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::schema::types::ColumnPath;
+use sha2::{Digest, Sha256};
+
+use super::ColdError;
+use super::cache::hex;
+
+/// Columns of free text: a dictionary would hold nearly every value once.
+const FREE_TEXT: &[&str] = &["text", "metadata", "name"];
+
+/// One Parquet file in memory, checked against the rows it was written from.
+pub(crate) struct Written {
+    pub(crate) bytes: bytes::Bytes,
+    pub(crate) sha256: String,
+    pub(crate) rows: u64,
+    /// Smallest and largest `ts`, µs since the epoch.
+    pub(crate) min_ts: i64,
+    pub(crate) max_ts: i64,
+}
+
+/// The writer settings for objects with `schema` (the stored columns as DuckDB exports them).
+pub(crate) fn properties(schema: &Schema, row_group_rows: usize) -> Result<WriterProperties, ColdError> {
+    let descriptor = ArrowSchemaConverter::new().convert(schema)?;
+    let mut builder = WriterProperties::builder()
+        .set_writer_version(WriterVersion::PARQUET_2_0)
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_created_by(format!("akosha-aggregator {} (parquet-rs)", env!("CARGO_PKG_VERSION")));
+    let mut sorting = Vec::new();
+    for (leaf, column) in descriptor.columns().iter().enumerate() {
+        let path = column.path().clone();
+        let top = path.parts()[0].clone();
+        let top = top.as_str();
+        let is_float = matches!(column.physical_type(), PhysicalType::FLOAT | PhysicalType::DOUBLE);
+        if top.starts_with("embedding") && is_float && column.max_rep_level() > 0 {
+            builder = vector_column(builder, path);
+        } else if FREE_TEXT.contains(&top) {
+            builder = builder.set_column_dictionary_enabled(path, false);
+        }
+        if matches!(top, "ts" | "id") && column.max_rep_level() == 0 {
+            sorting
+                .push((top == "id", SortingColumn { column_idx: leaf as i32, descending: false, nulls_first: false }));
+        }
+    }
+    // `ts` first, then `id`.
+    sorting.sort_by_key(|(second, _)| *second);
+    let sorting: Vec<SortingColumn> = sorting.into_iter().map(|(_, c)| c).collect();
+    Ok(builder.set_sorting_columns((!sorting.is_empty()).then_some(sorting)).build())
+}
+
+fn vector_column(
+    builder: parquet::file::properties::WriterPropertiesBuilder,
+    path: ColumnPath,
+) -> parquet::file::properties::WriterPropertiesBuilder {
+    builder
+        .set_column_dictionary_enabled(path.clone(), false)
+        .set_column_encoding(path.clone(), Encoding::BYTE_STREAM_SPLIT)
+        .set_column_statistics_enabled(path, EnabledStatistics::None)
+}
+
+/// Writes `batches` (all with `schema`) as one Parquet file, reads it back and compares every column with what
+/// was written: the bytes that go to the store decode to exactly these rows, or this fails.
+pub(crate) fn write_verified(
+    schema: &Arc<Schema>,
+    batches: &[RecordBatch],
+    properties: &WriterProperties,
+) -> Result<Written, ColdError> {
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut buffer = Vec::with_capacity(rows * 1_600 + 64 * 1024);
+    let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(properties.clone()))?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.close()?;
+    let bytes = bytes::Bytes::from(buffer);
+
+    let written = arrow::compute::concat_batches(schema, batches)?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?.with_batch_size(rows.max(1)).build()?;
+    let mut back = Vec::new();
+    for batch in reader {
+        back.push(batch?);
+    }
+    let back = arrow::compute::concat_batches(schema, &back)?;
+    if back.num_rows() != rows {
+        return Err(ColdError::Corrupt(format!(
+            "a written Parquet object reads back {} rows, {rows} were written",
+            back.num_rows()
+        )));
+    }
+    for (i, field) in schema.fields().iter().enumerate() {
+        if written.column(i).to_data() != back.column(i).to_data() {
+            return Err(ColdError::Corrupt(format!(
+                "column {} of a written Parquet object does not read back as written",
+                field.name()
+            )));
+        }
+    }
+    let (min_ts, max_ts) = ts_range(&written)?;
+    Ok(Written { sha256: hex(&Sha256::digest(&bytes)), bytes, rows: rows as u64, min_ts, max_ts })
+}
+
+/// The smallest and largest `ts` of `batch` (µs; `(0, 0)` without rows).
+fn ts_range(batch: &RecordBatch) -> Result<(i64, i64), ColdError> {
+    let column = batch.column_by_name("ts").ok_or_else(|| ColdError::Corrupt("a cold object has no ts".into()))?;
+    if column.data_type() != &DataType::Timestamp(TimeUnit::Microsecond, None) {
+        return Err(ColdError::Corrupt(format!("a cold object's ts is {}, not TIMESTAMP", column.data_type())));
+    }
+    let ts = column.as_primitive::<TimestampMicrosecondType>();
+    let min = arrow::compute::min(ts).unwrap_or(0);
+    let max = arrow::compute::max(ts).unwrap_or(0);
+    Ok((min, max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{FixedSizeListArray, Float32Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::Field;
+
+    fn batch(rows: usize, offset: i64) -> (Arc<Schema>, RecordBatch) {
+        let item = Arc::new(Field::new("item", DataType::Float32, true));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+            Field::new("text", DataType::Utf8, true),
+            Field::new("embedding", DataType::FixedSizeList(item.clone(), 4), true),
+        ]));
+        let ids = StringArray::from((0..rows).map(|i| format!("r{i}")).collect::<Vec<_>>());
+        let ts = TimestampMicrosecondArray::from((0..rows as i64).map(|i| offset + i * 10).collect::<Vec<_>>());
+        let text = StringArray::from((0..rows).map(|i| Some(format!("words {i}"))).collect::<Vec<_>>());
+        let floats = Float32Array::from((0..rows * 4).map(|i| i as f32 / 7.0).collect::<Vec<_>>());
+        let vectors = FixedSizeListArray::new(item, 4, Arc::new(floats), None);
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(ids), Arc::new(ts), Arc::new(text), Arc::new(vectors)])
+                .unwrap();
+        (schema, batch)
+    }
+
+    #[test]
+    fn an_object_reads_back_as_its_rows_with_their_time_range() {
+        let (schema, first) = batch(1000, 5_000);
+        let (_, second) = batch(10, 1_000);
+        let props = properties(&schema, 300).unwrap();
+        let written = write_verified(&schema, &[first, second], &props).unwrap();
+        assert_eq!(written.rows, 1010);
+        assert_eq!((written.min_ts, written.max_ts), (1_000, 5_000 + 999 * 10));
+        assert_eq!(written.sha256, hex(&Sha256::digest(&written.bytes)));
+        let reader = ParquetRecordBatchReaderBuilder::try_new(written.bytes.clone()).unwrap();
+        let metadata = reader.metadata().clone();
+        assert_eq!(metadata.num_row_groups(), 4, "row groups of at most 300 rows");
+        let group = metadata.row_group(0);
+        let sorting = group.sorting_columns().unwrap();
+        assert_eq!(sorting[0].column_idx, 1, "sorted by ts first");
+        let vector = group.column(3);
+        assert!(
+            vector.encodings().any(|e| e == Encoding::BYTE_STREAM_SPLIT),
+            "{:?}",
+            vector.encodings().collect::<Vec<_>>()
+        );
+        assert!(vector.statistics().is_none());
+        assert!(group.column(1).statistics().is_some(), "ts keeps statistics for pruning");
+    }
+
+    #[test]
+    fn an_empty_object_has_no_time_range() {
+        let (schema, batch) = batch(0, 0);
+        let props = properties(&schema, 100).unwrap();
+        let written = write_verified(&schema, &[batch], &props).unwrap();
+        assert_eq!((written.rows, written.min_ts, written.max_ts), (0, 0, 0));
+    }
+}
