@@ -502,6 +502,8 @@ pub struct ColdTier {
     last_error: Mutex<Option<String>>,
     /// Fault injection for crash tests: pause this long after each upload.
     pause_after_upload: Option<Duration>,
+    /// `OBJECT_MAX_ROWS`, lowered by tests.
+    object_max_rows: std::sync::atomic::AtomicUsize,
     /// Running backups: objects a snapshot's catalog may name are not deleted meanwhile.
     pins: Arc<AtomicU64>,
     /// Reads of old data, for promotion.
@@ -705,6 +707,7 @@ impl ColdTier {
             last_move: Mutex::new(None),
             last_error: Mutex::new(None),
             pause_after_upload,
+            object_max_rows: OBJECT_MAX_ROWS.into(),
             pins: Arc::new(AtomicU64::new(0)),
             access,
             promotions_done: AtomicU64::new(0),
@@ -1432,7 +1435,7 @@ impl ColdTier {
         let schema = stream.get_schema();
         let last = schema.fields().len() - 1;
         let stored: Vec<usize> = (1..last).collect();
-        let stored_schema = Arc::new(schema.project(&stored)?);
+        let stored_schema = Arc::new(write::object_schema(&schema.project(&stored)?));
         let mut moving_columns = vec![0];
         for c in ["system_id", "id", "ts"] {
             moving_columns.push(schema.index_of(c)?);
@@ -1440,6 +1443,7 @@ impl ColdTier {
         moving_columns.push(last);
         let properties = write::properties(&stored_schema, self.config.row_group_rows)?;
         let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(groups.max(1));
+        let max_rows = self.object_max_rows.load(Ordering::Relaxed).max(1);
         let (to_writers, queue) = std::sync::mpsc::sync_channel::<Pending>(writers);
         let queue = Mutex::new(queue);
 
@@ -1486,7 +1490,7 @@ impl ColdTier {
                     if moving {
                         keys.push(batch.project(&moving_columns)?);
                     }
-                    let values = batch.project(&stored)?;
+                    let values = write::conform(&batch.project(&stored)?, &stored_schema)?;
                     let mut start = 0;
                     while start < batch.num_rows() {
                         let group = idx.value(start);
@@ -1498,7 +1502,7 @@ impl ColdTier {
                         // The object this run continues, or a new one (the next group, or the next part of a
                         // group that filled an object).
                         let part = match current.take() {
-                            Some(object) if object.idx == group && object.rows < OBJECT_MAX_ROWS => {
+                            Some(object) if object.idx == group && object.rows < max_rows => {
                                 current = Some(object);
                                 0
                             }
@@ -1510,7 +1514,7 @@ impl ColdTier {
                             None => 0,
                         };
                         let object = current.get_or_insert_with(|| Pending::new(group, part));
-                        let end = run_end.min(start + (OBJECT_MAX_ROWS - object.rows));
+                        let end = run_end.min(start + (max_rows - object.rows));
                         object.rows += end - start;
                         object.checksum += hashes.values()[start..end].iter().map(|h| i128::from(*h)).sum::<i128>();
                         object.batches.push(values.slice(start, end - start));
@@ -1599,10 +1603,12 @@ impl ColdTier {
         let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = CompactionReport::default();
         let groups: Vec<(String, String, String)> = {
-            let mut stmt = conn.prepare(
+            // A group that fills several objects (`OBJECT_MAX_ROWS`) is left alone once they are full.
+            let mut stmt = conn.prepare(&format!(
                 "SELECT kind, system_id, strftime(day, '%Y-%m-%d') FROM warm.cold_objects GROUP BY ALL \
-                 HAVING count(*) > 1 ORDER BY 3, 1, 2",
-            )?;
+                 HAVING count(*) > 1 AND count(*) > ceil(sum(rows) / {}) ORDER BY 3, 1, 2",
+                self.object_max_rows.load(Ordering::Relaxed).max(1)
+            ))?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
         };
         for (kind, system_id, day) in groups {
@@ -2307,6 +2313,48 @@ mod tests {
         expected_after[1].sort();
         assert_eq!(answers(&hot, &probe, now), expected_after);
         assert!(hot.cold().unwrap().cache().fetched.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_large_day_becomes_several_full_objects_that_compaction_leaves_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let day = (now / DAY - 200) * DAY;
+        // 30 reflections of one system on one day (i = 3, 9, 15, …: odd and ≡ 0 mod 3).
+        let records: Vec<Record> = (0..30).map(|n| record(6 * n + 3, day + n as i64 * 1_000_000)).collect();
+        let hot = open(dir.path(), true);
+        let cold = hot.cold().unwrap();
+        cold.object_max_rows.store(8, Ordering::Relaxed);
+        hot.insert(&records).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 30);
+        let mut catalog = cold.catalog().unwrap();
+        catalog.sort_by_key(|o| o.min_ts);
+        let rows: Vec<u64> = catalog.iter().map(|o| o.rows).collect();
+        assert_eq!(rows, [8, 8, 8, 6], "objects of at most 8 rows, in time order");
+        assert!(catalog.windows(2).all(|w| w[0].max_ts < w[1].min_ts), "each object holds its own stretch of the day");
+        assert_eq!(cold.compact().unwrap().groups, 0, "full objects are not merged again");
+
+        // A newer version of one record adds a fifth, small object: compaction merges the day back into four.
+        let mut updated = records[4].clone();
+        updated.ts += 1;
+        updated.text = Some("a later version".into());
+        hot.insert(std::slice::from_ref(&updated)).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+        assert_eq!(cold.totals().unwrap().0, 5);
+        let compacted = cold.compact().unwrap();
+        assert_eq!((compacted.groups, compacted.objects_replaced), (1, 5));
+        let (objects, rows, _) = cold.totals().unwrap();
+        assert_eq!((objects, rows), (4, 30), "one version per key, in full objects");
+        let service = QueryService::new(hot.clone(), None);
+        let r = service.get("s0", RecordKind::Reflection, &updated.id).unwrap().unwrap();
+        assert_eq!((r["tier"].as_str(), r["text"].as_str()), (Some("cold"), Some("a later version")));
+        let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
+        let listed: BTreeSet<String> = cold.list_keys().unwrap().into_iter().collect();
+        assert_eq!(catalog, listed, "the catalog matches the bucket exactly");
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Schema, TimeUnit, TimestampMicrosecondType};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit, TimestampMicrosecondType};
 use parquet::arrow::ArrowSchemaConverter;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -29,8 +29,9 @@ use sha2::{Digest, Sha256};
 use super::ColdError;
 use super::cache::hex;
 
-/// Columns of free text: a dictionary would hold nearly every value once.
-const FREE_TEXT: &[&str] = &["text", "metadata", "name"];
+/// Columns whose values rarely repeat (free text, keys, times, fingerprints): a dictionary would hold nearly every
+/// value once, so they go straight to their format-version-2 encodings (delta for times and keys).
+const NO_DICTIONARY: &[&str] = &["text", "metadata", "name", "id", "ts", "ingested_at", "embedding_hash"];
 
 /// One Parquet file in memory, checked against the rows it was written from.
 pub(crate) struct Written {
@@ -40,6 +41,46 @@ pub(crate) struct Written {
     /// Smallest and largest `ts`, µs since the epoch.
     pub(crate) min_ts: i64,
     pub(crate) max_ts: i64,
+}
+
+/// The schema objects are written with: `exported` (the stored columns as DuckDB exports them) with every list's
+/// item named `element`, as the Parquet format's LIST layout names it (DuckDB names it `l`, or nothing for an
+/// array), so that every object has the same column paths whichever way its lists were built.
+pub(crate) fn object_schema(exported: &Schema) -> Schema {
+    let fields: Vec<Field> = exported
+        .fields()
+        .iter()
+        .map(|f| {
+            let data_type = match f.data_type() {
+                DataType::List(item) => DataType::List(Arc::new(element(item))),
+                DataType::FixedSizeList(item, n) => DataType::FixedSizeList(Arc::new(element(item)), *n),
+                other => other.clone(),
+            };
+            Field::new(f.name(), data_type, f.is_nullable())
+        })
+        .collect();
+    Schema::new(fields)
+}
+
+fn element(item: &Field) -> Field {
+    Field::new("element", item.data_type().clone(), item.is_nullable())
+}
+
+/// `batch` with the types of `schema` (see [`object_schema`]: only names inside lists differ, no value changes).
+pub(crate) fn conform(batch: &RecordBatch, schema: &Arc<Schema>) -> Result<RecordBatch, ColdError> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| {
+            if column.data_type() == field.data_type() {
+                Ok(column.clone())
+            } else {
+                arrow::compute::cast(column, field.data_type())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// The writer settings for objects with `schema` (the stored columns as DuckDB exports them).
@@ -59,7 +100,7 @@ pub(crate) fn properties(schema: &Schema, row_group_rows: usize) -> Result<Write
         let is_float = matches!(column.physical_type(), PhysicalType::FLOAT | PhysicalType::DOUBLE);
         if top.starts_with("embedding") && is_float && column.max_rep_level() > 0 {
             builder = vector_column(builder, path);
-        } else if FREE_TEXT.contains(&top) {
+        } else if NO_DICTIONARY.contains(&top) {
             builder = builder.set_column_dictionary_enabled(path, false);
         }
         if matches!(top, "ts" | "id") && column.max_rep_level() == 0 {
@@ -140,7 +181,6 @@ fn ts_range(batch: &RecordBatch) -> Result<(i64, i64), ColdError> {
 mod tests {
     use super::*;
     use arrow::array::{FixedSizeListArray, Float32Array, StringArray, TimestampMicrosecondArray};
-    use arrow::datatypes::Field;
 
     fn batch(rows: usize, offset: i64) -> (Arc<Schema>, RecordBatch) {
         let item = Arc::new(Field::new("item", DataType::Float32, true));
@@ -163,8 +203,10 @@ mod tests {
 
     #[test]
     fn an_object_reads_back_as_its_rows_with_their_time_range() {
-        let (schema, first) = batch(1000, 5_000);
+        let (exported, first) = batch(1000, 5_000);
         let (_, second) = batch(10, 1_000);
+        let schema = Arc::new(object_schema(&exported));
+        let (first, second) = (conform(&first, &schema).unwrap(), conform(&second, &schema).unwrap());
         let props = properties(&schema, 300).unwrap();
         let written = write_verified(&schema, &[first, second], &props).unwrap();
         assert_eq!(written.rows, 1010);
@@ -177,6 +219,7 @@ mod tests {
         let sorting = group.sorting_columns().unwrap();
         assert_eq!(sorting[0].column_idx, 1, "sorted by ts first");
         let vector = group.column(3);
+        assert_eq!(vector.column_path().string(), "embedding.list.element");
         assert!(
             vector.encodings().any(|e| e == Encoding::BYTE_STREAM_SPLIT),
             "{:?}",
