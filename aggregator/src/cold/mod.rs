@@ -75,10 +75,36 @@ const OBJECT_MAX_ROWS: usize = 250_000;
 const MOVING: &str = "cold_moving";
 
 /// Warm rows of one kind, system and day that are due for cold.
+#[derive(Clone)]
 struct Group {
     system_id: String,
     day: String,
     rows: u64,
+}
+
+/// A batch of groups of one kind that a move will take.
+struct Planned {
+    kind: RecordKind,
+    cutoff_us: i64,
+    groups: Vec<Group>,
+}
+
+/// A batch whose objects are written locally (step 1), waiting for upload and registration. Its directory goes
+/// with it (registered objects have moved into the cache by then).
+struct Staged {
+    /// The journal's id of the batch.
+    id: i64,
+    kind: RecordKind,
+    groups: Vec<Group>,
+    dir: PathBuf,
+    objects: Vec<Export>,
+    copy_ms: u64,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// One object of a move batch.
@@ -504,6 +530,8 @@ pub struct ColdTier {
     pause_after_upload: Option<Duration>,
     /// `OBJECT_MAX_ROWS`, lowered by tests.
     object_max_rows: std::sync::atomic::AtomicUsize,
+    /// The last journal id a move batch took.
+    last_move_id: std::sync::atomic::AtomicI64,
     /// Running backups: objects a snapshot's catalog may name are not deleted meanwhile.
     pins: Arc<AtomicU64>,
     /// Reads of old data, for promotion.
@@ -708,6 +736,7 @@ impl ColdTier {
             last_error: Mutex::new(None),
             pause_after_upload,
             object_max_rows: OBJECT_MAX_ROWS.into(),
+            last_move_id: 0.into(),
             pins: Arc::new(AtomicU64::new(0)),
             access,
             promotions_done: AtomicU64::new(0),
@@ -922,6 +951,7 @@ impl ColdTier {
         let conn = self.mover.lock().unwrap_or_else(|p| p.into_inner());
         let earliest = RecordKind::ALL.iter().map(|k| cutoff_of(*k)).min().unwrap_or(i64::MIN);
         let mut report = ColdMoveReport { cutoff_us: earliest, ..Default::default() };
+        let mut plan = Vec::new();
         for kind in RecordKind::ALL {
             let t = kind.as_str();
             let cutoff_us = cutoff_of(kind);
@@ -936,13 +966,9 @@ impl ColdTier {
                 .collect::<Result<_, _>>()?
             };
             let groups = self.demotable(&conn, t, groups)?;
-            for chunk in batches(&groups) {
-                let (objects, rows, bytes) = self.move_batch(&conn, warm, kind, chunk, cutoff_us)?;
-                report.objects += objects;
-                report.records += rows;
-                report.bytes += bytes;
-            }
+            plan.extend(batches(&groups).into_iter().map(|chunk| Planned { kind, cutoff_us, groups: chunk.to_vec() }));
         }
+        (report.objects, report.records, report.bytes) = self.run_batches(&conn, warm, plan)?;
         if report.objects == 0 {
             return Ok(None);
         }
@@ -1188,23 +1214,143 @@ impl ColdTier {
         Ok(rows)
     }
 
-    /// Moves a batch of (system, day) groups of one kind, one object each. Every step handles the whole batch at
-    /// once — one partitioned export, one comparison scan of warm and of the files, one parallel upload round and
-    /// one warm transaction (one fsync) — so the cost per object is the upload, not a scan of warm.
-    /// Returns objects, rows and bytes moved.
-    fn move_batch(
+    /// Moves the planned batches (see the module documentation): while one batch is uploaded and registered,
+    /// the next one is exported on a second connection, so that DuckDB's and the writers' work overlaps the
+    /// store's and the single-threaded commit. The first failure stops the move. Returns objects, rows and bytes.
+    fn run_batches(
         &self,
         conn: &Connection,
         warm: &crate::warm::WarmTier,
-        kind: RecordKind,
-        groups: &[Group],
-        cutoff_us: i64,
+        plan: Vec<Planned>,
     ) -> Result<(u64, u64, u64), ColdError> {
-        let id = jiff::Timestamp::now().as_microsecond();
-        let batch_dir = self.cache.tmp_dir().join(new_uuid());
-        let mut objects = Vec::new();
-        let outcome = self.export_upload_register(conn, warm, kind, groups, cutoff_us, id, &batch_dir, &mut objects);
-        let _ = std::fs::remove_dir_all(&batch_dir);
+        let add = |totals: &mut (u64, u64, u64), (o, r, b): (u64, u64, u64)| {
+            totals.0 += o;
+            totals.1 += r;
+            totals.2 += b;
+        };
+        let mut totals = (0, 0, 0);
+        if plan.len() < 2 {
+            for planned in &plan {
+                let mut staged = self.stage_batch(conn, planned)?;
+                add(&mut totals, self.finish_batch(conn, warm, &mut staged)?);
+            }
+            return Ok(totals);
+        }
+        // Each batch keeps its connection from export to registration (its scratch table is connection-local);
+        // two connections let one batch be exported while the previous one finishes.
+        let (give_back, free) = std::sync::mpsc::channel::<Connection>();
+        for _ in 0..2 {
+            let _ = give_back.send(conn.try_clone()?);
+        }
+        let (to_finish, staged_batches) = std::sync::mpsc::sync_channel::<(Connection, Staged)>(0);
+        std::thread::scope(|scope| {
+            let finisher = std::thread::Builder::new()
+                .name("cold-finish".into())
+                .spawn_scoped(scope, move || -> Result<(u64, u64, u64), ColdError> {
+                    let mut totals = (0, 0, 0);
+                    for (conn, mut staged) in staged_batches {
+                        let finished = self.finish_batch(&conn, warm, &mut staged);
+                        let _ = give_back.send(conn);
+                        add(&mut totals, finished?);
+                    }
+                    Ok(totals)
+                })
+                .map_err(|e| ColdError::Io(format!("cannot start the cold finishing thread: {e}")))?;
+            let staging = (|| -> Result<(), ColdError> {
+                for planned in &plan {
+                    // No connection back means the finisher stopped on an error, which it reports.
+                    let Ok(conn) = free.recv() else { return Ok(()) };
+                    let staged = self.stage_batch(&conn, planned)?;
+                    if to_finish.send((conn, staged)).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(())
+            })();
+            drop(to_finish);
+            let finished =
+                finisher.join().unwrap_or_else(|_| Err(ColdError::Io("the cold finishing thread panicked".into())));
+            // A finishing error happened to an earlier batch than a staging one.
+            totals = finished?;
+            staging
+        })?;
+        Ok(totals)
+    }
+
+    /// Step 1 for a batch of (system, day) groups of one kind: its objects written locally, each verified, and
+    /// the exported versions in the connection's scratch table. One export (one sorted scan of warm) covers the
+    /// whole batch, so the cost per object is its bytes, not a scan.
+    fn stage_batch(&self, conn: &Connection, planned: &Planned) -> Result<Staged, ColdError> {
+        let started = Instant::now();
+        let t = planned.kind.as_str();
+        let mut staged = Staged {
+            id: self.next_move_id(),
+            kind: planned.kind,
+            groups: planned.groups.clone(),
+            dir: self.cache.tmp_dir().join(new_uuid()),
+            objects: Vec::new(),
+            copy_ms: 0,
+        };
+        let values: Vec<String> = planned
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| format!("({i}, {}, DATE {})", sql_text(&g.system_id), sql_text(&g.day)))
+            .collect();
+        // The warm rows of the batch's groups, each with its group's index `g.idx`. One statement reads them and
+        // their hashes from one snapshot, so a hot→warm move meanwhile cannot make the two disagree.
+        let rows = format!(
+            "(SELECT g.idx, w.* FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
+             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({}))",
+            values.join(", "),
+            planned.cutoff_us
+        );
+        std::fs::create_dir_all(&staged.dir).map_err(|e| ColdError::Io(format!("{}: {e}", staged.dir.display())))?;
+        for file in self.write_groups(conn, &rows, planned.groups.len(), &staged.dir, true)? {
+            let group = &planned.groups[file.idx];
+            let stored = self.stored_form(&file.path, &file.written.bytes, &file.written.sha256)?;
+            staged.objects.push(Export {
+                key: format!(
+                    "kind={t}/system={}/date={}/part-{}{}",
+                    key_segment(&group.system_id),
+                    group.day,
+                    new_uuid(),
+                    self.config.embedding_encoding.key_suffix()
+                ),
+                file: file.path,
+                system_id: group.system_id.clone(),
+                day: group.day.clone(),
+                rows: file.written.rows,
+                checksum: file.checksum.to_string(),
+                stored,
+                min_ts: file.written.min_ts,
+                max_ts: file.written.max_ts,
+            });
+        }
+        staged.copy_ms = started.elapsed().as_millis() as u64;
+        Ok(staged)
+    }
+
+    /// A journal id later than every earlier one (ids are start times in µs).
+    fn next_move_id(&self) -> i64 {
+        let now = jiff::Timestamp::now().as_microsecond();
+        let previous = self
+            .last_move_id
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
+            .unwrap_or(now);
+        now.max(previous + 1)
+    }
+
+    /// Steps 2–4 for a staged batch (upload, verify, register); on failure the journal says so and the batch's
+    /// objects are deleted again. Returns objects, rows and bytes moved.
+    fn finish_batch(
+        &self,
+        conn: &Connection,
+        warm: &crate::warm::WarmTier,
+        staged: &mut Staged,
+    ) -> Result<(u64, u64, u64), ColdError> {
+        let outcome = self.upload_register(conn, warm, staged);
+        let objects = &staged.objects;
         match outcome {
             Ok(()) => Ok((
                 objects.len() as u64,
@@ -1215,7 +1361,7 @@ impl ColdTier {
                 let _ = conn.execute(
                     "UPDATE warm.cold_moves SET state = 'failed', detail = ?, finished_at = now() \
                      WHERE id = ? AND state NOT IN ('done', 'failed', 'interrupted')",
-                    duckdb::params![e.to_string(), id],
+                    duckdb::params![e.to_string(), staged.id],
                 );
                 // Objects may exist without catalog rows; remove them now if the store lets us, else the sweep will
                 // (a store the breaker gave up on is not asked).
@@ -1228,18 +1374,13 @@ impl ColdTier {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn export_upload_register(
+    fn upload_register(
         &self,
         conn: &Connection,
         warm: &crate::warm::WarmTier,
-        kind: RecordKind,
-        groups: &[Group],
-        cutoff_us: i64,
-        id: i64,
-        batch_dir: &Path,
-        objects: &mut Vec<Export>,
+        staged: &Staged,
     ) -> Result<(), ColdError> {
+        let Staged { id, kind, ref groups, ref objects, copy_ms, .. } = *staged;
         let t = kind.as_str();
         let int8 = self.config.embedding_encoding == EmbeddingEncoding::Int8;
         let mut phase = Instant::now();
@@ -1248,47 +1389,6 @@ impl ColdTier {
             phase = Instant::now();
             ms
         };
-        let values: Vec<String> = groups
-            .iter()
-            .enumerate()
-            .map(|(i, g)| format!("({i}, {}, DATE {})", sql_text(&g.system_id), sql_text(&g.day)))
-            .collect();
-        // The warm rows of the batch's groups, each with its group's index `g.idx`.
-        let selection = format!(
-            "FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
-             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({cutoff_us})",
-            values.join(", ")
-        );
-        let copy_ms;
-        // 1. Export under the warm lock, so that a hot→warm move cannot change the rows in between.
-        {
-            let _moving = warm.lock_moves();
-            std::fs::create_dir_all(batch_dir).map_err(|e| ColdError::Io(format!("{}: {e}", batch_dir.display())))?;
-            let files =
-                self.write_groups(conn, &format!("(SELECT g.idx, w.* {selection})"), groups.len(), batch_dir, true)?;
-            copy_ms = lap();
-            for file in files {
-                let group = &groups[file.idx];
-                let stored = self.stored_form(&file.path, &file.written.bytes, &file.written.sha256)?;
-                objects.push(Export {
-                    key: format!(
-                        "kind={t}/system={}/date={}/part-{}{}",
-                        key_segment(&group.system_id),
-                        group.day,
-                        new_uuid(),
-                        self.config.embedding_encoding.key_suffix()
-                    ),
-                    file: file.path,
-                    system_id: group.system_id.clone(),
-                    day: group.day.clone(),
-                    rows: file.written.rows,
-                    checksum: file.checksum.to_string(),
-                    stored,
-                    min_ts: file.written.min_ts,
-                    max_ts: file.written.max_ts,
-                });
-            }
-        }
         if objects.is_empty() {
             return Ok(());
         }
