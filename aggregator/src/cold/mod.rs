@@ -8,15 +8,19 @@
 //! ```
 //!
 //! ## A move (warm → cold), one object per kind, system and day, in batches of up to 64 objects
-//! 1. **export** (journal `exporting`): the warm rows older than the cutoff are written to a local Parquet file
-//!    (zstd, statistics, row groups of `row_group_rows`; a batch's groups split over one export per DuckDB worker
-//!    thread), which is read back and compared with warm (row count and the sum of row hashes).
-//! 2. **upload** (`uploading`): a single PUT, or a multipart upload for large files, several objects at once;
-//!    the store's client retries 5xx, SlowDown and timeouts with backoff and jitter.
-//! 3. **verify**: each object is read back and its sha256 compared with the local file's.
+//! 1. **export**: one sorted query streams the batch's warm rows older than the cutoff out of DuckDB as Arrow;
+//!    writer threads turn each group into a Parquet file ([`write`]: zstd, statistics, row groups of
+//!    `row_group_rows`; a group above `OBJECT_MAX_ROWS` rows into several) and read every file back, comparing
+//!    it column by column with the rows it was written from. The exported versions' keys go to a scratch table.
+//! 2. **upload** (journal `uploading`): a single PUT, or a multipart upload for large files, several objects at
+//!    once; the store's client retries 5xx, SlowDown and timeouts with backoff and jitter.
+//! 3. **verify**: each object is read back and compared with the local bytes.
 //! 4. **register** (`done`), in one warm transaction for the batch: the catalog rows are inserted and exactly
-//!    the exported rows (same key, timestamp and content) are deleted from warm — a newer version that reached
-//!    warm meanwhile stays. Then the keys leave the warm indexes and the warm tier persists them.
+//!    the exported versions (same key, timestamp and `ingested_at`) are deleted from warm — a newer version that
+//!    reached warm meanwhile stays. Then the keys leave the warm indexes and the warm tier persists them.
+//!
+//! Batches are pipelined: while one is uploaded and registered, the next one is exported on a second
+//! connection.
 //!
 //! Readers see an object only once it is in the catalog, so a half-written or unverified object is invisible.
 //! After `kill -9` before step 4 the journal row is left unfinished: at start it is marked `interrupted`, its
@@ -26,9 +30,8 @@
 //! version per key.
 //!
 //! Embeddings are written as `embedding_encoding` says ([`EmbeddingEncoding`]): f32, or int8 with a scale per
-//! vector (key `…-i8.parquet`); with int8 the comparisons of steps 1 and 4 use a fingerprint of the floats
-//! (`embedding_hash`) in place of the embedding itself. Readers dequantize per row only when a lease holds int8
-//! objects. The 1-hour metric rollups of a day are recomputed in step 4 (see [`crate::rollup`]).
+//! vector (key `…-i8.parquet`) and a fingerprint of the floats it was written from (`embedding_hash`). Readers
+//! dequantize per row only when a lease holds int8 objects. The 1-hour metric rollups of a day are recomputed in step 4 (see [`crate::rollup`]).
 //!
 //! With `encryption` configured every object is sealed under its own data key before upload (see
 //! [`crate::envelope`]); `sha256` and `bytes` describe the sealed bytes, the catalog holds the wrapped key, and the
@@ -66,12 +69,13 @@ const PART_BYTES: usize = 8 << 20;
 const GROUPS_PER_BATCH: usize = 64;
 /// How long deleting the objects of a failed or interrupted move may take before the sweep is left to do it.
 const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
-/// Rows per batch, so that a batch's local files stay a bounded amount of disk (a group is never split).
-const ROWS_PER_BATCH: u64 = 500_000;
+/// Rows per batch (a group is never split): a batch's objects stay in memory until they are registered (≈ 1.4 KB
+/// per row with vectors; two batches are in flight), and on the local disk until then.
+const ROWS_PER_BATCH: u64 = 100_000;
 /// Rows per object at most: a writer holds an object's rows in memory until it is written and verified (with
 /// vectors ≈ 1.6 KB per row, so ≈ 400 MB).
 const OBJECT_MAX_ROWS: usize = 250_000;
-/// The mover connection's scratch table of the rows a batch is moving, with their content hashes.
+/// A move connection's scratch table of the versions a batch is moving (key, `ts` and `ingested_at`).
 const MOVING: &str = "cold_moving";
 
 /// Warm rows of one kind, system and day that are due for cold.
@@ -114,7 +118,6 @@ struct Export {
     system_id: String,
     day: String,
     rows: u64,
-    checksum: String,
     stored: Stored,
     min_ts: i64,
     max_ts: i64,
@@ -125,13 +128,12 @@ struct Pending {
     idx: usize,
     part: usize,
     rows: usize,
-    checksum: i128,
     batches: Vec<arrow::array::RecordBatch>,
 }
 
 impl Pending {
     fn new(idx: usize, part: usize) -> Pending {
-        Pending { idx, part, rows: 0, checksum: 0, batches: Vec::new() }
+        Pending { idx, part, rows: 0, batches: Vec::new() }
     }
 }
 
@@ -143,13 +145,11 @@ struct GroupFile {
     part: usize,
     path: PathBuf,
     written: write::Written,
-    /// Sum of the exported rows' content hashes (recorded in the journal).
-    checksum: i128,
 }
 
-/// What goes to the store for a local Parquet file: the file itself, or a sealed copy beside it.
+/// What goes to the store for a local Parquet file: its bytes, or a sealed copy of them.
 struct Stored {
-    path: PathBuf,
+    data: bytes::Bytes,
     sha256: String,
     bytes: u64,
     sealed: Option<crate::envelope::WrappedKey>,
@@ -264,15 +264,6 @@ fn dequantized(q: &str, scale: &str) -> String {
     )
 }
 
-/// The content hash of a row with the embedding replaced by `embedding` (an expression).
-fn hash_with_embedding(alias: &str, embedding: &str) -> String {
-    let columns: Vec<String> = crate::hot::column_names()
-        .iter()
-        .map(|c| if *c == "embedding" { embedding.to_owned() } else { format!("{alias}.{c}") })
-        .collect();
-    format!("hash({})", columns.join(", "))
-}
-
 impl EmbeddingEncoding {
     /// `, <expr> AS embedding_max` for the rows aliased `row` when quantizing (see [`quantized`]), else nothing.
     fn scale_column(self, row: &str) -> String {
@@ -312,14 +303,6 @@ impl EmbeddingEncoding {
             .chain(std::iter::once(format!("{row}.ingested_at")))
             .collect::<Vec<_>>()
             .join(", ")
-    }
-
-    /// The hash a move compares a warm row by (its full content; with int8, the embedding's fingerprint).
-    fn warm_hash(self, row: &str) -> String {
-        match self {
-            EmbeddingEncoding::F32 => row_hash(row),
-            EmbeddingEncoding::Int8 => hash_with_embedding(row, &format!("hash({row}.embedding)")),
-        }
     }
 }
 
@@ -658,13 +641,6 @@ fn batches(groups: &[Group]) -> Vec<&[Group]> {
     out
 }
 
-/// Where the sealed copy of a local Parquet file goes (removed with it).
-fn sealed_path(file: &Path) -> PathBuf {
-    let mut name = file.as_os_str().to_owned();
-    name.push(".sealed");
-    PathBuf::from(name)
-}
-
 fn new_uuid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex(&b);
@@ -868,36 +844,40 @@ impl ColdTier {
         result
     }
 
-    async fn upload_one(&self, file: &Path, key: &str, sha256: &str, bytes: u64) -> Result<(), ColdError> {
+    /// Uploads `stored` as `key` and reads it back to compare with what was sent (whose sha256 the catalog
+    /// records).
+    async fn upload_one(&self, stored: &Stored, key: &str) -> Result<(), ColdError> {
         let path = self.location.join(key);
         let store = &self.location.store;
-        let data = tokio::fs::read(file).await.map_err(|e| ColdError::Io(format!("{}: {e}", file.display())))?;
+        let data = &stored.data;
         let store_err = |op: &str, e: object_store::Error| ColdError::Store(format!("{op} {key}: {e}"));
-        if bytes > MULTIPART_THRESHOLD {
+        if stored.bytes > MULTIPART_THRESHOLD {
             let upload = store.put_multipart(&path).await.map_err(|e| store_err("multipart upload", e))?;
             let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-            writer.write(&data);
+            writer.write(data);
             writer.finish().await.map_err(|e| store_err("multipart upload", e))?;
         } else {
-            store.put(&path, bytes::Bytes::from(data).into()).await.map_err(|e| store_err("PUT", e))?;
+            store.put(&path, data.clone().into()).await.map_err(|e| store_err("PUT", e))?;
         }
         let back =
             store.get(&path).await.map_err(|e| store_err("GET", e))?.bytes().await.map_err(|e| store_err("GET", e))?;
-        let back_sha = hex(&Sha256::digest(&back));
-        if back_sha != sha256 || back.len() as u64 != bytes {
+        if back != data {
             return Err(ColdError::Corrupt(format!(
-                "{key} reads back as {} bytes with sha256 {back_sha}, wrote {bytes} bytes with {sha256}",
-                back.len()
+                "{key} reads back as {} bytes with sha256 {}, wrote {} bytes with {}",
+                back.len(),
+                hex(&Sha256::digest(&back)),
+                stored.bytes,
+                stored.sha256
             )));
         }
         Ok(())
     }
 
     /// The form `file` is stored in: as it is, or sealed under a new data key when encryption is configured.
-    fn stored_form(&self, file: &Path, plain: &[u8], sha256: &str) -> Result<Stored, ColdError> {
+    fn stored_form(&self, file: &Path, plain: &bytes::Bytes, sha256: &str) -> Result<Stored, ColdError> {
         let Some(keyring) = &self.config.encryption else {
             return Ok(Stored {
-                path: file.to_owned(),
+                data: plain.clone(),
                 sha256: sha256.to_owned(),
                 bytes: plain.len() as u64,
                 sealed: None,
@@ -905,9 +885,12 @@ impl ColdTier {
         };
         let (sealed, wrapped) =
             keyring.seal(plain).map_err(|error| ColdError::Sealed { key: file.display().to_string(), error })?;
-        let path = sealed_path(file);
-        std::fs::write(&path, &sealed).map_err(|e| ColdError::Io(format!("{}: {e}", path.display())))?;
-        Ok(Stored { path, sha256: hex(&Sha256::digest(&sealed)), bytes: sealed.len() as u64, sealed: Some(wrapped) })
+        Ok(Stored {
+            sha256: hex(&Sha256::digest(&sealed)),
+            bytes: sealed.len() as u64,
+            data: sealed.into(),
+            sealed: Some(wrapped),
+        })
     }
 
     /// Moves every warm row older than its kind's cutoff to cold (see the module documentation).
@@ -1321,7 +1304,6 @@ impl ColdTier {
                 system_id: group.system_id.clone(),
                 day: group.day.clone(),
                 rows: file.written.rows,
-                checksum: file.checksum.to_string(),
                 stored,
                 min_ts: file.written.min_ts,
                 max_ts: file.written.max_ts,
@@ -1407,11 +1389,7 @@ impl ColdTier {
         conn.execute_batch(&format!("INSERT INTO warm.cold_moves VALUES {};", journal.join(", ")))?;
         let journal_ms = lap();
         // 2 and 3. Upload and read back, several at once.
-        let uploads: Vec<(PathBuf, String, String, u64)> = objects
-            .iter()
-            .map(|o| (o.stored.path.clone(), o.key.clone(), o.stored.sha256.clone(), o.stored.bytes))
-            .collect();
-        self.upload_all(&uploads)?;
+        self.upload_all(objects.iter().map(|o| (&o.stored, o.key.as_str())))?;
         let upload_ms = lap();
         if let Some(pause) = self.pause_after_upload {
             warn!(message = "Fault injection: pausing after cold uploads.", ms = pause.as_millis() as u64);
@@ -1456,13 +1434,13 @@ impl ColdTier {
                 })
                 .collect();
             conn.execute_batch(&format!("INSERT INTO warm.cold_objects VALUES {};", catalog.join(", ")))?;
-            // Exactly the exported versions leave warm (the files hold the same rows: step 1 compared them): a
-            // newer one, or the same timestamp with other content, that arrived meanwhile stays.
+            // Exactly the exported versions leave warm: a newer one that arrived meanwhile stays. Every insert
+            // stamps its rows with its own `ingested_at` (and hot keeps one version per key), so key, `ts` and
+            // `ingested_at` name a version without hashing its content.
             let mut stmt = conn.prepare(&format!(
                 "DELETE FROM warm.{t} w USING {MOVING} p \
-                 WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.h = {} \
-                 RETURNING w.system_id, w.id",
-                self.config.embedding_encoding.warm_hash("w")
+                 WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.ingested_at = w.ingested_at \
+                 RETURNING w.system_id, w.id"
             ))?;
             let hashes = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
@@ -1472,10 +1450,10 @@ impl ColdTier {
                 conn.execute_batch(&rollups)?;
             }
             let done: Vec<String> =
-                objects.iter().map(|o| format!("({}, {})", sql_text(&o.key), sql_text(&o.checksum))).collect();
+                objects.iter().map(|o| format!("({}, {})", sql_text(&o.key), sql_text(&o.stored.sha256))).collect();
             conn.execute_batch(&format!(
-                "UPDATE warm.cold_moves SET state = 'done', detail = v.checksum, finished_at = now() \
-                 FROM (VALUES {}) v(object_key, checksum) WHERE id = {id} AND cold_moves.object_key = v.object_key;",
+                "UPDATE warm.cold_moves SET state = 'done', detail = 'sha256 ' || v.sha256, finished_at = now() \
+                 FROM (VALUES {}) v(object_key, sha256) WHERE id = {id} AND cold_moves.object_key = v.object_key;",
                 done.join(", ")
             ))?;
             Ok(hashes)
@@ -1523,24 +1501,21 @@ impl ColdTier {
         moving: bool,
     ) -> Result<Vec<GroupFile>, ColdError> {
         use arrow::array::{AsArray, RecordBatch};
-        use arrow::datatypes::{Int32Type, UInt64Type};
+        use arrow::datatypes::Int32Type;
         let encoding = self.config.embedding_encoding;
         let mut stmt = conn.prepare(&format!(
-            "SELECT w.idx::INTEGER AS idx, {}, {} AS h FROM (SELECT w.*{} FROM {rows} w) w ORDER BY w.idx, w.ts, w.id",
+            "SELECT w.idx::INTEGER AS idx, {} FROM (SELECT w.*{} FROM {rows} w) w ORDER BY w.idx, w.ts, w.id",
             encoding.stored_columns("w"),
-            if moving { format!("{}::UBIGINT", encoding.warm_hash("w")) } else { "NULL::UBIGINT".into() },
             encoding.scale_column("w"),
         ))?;
         let stream = stmt.stream_arrow([])?;
         let schema = stream.get_schema();
-        let last = schema.fields().len() - 1;
-        let stored: Vec<usize> = (1..last).collect();
+        let stored: Vec<usize> = (1..schema.fields().len()).collect();
         let stored_schema = Arc::new(write::object_schema(&schema.project(&stored)?));
         let mut moving_columns = vec![0];
-        for c in ["system_id", "id", "ts"] {
+        for c in ["system_id", "id", "ts", "ingested_at"] {
             moving_columns.push(schema.index_of(c)?);
         }
-        moving_columns.push(last);
         let properties = write::properties(&stored_schema, self.config.row_group_rows)?;
         let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(groups.max(1));
         let max_rows = self.object_max_rows.load(Ordering::Relaxed).max(1);
@@ -1562,7 +1537,7 @@ impl ColdTier {
                     let path = dir.join(format!("{}-{}.parquet", object.idx, object.part));
                     std::fs::write(&path, &written.bytes)
                         .map_err(|e| ColdError::Io(format!("{}: {e}", path.display())))?;
-                    Ok(GroupFile { idx: object.idx, part: object.part, path, written, checksum: object.checksum })
+                    Ok(GroupFile { idx: object.idx, part: object.part, path, written })
                 });
                 match result {
                     Ok(file) => done.push(file),
@@ -1586,7 +1561,6 @@ impl ColdTier {
                     let unexpected =
                         |c: &str| ColdError::Corrupt(format!("the export's {c} column has an unexpected type"));
                     let idx = batch.column(0).as_primitive_opt::<Int32Type>().ok_or_else(|| unexpected("idx"))?;
-                    let hashes = batch.column(last).as_primitive_opt::<UInt64Type>().ok_or_else(|| unexpected("h"))?;
                     if moving {
                         keys.push(batch.project(&moving_columns)?);
                     }
@@ -1616,7 +1590,6 @@ impl ColdTier {
                         let object = current.get_or_insert_with(|| Pending::new(group, part));
                         let end = run_end.min(start + (max_rows - object.rows));
                         object.rows += end - start;
-                        object.checksum += hashes.values()[start..end].iter().map(|h| i128::from(*h)).sum::<i128>();
                         object.batches.push(values.slice(start, end - start));
                         start = end;
                     }
@@ -1638,7 +1611,8 @@ impl ColdTier {
         files.sort_by_key(|f| (f.idx, f.part));
         if moving {
             conn.execute_batch(&format!(
-                "CREATE OR REPLACE TEMP TABLE {MOVING} (idx INTEGER, system_id VARCHAR, id VARCHAR, ts TIMESTAMP, h UBIGINT)"
+                "CREATE OR REPLACE TEMP TABLE {MOVING} \
+                 (idx INTEGER, system_id VARCHAR, id VARCHAR, ts TIMESTAMP, ingested_at TIMESTAMP)"
             ))?;
             let mut appender = conn.appender_to_catalog_and_db(MOVING, "temp", "main")?;
             for batch in keys {
@@ -1676,15 +1650,13 @@ impl ColdTier {
         )
     }
 
-    /// Uploads `(file, key, sha256, bytes)` several at a time, each read back and compared.
-    fn upload_all(&self, uploads: &[(PathBuf, String, String, u64)]) -> Result<(), ColdError> {
+    /// Uploads `(object, key)` pairs several at a time, each read back and compared.
+    fn upload_all<'a>(&self, uploads: impl Iterator<Item = (&'a Stored, &'a str)>) -> Result<(), ColdError> {
         use futures_util::StreamExt;
         self.check_breaker()?;
         let outcome = self.block_on(async {
-            let mut uploads = futures_util::stream::iter(
-                uploads.iter().map(|(file, key, sha, bytes)| self.upload_one(file, key, sha, *bytes)),
-            )
-            .buffer_unordered(self.config.parallel_fetches.max(1));
+            let mut uploads = futures_util::stream::iter(uploads.map(|(stored, key)| self.upload_one(stored, key)))
+                .buffer_unordered(self.config.parallel_fetches.max(1));
             // The first failure ends the batch (the rest would likely meet the same store): the in-flight uploads
             // are dropped, and the caller removes whatever did arrive.
             while let Some(result) = uploads.next().await {
@@ -1779,11 +1751,7 @@ impl ColdTier {
                 );
                 written.push((key, file, stored));
             }
-            let uploads: Vec<(PathBuf, String, String, u64)> = written
-                .iter()
-                .map(|(key, _, stored)| (stored.path.clone(), key.clone(), stored.sha256.clone(), stored.bytes))
-                .collect();
-            self.upload_all(&uploads)?;
+            self.upload_all(written.iter().map(|(key, _, stored)| (stored, key.as_str())))?;
             let catalog: Vec<String> = written
                 .iter()
                 .map(|(key, file, stored)| {
@@ -2852,7 +2820,8 @@ mod tests {
                 enabled: true,
                 reads: 3.0,
                 window: Duration::from_secs(3600),
-                min_age: Duration::from_secs(2),
+                // Long enough that a loaded machine still reads again within it (the last step).
+                min_age: Duration::from_secs(4),
                 max_groups_per_run: 10,
             };
             hot.attach_cold(ColdConfig { promotion, ..cold_config(dir.path()) }).unwrap();
@@ -2930,7 +2899,7 @@ mod tests {
         assert_eq!(tier(&hot, 20), "hot");
         let report = hot.promote_to_hot().unwrap().unwrap();
         assert_eq!(report.released, 0, "held for min_age");
-        std::thread::sleep(Duration::from_millis(2100));
+        std::thread::sleep(Duration::from_millis(4100));
         let report = hot.promote_to_hot().unwrap().unwrap();
         assert_eq!(report.released, 2, "{report:?}");
         assert_eq!((tier(&hot, 20), tier(&hot, 2)), ("warm".to_owned(), "warm".to_owned()));
