@@ -558,6 +558,18 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
             "Records moved from warm to cold.",
             c.records_moved.load(Relaxed),
         );
+        counter(
+            &mut e,
+            "akosha_cold_uploads_verified_by_etag_total",
+            "Cold uploads the store verified by returning their MD5 as the ETag.",
+            c.uploads_verified_by_etag.load(Relaxed),
+        );
+        counter(
+            &mut e,
+            "akosha_cold_uploads_read_back_total",
+            "Cold uploads verified by reading them back.",
+            c.uploads_read_back.load(Relaxed),
+        );
         if let Ok((totals, promoted)) = r.hot.promotion_to_hot() {
             counter(&mut e, "akosha_hot_promotions_total", "Groups promoted from warm to hot.", totals.promoted);
             counter(
@@ -1268,6 +1280,8 @@ fn cold_summary(c: &crate::cold::ColdTier, records: u64) -> serde_json::Value {
         "moves_done": c.moves_done.load(Relaxed),
         "moves_failed": c.moves_failed.load(Relaxed),
         "records_moved": c.records_moved.load(Relaxed),
+        "uploads_verified_by_etag": c.uploads_verified_by_etag.load(Relaxed),
+        "uploads_read_back": c.uploads_read_back.load(Relaxed),
         "interrupted_at_start": c.interrupted,
         "circuit_open": c.circuit_open(),
         "last_move": c.last_move(),

@@ -505,6 +505,10 @@ pub struct ColdTier {
     pub moves_failed: AtomicU64,
     /// Rows moved to cold since start.
     pub records_moved: AtomicU64,
+    /// Uploads the store verified (its ETag was the object's MD5) since start.
+    pub uploads_verified_by_etag: AtomicU64,
+    /// Uploads verified by reading the object back since start.
+    pub uploads_read_back: AtomicU64,
     /// Journal rows found unfinished at start.
     pub interrupted: u64,
     last_move: Mutex<Option<ColdMoveReport>>,
@@ -707,6 +711,8 @@ impl ColdTier {
             moves_done: AtomicU64::new(0),
             moves_failed: AtomicU64::new(0),
             records_moved: AtomicU64::new(0),
+            uploads_verified_by_etag: AtomicU64::new(0),
+            uploads_read_back: AtomicU64::new(0),
             interrupted: 0,
             last_move: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -851,14 +857,22 @@ impl ColdTier {
         let store = &self.location.store;
         let data = &stored.data;
         let store_err = |op: &str, e: object_store::Error| ColdError::Store(format!("{op} {key}: {e}"));
-        if stored.bytes > MULTIPART_THRESHOLD {
+        let e_tag = if stored.bytes > MULTIPART_THRESHOLD {
             let upload = store.put_multipart(&path).await.map_err(|e| store_err("multipart upload", e))?;
             let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
             writer.write(data);
-            writer.finish().await.map_err(|e| store_err("multipart upload", e))?;
+            writer.finish().await.map_err(|e| store_err("multipart upload", e))?.e_tag
         } else {
-            store.put(&path, data.clone().into()).await.map_err(|e| store_err("PUT", e))?;
+            store.put(&path, data.clone().into()).await.map_err(|e| store_err("PUT", e))?.e_tag
+        };
+        // S3 and its compatibles answer a single-part PUT with the MD5 of what they stored as the ETag: when it
+        // is ours, the store has verified the object. Anything else (multipart ETags, SSE-KMS, other stores'
+        // opaque ETags) is read back.
+        if e_tag.is_some_and(|tag| tag.trim_matches('"').eq_ignore_ascii_case(&hex(&md5::Md5::digest(data)))) {
+            self.uploads_verified_by_etag.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         }
+        self.uploads_read_back.fetch_add(1, Ordering::Relaxed);
         let back =
             store.get(&path).await.map_err(|e| store_err("GET", e))?.bytes().await.map_err(|e| store_err("GET", e))?;
         if back != data {
@@ -2320,6 +2334,11 @@ mod tests {
         let cold = hot.cold().unwrap();
         let (objects, rows, _) = cold.totals().unwrap();
         assert_eq!((objects, rows), (310, 310), "one object per kind, system and day");
+        // A local directory's ETags are not MD5s: every upload was read back.
+        assert_eq!(
+            (cold.uploads_verified_by_etag.load(Ordering::Relaxed), cold.uploads_read_back.load(Ordering::Relaxed)),
+            (0, 310)
+        );
         let in_hot: u64 = hot.counts().unwrap().iter().map(|c| c.records).sum();
         let in_warm =
             hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
