@@ -102,7 +102,19 @@ struct Staged {
     groups: Vec<Group>,
     dir: PathBuf,
     objects: Vec<Export>,
-    copy_ms: u64,
+    /// Milliseconds of the phases done so far (export, journal, upload), for the debug log.
+    timings: Vec<u64>,
+}
+
+impl Staged {
+    /// Objects, rows and bytes.
+    fn moved(&self) -> (u64, u64, u64) {
+        (
+            self.objects.len() as u64,
+            self.objects.iter().map(|o| o.rows).sum(),
+            self.objects.iter().map(|o| o.stored.bytes).sum(),
+        )
+    }
 }
 
 impl Drop for Staged {
@@ -1211,9 +1223,10 @@ impl ColdTier {
         Ok(rows)
     }
 
-    /// Moves the planned batches (see the module documentation): while one batch is uploaded and registered,
-    /// the next one is exported on a second connection, so that DuckDB's and the writers' work overlaps the
-    /// store's and the single-threaded commit. The first failure stops the move. Returns objects, rows and bytes.
+    /// Moves the planned batches (see the module documentation) in a three-stage pipeline: while one batch is
+    /// registered, the next is uploaded and the one after it exported, so that DuckDB's and the writers' work,
+    /// the store's and the single-threaded commit overlap. The first failure stops the move. Returns objects,
+    /// rows and bytes.
     fn run_batches(
         &self,
         conn: &Connection,
@@ -1233,42 +1246,71 @@ impl ColdTier {
             }
             return Ok(totals);
         }
-        // Each batch keeps its connection from export to registration (its scratch table is connection-local);
-        // two connections let one batch be exported while the previous one finishes.
+        // Each batch keeps its connection from export to registration (its scratch table is connection-local):
+        // one connection per stage.
         let (give_back, free) = std::sync::mpsc::channel::<Connection>();
-        for _ in 0..2 {
+        for _ in 0..3 {
             let _ = give_back.send(conn.try_clone()?);
         }
-        let (to_finish, staged_batches) = std::sync::mpsc::sync_channel::<(Connection, Staged)>(0);
+        let (to_upload, exported) = std::sync::mpsc::sync_channel::<(Connection, Staged)>(0);
+        let (to_register, uploaded) = std::sync::mpsc::sync_channel::<(Connection, Staged)>(0);
+        let spawn_error = |e: std::io::Error| ColdError::Io(format!("cannot start a cold move thread: {e}"));
         std::thread::scope(|scope| {
-            let finisher = std::thread::Builder::new()
-                .name("cold-finish".into())
+            let give_back_registered = give_back.clone();
+            let uploader = std::thread::Builder::new()
+                .name("cold-upload".into())
+                .spawn_scoped(scope, move || -> Result<(), ColdError> {
+                    for (conn, mut staged) in exported {
+                        if let Err(e) = self.upload_batch(&conn, &mut staged) {
+                            self.fail_batch(&conn, &staged, &e);
+                            let _ = give_back.send(conn);
+                            return Err(e);
+                        }
+                        if let Err(std::sync::mpsc::SendError((conn, staged))) = to_register.send((conn, staged)) {
+                            // The registrar stopped on an earlier batch's error, which it reports.
+                            let stopped = ColdError::Io("the move stopped at an earlier batch's error".into());
+                            self.fail_batch(&conn, &staged, &stopped);
+                            return Ok(());
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(spawn_error)?;
+            let registrar = std::thread::Builder::new()
+                .name("cold-register".into())
                 .spawn_scoped(scope, move || -> Result<(u64, u64, u64), ColdError> {
                     let mut totals = (0, 0, 0);
-                    for (conn, mut staged) in staged_batches {
-                        let finished = self.finish_batch(&conn, warm, &mut staged);
-                        let _ = give_back.send(conn);
-                        add(&mut totals, finished?);
+                    for (conn, staged) in uploaded {
+                        let registered = self.register_batch(&conn, warm, &staged);
+                        if let Err(e) = &registered {
+                            self.fail_batch(&conn, &staged, e);
+                        }
+                        let _ = give_back_registered.send(conn);
+                        registered?;
+                        add(&mut totals, staged.moved());
                     }
                     Ok(totals)
                 })
-                .map_err(|e| ColdError::Io(format!("cannot start the cold finishing thread: {e}")))?;
+                .map_err(spawn_error)?;
             let staging = (|| -> Result<(), ColdError> {
                 for planned in &plan {
-                    // No connection back means the finisher stopped on an error, which it reports.
+                    // No connection back, or nobody taking the batch, means a later stage stopped on an error,
+                    // which it reports.
                     let Ok(conn) = free.recv() else { return Ok(()) };
                     let staged = self.stage_batch(&conn, planned)?;
-                    if to_finish.send((conn, staged)).is_err() {
+                    if to_upload.send((conn, staged)).is_err() {
                         return Ok(());
                     }
                 }
                 Ok(())
             })();
-            drop(to_finish);
-            let finished =
-                finisher.join().unwrap_or_else(|_| Err(ColdError::Io("the cold finishing thread panicked".into())));
-            // A finishing error happened to an earlier batch than a staging one.
-            totals = finished?;
+            drop(to_upload);
+            let panicked = |stage: &str| ColdError::Io(format!("the cold {stage} thread panicked"));
+            let uploaded = uploader.join().unwrap_or_else(|_| Err(panicked("upload")));
+            let registered = registrar.join().unwrap_or_else(|_| Err(panicked("register")));
+            // Errors in the order of the batches they happened to: a later stage's batch is an earlier one.
+            totals = registered?;
+            uploaded?;
             staging
         })?;
         Ok(totals)
@@ -1286,7 +1328,7 @@ impl ColdTier {
             groups: planned.groups.clone(),
             dir: self.cache.tmp_dir().join(new_uuid()),
             objects: Vec::new(),
-            copy_ms: 0,
+            timings: Vec::new(),
         };
         let values: Vec<String> = planned
             .groups
@@ -1323,7 +1365,7 @@ impl ColdTier {
                 max_ts: file.written.max_ts,
             });
         }
-        staged.copy_ms = started.elapsed().as_millis() as u64;
+        staged.timings.push(started.elapsed().as_millis() as u64);
         Ok(staged)
     }
 
@@ -1337,48 +1379,42 @@ impl ColdTier {
         now.max(previous + 1)
     }
 
-    /// Steps 2–4 for a staged batch (upload, verify, register); on failure the journal says so and the batch's
-    /// objects are deleted again. Returns objects, rows and bytes moved.
+    /// After a failure in steps 2–4: the journal says so and the batch's objects are deleted again.
+    fn fail_batch(&self, conn: &Connection, staged: &Staged, error: &ColdError) {
+        let _ = conn.execute(
+            "UPDATE warm.cold_moves SET state = 'failed', detail = ?, finished_at = now() \
+             WHERE id = ? AND state NOT IN ('done', 'failed', 'interrupted')",
+            duckdb::params![error.to_string(), staged.id],
+        );
+        // Objects may exist without catalog rows; remove them now if the store lets us, else the sweep will (a
+        // store the breaker gave up on is not asked).
+        if !self.circuit_open() {
+            let keys: Vec<String> = staged.objects.iter().map(|o| o.key.clone()).collect();
+            self.delete_objects(&keys, Some(CLEANUP_BUDGET));
+        }
+    }
+
+    /// Steps 2–4 for a staged batch. Returns objects, rows and bytes moved.
     fn finish_batch(
         &self,
         conn: &Connection,
         warm: &crate::warm::WarmTier,
         staged: &mut Staged,
     ) -> Result<(u64, u64, u64), ColdError> {
-        let outcome = self.upload_register(conn, warm, staged);
-        let objects = &staged.objects;
+        let outcome = self.upload_batch(conn, staged).and_then(|()| self.register_batch(conn, warm, staged));
         match outcome {
-            Ok(()) => Ok((
-                objects.len() as u64,
-                objects.iter().map(|o| o.rows).sum(),
-                objects.iter().map(|o| o.stored.bytes).sum(),
-            )),
+            Ok(()) => Ok(staged.moved()),
             Err(e) => {
-                let _ = conn.execute(
-                    "UPDATE warm.cold_moves SET state = 'failed', detail = ?, finished_at = now() \
-                     WHERE id = ? AND state NOT IN ('done', 'failed', 'interrupted')",
-                    duckdb::params![e.to_string(), staged.id],
-                );
-                // Objects may exist without catalog rows; remove them now if the store lets us, else the sweep will
-                // (a store the breaker gave up on is not asked).
-                if !self.circuit_open() {
-                    let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-                    self.delete_objects(&keys, Some(CLEANUP_BUDGET));
-                }
+                self.fail_batch(conn, staged, &e);
                 Err(e)
             }
         }
     }
 
-    fn upload_register(
-        &self,
-        conn: &Connection,
-        warm: &crate::warm::WarmTier,
-        staged: &Staged,
-    ) -> Result<(), ColdError> {
-        let Staged { id, kind, ref groups, ref objects, copy_ms, .. } = *staged;
+    /// Steps 2 and 3: the journal says `uploading`, then the objects are uploaded and verified.
+    fn upload_batch(&self, conn: &Connection, staged: &mut Staged) -> Result<(), ColdError> {
+        let Staged { id, kind, ref objects, .. } = *staged;
         let t = kind.as_str();
-        let int8 = self.config.embedding_encoding == EmbeddingEncoding::Int8;
         let mut phase = Instant::now();
         let mut lap = || {
             let ms = phase.elapsed().as_millis() as u64;
@@ -1405,9 +1441,33 @@ impl ColdTier {
         // 2 and 3. Upload and read back, several at once.
         self.upload_all(objects.iter().map(|o| (&o.stored, o.key.as_str())))?;
         let upload_ms = lap();
+        staged.timings.extend([journal_ms, upload_ms]);
         if let Some(pause) = self.pause_after_upload {
             warn!(message = "Fault injection: pausing after cold uploads.", ms = pause.as_millis() as u64);
             std::thread::sleep(pause);
+        }
+        Ok(())
+    }
+
+    /// Step 4: the catalog rows in, the exported versions out of warm, in one transaction; then the keys leave
+    /// the warm indexes and the files move into the cache.
+    fn register_batch(
+        &self,
+        conn: &Connection,
+        warm: &crate::warm::WarmTier,
+        staged: &Staged,
+    ) -> Result<(), ColdError> {
+        let Staged { id, kind, ref groups, ref objects, .. } = *staged;
+        let t = kind.as_str();
+        let int8 = self.config.embedding_encoding == EmbeddingEncoding::Int8;
+        let mut phase = Instant::now();
+        let mut lap = || {
+            let ms = phase.elapsed().as_millis() as u64;
+            phase = Instant::now();
+            ms
+        };
+        if objects.is_empty() {
+            return Ok(());
         }
         // The hourly rollup of a day is recomputed from all of the day's objects: lease those already in cold.
         let (rollups, _prior) = if kind == RecordKind::Metric {
@@ -1488,6 +1548,7 @@ impl ColdTier {
         for o in objects.iter() {
             self.cache.adopt(&o.file, &o.stored.sha256)?;
         }
+        let [copy_ms, journal_ms, upload_ms] = staged.timings[..] else { unreachable!("three phases before") };
         debug!(
             message = "Moved a batch to cold.",
             kind = t,
