@@ -64,9 +64,9 @@ use crate::objects::Location;
 const MULTIPART_THRESHOLD: u64 = 16 << 20;
 /// Size of one part.
 const PART_BYTES: usize = 8 << 20;
-/// (system, day) groups moved per batch: one warm commit and one parallel upload round each. Below DuckDB's
-/// limit of files a partitioned export keeps open (100), so each group is written as one file.
-const GROUPS_PER_BATCH: usize = 64;
+/// (system, day) groups moved per batch at most: one export, one parallel upload round and one warm commit each.
+/// Batches go through a pipeline, so smaller ones fill it sooner; each costs a commit of warm and of its indexes.
+const GROUPS_PER_BATCH: usize = 32;
 /// How long deleting the objects of a failed or interrupted move may take before the sweep is left to do it.
 const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
 /// Rows per batch (a group is never split): a batch's objects stay in memory until they are registered (≈ 1.4 KB
@@ -640,12 +640,14 @@ fn key_segment(s: &str) -> String {
     out
 }
 
-/// Splits groups into batches of at most `GROUPS_PER_BATCH` groups and about `ROWS_PER_BATCH` rows.
+/// Splits groups into batches of at most `GROUPS_PER_BATCH` groups (as many in each as the count allows, so that
+/// the pipeline's stages take about as long for each) and about `ROWS_PER_BATCH` rows.
 fn batches(groups: &[Group]) -> Vec<&[Group]> {
+    let per_batch = groups.len().div_ceil(groups.len().div_ceil(GROUPS_PER_BATCH).max(1)).max(1);
     let mut out = Vec::new();
     let (mut start, mut rows) = (0, 0);
     for (i, group) in groups.iter().enumerate() {
-        if i > start && (i - start == GROUPS_PER_BATCH || rows + group.rows > ROWS_PER_BATCH) {
+        if i > start && (i - start == per_batch || rows + group.rows > ROWS_PER_BATCH) {
             out.push(&groups[start..i]);
             (start, rows) = (i, 0);
         }
@@ -2461,6 +2463,22 @@ mod tests {
         expected_after[1].sort();
         assert_eq!(answers(&hot, &probe, now), expected_after);
         assert!(hot.cold().unwrap().cache().fetched.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn batches_are_even_and_bounded_by_groups_and_rows() {
+        let groups = |n: usize, rows: u64| -> Vec<Group> {
+            (0..n).map(|i| Group { system_id: format!("s{i}"), day: "2020-01-01".into(), rows }).collect()
+        };
+        let sizes = |g: &[Group]| batches(g).iter().map(|b| b.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(&groups(90, 10)), [30, 30, 30]);
+        assert_eq!(sizes(&groups(64, 10)), [32, 32]);
+        assert_eq!(sizes(&groups(33, 10)), [17, 16]);
+        assert_eq!(sizes(&groups(5, 10)), [5]);
+        assert!(sizes(&groups(0, 10)).is_empty());
+        // Rows bound a batch too; a group larger than the bound is a batch of its own.
+        assert_eq!(sizes(&groups(4, ROWS_PER_BATCH / 2)), [2, 2]);
+        assert_eq!(sizes(&groups(2, ROWS_PER_BATCH * 3)), [1, 1]);
     }
 
     #[test]
