@@ -611,7 +611,16 @@ pub fn clustered_vector(seed: u64, dims: usize, in_cluster: impl Fn(usize) -> bo
 
 /// CPU time (user + system) this process has used so far, in seconds: for benchmarks that report how busy they kept the cores.
 pub fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("self")
+}
+
+/// CPU time (user + system) another process has used so far, in seconds (0 when it is gone).
+pub fn pid_cpu_seconds(pid: u32) -> f64 {
+    cpu_seconds_of(&pid.to_string())
+}
+
+fn cpu_seconds_of(process: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
     let fields: Vec<&str> =
         stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();

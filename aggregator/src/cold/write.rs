@@ -7,7 +7,10 @@
 //! writer per core.
 //!
 //! Layout choices (documented for readers in `docs/STORAGE.md`):
-//! - zstd (level 1: the vectors are most of the bytes and higher levels barely shrink them) on every column;
+//! - zstd (level 1: the vectors are most of the bytes and higher levels barely shrink them) on the columns with
+//!   the bytes (vectors, text, keys, tags); the others (mostly NULL, or short labels as dictionary indexes) are
+//!   left uncompressed: zstd would gain a few bytes per object and cost a compression context per page, which
+//!   with its allocation was a tenth of a move's CPU;
 //! - the embedding's floats byte-stream-split, without dictionary or statistics (neither helps a vector);
 //! - free text without dictionary (rarely repeats), the short labels with one;
 //! - chunk and page statistics elsewhere, so that readers prune row groups by time, system or project;
@@ -28,6 +31,9 @@ use sha2::{Digest, Sha256};
 
 use super::ColdError;
 use super::cache::hex;
+
+/// Columns worth compressing (see the module documentation).
+const COMPRESSED: &[&str] = &["embedding", "embedding_i8", "text", "metadata", "name", "id", "tags"];
 
 /// Columns whose values rarely repeat (free text, keys, times, fingerprints): a dictionary would hold nearly every
 /// value once, so they go straight to their format-version-2 encodings (delta for times and keys).
@@ -88,7 +94,7 @@ pub(crate) fn properties(schema: &Schema, row_group_rows: usize) -> Result<Write
     let descriptor = ArrowSchemaConverter::new().convert(schema)?;
     let mut builder = WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_2_0)
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+        .set_compression(Compression::UNCOMPRESSED)
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_created_by(format!("akosha-aggregator {} (parquet-rs)", env!("CARGO_PKG_VERSION")));
@@ -98,6 +104,9 @@ pub(crate) fn properties(schema: &Schema, row_group_rows: usize) -> Result<Write
         let top = path.parts()[0].clone();
         let top = top.as_str();
         let is_float = matches!(column.physical_type(), PhysicalType::FLOAT | PhysicalType::DOUBLE);
+        if COMPRESSED.contains(&top) {
+            builder = builder.set_column_compression(path.clone(), Compression::ZSTD(ZstdLevel::try_new(1)?));
+        }
         if top.starts_with("embedding") && is_float && column.max_rep_level() > 0 {
             builder = vector_column(builder, path);
         } else if NO_DICTIONARY.contains(&top) {
