@@ -538,38 +538,29 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         gauge(&mut e, "akosha_cold_records", "Rows in the cold catalog.", rows);
         gauge(&mut e, "akosha_cold_bytes", "Bytes of the catalogued cold objects.", bytes);
         gauge(&mut e, "akosha_cold_cache_bytes", "Bytes in the local cold-object cache.", c.cache().size_bytes());
-        counter(
-            &mut e,
-            "akosha_cold_cache_fetches_total",
-            "Cold objects downloaded into the cache.",
-            c.cache().fetched.load(Relaxed),
-        );
-        counter(
-            &mut e,
-            "akosha_cold_cache_hits_total",
-            "Cold objects a query found in the cache.",
-            c.cache().hits.load(Relaxed),
-        );
-        counter(&mut e, "akosha_cold_moves_total", "Completed warm-to-cold moves.", c.moves_done.load(Relaxed));
-        counter(&mut e, "akosha_cold_moves_failed_total", "Failed warm-to-cold moves.", c.moves_failed.load(Relaxed));
-        counter(
-            &mut e,
-            "akosha_cold_moved_records_total",
-            "Records moved from warm to cold.",
-            c.records_moved.load(Relaxed),
-        );
-        counter(
-            &mut e,
-            "akosha_cold_uploads_verified_by_etag_total",
-            "Cold uploads the store verified by returning their MD5 as the ETag.",
-            c.uploads_verified_by_etag.load(Relaxed),
-        );
-        counter(
-            &mut e,
-            "akosha_cold_uploads_read_back_total",
-            "Cold uploads verified by reading them back.",
-            c.uploads_read_back.load(Relaxed),
-        );
+        let cold_counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
+            ("akosha_cold_cache_fetches_total", "Cold objects downloaded into the cache.", &c.cache().fetched),
+            ("akosha_cold_cache_hits_total", "Cold objects a query found in the cache.", &c.cache().hits),
+            ("akosha_cold_moves_total", "Completed warm-to-cold moves.", &c.moves_done),
+            ("akosha_cold_moves_failed_total", "Failed warm-to-cold moves.", &c.moves_failed),
+            ("akosha_cold_moved_records_total", "Records moved from warm to cold.", &c.records_moved),
+            (
+                "akosha_cold_uploads_verified_by_etag_total",
+                "Cold uploads the store verified by returning their MD5 as the ETag.",
+                &c.uploads_verified_by_etag,
+            ),
+            (
+                "akosha_cold_uploads_read_back_total",
+                "Cold uploads verified by reading them back.",
+                &c.uploads_read_back,
+            ),
+            ("akosha_cold_promotions_total", "Groups promoted from cold back to warm.", &c.promotions_done),
+            ("akosha_cold_promotions_failed_total", "Failed promotions from cold to warm.", &c.promotions_failed),
+            ("akosha_cold_promoted_records_total", "Records promoted from cold back to warm.", &c.records_promoted),
+        ];
+        for (name, help, value) in cold_counters {
+            counter(&mut e, name, help, value.load(Relaxed));
+        }
         if let Ok((totals, promoted)) = r.hot.promotion_to_hot() {
             counter(&mut e, "akosha_hot_promotions_total", "Groups promoted from warm to hot.", totals.promoted);
             counter(
@@ -581,24 +572,6 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
             counter(&mut e, "akosha_hot_promotions_failed_total", "Failed rounds of promotion to hot.", totals.failed);
             gauge(&mut e, "akosha_hot_promoted_groups", "Groups promoted to hot now.", promoted.len() as u64);
         }
-        counter(
-            &mut e,
-            "akosha_cold_promotions_total",
-            "Groups promoted from cold back to warm.",
-            c.promotions_done.load(Relaxed),
-        );
-        counter(
-            &mut e,
-            "akosha_cold_promotions_failed_total",
-            "Failed promotions from cold to warm.",
-            c.promotions_failed.load(Relaxed),
-        );
-        counter(
-            &mut e,
-            "akosha_cold_promoted_records_total",
-            "Records promoted from cold back to warm.",
-            c.records_promoted.load(Relaxed),
-        );
         gauge(
             &mut e,
             "akosha_cold_circuit_open",

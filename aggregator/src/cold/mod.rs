@@ -659,6 +659,16 @@ fn batches(groups: &[Group]) -> Vec<&[Group]> {
     out
 }
 
+/// A closure that returns the milliseconds since it was made or last called (a move's phases, for the debug log).
+fn lap_timer() -> impl FnMut() -> u64 {
+    let mut phase = Instant::now();
+    move || {
+        let ms = phase.elapsed().as_millis() as u64;
+        phase = Instant::now();
+        ms
+    }
+}
+
 fn new_uuid() -> String {
     let b: [u8; 16] = rand::random();
     let h = hex(&b);
@@ -1417,15 +1427,10 @@ impl ColdTier {
     fn upload_batch(&self, conn: &Connection, staged: &mut Staged) -> Result<(), ColdError> {
         let Staged { id, kind, ref objects, .. } = *staged;
         let t = kind.as_str();
-        let mut phase = Instant::now();
-        let mut lap = || {
-            let ms = phase.elapsed().as_millis() as u64;
-            phase = Instant::now();
-            ms
-        };
         if objects.is_empty() {
             return Ok(());
         }
+        let mut lap = lap_timer();
         let journal: Vec<String> = objects
             .iter()
             .map(|o| {
@@ -1462,15 +1467,10 @@ impl ColdTier {
         let Staged { id, kind, ref groups, ref objects, .. } = *staged;
         let t = kind.as_str();
         let int8 = self.config.embedding_encoding == EmbeddingEncoding::Int8;
-        let mut phase = Instant::now();
-        let mut lap = || {
-            let ms = phase.elapsed().as_millis() as u64;
-            phase = Instant::now();
-            ms
-        };
         if objects.is_empty() {
             return Ok(());
         }
+        let mut lap = lap_timer();
         // The hourly rollup of a day is recomputed from all of the day's objects: lease those already in cold.
         let (rollups, _prior) = if kind == RecordKind::Metric {
             let mut prior = Vec::new();
