@@ -2482,6 +2482,48 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_that_fails_mid_move_stops_the_pipeline_and_leaves_nothing_half_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let first_day = (now / DAY - 220) * DAY;
+        // 120 days of one reflection each (system s0): four batches of 30 groups, oldest first.
+        let records: Vec<Record> = (0..120).map(|n| record(6 * n + 3, first_day + n as i64 * DAY)).collect();
+        let hot = open(dir.path(), true);
+        hot.insert(&records).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        let cold = hot.cold().unwrap();
+        // A file where the 76th day's directory would go: that upload fails, in the third batch.
+        let day = jiff::Timestamp::from_microsecond(first_day + 75 * DAY).unwrap().strftime("%Y-%m-%d").to_string();
+        let blocker = dir.path().join(format!("bucket/kind=reflection/system=s0/date={day}"));
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+
+        assert!(hot.move_to_cold(now - 90 * DAY).is_err());
+        let parquet_keys = |cold: &ColdTier| -> BTreeSet<String> {
+            cold.list_keys().unwrap().into_iter().filter(|k| k.ends_with(".parquet")).collect()
+        };
+        let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!(catalog.len(), 60, "the two batches before the failure are registered, nothing after it");
+        assert_eq!(parquet_keys(&cold), catalog, "the failed and the stopped batches' uploads are gone again");
+        let in_warm =
+            hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
+        assert_eq!(in_warm, 60, "warm keeps every row that is not cold");
+        let failed: i64 = hot
+            .read(|c| Ok(c.query_row("SELECT count(*) FROM warm.cold_moves WHERE state = 'failed'", [], |r| r.get(0))?))
+            .unwrap();
+        assert!(failed >= 30, "the failed batch's objects are journaled as failed: {failed}");
+
+        std::fs::remove_file(&blocker).unwrap();
+        assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 60);
+        let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!((catalog.len(), parquet_keys(&cold)), (120, catalog.clone()));
+        let service = QueryService::new(hot.clone(), None);
+        let listed = service.list(&ListQuery { kind: RecordKind::Reflection, limit: 1000, ..ListQuery::default() });
+        assert_eq!(listed.unwrap().records.len(), 120, "every record once");
+    }
+
+    #[test]
     fn a_large_day_becomes_several_full_objects_that_compaction_leaves_alone() {
         let dir = tempfile::tempdir().unwrap();
         let now = jiff::Timestamp::now().as_microsecond();
