@@ -72,9 +72,9 @@ const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
 /// Rows per batch (a group is never split): a batch's objects stay in memory until they are registered (≈ 1.4 KB
 /// per row with vectors; two batches are in flight), and on the local disk until then.
 const ROWS_PER_BATCH: u64 = 100_000;
-/// Rows per object at most: a writer holds an object's rows in memory until it is written and verified (with
-/// vectors ≈ 1.6 KB per row, so ≈ 400 MB).
-const OBJECT_MAX_ROWS: usize = 250_000;
+/// Rows per object at most: a writer holds an object's rows in memory until it is written and verified, twice
+/// during the comparison (with vectors ≈ 1.6 KB per row, so ≈ 350 MB per writer).
+const OBJECT_MAX_ROWS: usize = 100_000;
 /// A move connection's scratch table of the versions a batch is moving (key, `ts` and `ingested_at`).
 const MOVING: &str = "cold_moving";
 

@@ -141,7 +141,9 @@ pub(crate) fn write_verified(
     properties: &WriterProperties,
 ) -> Result<Written, ColdError> {
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    let mut buffer = Vec::with_capacity(rows * 1_600 + 64 * 1024);
+    // The encoded object is at most about as large as the rows in memory (zstd and the encodings only shrink).
+    let in_memory: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    let mut buffer = Vec::with_capacity(in_memory.min(1 << 30) + 64 * 1024);
     let mut writer = ArrowWriter::try_new(&mut buffer, schema.clone(), Some(properties.clone()))?;
     for batch in batches {
         writer.write(batch)?;
