@@ -2505,7 +2505,7 @@ mod tests {
         };
         let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
         assert_eq!(catalog.len(), 60, "the two batches before the failure are registered, nothing after it");
-        assert_eq!(parquet_keys(&cold), catalog, "the failed and the stopped batches' uploads are gone again");
+        assert_eq!(parquet_keys(cold), catalog, "the failed and the stopped batches' uploads are gone again");
         let in_warm =
             hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
         assert_eq!(in_warm, 60, "warm keeps every row that is not cold");
@@ -2517,7 +2517,7 @@ mod tests {
         std::fs::remove_file(&blocker).unwrap();
         assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 60);
         let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
-        assert_eq!((catalog.len(), parquet_keys(&cold)), (120, catalog.clone()));
+        assert_eq!((catalog.len(), parquet_keys(cold)), (120, catalog.clone()));
         let service = QueryService::new(hot.clone(), None);
         let listed = service.list(&ListQuery { kind: RecordKind::Reflection, limit: 1000, ..ListQuery::default() });
         assert_eq!(listed.unwrap().records.len(), 120, "every record once");
