@@ -32,6 +32,9 @@ use sha2::{Digest, Sha256};
 use super::ColdError;
 use super::cache::hex;
 
+/// Rows decoded at a time when an object is read back.
+const READ_BACK_ROWS: usize = 8192;
+
 /// Columns worth compressing (see the module documentation).
 const COMPRESSED: &[&str] = &["embedding", "embedding_i8", "text", "metadata", "name", "id", "tags"];
 
@@ -150,30 +153,56 @@ pub(crate) fn write_verified(
     }
     writer.close()?;
     let bytes = bytes::Bytes::from(buffer);
+    let (min_ts, max_ts) = verify(schema, batches, &bytes)?;
+    Ok(Written { sha256: hex(&Sha256::digest(&bytes)), bytes, rows: rows as u64, min_ts, max_ts })
+}
 
-    let written = arrow::compute::concat_batches(schema, batches)?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?.with_batch_size(rows.max(1)).build()?;
-    let mut back = Vec::new();
-    for batch in reader {
-        back.push(batch?);
-    }
-    let back = arrow::compute::concat_batches(schema, &back)?;
-    if back.num_rows() != rows {
-        return Err(ColdError::Corrupt(format!(
-            "a written Parquet object reads back {} rows, {rows} were written",
-            back.num_rows()
-        )));
-    }
-    for (i, field) in schema.fields().iter().enumerate() {
-        if written.column(i).to_data() != back.column(i).to_data() {
-            return Err(ColdError::Corrupt(format!(
-                "column {} of a written Parquet object does not read back as written",
-                field.name()
-            )));
+/// Decodes `bytes` and compares every row with `batches`; returns their `ts` range.
+fn verify(schema: &Arc<Schema>, batches: &[RecordBatch], bytes: &bytes::Bytes) -> Result<(i64, i64), ColdError> {
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    // Compared window by window (both sides sliced, nothing copied): the object is decoded a few thousand rows
+    // at a time and each window checked against the same rows of the batches it was written from.
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?.with_batch_size(READ_BACK_ROWS).build()?;
+    let mut written = batches.iter().filter(|b| b.num_rows() > 0).cloned();
+    let mut current: Option<RecordBatch> = None;
+    let mut compared = 0;
+    for back in reader {
+        let back = back?;
+        let mut offset = 0;
+        while offset < back.num_rows() {
+            let pending = match current.take().filter(|c| c.num_rows() > 0) {
+                Some(pending) => pending,
+                None => written.next().ok_or_else(|| {
+                    ColdError::Corrupt(format!("a written Parquet object reads back more than the {rows} rows written"))
+                })?,
+            };
+            let n = pending.num_rows().min(back.num_rows() - offset);
+            for (i, field) in schema.fields().iter().enumerate() {
+                if pending.column(i).slice(0, n).to_data() != back.column(i).slice(offset, n).to_data() {
+                    return Err(ColdError::Corrupt(format!(
+                        "column {} of a written Parquet object does not read back as written (rows {}..{})",
+                        field.name(),
+                        compared,
+                        compared + n
+                    )));
+                }
+            }
+            current = Some(pending.slice(n, pending.num_rows() - n));
+            offset += n;
+            compared += n;
         }
     }
-    let (min_ts, max_ts) = ts_range(&written)?;
-    Ok(Written { sha256: hex(&Sha256::digest(&bytes)), bytes, rows: rows as u64, min_ts, max_ts })
+    if compared != rows {
+        return Err(ColdError::Corrupt(format!(
+            "a written Parquet object reads back {compared} rows, {rows} were written"
+        )));
+    }
+    let mut range: Option<(i64, i64)> = None;
+    for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+        let (min, max) = ts_range(batch)?;
+        range = Some(range.map_or((min, max), |(lo, hi)| (lo.min(min), hi.max(max))));
+    }
+    Ok(range.unwrap_or((0, 0)))
 }
 
 /// The smallest and largest `ts` of `batch` (µs; `(0, 0)` without rows).
@@ -238,6 +267,27 @@ mod tests {
         );
         assert!(vector.statistics().is_none());
         assert!(group.column(1).statistics().is_some(), "ts keeps statistics for pruning");
+    }
+
+    #[test]
+    fn bytes_that_do_not_decode_to_the_rows_are_refused() {
+        let (exported, rows) = batch(100, 0);
+        let schema = Arc::new(object_schema(&exported));
+        let rows = conform(&rows, &schema).unwrap();
+        let props = properties(&schema, 1000).unwrap();
+        let written = write_verified(&schema, std::slice::from_ref(&rows), &props).unwrap();
+        // Other rows than those written: the first differing column is named.
+        let (_, other) = batch(100, 1);
+        let other = conform(&other, &schema).unwrap();
+        let err = verify(&schema, &[other], &written.bytes).unwrap_err().to_string();
+        assert!(err.contains("column ts") && err.contains("rows 0..100"), "{err}");
+        // Fewer or more rows than written.
+        let err = verify(&schema, &[rows.slice(0, 60)], &written.bytes).unwrap_err().to_string();
+        assert!(err.contains("more than the 60 rows"), "{err}");
+        let err = verify(&schema, &[rows.clone(), rows.slice(0, 1)], &written.bytes).unwrap_err().to_string();
+        assert!(err.contains("reads back 100 rows, 101 were written"), "{err}");
+        // Bytes that are not Parquet at all.
+        assert!(verify(&schema, &[rows], &bytes::Bytes::from_static(b"not parquet")).is_err());
     }
 
     #[test]
