@@ -1727,19 +1727,35 @@ impl ColdTier {
         )
     }
 
-    /// Uploads `(object, key)` pairs several at a time, each read back and compared.
+    /// Uploads `(object, key)` pairs several at a time, each verified.
+    ///
+    /// The first failure ends the batch (the rest would likely meet the same store): uploads not started yet are
+    /// skipped, but those in flight are waited for — a dropped request can still land after the caller has
+    /// deleted the batch's keys, and would leave an object nothing names until the next sweep.
     fn upload_all<'a>(&self, uploads: impl Iterator<Item = (&'a Stored, &'a str)>) -> Result<(), ColdError> {
         use futures_util::StreamExt;
         self.check_breaker()?;
+        let failed = std::sync::atomic::AtomicBool::new(false);
         let outcome = self.block_on(async {
-            let mut uploads = futures_util::stream::iter(uploads.map(|(stored, key)| self.upload_one(stored, key)))
-                .buffer_unordered(self.config.parallel_fetches.max(1));
-            // The first failure ends the batch (the rest would likely meet the same store): the in-flight uploads
-            // are dropped, and the caller removes whatever did arrive.
+            let failed = &failed;
+            let mut uploads = futures_util::stream::iter(uploads.map(|(stored, key)| async move {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let result = self.upload_one(stored, key).await;
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                result
+            }))
+            .buffer_unordered(self.config.parallel_fetches.max(1));
+            let mut first_error = None;
             while let Some(result) = uploads.next().await {
-                result?;
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
             }
-            Ok(())
+            first_error.map_or(Ok(()), Err)
         });
         // One attempt for the breaker, however many objects it carried.
         self.record(outcome)
