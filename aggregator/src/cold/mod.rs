@@ -1550,7 +1550,10 @@ impl ColdTier {
         for o in objects.iter() {
             self.cache.adopt(&o.file, &o.stored.sha256)?;
         }
-        let [copy_ms, journal_ms, upload_ms] = staged.timings[..] else { unreachable!("three phases before") };
+        let (copy_ms, journal_ms, upload_ms) = match staged.timings[..] {
+            [copy, journal, upload] => (copy, journal, upload),
+            _ => (0, 0, 0),
+        };
         debug!(
             message = "Moved a batch to cold.",
             kind = t,
