@@ -105,6 +105,7 @@ fn main() {
             encryption: None,
             warm_window_per_kind: Default::default(),
             schedule: None,
+            cache_on_write: false,
         })
         .unwrap();
 

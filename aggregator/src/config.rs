@@ -120,6 +120,7 @@ struct RawCold {
     breaker_failures: Option<u32>,
     breaker_cooldown: Option<String>,
     retry_timeout: Option<String>,
+    cache_on_write: Option<bool>,
     #[serde(default)]
     promotion: RawPromotion,
 }
@@ -565,6 +566,7 @@ fn validate(raw: RawConfig, home: Option<&str>) -> Result<AggregatorConfig, Conf
         breaker_failures: c.breaker_failures.unwrap_or(5),
         breaker_cooldown: duration("cold.breaker_cooldown", c.breaker_cooldown.as_ref(), "30s")?,
         retry_timeout: duration("cold.retry_timeout", c.retry_timeout.as_ref(), "30s")?,
+        cache_on_write: c.cache_on_write.unwrap_or(false),
         promotion: crate::cold::PromotionConfig {
             enabled: c.promotion.enabled.unwrap_or(true),
             reads: c.promotion.reads.unwrap_or(3.0),

@@ -93,14 +93,14 @@ struct Planned {
     groups: Vec<Group>,
 }
 
-/// A batch whose objects are written locally (step 1), waiting for upload and registration. Its directory goes
-/// with it (registered objects have moved into the cache by then).
+/// A batch whose objects are written (step 1), waiting for upload and registration. Its local directory, if
+/// the batch needed local files, goes with it (registered objects have moved into the cache by then).
 struct Staged {
     /// The journal's id of the batch.
     id: i64,
     kind: RecordKind,
     groups: Vec<Group>,
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     objects: Vec<Export>,
     /// Milliseconds of the phases done so far (export, journal, upload), for the debug log.
     timings: Vec<u64>,
@@ -119,14 +119,17 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
 /// One object of a move batch.
 struct Export {
     key: String,
-    file: PathBuf,
+    /// The object's local copy, when the batch keeps one (metric rollups read it; `cache_on_write` adopts it).
+    file: Option<PathBuf>,
     system_id: String,
     day: String,
     rows: u64,
@@ -155,7 +158,8 @@ struct GroupFile {
     idx: usize,
     /// Which of the group's objects (a group above `OBJECT_MAX_ROWS` rows gets several).
     part: usize,
-    path: PathBuf,
+    /// Where it was written locally, if the caller asked for files.
+    path: Option<PathBuf>,
     written: write::Written,
 }
 
@@ -214,6 +218,10 @@ pub struct ColdConfig {
     pub promotion: PromotionConfig,
     /// Seal objects with envelope encryption (see [`crate::envelope`]); `None` stores plain Parquet.
     pub encryption: Option<Arc<crate::envelope::Keyring>>,
+    /// Objects a move writes also go into the local cache. Off by default: what leaves warm is old and seldom
+    /// read, and caching it on the way out would evict what queries are actually reading (ClickHouse's
+    /// `cache_on_write_operations` makes the same call).
+    pub cache_on_write: bool,
 }
 
 /// When cold data that is read again goes back to warm (see [`access`]).
@@ -912,7 +920,7 @@ impl ColdTier {
     }
 
     /// The form `file` is stored in: as it is, or sealed under a new data key when encryption is configured.
-    fn stored_form(&self, file: &Path, plain: &bytes::Bytes, sha256: &str) -> Result<Stored, ColdError> {
+    fn stored_form(&self, key: &str, plain: &bytes::Bytes, sha256: &str) -> Result<Stored, ColdError> {
         let Some(keyring) = &self.config.encryption else {
             return Ok(Stored {
                 data: plain.clone(),
@@ -922,7 +930,7 @@ impl ColdTier {
             });
         };
         let (sealed, wrapped) =
-            keyring.seal(plain).map_err(|error| ColdError::Sealed { key: file.display().to_string(), error })?;
+            keyring.seal(plain).map_err(|error| ColdError::Sealed { key: key.to_owned(), error })?;
         Ok(Stored {
             sha256: hex(&Sha256::digest(&sealed)),
             bytes: sealed.len() as u64,
@@ -1338,7 +1346,9 @@ impl ColdTier {
             id: self.next_move_id(),
             kind: planned.kind,
             groups: planned.groups.clone(),
-            dir: self.cache.tmp_dir().join(new_uuid()),
+            // Metric rollups are computed from the objects' local copies.
+            dir: (planned.kind == RecordKind::Metric || self.config.cache_on_write)
+                .then(|| self.cache.tmp_dir().join(new_uuid())),
             objects: Vec::new(),
             timings: Vec::new(),
         };
@@ -1356,18 +1366,21 @@ impl ColdTier {
             values.join(", "),
             planned.cutoff_us
         );
-        std::fs::create_dir_all(&staged.dir).map_err(|e| ColdError::Io(format!("{}: {e}", staged.dir.display())))?;
-        for file in self.write_groups(conn, &rows, planned.groups.len(), &staged.dir, true)? {
+        if let Some(dir) = &staged.dir {
+            std::fs::create_dir_all(dir).map_err(|e| ColdError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        for file in self.write_groups(conn, &rows, planned.groups.len(), staged.dir.as_deref(), true)? {
             let group = &planned.groups[file.idx];
-            let stored = self.stored_form(&file.path, &file.written.bytes, &file.written.sha256)?;
+            let key = format!(
+                "kind={t}/system={}/date={}/part-{}{}",
+                key_segment(&group.system_id),
+                group.day,
+                new_uuid(),
+                self.config.embedding_encoding.key_suffix()
+            );
+            let stored = self.stored_form(&key, &file.written.bytes, &file.written.sha256)?;
             staged.objects.push(Export {
-                key: format!(
-                    "kind={t}/system={}/date={}/part-{}{}",
-                    key_segment(&group.system_id),
-                    group.day,
-                    new_uuid(),
-                    self.config.embedding_encoding.key_suffix()
-                ),
+                key,
                 file: file.path,
                 system_id: group.system_id.clone(),
                 day: group.day.clone(),
@@ -1479,7 +1492,7 @@ impl ColdTier {
             }
             let lease = self.record(self.lease(&prior))?;
             let mut paths = lease.paths.clone();
-            paths.extend(objects.iter().map(|o| o.file.clone()));
+            paths.extend(objects.iter().filter_map(|o| o.file.clone()));
             let days = crate::rollup::days_relation(objects.iter().map(|o| (o.system_id.as_str(), o.day.as_str())))
                 .expect("objects is not empty");
             let sql = crate::rollup::Rollup::Hour.refresh_sql(&days, &newest_visible(t, &paths, lease.int8 || int8))
@@ -1548,7 +1561,9 @@ impl ColdTier {
         conn.execute_batch(&format!("DROP TABLE IF EXISTS {MOVING}"))?;
         warm.forget(&hashes)?;
         for o in objects.iter() {
-            self.cache.adopt(&o.file, &o.stored.sha256)?;
+            if let Some(file) = &o.file {
+                self.cache.adopt(file, &o.stored.sha256)?;
+            }
         }
         let (copy_ms, journal_ms, upload_ms) = match staged.timings[..] {
             [copy, journal, upload] => (copy, journal, upload),
@@ -1577,7 +1592,7 @@ impl ColdTier {
         conn: &Connection,
         rows: &str,
         groups: usize,
-        dir: &Path,
+        dir: Option<&Path>,
         moving: bool,
     ) -> Result<Vec<GroupFile>, ColdError> {
         use arrow::array::{AsArray, RecordBatch};
@@ -1614,9 +1629,11 @@ impl ColdTier {
                     continue;
                 }
                 let result = write::write_verified(&stored_schema, &object.batches, &properties).and_then(|written| {
-                    let path = dir.join(format!("{}-{}.parquet", object.idx, object.part));
-                    std::fs::write(&path, &written.bytes)
-                        .map_err(|e| ColdError::Io(format!("{}: {e}", path.display())))?;
+                    let path = dir.map(|dir| dir.join(format!("{}-{}.parquet", object.idx, object.part)));
+                    if let Some(path) = &path {
+                        std::fs::write(path, &written.bytes)
+                            .map_err(|e| ColdError::Io(format!("{}: {e}", path.display())))?;
+                    }
                     Ok(GroupFile { idx: object.idx, part: object.part, path, written })
                 });
                 match result {
@@ -1837,14 +1854,14 @@ impl ColdTier {
         let result = (|| -> Result<u64, ColdError> {
             std::fs::create_dir_all(&dir).map_err(|e| ColdError::Io(format!("{}: {e}", dir.display())))?;
             let rows = format!("(SELECT 0 AS idx, v.* FROM {} v)", newest_visible(kind, &lease.paths, lease.int8));
-            for file in self.write_groups(conn, &rows, 1, &dir, false)? {
-                let stored = self.stored_form(&file.path, &file.written.bytes, &file.written.sha256)?;
+            for file in self.write_groups(conn, &rows, 1, Some(&dir), false)? {
                 let key = format!(
                     "kind={kind}/system={}/date={day}/part-{}{}",
                     key_segment(system_id),
                     new_uuid(),
                     self.config.embedding_encoding.key_suffix()
                 );
+                let stored = self.stored_form(&key, &file.written.bytes, &file.written.sha256)?;
                 written.push((key, file, stored));
             }
             self.upload_all(written.iter().map(|(key, _, stored)| (stored, key.as_str())))?;
@@ -1866,7 +1883,7 @@ impl ColdTier {
                     )
                 })
                 .collect();
-            let paths: Vec<PathBuf> = written.iter().map(|(_, file, _)| file.path.clone()).collect();
+            let paths: Vec<PathBuf> = written.iter().filter_map(|(_, file, _)| file.path.clone()).collect();
             conn.execute_batch("BEGIN TRANSACTION")?;
             let swapped = (|| -> Result<(), ColdError> {
                 conn.execute_batch(&format!("INSERT INTO warm.cold_objects VALUES {};", catalog.join(", ")))?;
@@ -1887,7 +1904,9 @@ impl ColdTier {
                 }
             }
             for (_, file, stored) in &written {
-                self.cache.adopt(&file.path, &stored.sha256)?;
+                if let Some(path) = &file.path {
+                    self.cache.adopt(path, &stored.sha256)?;
+                }
             }
             Ok(objects.len() as u64)
         })();
@@ -2335,6 +2354,7 @@ mod tests {
             encryption: None,
             warm_window_per_kind: Default::default(),
             schedule: None,
+            cache_on_write: false,
         }
     }
 
@@ -2582,6 +2602,35 @@ mod tests {
         let catalog: BTreeSet<String> = cold.catalog().unwrap().into_iter().map(|o| o.key).collect();
         let listed: BTreeSet<String> = cold.list_keys().unwrap().into_iter().collect();
         assert_eq!(catalog, listed, "the catalog matches the bucket exactly");
+    }
+
+    #[test]
+    fn moved_objects_enter_the_cache_only_when_configured_to() {
+        let now = jiff::Timestamp::now().as_microsecond();
+        let records: Vec<Record> = (0..12).map(|i| record(i, now - (100 + i as i64) * DAY)).collect();
+        for cache_on_write in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let hot = with_warm(dir.path());
+            hot.attach_cold(ColdConfig { cache_on_write, ..cold_config(dir.path()) }).unwrap();
+            let cold = hot.cold().unwrap();
+            hot.insert(&records).unwrap();
+            assert!(hot.wait_indexed(Duration::from_secs(30)));
+            hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+            let report = hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+            assert_eq!(report.records, 12);
+            let stored: u64 = cold.catalog().unwrap().iter().map(|o| o.bytes).sum();
+            let cached = cold.cache().size_bytes();
+            assert_eq!(cached, if cache_on_write { stored } else { 0 }, "cache_on_write = {cache_on_write}");
+            let tmp = std::fs::read_dir(cold.cache().tmp_dir()).map_or(0, |d| d.count());
+            assert_eq!(tmp, 0, "no staging files are left behind");
+            // Either way the first query reads every record.
+            let service = QueryService::new(hot.clone(), None);
+            for r in &records {
+                let found = service.get(&r.system_id, r.kind, &r.id).unwrap().unwrap();
+                assert_eq!(found["tier"].as_str(), Some("cold"));
+            }
+            assert_eq!(cold.cache().size_bytes(), stored, "the query filled the cache");
+        }
     }
 
     #[test]
