@@ -535,6 +535,9 @@ pub struct ColdTier {
     last_error: Mutex<Option<String>>,
     /// Fault injection for crash tests: pause this long after each upload.
     pause_after_upload: Option<Duration>,
+    /// Tests: SQL run once on the register connection right before the next batch registers.
+    #[cfg(test)]
+    before_register: Mutex<Option<String>>,
     /// `OBJECT_MAX_ROWS`, lowered by tests.
     object_max_rows: std::sync::atomic::AtomicUsize,
     /// The last journal id a move batch took.
@@ -749,6 +752,8 @@ impl ColdTier {
             last_move: Mutex::new(None),
             last_error: Mutex::new(None),
             pause_after_upload,
+            #[cfg(test)]
+            before_register: Mutex::new(None),
             object_max_rows: OBJECT_MAX_ROWS.into(),
             last_move_id: 0.into(),
             pins: Arc::new(AtomicU64::new(0)),
@@ -1503,8 +1508,13 @@ impl ColdTier {
         };
         // 4. Register and delete in one transaction, under the warm lock (the warm indexes change too).
         let _moving = warm.lock_moves();
-        conn.execute_batch("BEGIN TRANSACTION")?;
-        let registered = (|| -> Result<Vec<u64>, ColdError> {
+        #[cfg(test)]
+        if let Some(sql) = self.before_register.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            conn.execute_batch(&sql)?;
+        }
+        // Returns the hashes of the keys whose exported version left warm, or `None` when the cheap way (no
+        // `RETURNING`) cannot tell them (see below).
+        let register = |returning: bool| -> Result<Option<Vec<u64>>, ColdError> {
             let catalog: Vec<String> = objects
                 .iter()
                 .map(|o| {
@@ -1526,12 +1536,26 @@ impl ColdTier {
             // Exactly the exported versions leave warm: a newer one that arrived meanwhile stays. Every insert
             // stamps its rows with its own `ingested_at` (and hot keeps one version per key), so key, `ts` and
             // `ingested_at` name a version without hashing its content.
-            let mut stmt = conn.prepare(&format!(
+            let delete = format!(
                 "DELETE FROM warm.{t} w USING {MOVING} p \
-                 WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.ingested_at = w.ingested_at \
-                 RETURNING w.system_id, w.id"
-            ))?;
-            let hashes = stmt
+                 WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.ingested_at = w.ingested_at"
+            );
+            // `RETURNING` makes DuckDB fetch every column of the deleted rows, vectors included (a third of the
+            // step's time). When the delete's count equals the scratch table's, every exported version was
+            // deleted and the scratch table names the keys; otherwise (a version erased or replaced meanwhile)
+            // the caller rolls back and asks again with `RETURNING`.
+            let gone = if returning {
+                format!("{delete} RETURNING w.system_id, w.id")
+            } else {
+                let deleted = conn.execute(&delete, [])?;
+                let exported: i64 = conn.query_row(&format!("SELECT count(*) FROM {MOVING}"), [], |r| r.get(0))?;
+                if i64::try_from(deleted).ok() != Some(exported) {
+                    return Ok(None);
+                }
+                format!("SELECT system_id, id FROM {MOVING}")
+            };
+            let hashes = conn
+                .prepare(&gone)?
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
                 .map(|row| row.map(|(system, id)| crate::hot::key_hash_of(kind, &system, &id)))
                 .collect::<Result<Vec<u64>, _>>()?;
@@ -1545,16 +1569,26 @@ impl ColdTier {
                  FROM (VALUES {}) v(object_key, sha256) WHERE id = {id} AND cold_moves.object_key = v.object_key;",
                 done.join(", ")
             ))?;
-            Ok(hashes)
-        })();
-        let hashes = match registered {
-            Ok(hashes) => {
-                conn.execute_batch("COMMIT")?;
-                hashes
+            Ok(Some(hashes))
+        };
+        let in_transaction = |returning: bool| -> Result<Option<Vec<u64>>, ColdError> {
+            conn.execute_batch("BEGIN TRANSACTION")?;
+            match register(returning) {
+                Ok(Some(hashes)) => {
+                    conn.execute_batch("COMMIT")?;
+                    Ok(Some(hashes))
+                }
+                outcome => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    outcome
+                }
             }
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
+        };
+        let hashes = match in_transaction(false)? {
+            Some(hashes) => hashes,
+            None => {
+                debug!(message = "Warm changed under a cold move; naming the deleted versions one by one.", kind = t);
+                in_transaction(true)?.unwrap_or_default()
             }
         };
         let register_ms = lap();
@@ -2630,6 +2664,48 @@ mod tests {
                 assert_eq!(found["tier"].as_str(), Some("cold"));
             }
             assert_eq!(cold.cache().size_bytes(), stored, "the query filled the cache");
+        }
+    }
+
+    #[test]
+    fn a_version_replaced_in_warm_during_a_move_stays_in_warm_and_in_its_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = jiff::Timestamp::now().as_microsecond();
+        let records: Vec<Record> = (0..12).map(|i| record(i, now - (100 + i as i64) * DAY)).collect();
+        let hot = open(dir.path(), true);
+        let cold = hot.cold().unwrap();
+        hot.insert(&records).unwrap();
+        assert!(hot.wait_indexed(Duration::from_secs(30)));
+        hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
+        // Between export and registration a newer version of one exported record reaches warm (what a hot→warm
+        // move meanwhile does): the delete misses it, so the move must name the deleted versions exactly.
+        let replaced = &records[3];
+        *cold.before_register.lock().unwrap() = Some(format!(
+            "UPDATE warm.{} SET ts = ts + INTERVAL 1 SECOND, text = 'a newer version' \
+             WHERE system_id = '{}' AND id = '{}'",
+            replaced.kind.as_str(),
+            replaced.system_id,
+            replaced.id
+        ));
+        hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
+        assert!(cold.before_register.lock().unwrap().is_none(), "the hook ran");
+        let in_warm =
+            hot.read(|c| Ok(crate::warm::WarmTier::counts(c)?.iter().map(|(_, _, n)| n).sum::<u64>())).unwrap();
+        assert_eq!(in_warm, 1, "only the newer version is left in warm");
+        let service = QueryService::new(hot.clone(), None);
+        let r = service.get(&replaced.system_id, replaced.kind, &replaced.id).unwrap().unwrap();
+        assert_eq!((r["tier"].as_str(), r["text"].as_str()), (Some("warm"), Some("a newer version")));
+        // Its key is still in the warm indexes (and only its key), and searches find it there once.
+        assert_eq!(hot.warm().unwrap().indexes().sizes(), (1, 1));
+        let hits = service.vector(replaced.embedding.as_ref().unwrap(), 3, &Filters::default()).unwrap();
+        assert_eq!(hits[0].record["id"].as_str(), Some(replaced.id.as_str()));
+        assert_eq!(hits[0].record["tier"].as_str(), Some("warm"));
+        assert_eq!(hits.iter().filter(|h| h.record["id"] == hits[0].record["id"]).count(), 1);
+        // Every other record is cold and found by its own vector too.
+        for other in records.iter().filter(|r| r.id != replaced.id) {
+            let hits = service.vector(other.embedding.as_ref().unwrap(), 1, &Filters::default()).unwrap();
+            assert_eq!(hits[0].record["id"].as_str(), Some(other.id.as_str()));
+            assert_eq!(hits[0].record["tier"].as_str(), Some("cold"));
         }
     }
 
