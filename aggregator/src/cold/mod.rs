@@ -1364,12 +1364,19 @@ impl ColdTier {
             .map(|(i, g)| format!("({i}, {}, DATE {})", sql_text(&g.system_id), sql_text(&g.day)))
             .collect();
         // The warm rows of the batch's groups, each with its group's index `g.idx`. One statement reads them and
-        // their hashes from one snapshot, so a hot→warm move meanwhile cannot make the two disagree.
+        // their hashes from one snapshot, so a hot→warm move meanwhile cannot make the two disagree. The batch's
+        // days are consecutive (groups are planned in day order): bounding `ts` by them lets the scan skip the
+        // rest of warm instead of decoding every row's vector for the join to drop.
+        let first_day = planned.groups.iter().map(|g| g.day.as_str()).min().unwrap_or_default();
+        let last_day = planned.groups.iter().map(|g| g.day.as_str()).max().unwrap_or_default();
         let rows = format!(
             "(SELECT g.idx, w.* FROM warm.{t} w JOIN (VALUES {}) g(idx, g_system, g_day) \
-             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({}))",
+             ON w.system_id = g.g_system AND CAST(w.ts AS DATE) = g.g_day WHERE w.ts < make_timestamp({}) \
+             AND w.ts >= CAST(DATE {} AS TIMESTAMP) AND w.ts < CAST(DATE {} AS TIMESTAMP) + INTERVAL 1 DAY)",
             values.join(", "),
-            planned.cutoff_us
+            planned.cutoff_us,
+            sql_text(first_day),
+            sql_text(last_day)
         );
         if let Some(dir) = &staged.dir {
             std::fs::create_dir_all(dir).map_err(|e| ColdError::Io(format!("{}: {e}", dir.display())))?;
