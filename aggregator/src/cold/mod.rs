@@ -94,7 +94,7 @@ struct Planned {
 }
 
 /// A batch whose objects are written (step 1), waiting for upload and registration. Its local directory, if
-/// the batch needed local files, goes with it (registered objects have moved into the cache by then).
+/// the batch needed local files, goes with it (files the cache adopted have moved out of it by then).
 struct Staged {
     /// The journal's id of the batch.
     id: i64,
@@ -1547,8 +1547,8 @@ impl ColdTier {
                 "DELETE FROM warm.{t} w USING {MOVING} p \
                  WHERE p.system_id = w.system_id AND p.id = w.id AND p.ts = w.ts AND p.ingested_at = w.ingested_at"
             );
-            // `RETURNING` makes DuckDB fetch every column of the deleted rows, vectors included (a third of the
-            // step's time). When the delete's count equals the scratch table's, every exported version was
+            // `RETURNING` makes DuckDB fetch every column of the deleted rows, vectors included (half of this
+            // step's CPU). When the delete's count equals the scratch table's, every exported version was
             // deleted and the scratch table names the keys; otherwise (a version erased or replaced meanwhile)
             // the caller rolls back and asks again with `RETURNING`.
             let gone = if returning {
@@ -1594,7 +1594,10 @@ impl ColdTier {
         let hashes = match in_transaction(false)? {
             Some(hashes) => hashes,
             None => {
-                debug!(message = "Warm changed under a cold move; naming the deleted versions one by one.", kind = t);
+                debug!(
+                    message = "Warm changed under a cold move; naming the deleted versions with RETURNING.",
+                    kind = t
+                );
                 in_transaction(true)?.unwrap_or_default()
             }
         };
