@@ -900,6 +900,7 @@ mod tests {
             ("cold: {schedule: '05:00-05:00'}", "cold.schedule"),
             ("cold: {embedding_encoding: f16}", "cold.embedding_encoding"),
             ("cold: {warm_window_per_kind: {metric: 2d}}", "cold.warm_window_per_kind.metric"),
+            ("cold: {cache_on_write: sometimes}", "cold.cache_on_write"),
         ] {
             let err = parse(text, &[]).unwrap_err().to_string();
             assert!(err.contains(&format!("key `{key}`")), "{err} does not name {key}");

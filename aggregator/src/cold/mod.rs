@@ -1383,13 +1383,7 @@ impl ColdTier {
         }
         for file in self.write_groups(conn, &rows, planned.groups.len(), staged.dir.as_deref(), true)? {
             let group = &planned.groups[file.idx];
-            let key = format!(
-                "kind={t}/system={}/date={}/part-{}{}",
-                key_segment(&group.system_id),
-                group.day,
-                new_uuid(),
-                self.config.embedding_encoding.key_suffix()
-            );
+            let key = self.new_object_key(t, &group.system_id, &group.day);
             let stored = self.stored_form(&key, &file.written.bytes, &file.written.sha256)?;
             staged.objects.push(Export {
                 key,
@@ -1404,6 +1398,16 @@ impl ColdTier {
         }
         staged.timings.push(started.elapsed().as_millis() as u64);
         Ok(staged)
+    }
+
+    /// The Hive-style key of a new object of one (kind, system, day) group.
+    fn new_object_key(&self, kind: &str, system_id: &str, day: &str) -> String {
+        format!(
+            "kind={kind}/system={}/date={day}/part-{}{}",
+            key_segment(system_id),
+            new_uuid(),
+            self.config.embedding_encoding.key_suffix()
+        )
     }
 
     /// A journal id later than every earlier one (ids are start times in µs).
@@ -1899,12 +1903,7 @@ impl ColdTier {
             std::fs::create_dir_all(&dir).map_err(|e| ColdError::Io(format!("{}: {e}", dir.display())))?;
             let rows = format!("(SELECT 0 AS idx, v.* FROM {} v)", newest_visible(kind, &lease.paths, lease.int8));
             for file in self.write_groups(conn, &rows, 1, Some(&dir), false)? {
-                let key = format!(
-                    "kind={kind}/system={}/date={day}/part-{}{}",
-                    key_segment(system_id),
-                    new_uuid(),
-                    self.config.embedding_encoding.key_suffix()
-                );
+                let key = self.new_object_key(kind, system_id, day);
                 let stored = self.stored_form(&key, &file.written.bytes, &file.written.sha256)?;
                 written.push((key, file, stored));
             }
