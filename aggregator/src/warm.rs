@@ -369,7 +369,7 @@ impl WarmTier {
     pub(crate) fn persist(&self, conn: &Connection) -> Result<(), HotError> {
         let _moving = self.lock_moves();
         conn.execute_batch("CHECKPOINT warm;")?;
-        self.indexes.save(&self.index_dir)?;
+        self.indexes.save_changes(&self.index_dir)?;
         let last_move = self.last_move().map_or(0, |m| m.id);
         write_manifest(&self.index_dir, &Manifest { rows: warm_rows(conn)?, last_move, key_probe: key_probe() })
     }

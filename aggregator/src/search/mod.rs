@@ -229,6 +229,13 @@ impl SearchIndexes {
         self.vectors.save(dir)
     }
 
+    /// Brings the persisted vectors up to date, cheaply when only removals happened since the last save (see
+    /// [`VectorIndex::save_changes`]).
+    pub fn save_changes(&self, dir: &std::path::Path) -> Result<(), SearchError> {
+        let _writes = self.vector_writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.vectors.save_changes(dir)
+    }
+
     /// Registers what filters need of records whose vectors and text are already indexed (loading persisted
     /// indexes: the registry itself is rebuilt from the table).
     pub fn register(&self, records: &[(u64, &Record)]) {

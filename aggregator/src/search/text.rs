@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use akosha_protocol::Record;
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery, TermSetQuery};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TantivyDocument, TextFieldIndexing, TextOptions,
     Value,
@@ -151,10 +151,13 @@ impl TextIndex {
 
     /// Deletes documents by key.
     pub fn remove(&self, keys: &[u64]) -> Result<(), SearchError> {
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        for key in keys {
-            writer.delete_term(Term::from_field_u64(self.fields.key, *key));
+        if keys.is_empty() {
+            return Ok(());
         }
+        // One query for the whole set: a delete per key costs a weight per key and, at commit, a term lookup per
+        // key and segment; a set is one walk of each segment's term dictionary.
+        let keys = TermSetQuery::new(keys.iter().map(|key| Term::from_field_u64(self.fields.key, *key)));
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).delete_query(Box::new(keys))?;
         Ok(())
     }
 

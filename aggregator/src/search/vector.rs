@@ -37,6 +37,22 @@ pub struct VectorIndex {
     oversample: std::sync::atomic::AtomicUsize,
     /// The search breadth was set explicitly and no longer follows the size.
     fixed_expansion: std::sync::atomic::AtomicBool,
+    /// How memory differs from the files last saved or loaded.
+    since_save: std::sync::Mutex<SinceSave>,
+}
+
+/// What changed since the index was last written in full (or read). While the only changes are removals, a list
+/// of the removed keys brings the saved files up to date: a warm→cold move then writes a few bytes per record
+/// that left instead of the whole graph and every vector still in warm.
+#[derive(Default)]
+struct SinceSave {
+    /// The checksum of the `vectors.exact` written or read last (`None`: no saved files match memory, e.g. an
+    /// index never saved: then nothing is tracked).
+    exact_crc: Option<u32>,
+    /// Vectors were added or replaced since: only a full save captures them.
+    added: bool,
+    /// Keys removed since (each at most once: a key cannot be removed again without being added back).
+    removed: Vec<u64>,
 }
 
 /// Search breadth for an index of `capacity` vectors: HNSW needs a wider beam as the graph grows to keep the
@@ -81,6 +97,7 @@ impl VectorIndex {
             dimensions,
             oversample: std::sync::atomic::AtomicUsize::new(OVERSAMPLE),
             fixed_expansion: std::sync::atomic::AtomicBool::new(false),
+            since_save: std::sync::Mutex::new(SinceSave::default()),
         })
     }
 
@@ -90,6 +107,7 @@ impl VectorIndex {
         if vectors.is_empty() {
             return Ok(());
         }
+        self.since_save.lock().unwrap_or_else(|p| p.into_inner()).added = true;
         self.ensure_capacity(vectors.len())?;
         {
             let mut exact = self.exact.write().unwrap_or_else(|p| p.into_inner());
@@ -145,7 +163,12 @@ impl VectorIndex {
 
     /// Removes a key, if present.
     pub fn remove(&self, key: u64) -> Result<(), SearchError> {
-        self.exact.write().unwrap_or_else(|p| p.into_inner()).remove(key);
+        if self.exact.write().unwrap_or_else(|p| p.into_inner()).remove(key) {
+            let mut since = self.since_save.lock().unwrap_or_else(|p| p.into_inner());
+            if since.exact_crc.is_some() && !since.added {
+                since.removed.push(key);
+            }
+        }
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         if index.contains(key) {
             index.remove(key).map_err(err)?;
@@ -171,14 +194,45 @@ impl VectorIndex {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
         }
-        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
         drop(exact);
         let exact_tmp = dir.join("vectors.exact.tmp");
         let io = |e: std::io::Error| err(format!("saving vectors under {}: {e}", dir.display()));
         write_synced(&exact_tmp, &bytes).map_err(io)?;
         std::fs::rename(&graph_tmp, &graph).map_err(io)?;
         std::fs::rename(&exact_tmp, dir.join("vectors.exact")).map_err(io)?;
+        // A removal list left by a crash right here names the previous `vectors.exact`, and loading ignores it.
+        match std::fs::remove_file(dir.join(REMOVED_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        *self.since_save.lock().unwrap_or_else(|p| p.into_inner()) =
+            SinceSave { exact_crc: Some(crc), added: false, removed: Vec::new() };
         Ok(())
+    }
+
+    /// Brings the files under `dir` up to date the cheap way when the only changes since they were written are
+    /// removals (a list of the removed keys, `vectors.removed`), else saves in full ([`VectorIndex::save`]).
+    pub fn save_changes(&self, dir: &std::path::Path) -> Result<(), SearchError> {
+        let since = self.since_save.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(exact_crc) = since.exact_crc.filter(|_| !since.added) else {
+            drop(since);
+            return self.save(dir);
+        };
+        let mut bytes = Vec::with_capacity(24 + 8 * since.removed.len());
+        bytes.extend_from_slice(REMOVED_MAGIC);
+        bytes.extend_from_slice(&exact_crc.to_le_bytes());
+        bytes.extend_from_slice(&(since.removed.len() as u64).to_le_bytes());
+        for key in &since.removed {
+            bytes.extend_from_slice(&key.to_le_bytes());
+        }
+        drop(since);
+        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        let tmp = dir.join("vectors.removed.tmp");
+        let io = |e: std::io::Error| err(format!("saving removed vectors under {}: {e}", dir.display()));
+        write_synced(&tmp, &bytes).map_err(io)?;
+        std::fs::rename(&tmp, dir.join(REMOVED_FILE)).map_err(io)
     }
 
     /// Reads what [`VectorIndex::save`] wrote; an error (missing, torn or foreign files) means: rebuild.
@@ -223,6 +277,13 @@ impl VectorIndex {
         if index.exact.read().unwrap_or_else(|p| p.into_inner()).len() != index.len() {
             return Err(err("the graph and the exact vectors disagree"));
         }
+        let exact_crc = u32::from_le_bytes(crc.try_into().map_err(|_| corrupt())?);
+        let removed = read_removed(dir, exact_crc)?;
+        for key in &removed {
+            index.remove(*key)?;
+        }
+        *index.since_save.lock().unwrap_or_else(|p| p.into_inner()) =
+            SinceSave { exact_crc: Some(exact_crc), added: false, removed };
         Ok(index)
     }
 
@@ -296,6 +357,37 @@ impl VectorIndex {
 }
 
 const EXACT_MAGIC: &[u8; 8] = b"AKVEC001";
+const REMOVED_MAGIC: &[u8; 8] = b"AKVRM001";
+const REMOVED_FILE: &str = "vectors.removed";
+
+/// The keys `vectors.removed` lists, if it was written against the `vectors.exact` with checksum `exact_crc`;
+/// none when it is missing or belongs to an older `vectors.exact` (a full save came after it). A torn or foreign
+/// list is an error: the caller rebuilds.
+fn read_removed(dir: &std::path::Path, exact_crc: u32) -> Result<Vec<u64>, SearchError> {
+    let bytes = match std::fs::read(dir.join(REMOVED_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err(format!("{REMOVED_FILE}: {e}"))),
+    };
+    let corrupt = || err(format!("{REMOVED_FILE} is torn or not ours"));
+    if bytes.len() < 24 || &bytes[..8] != REMOVED_MAGIC {
+        return Err(corrupt());
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err(corrupt());
+    }
+    let word = |at: usize, n: usize| body.get(at..at + n).ok_or_else(corrupt);
+    if u32::from_le_bytes(word(8, 4)?.try_into().map_err(|_| corrupt())?) != exact_crc {
+        return Ok(Vec::new());
+    }
+    let count = u64::from_le_bytes(word(12, 8)?.try_into().map_err(|_| corrupt())?) as usize;
+    let keys = &body[20..];
+    if keys.len() != count.checked_mul(8).ok_or_else(corrupt)? {
+        return Err(corrupt());
+    }
+    Ok(keys.chunks_exact(8).map(|k| u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]])).collect())
+}
 
 fn write_synced(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -342,11 +434,12 @@ impl Slab {
         self.values[slot * d..(slot + 1) * d].copy_from_slice(vector);
     }
 
-    fn remove(&mut self, key: u64) {
-        if let Some(slot) = self.slots.remove(&key) {
-            self.keys[slot] = None;
-            self.free.push(slot);
-        }
+    /// Whether `key` was there.
+    fn remove(&mut self, key: u64) -> bool {
+        let Some(slot) = self.slots.remove(&key) else { return false };
+        self.keys[slot] = None;
+        self.free.push(slot);
+        true
     }
 
     fn get(&self, key: u64) -> Option<&[f32]> {
@@ -430,5 +523,50 @@ mod tests {
         let hits = index.search(&vectors[1], 5, &|key| key == 2999).unwrap();
         assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), [2999]);
         assert!(matches!(index.search(&[0.0; 3], 1, &|_| true), Err(SearchError::Dimensions { .. })));
+    }
+
+    #[test]
+    fn removals_since_a_save_persist_as_a_list_and_a_stale_list_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = dir.path().join("vectors.usearch");
+        let vectors: Vec<Vec<f32>> = (0..500).map(|i| unit(i, 16)).collect();
+        let pairs: Vec<(u64, &[f32])> = vectors.iter().enumerate().map(|(i, v)| (i as u64, v.as_slice())).collect();
+        let index = VectorIndex::new(16).unwrap();
+        index.upsert(&pairs).unwrap();
+        index.save(dir.path()).unwrap();
+        let saved_graph = std::fs::read(&graph).unwrap();
+
+        // Only removals since the save: the graph stays as saved, a list names the removed keys.
+        for key in 0..100 {
+            index.remove(key).unwrap();
+        }
+        index.save_changes(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&graph).unwrap(), saved_graph);
+        let loaded = VectorIndex::load(dir.path(), 16).unwrap();
+        assert_eq!(loaded.len(), 400);
+        assert!(loaded.exact(&vectors[7], 400).unwrap().iter().all(|(key, _)| *key >= 100));
+        assert_eq!(loaded.search(&vectors[200], 1, &|_| true).unwrap()[0].0, 200);
+        // The loaded index goes on from the list: more removals extend it.
+        loaded.remove(200).unwrap();
+        loaded.save_changes(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&graph).unwrap(), saved_graph);
+        assert_eq!(VectorIndex::load(dir.path(), 16).unwrap().len(), 399);
+        let stale = std::fs::read(dir.path().join(REMOVED_FILE)).unwrap();
+
+        // An addition needs a full save, which drops the list.
+        loaded.upsert(&[(5, &vectors[5])]).unwrap();
+        loaded.save_changes(dir.path()).unwrap();
+        assert_ne!(std::fs::read(&graph).unwrap(), saved_graph);
+        assert!(!dir.path().join(REMOVED_FILE).exists());
+        // A list left over from before that save (a crash between the save and the list's deletion) names the
+        // older vectors file and is ignored: key 5 stays.
+        std::fs::write(dir.path().join(REMOVED_FILE), &stale).unwrap();
+        let reloaded = VectorIndex::load(dir.path(), 16).unwrap();
+        assert_eq!(reloaded.len(), 400);
+        assert_eq!(reloaded.search(&vectors[5], 1, &|_| true).unwrap()[0].0, 5);
+
+        // A torn list is an error (the caller rebuilds), not a silent partial load.
+        std::fs::write(dir.path().join(REMOVED_FILE), &stale[..stale.len() - 3]).unwrap();
+        assert!(VectorIndex::load(dir.path(), 16).is_err());
     }
 }
