@@ -6,7 +6,10 @@ use std::sync::Mutex;
 
 use akosha_protocol::Record;
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery, TermSetQuery};
+use tantivy::query::{
+    BitSetDocSet, BooleanQuery, ConstScorer, EnableScoring, Explanation, Occur, Query, QueryParser, RangeQuery, Scorer,
+    TermQuery, Weight,
+};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TantivyDocument, TextFieldIndexing, TextOptions,
     Value,
@@ -154,9 +157,13 @@ impl TextIndex {
         if keys.is_empty() {
             return Ok(());
         }
-        // One query for the whole set: a delete per key costs a weight per key and, at commit, a term lookup per
-        // key and segment; a set is one walk of each segment's term dictionary.
-        let keys = TermSetQuery::new(keys.iter().map(|key| Term::from_field_u64(self.fields.key, *key)));
+        // One query for the whole set: a delete per key costs a scoring weight per key and, at commit, a term
+        // lookup per key and segment (tantivy's `TermSetQuery` compiles the set into an FST first, which costs
+        // more than the deletes).
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        let keys = KeySet { field: self.fields.key, keys: keys.into() };
         self.writer.lock().unwrap_or_else(|p| p.into_inner()).delete_query(Box::new(keys))?;
         Ok(())
     }
@@ -261,6 +268,52 @@ impl tantivy::query::Bm25StatisticsProvider for SharedStatistics {
     }
 }
 
+/// The documents whose `key` field holds one of a set of keys: per segment, one merge of the sorted keys with the
+/// field's term dictionary (u64 terms sort as their big-endian bytes, i.e. numerically).
+#[derive(Clone, Debug)]
+struct KeySet {
+    field: Field,
+    /// Sorted, without duplicates.
+    keys: std::sync::Arc<[u64]>,
+}
+
+impl Query for KeySet {
+    fn weight(&self, _: EnableScoring<'_>) -> tantivy::Result<Box<dyn Weight>> {
+        Ok(Box::new(self.clone()))
+    }
+}
+
+impl Weight for KeySet {
+    fn scorer(&self, reader: &tantivy::SegmentReader, boost: tantivy::Score) -> tantivy::Result<Box<dyn Scorer>> {
+        use tantivy::{DocSet, TERMINATED};
+        let inverted = reader.inverted_index(self.field)?;
+        let mut docs = tantivy::BitSet::with_max_value(reader.max_doc());
+        if let (Some(first), Some(last)) = (self.keys.first(), self.keys.last()) {
+            let mut terms = inverted.terms().range().ge(first.to_be_bytes()).le(last.to_be_bytes()).into_stream()?;
+            let mut wanted = self.keys.iter().copied().peekable();
+            while wanted.peek().is_some() && terms.advance() {
+                let Ok(bytes) = <[u8; 8]>::try_from(terms.key()) else { continue };
+                let key = u64::from_be_bytes(bytes);
+                while wanted.next_if(|k| *k < key).is_some() {}
+                if wanted.next_if_eq(&key).is_none() {
+                    continue;
+                }
+                let mut postings = inverted.read_postings_from_terminfo(terms.value(), IndexRecordOption::Basic)?;
+                let mut doc = postings.doc();
+                while doc != TERMINATED {
+                    docs.insert(doc);
+                    doc = postings.advance();
+                }
+            }
+        }
+        Ok(Box::new(ConstScorer::new(BitSetDocSet::from(docs), boost)))
+    }
+
+    fn explain(&self, _: &tantivy::SegmentReader, _: tantivy::DocId) -> tantivy::Result<Explanation> {
+        Err(tantivy::TantivyError::InvalidArgument("key sets select documents to delete; they do not score".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use akosha_protocol::RecordKind;
@@ -314,5 +367,35 @@ mod tests {
         );
         // Query syntax errors are taken leniently.
         assert!(index.search("lunch AND (", 10, &Filters::default(), &[]).is_ok());
+    }
+
+    #[test]
+    fn removes_exactly_a_set_of_keys_across_segments() {
+        let index = TextIndex::new().unwrap();
+        // Keys spread over the whole u64 range (they are hashes), in three segments.
+        let key = |i: u64| i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let records: Vec<Record> =
+            (0..300).map(|i| rec(&format!("r{i}"), "shared words here", "p", i as i64)).collect();
+        for part in records.chunks(100).enumerate() {
+            let keyed: Vec<(u64, &Record)> =
+                part.1.iter().enumerate().map(|(j, r)| (key((part.0 * 100 + j) as u64), r)).collect();
+            index.upsert(&keyed).unwrap();
+            index.commit().unwrap();
+        }
+        // Every third key, unsorted, with duplicates and keys that were never indexed.
+        let mut gone: Vec<u64> = (0..300).rev().filter(|i| i % 3 == 0).map(key).collect();
+        gone.extend([key(0), key(3), key(1000), 0, u64::MAX]);
+        index.remove(&gone).unwrap();
+        index.commit().unwrap();
+        let hits = index.search("shared", 300, &Filters::default(), &[]).unwrap();
+        let mut left: Vec<u64> = hits.iter().map(|h| h.0).collect();
+        left.sort_unstable();
+        let mut expected: Vec<u64> = (0..300).filter(|i| i % 3 != 0).map(key).collect();
+        expected.sort_unstable();
+        assert_eq!(left, expected);
+        // An empty set removes nothing.
+        index.remove(&[]).unwrap();
+        index.commit().unwrap();
+        assert_eq!(index.len(), 200);
     }
 }
