@@ -18,6 +18,10 @@ use akosha_aggregator::warm::WarmConfig;
 use akosha_e2e::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
 use akosha_protocol::{Record, RecordKind};
 
+/// The aggregator binary's allocator (see its `main.rs`), so that the bench measures what ships.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const DAY: i64 = 86_400_000_000;
 const WORDS: &[&str] = &[
     "the",
