@@ -163,7 +163,8 @@ impl VectorIndex {
 
     /// Removes a key, if present.
     pub fn remove(&self, key: u64) -> Result<(), SearchError> {
-        if self.exact.write().unwrap_or_else(|p| p.into_inner()).remove(key) {
+        let was_there = self.exact.write().unwrap_or_else(|p| p.into_inner()).remove(key);
+        if was_there {
             let mut since = self.since_save.lock().unwrap_or_else(|p| p.into_inner());
             if since.exact_crc.is_some() && !since.added {
                 since.removed.push(key);
@@ -179,6 +180,9 @@ impl VectorIndex {
     /// Writes the graph and the exact vectors under `dir` (`vectors.usearch`, `vectors.exact`), each through a
     /// temporary file renamed into place, so a crash leaves the previous save or the new one.
     pub fn save(&self, dir: &std::path::Path) -> Result<(), SearchError> {
+        // Held throughout, so that no addition or removal falls between the snapshot written and the reset of
+        // what changed since (lock order: `since_save` before `index` and `exact`; nobody takes it holding them).
+        let mut since = self.since_save.lock().unwrap_or_else(|p| p.into_inner());
         let graph = dir.join("vectors.usearch");
         let graph_tmp = dir.join("vectors.usearch.tmp");
         let graph_tmp_str = graph_tmp.to_str().ok_or_else(|| err("index path is not UTF-8"))?;
@@ -202,14 +206,13 @@ impl VectorIndex {
         write_synced(&exact_tmp, &bytes).map_err(io)?;
         std::fs::rename(&graph_tmp, &graph).map_err(io)?;
         std::fs::rename(&exact_tmp, dir.join("vectors.exact")).map_err(io)?;
-        // A removal list left by a crash right here names the previous `vectors.exact`, and loading ignores it.
+        *since = SinceSave { exact_crc: Some(crc), added: false, removed: Vec::new() };
+        // A removal list left by a crash (or a failed delete) right here names the previous `vectors.exact`:
+        // loading ignores it, and the next `save_changes` replaces it.
         match std::fs::remove_file(dir.join(REMOVED_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+            _ => Ok(()),
         }
-        *self.since_save.lock().unwrap_or_else(|p| p.into_inner()) =
-            SinceSave { exact_crc: Some(crc), added: false, removed: Vec::new() };
-        Ok(())
     }
 
     /// Brings the files under `dir` up to date the cheap way when the only changes since they were written are
