@@ -538,12 +538,17 @@ async fn metrics(State(agg): State<Arc<Aggregator>>) -> Response {
         gauge(&mut e, "akosha_cold_records", "Rows in the cold catalog.", rows);
         gauge(&mut e, "akosha_cold_bytes", "Bytes of the catalogued cold objects.", bytes);
         gauge(&mut e, "akosha_cold_cache_bytes", "Bytes in the local cold-object cache.", c.cache().size_bytes());
-        let cold_counters: [(&str, &str, &std::sync::atomic::AtomicU64); 10] = [
+        let cold_counters: [(&str, &str, &std::sync::atomic::AtomicU64); 11] = [
             ("akosha_cold_cache_fetches_total", "Cold objects downloaded into the cache.", &c.cache().fetched),
             ("akosha_cold_cache_hits_total", "Cold objects a query found in the cache.", &c.cache().hits),
             ("akosha_cold_moves_total", "Completed warm-to-cold moves.", &c.moves_done),
             ("akosha_cold_moves_failed_total", "Failed warm-to-cold moves.", &c.moves_failed),
             ("akosha_cold_moved_records_total", "Records moved from warm to cold.", &c.records_moved),
+            (
+                "akosha_cold_uploads_verified_by_checksum_total",
+                "Cold uploads the store verified against the sha256 they declared.",
+                &c.uploads_verified_by_checksum,
+            ),
             (
                 "akosha_cold_uploads_verified_by_etag_total",
                 "Cold uploads the store verified by returning their MD5 as the ETag.",
@@ -1253,6 +1258,7 @@ fn cold_summary(c: &crate::cold::ColdTier, records: u64) -> serde_json::Value {
         "moves_done": c.moves_done.load(Relaxed),
         "moves_failed": c.moves_failed.load(Relaxed),
         "records_moved": c.records_moved.load(Relaxed),
+        "uploads_verified_by_checksum": c.uploads_verified_by_checksum.load(Relaxed),
         "uploads_verified_by_etag": c.uploads_verified_by_etag.load(Relaxed),
         "uploads_read_back": c.uploads_read_back.load(Relaxed),
         "interrupted_at_start": c.interrupted,

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreScheme};
 
+mod checksum;
+pub(crate) use checksum::probe as probe_checksum_verification;
+
 /// Why a location could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectsError {
@@ -51,6 +54,10 @@ pub struct Location {
     pub prefix: Path,
     /// The URL, for messages and for remembering what came from where.
     pub url: String,
+    /// S3 only: the same bucket through a client that declares each PUT body's sha256
+    /// (`x-amz-checksum-sha256`), for uploads the store itself verifies once
+    /// [`probe_checksum_verification`] has shown it does.
+    pub checksummed: Option<Arc<dyn ObjectStore>>,
 }
 
 impl Location {
@@ -99,7 +106,13 @@ pub fn open_with_retry(
             if let Some(retry) = &retry {
                 builder = builder.with_retry(retry.clone());
             }
-            Arc::new(builder.build().map_err(build)?)
+            let checksummed = builder
+                .clone()
+                .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
+                .with_http_connector(checksum::TamperingConnector);
+            let checksummed: Arc<dyn ObjectStore> = Arc::new(checksummed.build().map_err(build)?);
+            let store = Arc::new(builder.build().map_err(build)?);
+            return Ok(Location { store, prefix, url: url.to_owned(), checksummed: Some(checksummed) });
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
@@ -129,7 +142,7 @@ pub fn open_with_retry(
         }
         other => return Err(bad(format!("unsupported scheme ({other:?}); use s3://, gs://, az:// or file://"))),
     };
-    Ok(Location { store, prefix, url: url.to_owned() })
+    Ok(Location { store, prefix, url: url.to_owned(), checksummed: None })
 }
 
 fn open_local(url: &str, dir: PathBuf, options: &[(String, String)]) -> Result<Location, ObjectsError> {
@@ -138,7 +151,7 @@ fn open_local(url: &str, dir: PathBuf, options: &[(String, String)]) -> Result<L
     }
     let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
         .map_err(|source| ObjectsError::Build { url: url.to_owned(), source })?;
-    Ok(Location { store: Arc::new(store), prefix: Path::default(), url: url.to_owned() })
+    Ok(Location { store: Arc::new(store), prefix: Path::default(), url: url.to_owned(), checksummed: None })
 }
 
 /// The directory a URL names when it is a local one (`file:///dir` or a plain path).

@@ -188,10 +188,15 @@ async fn four_hundred_days_land_in_three_tiers_answer_like_hot_only_and_survive_
     assert_eq!(s["total_records"], RECORDS, "{s}");
     let keys = bucket_keys(&s3).await?;
     assert_eq!(keys.len() as u64, s["cold"]["objects"].as_u64().unwrap_or(0), "the catalog matches the bucket: {s}");
-    // SeaweedFS, like S3, answers a PUT with the object's MD5: uploads are verified without reading them back.
+    // SeaweedFS, like S3, refuses a body that does not match its declared sha256 (the aggregator's probe found
+    // out): uploads are verified by the store, neither hashed again nor read back.
     assert_eq!(
-        (s["cold"]["uploads_verified_by_etag"].as_u64(), s["cold"]["uploads_read_back"].as_u64()),
-        (Some(keys.len() as u64), Some(0)),
+        (
+            s["cold"]["uploads_verified_by_checksum"].as_u64(),
+            s["cold"]["uploads_verified_by_etag"].as_u64(),
+            s["cold"]["uploads_read_back"].as_u64()
+        ),
+        (Some(keys.len() as u64), Some(0), Some(0)),
         "{s}"
     );
     assert!(

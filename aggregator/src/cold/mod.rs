@@ -525,6 +525,8 @@ pub struct ColdTier {
     pub moves_failed: AtomicU64,
     /// Rows moved to cold since start.
     pub records_moved: AtomicU64,
+    /// Uploads the store verified against the sha256 they declared since start.
+    pub uploads_verified_by_checksum: AtomicU64,
     /// Uploads the store verified (its ETag was the object's MD5) since start.
     pub uploads_verified_by_etag: AtomicU64,
     /// Uploads verified by reading the object back since start.
@@ -535,6 +537,8 @@ pub struct ColdTier {
     last_error: Mutex<Option<String>>,
     /// Fault injection for crash tests: pause this long after each upload.
     pause_after_upload: Option<Duration>,
+    /// Whether the store refuses a PUT whose body does not match its declared sha256, once a probe has told.
+    verifies_checksums: tokio::sync::OnceCell<bool>,
     /// Tests: SQL run once on the register connection right before the next batch registers.
     #[cfg(test)]
     before_register: Mutex<Option<String>>,
@@ -746,12 +750,14 @@ impl ColdTier {
             moves_done: AtomicU64::new(0),
             moves_failed: AtomicU64::new(0),
             records_moved: AtomicU64::new(0),
+            uploads_verified_by_checksum: AtomicU64::new(0),
             uploads_verified_by_etag: AtomicU64::new(0),
             uploads_read_back: AtomicU64::new(0),
             interrupted: 0,
             last_move: Mutex::new(None),
             last_error: Mutex::new(None),
             pause_after_upload,
+            verifies_checksums: tokio::sync::OnceCell::new(),
             #[cfg(test)]
             before_register: Mutex::new(None),
             object_max_rows: OBJECT_MAX_ROWS.into(),
@@ -887,8 +893,8 @@ impl ColdTier {
         result
     }
 
-    /// Uploads `stored` as `key` and reads it back to compare with what was sent (whose sha256 the catalog
-    /// records).
+    /// Uploads `stored` as `key` and makes sure the store holds exactly it (the catalog records its sha256): the
+    /// store verified the body against a declared checksum or returned its MD5 as the ETag, or it is read back.
     async fn upload_one(&self, stored: &Stored, key: &str) -> Result<(), ColdError> {
         let path = self.location.join(key);
         let store = &self.location.store;
@@ -899,6 +905,11 @@ impl ColdTier {
             let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
             writer.write(data);
             writer.finish().await.map_err(|e| store_err("multipart upload", e))?.e_tag
+        } else if let Some(checked) = self.checksummed_store().await? {
+            // The client hashes the body for the request's signature anyway; declaring that hash costs nothing.
+            checked.put(&path, data.clone().into()).await.map_err(|e| store_err("PUT", e))?;
+            self.uploads_verified_by_checksum.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         } else {
             store.put(&path, data.clone().into()).await.map_err(|e| store_err("PUT", e))?.e_tag
         };
@@ -922,6 +933,29 @@ impl ColdTier {
             )));
         }
         Ok(())
+    }
+
+    /// The checksum-declaring client when the store is known to refuse a body that does not match the
+    /// declaration; asks the store the first time (and again after a probe that could not reach it).
+    async fn checksummed_store(&self) -> Result<Option<&Arc<dyn object_store::ObjectStore>>, ColdError> {
+        let Some(checked) = &self.location.checksummed else { return Ok(None) };
+        let verifies = self
+            .verifies_checksums
+            .get_or_try_init(|| async {
+                let path = self.location.join(&format!("_probe/checksum-{}", new_uuid()));
+                let verifies =
+                    crate::objects::probe_checksum_verification(self.location.store.as_ref(), checked.as_ref(), &path)
+                        .await
+                        .map_err(|e| ColdError::Store(format!("checksum probe {path}: {e}")))?;
+                if verifies {
+                    info!(message = "The object store verifies declared sha256 checksums; uploads rely on it.");
+                } else {
+                    warn!(message = "The object store does not refuse a body that mismatches its declared sha256; uploads are verified by ETag or read back.");
+                }
+                Ok::<_, ColdError>(verifies)
+            })
+            .await?;
+        Ok(verifies.then_some(checked))
     }
 
     /// The form `file` is stored in: as it is, or sealed under a new data key when encryption is configured.
