@@ -6,6 +6,10 @@
 //! 3 systems × 30 days × 2 kinds of records with 384-dimension vectors and ~60 words of text each, 100 to 130
 //! days old, so that one warm→cold move takes all of them. The S3 server is SeaweedFS on loopback (from
 //! `scripts/setup.sh`), started by the bench.
+//!
+//! `AKOSHA_BENCH_TEXT_BYTES=N` gives each record N bytes of real developer text instead (see [`Prose`]): the
+//! 60 words come from a 32-word list and compress far better than any real text, so they show the vectors' share
+//! of the bytes, not what a record with a real conversation in it costs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +70,11 @@ fn main() {
         .map(|v| v.parse().expect("AKOSHA_BENCH_EMBEDDINGS: f32 or int8"))
         .unwrap_or_default();
     println!("cold embeddings: {encoding:?}");
+    let mut prose = std::env::var("AKOSHA_BENCH_TEXT_BYTES").ok().map(|n| {
+        let n: usize = n.parse().expect("AKOSHA_BENCH_TEXT_BYTES: a number of bytes");
+        println!("text: {n} bytes of developer prose and code per record");
+        (Prose::from_cargo_registry(), n)
+    });
     // `RUST_LOG=akosha_aggregator=debug` shows each move's phases.
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -122,14 +131,21 @@ fn main() {
         for system in 0..3 {
             for i in 0..per_day {
                 let n = total as usize + batch.len();
-                let text: Vec<&str> = (0..60).map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize]).collect();
+                let text = match &mut prose {
+                    Some((prose, bytes)) => prose.take(*bytes),
+                    None => {
+                        let words: Vec<&str> =
+                            (0..60).map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize]).collect();
+                        words.join(" ")
+                    }
+                };
                 let record = Record {
                     system_id: format!("host-{system}"),
                     kind: if i % 2 == 0 { RecordKind::Conversation } else { RecordKind::Reflection },
                     id: format!("r{n}"),
                     ts: now - (100 + day) * DAY + (i as i64) * 1_000_000,
                     project: Some(format!("project-{}", i % 5)),
-                    text: Some(text.join(" ")),
+                    text: Some(text),
                     tags: vec![format!("tag-{}", i % 7)],
                     embedding: Some(normalised(akosha_e2e::clustered_vector(n as u64, 384, |d| d % 32 == n % 32, 2.0))),
                     ..Record::default()
@@ -228,4 +244,68 @@ fn normalised(mut v: Vec<f32>) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     v.iter_mut().for_each(|x| *x /= norm);
     v
+}
+
+/// Real text written by developers, each byte handed out once: the Markdown and Rust files of the crates in the
+/// local cargo registry (one version per crate, files over 64 KiB — generated tables — skipped), the nearest
+/// thing on an offline machine to the conversations about code that Session-Buddy stores.
+struct Prose {
+    files: std::vec::IntoIter<std::path::PathBuf>,
+    pending: String,
+}
+
+impl Prose {
+    fn from_cargo_registry() -> Prose {
+        let home = std::env::var_os("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cargo"));
+        let mut crates = std::collections::BTreeMap::new();
+        for index in std::fs::read_dir(home.join("registry/src")).expect("a cargo registry").flatten() {
+            for krate in std::fs::read_dir(index.path()).into_iter().flatten().flatten() {
+                let dir = krate.file_name().to_string_lossy().into_owned();
+                // `name-1.2.3`: the last `-` before a digit ends the name; later versions sort last and win.
+                let name =
+                    dir.rmatch_indices('-').find(|(i, _)| dir[i + 1..].starts_with(|c: char| c.is_ascii_digit()));
+                let name = name.map_or(dir.as_str(), |(i, _)| &dir[..i]).to_owned();
+                crates.insert(name, krate.path());
+            }
+        }
+        let mut files = Vec::new();
+        for dir in crates.values() {
+            let mut stack = vec![dir.clone()];
+            let mut found = Vec::new();
+            while let Some(dir) = stack.pop() {
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    let path = entry.path();
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.is_dir() {
+                        stack.push(path);
+                    } else if matches!(path.extension().and_then(|e| e.to_str()), Some("md" | "rs"))
+                        && meta.len() < 64 << 10
+                    {
+                        found.push(path);
+                    }
+                }
+            }
+            found.sort();
+            files.extend(found);
+        }
+        Prose { files: files.into_iter(), pending: String::new() }
+    }
+
+    /// The next `bytes` bytes (to a character boundary).
+    fn take(&mut self, bytes: usize) -> String {
+        while self.pending.len() < bytes {
+            let file = self.files.next().expect("the cargo registry holds enough text for this many records");
+            if let Ok(text) = std::fs::read_to_string(file) {
+                self.pending.push_str(&text);
+            }
+        }
+        let mut end = bytes;
+        while !self.pending.is_char_boundary(end) {
+            end += 1;
+        }
+        let rest = self.pending.split_off(end);
+        std::mem::replace(&mut self.pending, rest)
+    }
 }
