@@ -268,8 +268,13 @@ impl tantivy::query::Bm25StatisticsProvider for SharedStatistics {
     }
 }
 
-/// The documents whose `key` field holds one of a set of keys: per segment, one merge of the sorted keys with the
-/// field's term dictionary (u64 terms sort as their big-endian bytes, i.e. numerically).
+/// What looking one key up in a term dictionary costs, in steps of walking it (an estimate: a lookup follows the
+/// FST from its root through a transition per key byte, a step of the walk one or two).
+const LOOKUP_PER_STEP: u64 = 8;
+
+/// The documents whose `key` field holds one of a set of keys: per segment, lookups of the keys when they are few
+/// against the segment's terms, else one merge of the sorted keys with the field's term dictionary (u64 terms
+/// sort as their big-endian bytes, i.e. numerically).
 #[derive(Clone, Debug)]
 struct KeySet {
     field: Field,
@@ -288,7 +293,24 @@ impl Weight for KeySet {
         use tantivy::{DocSet, TERMINATED};
         let inverted = reader.inverted_index(self.field)?;
         let mut docs = tantivy::BitSet::with_max_value(reader.max_doc());
-        if let (Some(first), Some(last)) = (self.keys.first(), self.keys.last()) {
+        let mut delete = |info: &tantivy::postings::TermInfo| -> tantivy::Result<()> {
+            let mut postings = inverted.read_postings_from_terminfo(info, IndexRecordOption::Basic)?;
+            let mut doc = postings.doc();
+            while doc != TERMINATED {
+                docs.insert(doc);
+                doc = postings.advance();
+            }
+            Ok(())
+        };
+        // Keys are hashes, spread over the whole dictionary: a few keys are cheaper to look up one by one than
+        // the dictionary is to walk, many the other way round.
+        if (self.keys.len() as u64).saturating_mul(LOOKUP_PER_STEP) < inverted.terms().num_terms() as u64 {
+            for key in self.keys.iter() {
+                if let Some(info) = inverted.terms().get(key.to_be_bytes())? {
+                    delete(&info)?;
+                }
+            }
+        } else if let (Some(first), Some(last)) = (self.keys.first(), self.keys.last()) {
             let mut terms = inverted.terms().range().ge(first.to_be_bytes()).le(last.to_be_bytes()).into_stream()?;
             let mut wanted = self.keys.iter().copied().peekable();
             while wanted.peek().is_some() && terms.advance() {
@@ -298,12 +320,7 @@ impl Weight for KeySet {
                 if wanted.next_if_eq(&key).is_none() {
                     continue;
                 }
-                let mut postings = inverted.read_postings_from_terminfo(terms.value(), IndexRecordOption::Basic)?;
-                let mut doc = postings.doc();
-                while doc != TERMINATED {
-                    docs.insert(doc);
-                    doc = postings.advance();
-                }
+                delete(terms.value())?;
             }
         }
         Ok(Box::new(ConstScorer::new(BitSetDocSet::from(docs), boost)))
@@ -392,10 +409,18 @@ mod tests {
         left.sort_unstable();
         let mut expected: Vec<u64> = (0..300).filter(|i| i % 3 != 0).map(key).collect();
         expected.sort_unstable();
+        assert_eq!(left, expected, "as many keys as a segment has terms: the dictionaries are walked");
+        // A few keys against ~100 terms per segment: looked up one by one.
+        index.remove(&[key(2), key(1), 42]).unwrap();
+        index.commit().unwrap();
+        let hits = index.search("shared", 300, &Filters::default(), &[]).unwrap();
+        let mut left: Vec<u64> = hits.iter().map(|h| h.0).collect();
+        left.sort_unstable();
+        expected.retain(|k| ![key(1), key(2)].contains(k));
         assert_eq!(left, expected);
         // An empty set removes nothing.
         index.remove(&[]).unwrap();
         index.commit().unwrap();
-        assert_eq!(index.len(), 200);
+        assert_eq!(index.len(), 198);
     }
 }
