@@ -2649,7 +2649,11 @@ mod tests {
         let hot = open(dir.path(), true);
         let cold = hot.cold().unwrap();
         cold.object_max_rows.store(8, Ordering::Relaxed);
-        hot.insert(&records).unwrap();
+        // Scrambled (7 is prime to 30), in two inserts: nothing upstream hands the move its rows in time order.
+        let scrambled: Vec<Record> = (0..30).map(|n| records[n * 7 % 30].clone()).collect();
+        for part in scrambled.chunks(15) {
+            hot.insert(part).unwrap();
+        }
         assert!(hot.wait_indexed(Duration::from_secs(30)));
         hot.move_to_warm(now - 7 * DAY).unwrap().unwrap();
         assert_eq!(hot.move_to_cold(now - 90 * DAY).unwrap().unwrap().records, 30);
@@ -2658,6 +2662,22 @@ mod tests {
         let rows: Vec<u64> = catalog.iter().map(|o| o.rows).collect();
         assert_eq!(rows, [8, 8, 8, 6], "objects of at most 8 rows, in time order");
         assert!(catalog.windows(2).all(|w| w[0].max_ts < w[1].min_ts), "each object holds its own stretch of the day");
+        let base = crate::objects::local_dir(&cold.location().url).unwrap();
+        for object in &catalog {
+            use arrow::array::AsArray;
+            let file = std::fs::File::open(base.join(&object.key)).unwrap();
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+            let ts: Vec<i64> = reader
+                .build()
+                .unwrap()
+                .flat_map(|b| {
+                    let b = b.unwrap();
+                    let ts = b.column_by_name("ts").unwrap();
+                    ts.as_primitive::<arrow::datatypes::TimestampMicrosecondType>().values().to_vec()
+                })
+                .collect();
+            assert!(ts.is_sorted() && ts.len() as u64 == object.rows, "{}: {ts:?}", object.key);
+        }
         assert_eq!(cold.compact().unwrap().groups, 0, "full objects are not merged again");
 
         // A newer version of one record adds a fifth, small object: compaction merges the day back into four.
