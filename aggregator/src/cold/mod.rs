@@ -14,7 +14,9 @@
 //!    it column by column with the rows it was written from. The exported versions' keys go to a scratch table.
 //! 2. **upload** (journal `uploading`): a single PUT, or a multipart upload for large files, several objects at
 //!    once; the store's client retries 5xx, SlowDown and timeouts with backoff and jitter.
-//! 3. **verify**: each object is read back and compared with the local bytes.
+//! 3. **verify**: the store holds exactly the local bytes — it refused any body that mismatched the SHA-256 the
+//!    PUT declared (S3 and compatibles that a probe at the first upload showed to check it), or it returned the
+//!    object's MD5 as the ETag, or the object is read back and compared.
 //! 4. **register** (`done`), in one warm transaction for the batch: the catalog rows are inserted and exactly
 //!    the exported versions (same key, timestamp and `ingested_at`) are deleted from warm — a newer version that
 //!    reached warm meanwhile stays. Then the keys leave the warm indexes and the warm tier persists them.
