@@ -265,19 +265,6 @@ impl std::str::FromStr for EmbeddingEncoding {
     }
 }
 
-/// The embedding of `row` (an alias with an `embedding_max` column: see [`EmbeddingEncoding::scale_column`]) as
-/// stored with int8: `(q TINYINT[], scale FLOAT)` expressions. The scale must be a column: an expression inside
-/// the lambda would be evaluated once per element.
-fn quantized(row: &str) -> (String, String) {
-    let dim = akosha_protocol::EMBEDDING_DIM;
-    let scale = format!("{row}.embedding_max");
-    let q = format!(
-        "CASE WHEN {scale} > 0 THEN list_transform({row}.embedding, lambda x: CAST(round(x / {scale} * 127) AS TINYINT)) \
-         ELSE list_transform({row}.embedding, lambda x: CAST(0 AS TINYINT)) END::TINYINT[{dim}]"
-    );
-    (q, scale)
-}
-
 /// Floats back from `(q, scale)` expressions.
 fn dequantized(q: &str, scale: &str) -> String {
     format!(
@@ -287,16 +274,6 @@ fn dequantized(q: &str, scale: &str) -> String {
 }
 
 impl EmbeddingEncoding {
-    /// `, <expr> AS embedding_max` for the rows aliased `row` when quantizing (see [`quantized`]), else nothing.
-    fn scale_column(self, row: &str) -> String {
-        match self {
-            EmbeddingEncoding::F32 => String::new(),
-            EmbeddingEncoding::Int8 => {
-                format!(", list_max(list_transform({row}.embedding, lambda x: abs(x)))::FLOAT AS embedding_max")
-            }
-        }
-    }
-
     /// The stored columns of rows aliased `row`, in file order: the table's columns with the embedding as four
     /// (`embedding`, `embedding_i8`, `embedding_scale`, `embedding_hash`; the unused ones NULL), then
     /// `ingested_at`. `embedding_hash` (int8) fingerprints the floats the object was written from, so that a
@@ -313,13 +290,12 @@ impl EmbeddingEncoding {
                     "{row}.embedding, NULL::TINYINT[] AS embedding_i8, NULL::FLOAT AS embedding_scale, \
                      NULL::UBIGINT AS embedding_hash"
                 ),
-                ("embedding", EmbeddingEncoding::Int8) => {
-                    let (q, scale) = quantized(row);
-                    format!(
-                        "NULL::FLOAT[] AS embedding, {q} AS embedding_i8, {scale} AS embedding_scale, \
-                         hash({row}.embedding) AS embedding_hash"
-                    )
-                }
+                // The floats go out in `embedding_i8` and are quantized on the way to the file
+                // (`write::quantize`).
+                ("embedding", EmbeddingEncoding::Int8) => format!(
+                    "NULL::FLOAT[] AS embedding, {row}.embedding AS embedding_i8, NULL::FLOAT AS embedding_scale, \
+                     hash({row}.embedding) AS embedding_hash"
+                ),
                 (c, _) => format!("{row}.{c}"),
             })
             .chain(std::iter::once(format!("{row}.ingested_at")))
@@ -1683,12 +1659,15 @@ impl ColdTier {
         use arrow::datatypes::Int32Type;
         let encoding = self.config.embedding_encoding;
         let mut stmt = conn.prepare(&format!(
-            "SELECT w.idx::INTEGER AS idx, {} FROM (SELECT w.*{} FROM {rows} w) w ORDER BY w.idx, w.ts, w.id",
+            "SELECT w.idx::INTEGER AS idx, {} FROM {rows} w ORDER BY w.idx, w.ts, w.id",
             encoding.stored_columns("w"),
-            encoding.scale_column("w"),
         ))?;
         let stream = stmt.stream_arrow([])?;
-        let schema = stream.get_schema();
+        let int8 = encoding == EmbeddingEncoding::Int8;
+        let schema = match int8 {
+            true => Arc::new(write::quantized_schema(&stream.get_schema())?),
+            false => stream.get_schema(),
+        };
         let stored: Vec<usize> = (1..schema.fields().len()).collect();
         let stored_schema = Arc::new(write::object_schema(&schema.project(&stored)?));
         let mut moving_columns = vec![0];
@@ -1738,7 +1717,10 @@ impl ColdTier {
             let produced = (|| -> Result<(), ColdError> {
                 let mut current: Option<Pending> = None;
                 for batch in stream {
-                    let batch = batch?;
+                    let batch = match int8 {
+                        true => write::quantize(&batch?, &schema)?,
+                        false => batch?,
+                    };
                     let unexpected =
                         |c: &str| ColdError::Corrupt(format!("the export's {c} column has an unexpected type"));
                     let idx = batch.column(0).as_primitive_opt::<Int32Type>().ok_or_else(|| unexpected("idx"))?;
