@@ -4,8 +4,9 @@
 //! `cargo bench --profile release --workspace --bench cold -- [records per system-day, default 2000]`
 //!
 //! 3 systems × 30 days × 2 kinds of records with 384-dimension vectors and ~60 words of text each, 100 to 130
-//! days old, so that one warm→cold move takes all of them. The S3 server is SeaweedFS on loopback (from
-//! `scripts/setup.sh`), started by the bench.
+//! days old, so that one warm→cold move takes all of them. Each record has the fields Session-Buddy's tables give
+//! the agent (see [`session_buddy_record`]). The S3 server is SeaweedFS on loopback (from `scripts/setup.sh`),
+//! started by the bench.
 //!
 //! `AKOSHA_BENCH_TEXT_BYTES=N` gives each record N bytes of real developer text instead (see [`Prose`]): the
 //! 60 words come from a 32-word list and compress far better than any real text, so they show the vectors' share
@@ -139,17 +140,10 @@ fn main() {
                         words.join(" ")
                     }
                 };
-                let record = Record {
-                    system_id: format!("host-{system}"),
-                    kind: if i % 2 == 0 { RecordKind::Conversation } else { RecordKind::Reflection },
-                    id: format!("r{n}"),
-                    ts: now - (100 + day) * DAY + (i as i64) * 1_000_000,
-                    project: Some(format!("project-{}", i % 5)),
-                    text: Some(text),
-                    tags: vec![format!("tag-{}", i % 7)],
-                    embedding: Some(normalised(akosha_e2e::clustered_vector(n as u64, 384, |d| d % 32 == n % 32, 2.0))),
-                    ..Record::default()
-                };
+                let ts = now - (100 + day) * DAY + (i as i64) * 1_000_000;
+                let embedding = normalised(akosha_e2e::clustered_vector(n as u64, 384, |d| d % 32 == n % 32, 2.0));
+                let mut record = session_buddy_record(&mut rng, format!("host-{system}"), i, format!("r{n}"), ts, text);
+                record.embedding = Some(embedding);
                 raw_bytes += akosha_protocol::encode_records(std::slice::from_ref(&record)).len() as u64;
                 all.push((record.id.clone(), record.embedding.clone().unwrap()));
                 if probe.is_none() && system == 1 && day == 10 {
@@ -238,6 +232,59 @@ fn main() {
     println!("cold vector recall@10 over {probes} probes: {:.3}", found as f64 / (10 * probes) as f64);
     drop(service);
     drop(s3);
+}
+
+/// A record with the fields Session-Buddy's tables give the agent for a memory (`small/reflection.duckdb` in the
+/// fixtures): conversations (even `i`) carry its metadata JSON — session, model, tools used, token counts, when
+/// it was extracted — and a category; reflections carry three tags and no metadata. All of it is part of the raw
+/// record the cold bytes are compared with, and none of it is constant: sessions change every 20 records, tools
+/// and token counts at random.
+fn session_buddy_record(
+    rng: &mut akosha_e2e::Xorshift,
+    system_id: String,
+    i: usize,
+    id: String,
+    ts: i64,
+    text: String,
+) -> Record {
+    const PROJECTS: &[&str] = &["mahavishnu", "crackerjack", "session-buddy", "akosha", "acb"];
+    const CATEGORIES: &[&str] = &["skills", "facts", "claude_turn", "preferences", "decisions"];
+    const TOOLS: &[&str] = &["Read", "Write", "Edit", "Grep", "Glob", "Bash", "WebFetch"];
+    const TAGS: &[&str] = &["minio", "testing", "rust", "duckdb", "ci", "performance", "security", "docs"];
+    let project = PROJECTS[i / 7 % PROJECTS.len()];
+    fn pick(rng: &mut akosha_e2e::Xorshift, options: &[&'static str]) -> &'static str {
+        options[(rng.next() % options.len() as u64) as usize]
+    }
+    let (kind, category, tags, metadata) = if i.is_multiple_of(2) {
+        let tools: Vec<&str> = (0..1 + i % 3).map(|_| pick(rng, TOOLS)).collect();
+        let extracted_at = jiff::Timestamp::from_microsecond(ts + 1_234_567).expect("a timestamp");
+        let metadata = serde_json::json!({
+            "project": project,
+            "source_session": format!("sess-{:02}-{:04}", i / 400 % 100, i / 20),
+            "model": pick(rng, &["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]),
+            "tool_names": tools,
+            "token_usage": {"input": 100 + rng.next() % 6000, "output": 20 + rng.next() % 3000},
+            "extracted_at": extracted_at.strftime("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string(),
+        });
+        (RecordKind::Conversation, pick(rng, CATEGORIES), Vec::new(), Some(metadata.to_string()))
+    } else {
+        let tags = (0..3).map(|_| pick(rng, TAGS).to_owned()).collect();
+        (RecordKind::Reflection, "context", tags, None)
+    };
+    Record {
+        system_id,
+        kind,
+        id,
+        ts,
+        project: Some(project.to_owned()),
+        namespace: Some("default".to_owned()),
+        category: Some(category.to_owned()),
+        text: Some(text),
+        tags,
+        metadata,
+        importance: Some(0.5),
+        ..Record::default()
+    }
 }
 
 fn normalised(mut v: Vec<f32>) -> Vec<f32> {
