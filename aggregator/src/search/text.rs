@@ -277,7 +277,7 @@ impl tantivy::query::Bm25StatisticsProvider for SharedStatistics {
 const LOOKUP_PER_STEP: u64 = 8;
 
 /// The documents whose `key` field holds one of a set of keys: per segment, lookups of the keys when they are few
-/// against the segment's terms, else one pass over the segment's `key` column with a binary search per document
+/// against the segment's documents, else one pass over the segment's `key` column with a binary search per document
 /// (in a 90,000-row warm→cold move, a sixth of the CPU that walking the term dictionary took: its stream compares
 /// and copies every term). An index written before the column existed fails to open and is rebuilt.
 #[derive(Clone, Debug)]
