@@ -8,6 +8,9 @@
 //! the agent (see [`session_buddy_record`]). The S3 server is SeaweedFS on loopback (from `scripts/setup.sh`),
 //! started by the bench.
 //!
+//! `AKOSHA_BENCH_COLD=local` puts the cold tier in a local directory (an on-prem disk: `file://`) instead, so the
+//! move shares the two cores with no S3 server.
+//!
 //! `AKOSHA_BENCH_TEXT_BYTES=N` gives each record N bytes of real developer text instead (see [`Prose`]): the
 //! 60 words come from a 32-word list and compress far better than any real text, so they show the vectors' share
 //! of the bytes, not what a record with a real conversation in it costs.
@@ -80,7 +83,26 @@ fn main() {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let s3 = runtime.block_on(S3Server::start(&dir.path().join("s3"), &["cold"])).expect("SeaweedFS");
+    let (s3, url, options) = match std::env::var("AKOSHA_BENCH_COLD").as_deref() {
+        Ok("local") => {
+            let objects = dir.path().join("objects");
+            std::fs::create_dir_all(&objects).unwrap();
+            (None, format!("file://{}", objects.display()), Vec::new())
+        }
+        Ok("s3") | Err(_) => {
+            let s3 = runtime.block_on(S3Server::start(&dir.path().join("s3"), &["cold"])).expect("SeaweedFS");
+            let options = vec![
+                ("endpoint".into(), s3.endpoint.clone()),
+                ("allow_http".into(), "true".into()),
+                ("access_key_id".into(), ACCESS_KEY.into()),
+                ("secret_access_key".into(), SECRET_KEY.into()),
+                ("region".into(), "us-east-1".into()),
+            ];
+            (Some(s3), "s3://cold/bench".to_owned(), options)
+        }
+        Ok(other) => panic!("AKOSHA_BENCH_COLD: local or s3, not {other}"),
+    };
+    println!("cold tier: {url}");
     let now = jiff::Timestamp::now().as_microsecond();
     let mut rng = akosha_e2e::Xorshift(0x2545_F491_4F6C_DD1D);
 
@@ -97,14 +119,8 @@ fn main() {
     let cold = hot
         .attach_cold(ColdConfig {
             enabled: true,
-            url: "s3://cold/bench".into(),
-            options: vec![
-                ("endpoint".into(), s3.endpoint.clone()),
-                ("allow_http".into(), "true".into()),
-                ("access_key_id".into(), ACCESS_KEY.into()),
-                ("secret_access_key".into(), SECRET_KEY.into()),
-                ("region".into(), "us-east-1".into()),
-            ],
+            url: url.clone(),
+            options,
             warm_window: Duration::from_secs(90 * 86_400),
             move_interval: Duration::from_secs(3600),
             cache_dir: dir.path().join("cache"),
@@ -167,15 +183,17 @@ fn main() {
     println!("hot→warm: {total} rows in {warm_s:.2} s = {:.0} rows/s", total as f64 / warm_s);
     // CPU time as well as wall time: on a shared box the wall time of a 3-second move swings with the neighbours,
     // the CPU it takes much less.
-    let s3_pid = s3.proc.pid().expect("SeaweedFS runs");
-    let (cpu, s3_cpu) = (akosha_e2e::process_cpu_seconds(), akosha_e2e::pid_cpu_seconds(s3_pid));
+    let s3_pid = s3.as_ref().map(|s3| s3.proc.pid().expect("SeaweedFS runs"));
+    let s3_cpu_seconds = || s3_pid.map_or(0.0, akosha_e2e::pid_cpu_seconds);
+    let (cpu, s3_cpu) = (akosha_e2e::process_cpu_seconds(), s3_cpu_seconds());
     let t = Instant::now();
     let report = hot.move_to_cold(now - 90 * DAY).unwrap().unwrap();
     let cold_s = t.elapsed().as_secs_f64();
-    let (cpu, s3_cpu) = (akosha_e2e::process_cpu_seconds() - cpu, akosha_e2e::pid_cpu_seconds(s3_pid) - s3_cpu);
+    let (cpu, s3_cpu) = (akosha_e2e::process_cpu_seconds() - cpu, s3_cpu_seconds() - s3_cpu);
+    let server = if s3.is_some() { format!(" + {s3_cpu:.2} s in the S3 server") } else { String::new() };
     println!(
-        "warm→cold over S3: {} rows in {} objects in {cold_s:.2} s = {:.0} rows/s; CPU {cpu:.2} s here + {s3_cpu:.2} s \
-         in the S3 server = {:.0} rows per CPU-second",
+        "warm→cold over {url}: {} rows in {} objects in {cold_s:.2} s = {:.0} rows/s; CPU {cpu:.2} s here{server} = \
+         {:.0} rows per CPU-second",
         report.records,
         report.objects,
         report.records as f64 / cold_s,
