@@ -12,7 +12,7 @@
 //!   left uncompressed: zstd would gain a few bytes per object and cost a compression context per page, which
 //!   with its allocation was a tenth of a move's CPU;
 //! - the embedding's floats byte-stream-split, without dictionary or statistics (neither helps a vector);
-//! - free text without dictionary (rarely repeats), the short labels with one;
+//! - free text without dictionary (rarely repeats) as DELTA_LENGTH_BYTE_ARRAY, the short labels with one;
 //! - chunk and page statistics elsewhere, so that readers prune row groups by time, system or project;
 //! - the sort order (`ts`, `id`) recorded in the row groups' metadata.
 
@@ -57,6 +57,11 @@ const TEXT_LEVEL: i32 = 3;
 /// Columns whose values rarely repeat (free text, keys, times, fingerprints): a dictionary would hold nearly every
 /// value once, so they go straight to their format-version-2 encodings (delta for times and keys).
 const NO_DICTIONARY: &[&str] = &["text", "metadata", "name", "id", "ts", "ingested_at", "embedding_hash"];
+
+/// Free text: its lengths delta-coded and its bytes back to back. DELTA_BYTE_ARRAY (format version 2's default
+/// for strings) also strips each value's prefix shared with the one before, which free text next to free text
+/// hardly has, and its decoder rebuilds every value from two parts when the object is verified.
+const FREE_TEXT: &[&str] = &["text", "metadata", "name"];
 
 /// One Parquet file in memory, checked against the rows it was written from.
 pub(crate) struct Written {
@@ -183,7 +188,10 @@ pub(crate) fn properties(schema: &Schema, row_group_rows: usize) -> Result<Write
         if top.starts_with("embedding") && is_float && column.max_rep_level() > 0 {
             builder = vector_column(builder, path);
         } else if NO_DICTIONARY.contains(&top) {
-            builder = builder.set_column_dictionary_enabled(path, false);
+            builder = builder.set_column_dictionary_enabled(path.clone(), false);
+            if FREE_TEXT.contains(&top) {
+                builder = builder.set_column_encoding(path, Encoding::DELTA_LENGTH_BYTE_ARRAY);
+            }
         }
         if matches!(top, "ts" | "id") && column.max_rep_level() == 0 {
             sorting
