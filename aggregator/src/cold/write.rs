@@ -376,6 +376,20 @@ mod tests {
         );
         assert!(vector.statistics().is_none());
         assert!(group.column(1).statistics().is_some(), "ts keeps statistics for pruning");
+        // Free text without prefix coding, sorted keys with it; text and keys at zstd 3, vectors at 1.
+        let (id, text) = (group.column(0), group.column(2));
+        assert!(
+            text.encodings().any(|e| e == Encoding::DELTA_LENGTH_BYTE_ARRAY),
+            "{:?}",
+            text.encodings().collect::<Vec<_>>()
+        );
+        assert!(id.encodings().any(|e| e == Encoding::DELTA_BYTE_ARRAY), "{:?}", id.encodings().collect::<Vec<_>>());
+        let zstd = |level| Compression::ZSTD(ZstdLevel::try_new(level).unwrap());
+        // (A footer names the codec, not its level: the levels are the writer's settings.)
+        let level = |column: &parquet::file::metadata::ColumnChunkMetaData| props.compression(column.column_path());
+        assert_eq!((level(text), level(id), level(vector)), (zstd(3), zstd(3), zstd(1)));
+        assert!(matches!(text.compression(), Compression::ZSTD(_)), "{:?}", text.compression());
+        assert_eq!(group.column(1).compression(), Compression::UNCOMPRESSED);
     }
 
     #[test]
