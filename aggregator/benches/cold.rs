@@ -173,7 +173,7 @@ fn main() {
     }
     hot.wait_indexed(Duration::from_secs(3600));
     println!(
-        "{total} records, raw (binary wire encoding, uncompressed) {:.0} bytes/record",
+        "{total} records, raw (binary wire encoding, uncompressed) {:.1} bytes/record",
         raw_bytes as f64 / total as f64
     );
 
@@ -199,9 +199,16 @@ fn main() {
         report.records as f64 / cold_s,
         report.records as f64 / (cpu + s3_cpu)
     );
+    let verified = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "uploads verified: {} by a declared checksum, {} by their ETag, {} read back",
+        verified(&cold.uploads_verified_by_checksum),
+        verified(&cold.uploads_verified_by_etag),
+        verified(&cold.uploads_read_back)
+    );
     let (objects, rows, bytes) = cold.totals().unwrap();
     println!(
-        "cold: {objects} objects, {rows} rows, {bytes} bytes = {:.0} bytes/record = {:.1} % of raw",
+        "cold: {objects} objects, {rows} rows, {bytes} bytes = {:.1} bytes/record = {:.2} % of raw",
         bytes as f64 / rows as f64,
         100.0 * bytes as f64 / raw_bytes as f64
     );

@@ -46,6 +46,7 @@
 pub mod access;
 pub mod cache;
 pub mod scan;
+mod vector_chunk;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -894,7 +895,12 @@ impl ColdTier {
         // S3 and its compatibles answer a single-part PUT with the MD5 of what they stored as the ETag: when it
         // is ours, the store has verified the object. Anything else (multipart ETags, SSE-KMS, other stores'
         // opaque ETags) is read back.
-        if e_tag.is_some_and(|tag| tag.trim_matches('"').eq_ignore_ascii_case(&hex(&md5::Md5::digest(data)))) {
+        // (Hashed only when the ETag looks like an MD5: a local directory's is the file's inode, time and size.)
+        let md5_tag = e_tag
+            .as_deref()
+            .map(|tag| tag.trim_matches('"'))
+            .filter(|tag| tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
+        if md5_tag.is_some_and(|tag| tag.eq_ignore_ascii_case(&hex(&md5::Md5::digest(data)))) {
             self.uploads_verified_by_etag.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -1674,7 +1680,7 @@ impl ColdTier {
         for c in ["system_id", "id", "ts", "ingested_at"] {
             moving_columns.push(schema.index_of(c)?);
         }
-        let properties = write::properties(&stored_schema, self.config.row_group_rows)?;
+        let layout = write::layout(&stored_schema, self.config.row_group_rows)?;
         let writers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4).min(groups.max(1));
         let max_rows = self.object_max_rows.load(Ordering::Relaxed).max(1);
         let (to_writers, queue) = std::sync::mpsc::sync_channel::<Pending>(writers);
@@ -1691,7 +1697,7 @@ impl ColdTier {
                 if failed.is_some() {
                     continue;
                 }
-                let result = write::write_verified(&stored_schema, &object.batches, &properties).and_then(|written| {
+                let result = write::write_verified(&stored_schema, &object.batches, &layout).and_then(|written| {
                     let path = dir.map(|dir| dir.join(format!("{}-{}.parquet", object.idx, object.part)));
                     if let Some(path) = &path {
                         std::fs::write(path, &written.bytes)
