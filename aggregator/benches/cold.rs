@@ -103,7 +103,9 @@ fn main() {
         Ok(other) => panic!("AKOSHA_BENCH_COLD: local or s3, not {other}"),
     };
     println!("cold tier: {url}");
-    let now = jiff::Timestamp::now().as_microsecond();
+    // Noon (UTC) today: a system-day's records, up to 1,000 s apart, then lie in one UTC date whatever the hour
+    // the bench runs, so the objects (one per kind, system and date) and their bytes do not depend on it.
+    let now = jiff::Timestamp::now().as_microsecond().div_euclid(DAY) * DAY + DAY / 2;
     let mut rng = akosha_e2e::Xorshift(0x2545_F491_4F6C_DD1D);
 
     let hot = Arc::new(HotTier::open("16GB", 1, None).unwrap());
