@@ -213,15 +213,15 @@ pub(crate) fn layout(schema: &Schema, row_group_rows: usize) -> Result<Layout, C
         }
         if top.starts_with("embedding") && is_float && column.max_rep_level() > 0 {
             // DOUBLE vectors; FLOAT ones are written by `vector_chunk` with its own settings.
-            builder = vector_column(builder, path);
+            builder = vector_column(builder, path.clone());
         } else if NO_DICTIONARY.contains(&top) {
             builder = builder.set_column_dictionary_enabled(path.clone(), false);
             if FREE_TEXT.contains(&top) {
                 builder = builder.set_column_encoding(path.clone(), Encoding::DELTA_LENGTH_BYTE_ARRAY);
             }
-            if NO_STATISTICS.contains(&top) {
-                builder = builder.set_column_statistics_enabled(path, EnabledStatistics::None);
-            }
+        }
+        if NO_STATISTICS.contains(&top) {
+            builder = builder.set_column_statistics_enabled(path, EnabledStatistics::None);
         }
         if matches!(top, "ts" | "id") && column.max_rep_level() == 0 {
             sorting
@@ -283,8 +283,9 @@ pub(crate) fn write_verified(
         let mut columns = factory.create_column_writers(index)?;
         for batch in group {
             let mut leaf = 0;
-            for (index, (field, column)) in schema.fields().iter().zip(batch.columns()).enumerate() {
-                if leaves.get(leaf).is_some_and(|&(of, vector)| of == index && vector) {
+            for (position, (field, column)) in schema.fields().iter().zip(batch.columns()).enumerate() {
+                // A vector is one leaf, written apart below.
+                if leaves.get(leaf).is_some_and(|&(of, vector)| of == position && vector) {
                     leaf += 1;
                     continue;
                 }
